@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo`, `make test`.  `make bench` for numbers.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench deps clean
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml .ci/install-deps
+	./.ci/install-deps
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: deps
+	$(PY) -m clusterfs.demo
+
+test: deps
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: deps
+	$(PY) -m pytest -q -m slow tests
+
+bench: deps
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,118 @@
+"""The 32-byte header at the start of every metadata block, and crc32c.
+
+Every metadata block (superblock, heartbeat, resource group, bitmap, dinode, tree
+node, xattr block, and the journal's own blocks) starts with this header; see
+``docs/FORMAT.md`` ("Block header").  The journal library shares it, and the block
+type numbers of all users live in ``BlockType`` so that no two clash.
+
+    offset size field
+    0      4    magic   0x31534643 ("CFS1" in little-endian byte order)
+    4      2    type    BlockType
+    6      2    flags   type-specific
+    8      4    crc32c  of the whole block, computed with this field zero
+    12     4    reserved, zero
+    16     8    blkno   the block's own address
+    24     8    seq     write sequence (metadata) or transaction sequence (journal)
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+import crcmod.predefined
+
+from .errors import CorruptBlock
+
+BLOCK_SIZE = 4096
+MAGIC = 0x31534643
+HEADER = struct.Struct("<IHHIIQQ")
+HEADER_SIZE = HEADER.size  # 32
+
+crc32c = crcmod.predefined.mkCrcFun("crc-32c")
+_ZERO4 = b"\0\0\0\0"
+
+
+class BlockType(enum.IntEnum):
+    """Block types; one heading each in docs/FORMAT.md."""
+
+    SUPERBLOCK = 1
+    HEARTBEAT = 2
+    RGRP = 3
+    BITMAP = 4
+    DINODE = 5
+    EXTENT_NODE = 6
+    DIR_NODE = 7
+    XATTR = 8
+    JOURNAL_HEADER = 16
+    JOURNAL_DESCRIPTOR = 17
+    JOURNAL_REVOKE = 18
+    JOURNAL_COMMIT = 19
+
+
+def block_crc(buf) -> int:
+    """crc32c of a 4096-byte block with its crc field taken as zero."""
+    mv = memoryview(buf)
+    c = crc32c(mv[:8])
+    c = crc32c(_ZERO4, c)
+    return crc32c(mv[12:], c)
+
+
+def seal(buf: bytearray, btype: int, blkno: int, seq: int, flags: int = 0) -> bytearray:
+    """Write the header into ``buf`` (4096 bytes) and set its crc32c."""
+    HEADER.pack_into(buf, 0, MAGIC, btype, flags, 0, 0, blkno, seq)
+    struct.pack_into("<I", buf, 8, block_crc(buf))
+    return buf
+
+
+def reseal(buf: bytearray) -> None:
+    """Recompute the crc of a block whose header is already in place."""
+    struct.pack_into("<I", buf, 8, block_crc(buf))
+
+
+def header(buf) -> tuple[int, int, int, int, int, int, int]:
+    """(magic, type, flags, crc, reserved, blkno, seq) of a block."""
+    return HEADER.unpack_from(buf, 0)
+
+
+def verify(buf, btype: int | None, blkno: int) -> int:
+    """Check a block's magic, type, own address and crc32c.
+
+    Args:
+        buf: the 4096 bytes read from ``blkno``.
+        btype: the expected type, or None for any type.
+        blkno: the address the block was read from.
+
+    Returns:
+        The header's ``seq``.
+
+    Raises:
+        CorruptBlock: naming the block and what is wrong with it.
+    """
+    if len(buf) != BLOCK_SIZE:
+        raise CorruptBlock(blkno, f"short block ({len(buf)} bytes)")
+    magic, typ, _flags, crc, _res, own, seq = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC:
+        if not any(buf):
+            raise CorruptBlock(blkno, "block is all zeros (never written)")
+        raise CorruptBlock(blkno, f"bad magic {magic:#010x}")
+    if btype is not None and typ != btype:
+        try:
+            name = BlockType(typ).name
+        except ValueError:
+            name = str(typ)
+        raise CorruptBlock(blkno, f"type {name}, expected {BlockType(btype).name}")
+    if own != blkno:
+        raise CorruptBlock(blkno, f"header says block {own}")
+    if crc != block_crc(buf):
+        raise CorruptBlock(blkno, "crc32c mismatch")
+    return seq
+
+
+def is_valid(buf, btype: int | None, blkno: int) -> bool:
+    """``verify`` as a predicate."""
+    try:
+        verify(buf, btype, blkno)
+    except CorruptBlock:
+        return False
+    return True
