@@ -15,6 +15,7 @@ from .errors import QuietError
 
 # Modules that provide subcommands, in the order `clusterfs --help` lists them.
 SUBCOMMAND_MODULES: list[str] = [
+    "lockmgr.cli",
 ]
 
 

@@ -1,0 +1,37 @@
+"""lockmgr: the clusterfs distributed lock manager (server, client, lock table).
+
+A library of its own: trio + msgpack, no FUSE and no file-system import.
+
+========================  ===========================================================
+module                    job
+========================  ===========================================================
+``lockmgr.modes``         lock modes, the compatibility matrix, mode lattice helpers
+``lockmgr.table``         ``LockTable``: the pure lock state machine (no I/O)
+``lockmgr.server``        ``LockServer``: sessions, leases, recovery, grace, listeners
+``lockmgr.client``        ``LockClient``: a node's session, locks, callbacks, lease
+``lockmgr.wire``          framing, message codes, HMAC-SHA256 handshake, addresses
+``lockmgr.keyfile``       ``keygen`` / ``load_key``
+``lockmgr.errors``        the exceptions
+``lockmgr.cli``           ``clusterfs keygen``, ``lockd``, ``lockd-status``
+========================  ===========================================================
+
+Protocol and semantics: docs/LOCKS.md.
+"""
+
+from .client import Grant, LockClient, query_status
+from .errors import (AuthError, Cancelled, ConnectError, Deadlock, LeaseLost, LockError,
+                     LockTimeout, NodeBusy, NotRecovered, ProtocolError, TryAgain)
+from .keyfile import KeyFileError, keygen, load_key
+from .modes import (COMPAT, CR, CW, EX, NL, PR, PW, Mode, compatible, covers,
+                    downgrade_for, supremum)
+from .server import LockServer
+from .table import LVB_SIZE, LockTable
+
+__all__ = [
+    "LockClient", "Grant", "query_status", "LockServer", "LockTable", "LVB_SIZE",
+    "Mode", "NL", "CR", "CW", "PR", "PW", "EX", "COMPAT", "compatible", "covers",
+    "supremum", "downgrade_for",
+    "LockError", "TryAgain", "NotRecovered", "LockTimeout", "Deadlock", "Cancelled",
+    "LeaseLost", "AuthError", "ProtocolError", "NodeBusy", "ConnectError",
+    "keygen", "load_key", "KeyFileError",
+]

@@ -1,0 +1,155 @@
+"""The wire protocol: framing, message codes, authentication, addresses.
+
+A frame is a 4-byte big-endian payload length followed by one msgpack array whose
+first item is the operation code.  docs/LOCKS.md has the message table; this module
+holds only the constants and the helpers both sides share.
+"""
+
+import hashlib
+import hmac
+import os
+import struct
+
+import msgpack
+import trio
+
+from .errors import ConnectError, ProtocolError
+
+PROTOCOL_VERSION = 1
+NONCE_SIZE = 32
+KEY_MIN = 16
+
+# client -> server
+AUTH = 1
+OPEN = 2
+LOCK = 3
+CONVERT = 4
+UNLOCK = 5
+CANCEL = 6
+HB = 7
+RECOVERED = 8
+STATUS = 9
+BYE = 10
+
+# server -> client
+CHALLENGE = 64
+AUTH_OK = 65
+AUTH_FAIL = 66
+OPENED = 67
+REFUSED = 68
+GRANT = 69
+FAIL = 70
+BAST = 71
+NODE_DOWN = 72
+NODE_RECOVERED = 73
+HB_ACK = 74
+REPLY = 75
+ERROR = 76
+
+#: server -> client messages that belong to a session's numbered stream (replayed
+#: after a reconnection); the others belong to one connection.
+SEQUENCED = frozenset((GRANT, FAIL, BAST, NODE_DOWN, NODE_RECOVERED, REPLY))
+
+# LOCK / CONVERT flags
+F_TRY = 1
+
+_LEN = struct.Struct(">I")
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def frame(msg) -> bytes:
+    """Encode one message as a frame."""
+    body = _pack(msg)
+    return _LEN.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Cut a byte stream into messages.
+
+    Args:
+        max_frame: the largest payload accepted; a longer one is a ProtocolError.
+    """
+
+    def __init__(self, max_frame: int):
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    def feed(self, data) -> list:
+        """Add received bytes; return the complete messages they finish.
+
+        Raises:
+            ProtocolError: oversized frame, malformed msgpack, or not an array that
+                starts with an integer operation code.
+        """
+        buf = self._buf
+        buf += data
+        msgs = []
+        pos = 0
+        end = len(buf)
+        unpack_len = _LEN.unpack_from
+        while end - pos >= 4:
+            (ln,) = unpack_len(buf, pos)
+            if ln > self.max_frame:
+                raise ProtocolError(f"frame of {ln} bytes exceeds the {self.max_frame} limit")
+            if end - pos - 4 < ln:
+                break
+            try:
+                msg = msgpack.unpackb(buf[pos + 4:pos + 4 + ln], raw=False,
+                                      strict_map_key=True)
+            except Exception as e:
+                raise ProtocolError(f"malformed msgpack: {e.__class__.__name__}") from None
+            if type(msg) is not list or not msg or type(msg[0]) is not int:
+                raise ProtocolError("a message must be an array starting with an op code")
+            msgs.append(msg)
+            pos += 4 + ln
+        if pos:
+            del buf[:pos]
+        return msgs
+
+
+def client_mac(key: bytes, nonce_s: bytes, nonce_c: bytes) -> bytes:
+    return hmac.new(key, b"clusterfs-lockmgr client\0" + nonce_s + nonce_c,
+                    hashlib.sha256).digest()
+
+
+def server_mac(key: bytes, nonce_s: bytes, nonce_c: bytes) -> bytes:
+    return hmac.new(key, b"clusterfs-lockmgr server\0" + nonce_c + nonce_s,
+                    hashlib.sha256).digest()
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_SIZE)
+
+
+def parse_addr(addr: str) -> tuple[str, str | int]:
+    """``"host:port"`` -> ("tcp", host, port); ``"unix:/path"`` -> ("unix", path).
+
+    Raises:
+        ValueError: not an address.
+    """
+    if addr.startswith("unix:"):
+        path = addr[5:]
+        if not path:
+            raise ValueError(f"bad address {addr!r}: empty socket path")
+        return ("unix", path)
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"bad address {addr!r}: want HOST:PORT or unix:PATH")
+    host = host.strip("[]") or "127.0.0.1"
+    return ("tcp", host, int(port))
+
+
+async def open_stream(addr: str) -> trio.abc.Stream:
+    """Connect to ``addr`` (TCP, with TCP_NODELAY, or a Unix socket).
+
+    Raises:
+        ConnectError: the server cannot be reached.
+    """
+    kind = parse_addr(addr)
+    try:
+        if kind[0] == "unix":
+            return await trio.open_unix_socket(kind[1])
+        return await trio.open_tcp_stream(kind[1], kind[2])
+    except OSError as e:
+        raise ConnectError(f"cannot reach lock server at {addr}: "
+                           f"{e.strerror or e}") from None
