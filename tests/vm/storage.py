@@ -1,0 +1,83 @@
+"""Where the scenario's two views of one storage come from.
+
+A `Storage` gives, inside `views()`, two directories (DIR_A, DIR_B) that show the same
+files: "host A" and "host B" of `scenario.run_scenario`.
+
+- `LocalStorage`: one local directory, both views the same path (the anchor).
+- `ClusterfsStorage`: one clusterfs volume mounted twice (node A and node B, separate
+  processes, one lock manager); the views are the same directory inside each mount.
+  Not available yet: it waits for the clustered mounts (issue 4); until then `views()`
+  raises `StorageUnavailable`, and the benchmark reports no clusterfs numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+class StorageUnavailable(RuntimeError):
+    """This storage cannot be set up here (yet)."""
+
+
+class Storage:
+    """Two views of one storage; see the module docstring."""
+
+    name = "storage"
+
+    @contextlib.contextmanager
+    def views(self) -> Iterator[tuple[Path, Path]]:
+        """Yield (dir_a, dir_b); tear everything down on exit."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+
+class LocalStorage(Storage):
+    """A fresh directory under ROOT (default: /var/tmp), seen identically by A and B."""
+
+    name = "local"
+
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root) if root else Path("/var/tmp")
+
+    @contextlib.contextmanager
+    def views(self) -> Iterator[tuple[Path, Path]]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        d = Path(tempfile.mkdtemp(prefix="cfsvm-local-", dir=self.root))
+        try:
+            yield d, d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+class ClusterfsStorage(Storage):
+    """One clusterfs volume mounted by two nodes; views = one directory in each mount.
+
+    To be provided with the clustered mounts (issue 4). The contract the scenario and
+    the benchmark rely on: inside `views()`, a volume image (under WORKDIR, default a
+    local temporary directory) of at least SIZE_MIB is made with ``clusterfs mkfs``, a
+    ``clusterfs lockd`` runs, two ``clusterfs mount VOLUME MOUNTPOINT --lockd ADDR
+    --key KEYFILE`` processes (node A, node B) are up, and a directory created through
+    A is yielded as (path through A, same path through B). On exit both mounts are
+    unmounted (``fusermount3 -u``), the processes ended by PID, and fsck of the volume
+    must be clean.
+    """
+
+    name = "clusterfs"
+
+    def __init__(self, size_mib: int = 8192, workdir: Path | str | None = None):
+        self.size_mib = size_mib
+        self.workdir = Path(workdir) if workdir else None
+
+    @contextlib.contextmanager
+    def views(self) -> Iterator[tuple[Path, Path]]:
+        raise StorageUnavailable(
+            "ClusterfsStorage is not available yet: two clusterfs mounts of one volume "
+            "(issue 4) are needed; tests/vm/storage.py holds the stub to replace")
+        yield  # pragma: no cover
+
+
+STORAGES = {"local": LocalStorage, "clusterfs": ClusterfsStorage}
