@@ -15,6 +15,9 @@ from .errors import QuietError
 
 # Modules that provide subcommands, in the order `clusterfs --help` lists them.
 SUBCOMMAND_MODULES: list[str] = [
+    "clusterfs.mkfs",
+    "clusterfs.mount",
+    "clusterfs.status",
     "lockmgr.cli",
 ]
 

@@ -1,0 +1,548 @@
+"""Coherence of one cluster member: which lock covers what, and the locked frontend.
+
+Lock names (ordered by name: the global lock order; see docs/CLUSTER.md)::
+
+    I<ino:8>   inode: its dinode, extent/directory tree blocks and xattr block
+    N          rename: cross-directory renames (no directory loops)
+    O<ino:8>   open: held PR by every node that has the inode open (iopen)
+    R<rg:4>    resource group: its header and bitmap blocks
+    S<slot:2>  a mounted node's slot (held EX while mounted)
+    J<slot:2>  recovery of a slot's journal
+    W<ino:8>   cluster open mode: EX by the one node writing the file, CW by each
+               writer of a multi-writer file
+
+Every metadata object is read under its lock in PR or better and changed under EX:
+``Volume`` calls ``require_*`` for every access inside an operation body.  A lock this
+node already holds (cached) is taken on the spot; any other raises ``NeedLock``, the
+operation rolls back, and ``run`` takes the whole set again in name order and retries
+(so no node ever waits for a lock while holding one that sorts after it).
+
+Demoting a lock (another node wants it) checkpoints the journal when the lock's
+blocks are dirty, then converts down writing a value block: version, and for inodes
+size and mtime, for groups the free counts.  A node keeps its cached objects while
+it holds the lock at least in NL and reuses them when the version it finds on the
+next grant is unchanged.
+
+The kernel's caches are not used in a cluster (attribute and entry timeouts 0,
+``direct_io``): invalidating them from a lock callback can deadlock against a FUSE
+request that waits for the same lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import struct
+
+import trio
+
+from lockmgr import (CW, EX, PR, PW, Deadlock, LeaseLost, LockError, Mode, NotRecovered,
+                     TryAgain, covers, supremum)
+
+from .errors import CorruptBlock, Fenced, FSError
+from .format import Bitmap, Dinode, RgrpHeader, TreeNode, XattrBlock
+from .glock import GlockTable, Holds
+
+log = logging.getLogger(__name__)
+
+RENAME_LOCK = b"N"
+MULTIWRITER_XATTR = b"user.clusterfs.multiwriter"
+MAX_ATTEMPTS = 2000
+OPEN_RETRY_S = 1.0
+
+_ILVB = struct.Struct("<QQqQ")        # version, size, mtime_ns, generation
+_RLVB = struct.Struct("<QIII12x")     # version, free, dinodes, unlinked
+
+
+def inode_lock(ino: int) -> bytes:
+    return b"I" + ino.to_bytes(8, "big")
+
+
+def group_lock(rg: int) -> bytes:
+    return b"R" + rg.to_bytes(4, "big")
+
+
+def open_lock(ino: int) -> bytes:
+    return b"O" + ino.to_bytes(8, "big")
+
+
+def write_lock(ino: int) -> bytes:
+    return b"W" + ino.to_bytes(8, "big")
+
+
+def slot_lock(slot: int) -> bytes:
+    return b"S" + slot.to_bytes(2, "big")
+
+
+def recovery_lock(slot: int) -> bytes:
+    return b"J" + slot.to_bytes(2, "big")
+
+
+def describe_lock(name: bytes) -> str:
+    kind = name[:1]
+    num = int.from_bytes(name[1:], "big") if len(name) > 1 else None
+    return {b"I": f"inode {num}", b"O": f"open {num}", b"W": f"write-open {num}",
+            b"R": f"group {num}", b"S": f"slot {num}", b"J": f"recovery of slot {num}",
+            b"N": "rename"}.get(kind, repr(name))
+
+
+class NeedLock(Exception):
+    """An operation body needs a lock it could not take without waiting."""
+
+    def __init__(self, name: bytes, mode: Mode, inode_hint: int | None = None):
+        super().__init__(describe_lock(name), mode)
+        self.name = name
+        self.mode = mode
+        self.inode_hint = inode_hint
+
+
+class Coherence:
+    """The cluster side of a mounted file system.
+
+    Args:
+        vol: the volume (its ``cluster`` becomes this object).
+        fs: the ``Filesystem``.
+        client: the lock client.
+        slot: this node's slot; groups are preferred by affinity to it.
+        min_hold: seconds a granted lock is kept before it is given up.
+    """
+
+    def __init__(self, vol, fs, client, *, slot: int, min_hold: float = 0.01):
+        self.vol = vol
+        self.fs = fs
+        self.client = client
+        self.slot = slot
+        self.glocks = GlockTable(client, self, min_hold=min_hold)
+        self.holds: Holds | None = None
+        self.fenced = False
+        sb = vol.sb
+        n = sb.nslots
+        mine = [g for g in range(sb.rgrp_count) if g % n == slot % n]
+        others = [g for g in range(sb.rgrp_count) if g % n != slot % n]
+        self.preferred = mine + others
+        self.rank = {g: i for i, g in enumerate(self.preferred)}
+        self.known_free: dict[int, int] = {}
+        self.ex_groups: set[int] = set()
+        self.write_handles: dict[int, int] = {}
+        self.stats = {"attempts": 0, "retries": 0}
+        vol.cluster = self
+
+    # -- requirement checks (called by the volume inside operation bodies) -----------
+
+    def _require(self, name: bytes, mode: Mode, hint: int | None = None) -> None:
+        holds = self.holds
+        if holds is None:
+            raise RuntimeError(f"metadata access outside a locked operation "
+                               f"({describe_lock(name)})")
+        if holds.covers(name, mode) or self.glocks.try_hold(holds, name, mode):
+            return
+        raise NeedLock(name, mode, hint)
+
+    def require_inode(self, ino: int, write: bool) -> None:
+        self._require(inode_lock(ino), EX if write else PR, ino if write else None)
+
+    def require_group(self, rg: int, write: bool) -> None:
+        self._require(group_lock(rg), EX if write else PR)
+
+    def require_object(self, obj) -> None:
+        cls = obj.__class__
+        hint = None
+        if cls is Dinode:
+            name = inode_lock(obj.bno)
+            hint = obj.bno
+        elif cls is TreeNode or cls is XattrBlock:
+            name = inode_lock(obj.owner)
+        elif cls is RgrpHeader:
+            name = group_lock(obj.index)
+        elif cls is Bitmap:
+            name = group_lock(obj.rgrp)
+        else:
+            raise TypeError(f"no lock covers {cls.__name__}")
+        self._require(name, EX, hint)
+        self.glocks.glocks[name].dirty = True
+
+    def alloc_groups(self) -> list[int]:
+        """Groups usable for allocation now: held EX by this node, best first."""
+        holds = self.holds
+        out = []
+        for rg in sorted(self.ex_groups, key=self.rank.__getitem__):
+            name = group_lock(rg)
+            if holds.covers(name, EX) or self.glocks.try_hold(holds, name, EX):
+                out.append(rg)
+        return out
+
+    def out_of_space(self, want: int) -> None:
+        """Ask for the next group that may have room (raises NeedLock) or return."""
+        usable = set(self.alloc_groups())
+        best = None
+        for rg in self.preferred:
+            if rg in usable:
+                continue
+            free = self.known_free.get(rg)
+            if free is None or free > 0:
+                best = rg
+                if free is None or free >= want:
+                    break
+        if best is not None:
+            raise NeedLock(group_lock(best), EX)
+
+    def home_group(self) -> int:
+        """The group to offer a new allocation first."""
+        for rg in self.preferred:
+            if self.known_free.get(rg, 1) > 64:
+                return rg
+        return self.preferred[0]
+
+    # -- glock owner callbacks --------------------------------------------------------
+
+    def granted(self, g, lvb: bytes | None) -> None:
+        kind = g.name[:1]
+        if kind == b"I":
+            ino = int.from_bytes(g.name[1:], "big")
+            version = _ILVB.unpack(lvb)[0] if lvb else None
+            if version is None or version != g.version:
+                self.vol.drop_inode(ino)
+            g.version = version if version is not None else random.getrandbits(62)
+        elif kind == b"R":
+            rg = int.from_bytes(g.name[1:], "big")
+            if lvb:
+                version, free, _dinodes, _unlinked = _RLVB.unpack(lvb)
+            else:
+                version = free = None
+            if version is None or version != g.version:
+                self.vol.drop_group(rg)
+            g.version = version if version is not None else random.getrandbits(62)
+            if version:
+                self.known_free[rg] = free
+            if covers(g.mode, EX):
+                self.ex_groups.add(rg)
+            else:
+                self.ex_groups.discard(rg)
+
+    def before_demote(self, g, target: Mode) -> bytes | None:
+        kind = g.name[:1]
+        num = int.from_bytes(g.name[1:], "big")
+        if kind == b"R" and not covers(target, EX):
+            self.ex_groups.discard(num)
+            self.vol.alloc.drop_group_reservations(num)
+        if g.mode not in (PW, EX):
+            return None
+        if kind == b"I":
+            blocks = self.vol.inode_blocks(num)
+        elif kind == b"R":
+            blocks = self.vol.group_blocks(num)
+        else:
+            return None
+        if g.dirty or any(b in self.vol.unclean for b in blocks):
+            if self.vol.unclean or self.vol.journal.running_blocks():
+                self.vol.checkpoint()
+        if g.dirty:
+            g.version = ((g.version or 0) + 1) & ((1 << 63) - 1)
+        version = g.version or 0
+        if kind == b"I":
+            di = self.vol.cached(num)
+            if isinstance(di, Dinode):
+                return _ILVB.pack(version, di.size, di.mtime, di.generation)
+            return _ILVB.pack(version, 0, 0, 0)
+        hdr = self.vol.cached(self.vol.sb.rgrp_range(num)[0])
+        if isinstance(hdr, RgrpHeader):
+            self.known_free[num] = hdr.free
+            return _RLVB.pack(version, hdr.free, hdr.dinodes, hdr.unlinked)
+        return _RLVB.pack(version, self.known_free.get(num, 0), 0, 0)
+
+    def dropped(self, g) -> None:
+        kind = g.name[:1]
+        num = int.from_bytes(g.name[1:], "big")
+        if kind == b"I":
+            self.vol.drop_inode(num)
+        elif kind == b"R":
+            self.vol.drop_group(num)
+            self.ex_groups.discard(num)
+
+    # -- running operation bodies -----------------------------------------------------
+
+    def check(self) -> None:
+        if self.fenced:
+            raise FSError(errno.EIO, "node is fenced (lease lost); remount to rejoin")
+
+    async def run(self, fn, *args, want: dict | None = None, **kw):
+        """Run ``fn(*args, **kw)`` (a synchronous body) holding the locks it needs."""
+        want = dict(want or {})
+        attempts = 0
+        while True:
+            self.check()
+            attempts += 1
+            self.stats["attempts"] += 1
+            try:
+                holds = await self.glocks.acquire(want)
+            except Deadlock:
+                await trio.sleep(random.uniform(0.002, 0.05))
+                continue
+            except (LeaseLost, LockError) as e:
+                raise FSError(errno.EIO, f"lock manager: {e}") from None
+            self.holds = holds
+            try:
+                result = fn(*args, **kw)
+                self.vol.inode_hint = None
+                return result
+            except NeedLock as e:
+                self.stats["retries"] += 1
+                want[e.name] = supremum(want[e.name], e.mode) if e.name in want else e.mode
+                self.vol.inode_hint = e.inode_hint
+            except Fenced:
+                self.vol.inode_hint = None
+                self.fence("a volume write was refused")
+                raise FSError(errno.EIO, "node is fenced") from None
+            except BaseException:
+                self.vol.inode_hint = None
+                raise
+            finally:
+                self.holds = None
+                self.glocks.release(holds)
+            if attempts >= MAX_ATTEMPTS:
+                raise FSError(errno.EDEADLK, "could not gather the locks an operation needs")
+
+    def fence(self, why: str) -> None:
+        if not self.fenced:
+            log.error("self-fencing (%s): all volume I/O stops; remount to rejoin", why)
+        self.fenced = True
+
+    # -- open modes and deletion --------------------------------------------------------
+
+    async def try_lock(self, name: bytes, mode: Mode) -> bool:
+        try:
+            await self.client.lock(name, mode, try_lock=True)
+            return True
+        except (TryAgain, NotRecovered):
+            return False
+
+    async def purge_if_unused(self, ino: int | None) -> None:
+        """Free an unlinked inode unless a node still has it open (then that node's
+        last close frees it)."""
+        if ino is None or self.fs.in_use(ino):
+            return
+        if not await self.try_lock(open_lock(ino), EX):
+            return
+        try:
+            await self.run(self.fs.purge, ino, want={inode_lock(ino): EX})
+        finally:
+            await self.client.unlock(open_lock(ino))
+
+    async def open_mode(self, ino: int, writable: bool) -> None:
+        """Take the open lock (and the write-open mode) for a new handle; EBUSY when
+        another node has the file open for writing."""
+        first = self.fs.open_count.get(ino, 0) == 1
+        if first:
+            try:
+                await self.client.lock(open_lock(ino), PR)
+            except (LeaseLost, LockError) as e:
+                raise FSError(errno.EIO, f"lock manager: {e}") from None
+        if not writable:
+            return
+        if self.write_handles.get(ino, 0) == 0:
+            multi = await self.run(self._multiwriter, ino, want={inode_lock(ino): PR})
+            mode = CW if multi else EX
+            deadline = trio.current_time() + OPEN_RETRY_S
+            while not await self.try_lock(write_lock(ino), mode):
+                if trio.current_time() >= deadline:
+                    raise FSError(errno.EBUSY, "file is open for writing on another node")
+                await trio.sleep(0.05)
+        self.write_handles[ino] = self.write_handles.get(ino, 0) + 1
+
+    def _multiwriter(self, ino: int) -> bool:
+        from .inode import xattr_get
+        return xattr_get(self.vol, self.vol.dinode(ino), MULTIWRITER_XATTR) == b"1"
+
+    async def close_mode(self, ino: int, generation: int, writable: bool) -> None:
+        """Give up what a closed handle held; the last close of an unlinked inode on
+        the whole cluster frees it."""
+        if writable:
+            left = self.write_handles.get(ino, 1) - 1
+            if left > 0:
+                self.write_handles[ino] = left
+            else:
+                self.write_handles.pop(ino, None)
+                if self.client.held(write_lock(ino)) is not None:
+                    await self.client.unlock(write_lock(ino))
+        if self.fs.in_use(ino):
+            return
+        if self.client.held(open_lock(ino)) is not None:
+            await self.client.unlock(open_lock(ino))
+        try:
+            di = await self.run(self.vol.dinode, ino, want={inode_lock(ino): PR})
+        except (FSError, CorruptBlock):
+            return
+        if di.generation == generation and di.nlink == 0:
+            await self.purge_if_unused(ino)
+
+
+class ClusterFrontend:
+    """The file-system operations of a cluster member, each under its locks.
+
+    The same methods as ``fs.Filesystem`` (async), which the FUSE layer calls.
+    """
+
+    def __init__(self, coh: Coherence):
+        self.coh = coh
+        self.fs = coh.fs
+        self.vol = coh.vol
+        self.run = coh.run
+
+    def _home(self) -> dict:
+        return {group_lock(self.coh.home_group()): EX}
+
+    async def lookup(self, parent, name):
+        return await self.run(self.fs.lookup, parent, name, want={inode_lock(parent): PR})
+
+    async def getattr(self, ino):
+        return await self.run(self.fs.getattr, ino, want={inode_lock(ino): PR})
+
+    async def setattr(self, ino, **kw):
+        return await self.run(self.fs.setattr, ino, want={inode_lock(ino): EX}, **kw)
+
+    async def mknod(self, parent, name, mode, rdev, ctx):
+        return await self.run(self.fs.mknod, parent, name, mode, rdev, ctx,
+                              want={inode_lock(parent): EX, **self._home()})
+
+    async def mkdir(self, parent, name, mode, ctx):
+        return await self.run(self.fs.mkdir, parent, name, mode, ctx,
+                              want={inode_lock(parent): EX, **self._home()})
+
+    async def symlink(self, parent, name, target, ctx):
+        return await self.run(self.fs.symlink, parent, name, target, ctx,
+                              want={inode_lock(parent): EX, **self._home()})
+
+    async def readlink(self, ino):
+        return await self.run(self.fs.readlink, ino, want={inode_lock(ino): PR})
+
+    async def link(self, ino, new_parent, new_name):
+        return await self.run(self.fs.link, ino, new_parent, new_name,
+                              want={inode_lock(ino): EX, inode_lock(new_parent): EX})
+
+    async def unlink(self, parent, name):
+        victim = await self.run(self.fs.remove, parent, name, False,
+                                want={inode_lock(parent): EX})
+        await self.coh.purge_if_unused(victim)
+
+    async def rmdir(self, parent, name):
+        victim = await self.run(self.fs.remove, parent, name, True,
+                                want={inode_lock(parent): EX})
+        await self.coh.purge_if_unused(victim)
+
+    async def rename(self, old_parent, old_name, new_parent, new_name, flags=0):
+        want = {inode_lock(old_parent): EX, inode_lock(new_parent): EX}
+        if old_parent != new_parent:
+            want[RENAME_LOCK] = EX
+        victim = await self.run(self.fs.rename_entry, old_parent, old_name, new_parent,
+                                new_name, flags, want=want)
+        await self.coh.purge_if_unused(victim)
+
+    async def open(self, ino, flags):
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        mode = EX if flags & os.O_TRUNC and writable else PR
+        fh = await self.run(self.fs.open, ino, flags, want={inode_lock(ino): mode})
+        return await self._opened(fh, ino, writable)
+
+    async def _opened(self, fh, ino, writable):
+        try:
+            await self.coh.open_mode(ino, writable)
+        except BaseException:
+            h = self.fs.close_handle(fh)
+            if h is not None and not self.fs.in_use(ino) and \
+                    self.coh.client.held(open_lock(ino)) is not None:
+                await self.coh.client.unlock(open_lock(ino))
+            raise
+        return fh
+
+    async def create(self, parent, name, mode, flags, ctx):
+        fh, di = await self.run(self.fs.create, parent, name, mode, flags, ctx,
+                                want={inode_lock(parent): EX, **self._home()})
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        await self._opened(fh, di.bno, writable)
+        return fh, di
+
+    async def read(self, fh, off, size):
+        h = self.fs.handles.get(fh)
+        want = {inode_lock(h.ino): PR} if h is not None else {}
+        return await self.run(self.fs.read, fh, off, size, want=want)
+
+    async def write(self, fh, off, data):
+        h = self.fs.handles.get(fh)
+        want = {inode_lock(h.ino): EX, **self._home()} if h is not None else {}
+        return await self.run(self.fs.write, fh, off, data, want=want)
+
+    async def flush(self, fh):
+        self.coh.check()
+        if fh not in self.fs.handles:
+            raise FSError(errno.EBADF, "bad file handle")
+
+    async def fsync(self, fh, datasync):
+        self.coh.check()
+        try:
+            self.fs.fsync(fh, datasync)
+        except Fenced:
+            self.coh.fence("fsync refused")
+            raise FSError(errno.EIO, "node is fenced") from None
+
+    async def release(self, fh):
+        h = self.fs.close_handle(fh)
+        if h is None or self.coh.fenced:
+            return
+        writable = h.flags & os.O_ACCMODE != os.O_RDONLY and not h.is_dir
+        await self.coh.close_mode(h.ino, h.generation, writable)
+
+    async def opendir(self, ino):
+        fh = await self.run(self.fs.opendir, ino, want={inode_lock(ino): PR})
+        try:
+            await self.coh.open_mode(ino, False)
+        except BaseException:
+            self.fs.close_handle(fh)
+            raise
+        return fh
+
+    async def readdir(self, fh, start, limit=64):
+        h = self.fs.handles.get(fh)
+        want = {inode_lock(h.ino): PR} if h is not None else {}
+        entries = await self.run(self.fs.readdir_entries, fh, start, limit, want=want)
+        out = []
+        for name, ino, nxt in entries:
+            try:
+                di = await self.run(self.vol.dinode, ino, want={inode_lock(ino): PR})
+            except (FSError, CorruptBlock) as e:
+                if getattr(e, "errno", None) not in (errno.ESTALE, errno.ENOENT):
+                    log.error("directory entry %r -> inode %d unreadable: %s", name, ino, e)
+                continue
+            out.append((name, di, nxt))
+        return out
+
+    async def releasedir(self, fh):
+        await self.release(fh)
+
+    async def fsyncdir(self, fh, datasync):
+        await self.fsync(fh, datasync)
+
+    async def getxattr(self, ino, name):
+        return await self.run(self.fs.getxattr, ino, name, want={inode_lock(ino): PR})
+
+    async def listxattr(self, ino):
+        return await self.run(self.fs.listxattr, ino, want={inode_lock(ino): PR})
+
+    async def setxattr(self, ino, name, value):
+        await self.run(self.fs.setxattr, ino, name, value,
+                       want={inode_lock(ino): EX, **self._home()})
+
+    async def removexattr(self, ino, name):
+        await self.run(self.fs.removexattr, ino, name, want={inode_lock(ino): EX})
+
+    async def statfs(self):
+        self.coh.check()
+        st = self.fs.statfs_layout()
+        known = self.coh.known_free
+        free = sum(known.get(rg, 0) for rg in range(self.vol.sb.rgrp_count))
+        st.update(bfree=free, bavail=free, ffree=free)
+        return st
+
+    async def access(self, ino, mode, ctx):
+        return await self.run(self.fs.access, ino, mode, ctx, want={inode_lock(ino): PR})

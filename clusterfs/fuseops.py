@@ -1,0 +1,324 @@
+"""The FUSE operations: a thin translation of the file system for pyfuse3.
+
+Every handler converts inode numbers (FUSE's root is 1, ours is a block number),
+awaits the frontend (``DirectFrontend`` on a single node: ``fs.Filesystem`` as is;
+``cluster.ClusterFrontend`` in a cluster: the same operations under cluster locks),
+and turns ``FSError`` into ``FUSEError``.  A corrupt block is EIO (the volume logged
+the block's number).  Nothing else lives here.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat as S
+
+import pyfuse3
+
+from .errors import FSError
+from .format import BLOCK_SIZE, DF_INLINE
+from .fs import Ctx
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+READDIR_BATCH = 64
+
+
+def _fuse_error(e: OSError) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(e.errno or errno.EIO)
+
+
+def _ctx(ctx) -> Ctx:
+    return Ctx(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid, umask=ctx.umask)
+
+
+class DirectFrontend:
+    """The single-node frontend: ``Filesystem``'s methods, awaitable."""
+
+    def __init__(self, fs):
+        self.fs = fs
+
+    def __getattr__(self, name):
+        method = getattr(self.fs, name)
+
+        async def call(*args, **kw):
+            return method(*args, **kw)
+        call.__name__ = name
+        setattr(self, name, call)
+        return call
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 operations over a file system frontend.
+
+    Args:
+        fs: the ``Filesystem`` (lookup counts and generations are kept there).
+        front: the frontend to call (default: ``DirectFrontend(fs)``).
+        attr_timeout: seconds the kernel may cache attributes and entries (0 in a
+            cluster, where only locks say how long something stays true).
+        direct_io: bypass the kernel's page cache (a cluster does).
+    """
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs, front=None, *, attr_timeout: float = 300.0,
+                 direct_io: bool = False):
+        super().__init__()
+        self.fs = fs
+        self.front = front if front is not None else DirectFrontend(fs)
+        self.root = fs.root_ino
+        self.timeout = attr_timeout
+        self.direct_io = direct_io
+
+    # -- translation -------------------------------------------------------------------
+
+    def _in(self, ino: int) -> int:
+        return self.root if ino == ROOT else ino
+
+    def _out(self, ino: int) -> int:
+        return ROOT if ino == self.root else ino
+
+    def attrs(self, di) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = self._out(di.bno)
+        e.generation = di.generation
+        e.st_mode = di.mode
+        e.st_nlink = di.nlink
+        e.st_uid = di.uid
+        e.st_gid = di.gid
+        e.st_rdev = di.rdev
+        if S.S_ISDIR(di.mode):
+            e.st_size = BLOCK_SIZE * (di.blocks + 1)
+        else:
+            e.st_size = di.size
+        e.st_blksize = BLOCK_SIZE
+        e.st_blocks = di.blocks * (BLOCK_SIZE // 512) if not di.flags & DF_INLINE else \
+            -(-di.size // 512)
+        e.st_atime_ns = di.atime
+        e.st_mtime_ns = di.mtime
+        e.st_ctime_ns = di.ctime
+        e.st_birthtime_ns = di.btime
+        e.attr_timeout = self.timeout
+        e.entry_timeout = self.timeout
+        return e
+
+    def entry(self, di) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that gives the kernel a reference (lookup count)."""
+        self.fs.remember(di)
+        return self.attrs(di)
+
+    def _info(self, fh: int) -> pyfuse3.FileInfo:
+        if self.direct_io:
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    # -- handlers ------------------------------------------------------------------------
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        try:
+            return self.entry(await self.front.lookup(self._in(parent_inode), name))
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            self.fs.forget(self._in(ino), n)
+
+    async def getattr(self, inode, ctx=None):
+        try:
+            return self.attrs(await self.front.getattr(self._in(inode)))
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        try:
+            di = await self.front.setattr(
+                self._in(inode),
+                mode=attr.st_mode if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                size=attr.st_size if fields.update_size else None,
+                atime=attr.st_atime_ns if fields.update_atime else None,
+                mtime=attr.st_mtime_ns if fields.update_mtime else None,
+                fh=fh)
+            return self.attrs(di)
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def readlink(self, inode, ctx):
+        try:
+            return await self.front.readlink(self._in(inode))
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        try:
+            return self.entry(await self.front.mknod(self._in(parent_inode), name, mode,
+                                                     rdev, _ctx(ctx)))
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        try:
+            return self.entry(await self.front.mkdir(self._in(parent_inode), name, mode,
+                                                     _ctx(ctx)))
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        try:
+            return self.entry(await self.front.symlink(self._in(parent_inode), name,
+                                                       target, _ctx(ctx)))
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        try:
+            return self.entry(await self.front.link(self._in(inode),
+                                                    self._in(new_parent_inode), new_name))
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def unlink(self, parent_inode, name, ctx):
+        try:
+            await self.front.unlink(self._in(parent_inode), name)
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def rmdir(self, parent_inode, name, ctx):
+        try:
+            await self.front.rmdir(self._in(parent_inode), name)
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        try:
+            await self.front.rename(self._in(parent_inode_old), name_old,
+                                    self._in(parent_inode_new), name_new, flags)
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def open(self, inode, flags, ctx):
+        try:
+            return self._info(await self.front.open(self._in(inode), flags))
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        try:
+            fh, di = await self.front.create(self._in(parent_inode), name, mode, flags,
+                                             _ctx(ctx))
+        except FSError as e:
+            raise _fuse_error(e) from None
+        return self._info(fh), self.entry(di)
+
+    async def read(self, fh, off, size):
+        try:
+            return await self.front.read(fh, off, size)
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def write(self, fh, off, buf):
+        try:
+            return await self.front.write(fh, off, buf)
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def flush(self, fh):
+        try:
+            await self.front.flush(fh)
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def fsync(self, fh, datasync):
+        try:
+            await self.front.fsync(fh, datasync)
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def release(self, fh):
+        try:
+            await self.front.release(fh)
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def opendir(self, inode, ctx):
+        try:
+            return await self.front.opendir(self._in(inode))
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def readdir(self, fh, start_id, token):
+        start = start_id
+        try:
+            while True:
+                batch = await self.front.readdir(fh, start, READDIR_BATCH)
+                if not batch:
+                    return
+                for name, di, next_id in batch:
+                    if not pyfuse3.readdir_reply(token, name, self.attrs(di), next_id):
+                        return
+                    if name not in (b".", b".."):
+                        # the kernel took a reference (none for "." and "..")
+                        self.fs.remember(di)
+                    start = next_id
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def releasedir(self, fh):
+        await self.front.releasedir(fh)
+
+    async def fsyncdir(self, fh, datasync):
+        try:
+            await self.front.fsyncdir(fh, datasync)
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def statfs(self, ctx):
+        try:
+            st = await self.front.statfs()
+        except FSError as e:
+            raise _fuse_error(e) from None
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = st["bsize"]
+        s.f_blocks = st["blocks"]
+        s.f_bfree = st["bfree"]
+        s.f_bavail = st["bavail"]
+        s.f_files = st["files"]
+        s.f_ffree = st["ffree"]
+        s.f_favail = st["ffree"]
+        s.f_namemax = st["namemax"]
+        return s
+
+    async def getxattr(self, inode, name, ctx):
+        try:
+            return await self.front.getxattr(self._in(inode), name)
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def setxattr(self, inode, name, value, ctx):
+        try:
+            await self.front.setxattr(self._in(inode), name, value)
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def listxattr(self, inode, ctx):
+        try:
+            return await self.front.listxattr(self._in(inode))
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def removexattr(self, inode, name, ctx):
+        try:
+            await self.front.removexattr(self._in(inode), name)
+        except FSError as e:
+            raise _fuse_error(e) from None
+
+    async def access(self, inode, mode, ctx):
+        try:
+            return await self.front.access(self._in(inode), mode, _ctx(ctx))
+        except FSError as e:
+            raise _fuse_error(e) from None

@@ -1,0 +1,253 @@
+"""Cluster locks as this node holds them ("glocks", after GFS2).
+
+A glock caches one DLM lock: once granted it stays held after the operation that
+wanted it (so the next operation needs no round trip) until another node asks for
+a conflicting mode.  Then the blocking callback demotes it:
+
+1. wait for the minimum hold time and for local holders to finish (new local
+   holders queue behind a due demote, so a busy node cannot starve the others);
+2. ``Owner.before_demote``: the file system commits and checkpoints the journal if
+   the lock's blocks are dirty, and computes the value block;
+3. convert down to the mode the other node can live with (NL keeps the value block
+   alive on the server so cached metadata can be validated later);
+4. wake local waiters.
+
+On every grant ``Owner.granted`` checks the value block's version against what the
+node cached, dropping the cache when someone else changed the object meanwhile.
+
+Operations take glocks through ``acquire`` (sorted by name: a global order, so two
+nodes never wait on each other in a cycle) or, inside a synchronous operation body,
+through ``try_hold`` (never waits; the body is retried with the lock in its set when
+it cannot be had at once).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Protocol
+
+import trio
+
+from lockmgr import Deadlock, LockError, Mode, covers, downgrade_for
+
+log = logging.getLogger(__name__)
+
+NL, PR, PW, EX = Mode.NL, Mode.PR, Mode.PW, Mode.EX
+MIN_HOLD = 0.01          # seconds a granted lock is kept before a demote is honoured
+KEEP_LOCKS = 20000       # NL glocks kept (with their caches) before the oldest are dropped
+
+
+class Owner(Protocol):
+    """What the file system does around lock state changes."""
+
+    def granted(self, g: "Glock", lvb: bytes | None) -> None: ...
+    def before_demote(self, g: "Glock", target: Mode) -> bytes | None: ...
+    def dropped(self, g: "Glock") -> None: ...
+
+
+class Glock:
+    __slots__ = ("name", "mode", "holders", "busy", "demote", "demote_since", "granted_at",
+                 "changed", "version", "dirty", "keep")
+
+    def __init__(self, name: bytes):
+        self.name = name
+        self.mode: Mode | None = None     # mode granted by the lock manager
+        self.holders = 0                  # local operations holding it now
+        self.busy = False                 # a request / conversion / demote in progress
+        self.demote: Mode | None = None   # mode another node asked for
+        self.demote_since = 0.0
+        self.granted_at = 0.0
+        self.changed = trio.Event()
+        self.version: int | None = None   # version of the cached objects it covers
+        self.dirty = False                # covered objects changed under EX since grant
+        self.keep = False                 # never dropped by the LRU (slot locks, open modes)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def __repr__(self):
+        m = self.mode.name if self.mode is not None else "-"
+        return f"<Glock {self.name!r} {m} holders={self.holders} demote={self.demote}>"
+
+
+class Holds:
+    """The glocks one operation holds: ``modes[name]``; release with ``table.release``."""
+
+    __slots__ = ("modes",)
+
+    def __init__(self):
+        self.modes: dict[bytes, Mode] = {}
+
+    def covers(self, name: bytes, mode: Mode) -> bool:
+        m = self.modes.get(name)
+        return m is not None and covers(m, mode)
+
+
+class GlockTable:
+    """This node's glocks over one ``lockmgr.LockClient``.
+
+    Args:
+        client: the lock client.
+        owner: the file system's callbacks.
+        min_hold: minimum seconds a grant is kept before a demote is honoured.
+    """
+
+    def __init__(self, client, owner: Owner, *, min_hold: float = MIN_HOLD,
+                 keep_locks: int = KEEP_LOCKS):
+        self.client = client
+        self.owner = owner
+        self.min_hold = min_hold
+        self.keep_locks = keep_locks
+        self.glocks: dict[bytes, Glock] = {}
+        self.stats = {"requests": 0, "cached": 0, "demotes": 0, "deadlocks": 0}
+
+    def get(self, name: bytes) -> Glock:
+        g = self.glocks.get(name)
+        if g is None:
+            g = self.glocks[name] = Glock(name)
+        return g
+
+    # -- taking --------------------------------------------------------------------
+
+    def _demote_due(self, g: Glock) -> bool:
+        return g.demote is not None and \
+            trio.current_time() >= g.granted_at + self.min_hold
+
+    def try_hold(self, holds: Holds, name: bytes, mode: Mode) -> bool:
+        """Take ``name`` in ``mode`` for ``holds`` if that needs no waiting."""
+        if holds.covers(name, mode):
+            return True
+        g = self.glocks.get(name)
+        if g is None or g.busy or g.mode is None or not covers(g.mode, mode) or \
+                self._demote_due(g):
+            return False
+        if name not in holds.modes:
+            g.holders += 1
+        holds.modes[name] = g.mode
+        self.stats["cached"] += 1
+        return True
+
+    async def acquire(self, want: dict[bytes, Mode], holds: Holds | None = None) -> Holds:
+        """Hold every lock in ``want`` (name -> mode), taken in name order."""
+        holds = holds or Holds()
+        try:
+            for name in sorted(want):
+                await self._acquire_one(holds, name, want[name])
+        except BaseException:
+            self.release(holds)
+            raise
+        return holds
+
+    async def _acquire_one(self, holds: Holds, name: bytes, mode: Mode) -> None:
+        if holds.covers(name, mode):
+            return
+        g = self.get(name)
+        while True:
+            if g.busy or self._demote_due(g):
+                await g.changed.wait()
+                continue
+            if g.mode is not None and covers(g.mode, mode):
+                if name not in holds.modes:
+                    g.holders += 1
+                holds.modes[name] = g.mode
+                return
+            g.busy = True
+            try:
+                self.stats["requests"] += 1
+                grant = await self.client.lock(name, mode, on_blocking=self._on_blocking)
+                g.mode = grant.mode
+                g.granted_at = trio.current_time()
+                g.dirty = False
+                self.owner.granted(g, grant.lvb)
+            except Deadlock:
+                self.stats["deadlocks"] += 1
+                raise
+            finally:
+                g.busy = False
+                g.notify()
+
+    def release(self, holds: Holds) -> None:
+        for name in holds.modes:
+            g = self.glocks.get(name)
+            if g is None:
+                continue
+            g.holders -= 1
+            if g.holders == 0:
+                g.notify()
+        holds.modes.clear()
+
+    # -- demotion -----------------------------------------------------------------
+
+    async def _on_blocking(self, name: bytes, requested: Mode) -> None:
+        g = self.glocks.get(name)
+        if g is None or g.mode is None:
+            return
+        if g.demote is None or covers(requested, g.demote):
+            if g.demote is None:
+                g.demote_since = trio.current_time()
+            g.demote = requested
+        await self._demote(g)
+
+    async def _demote(self, g: Glock) -> None:
+        delay = g.granted_at + self.min_hold - trio.current_time()
+        if delay > 0:
+            await trio.sleep(delay)
+        g.notify()     # local waiters re-check: the demote is now due
+        while g.holders or g.busy:
+            await g.changed.wait()
+        if g.demote is None or g.mode is None:
+            return
+        target = downgrade_for(g.mode, g.demote)
+        if target == g.mode:
+            g.demote = None
+            g.notify()
+            return
+        g.busy = True
+        try:
+            lvb = self.owner.before_demote(g, target)
+            await self.client.convert(g.name, target, lvb=lvb)
+            g.mode = target
+            g.dirty = False
+            self.stats["demotes"] += 1
+        except LockError as e:
+            log.warning("demote of %r failed: %s", g.name, e)
+        finally:
+            g.busy = False
+            g.demote = None
+            g.notify()
+
+    async def unlock(self, name: bytes) -> None:
+        """Give a glock up entirely (its cached objects are dropped)."""
+        g = self.glocks.get(name)
+        if g is None:
+            return
+        while g.holders or g.busy:
+            await g.changed.wait()
+        if g.mode is not None:
+            g.busy = True
+            try:
+                lvb = self.owner.before_demote(g, NL) if g.mode in (PW, EX) else None
+                await self.client.unlock(name, lvb=lvb)
+            except LockError as e:
+                log.warning("unlock of %r failed: %s", name, e)
+            finally:
+                g.busy = False
+        g.mode = None
+        self.owner.dropped(g)
+        self.glocks.pop(name, None)
+        g.notify()
+
+    async def trim(self) -> None:
+        """Give up the oldest idle NL glocks beyond ``keep_locks``."""
+        if len(self.glocks) <= self.keep_locks:
+            return
+        idle = [g for g in self.glocks.values()
+                if not g.keep and not g.holders and not g.busy and g.mode in (None, NL)]
+        idle.sort(key=lambda g: g.granted_at)
+        for g in idle[:len(self.glocks) - self.keep_locks]:
+            await self.unlock(g.name)
+
+    async def unlock_all(self, names: Iterable[bytes] | None = None) -> None:
+        for name in list(names if names is not None else self.glocks):
+            await self.unlock(name)

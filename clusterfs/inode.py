@@ -1,0 +1,412 @@
+"""File contents and extended attributes of one dinode.
+
+A file's bytes are inline in the dinode while they fit (``INLINE_MAX``); beyond that
+the data area holds the root of an extent tree mapping logical blocks to runs of
+physical blocks.  Unmapped blocks are holes and read as zeros.  Data blocks are
+written straight to the device (ordered mode: before the metadata that maps them
+commits); blocks past EOF inside the last block are kept zero on disk so a later
+extension never exposes old bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from .btree import BTree
+from .errors import CorruptBlock, FSError
+from .format import (BLOCK_SIZE, DF_EXTENTS, DF_INLINE, EXTENT, INLINE_MAX,
+                     XATTR_BLOCK_SIZE, XATTR_INLINE_SIZE, Dinode, TreeNode, XattrBlock,
+                     xattr_size)
+
+MAX_EXTENT = 1 << 31           # blocks in one extent record
+MAX_FILE_BLOCKS = 1 << 40      # 4 PiB: far past the 16 TiB the format promises
+TRUNCATE_STEP = 64             # extent records freed per operation
+
+
+class InodeStore:
+    """``btree.TreeStore`` for the trees of one dinode, with journaling and rollback."""
+
+    __slots__ = ("vol", "di")
+
+    def __init__(self, vol, di: Dinode):
+        self.vol = vol
+        self.di = di
+
+    def load(self, bno: int, kind: int) -> TreeNode:
+        node = self.vol.tree_node(bno, kind)
+        if node.owner != self.di.bno:
+            raise CorruptBlock(bno, f"tree node of inode {node.owner} found in inode "
+                                    f"{self.di.bno}")
+        return node
+
+    def modify(self, node: TreeNode) -> None:
+        self.vol.touch(self.di if node.is_root else node)
+
+    def alloc_node(self, kind: int, level: int, owner: int) -> TreeNode:
+        bno = self.vol.alloc.alloc_meta(self.di.bno)
+        node = TreeNode(bno, kind, level, owner)
+        self.vol.created(node)
+        self.vol.touch(self.di)
+        self.di.blocks += 1
+        return node
+
+    def free_node(self, node: TreeNode) -> None:
+        self.vol.free_meta(node)
+        self.vol.touch(self.di)
+        self.di.blocks -= 1
+
+
+def tree(vol, di: Dinode) -> BTree:
+    return BTree(InodeStore(vol, di), di.root)
+
+
+# -- mapping ------------------------------------------------------------------------
+
+def map_range(vol, di: Dinode, first: int, count: int) -> list[tuple[int, int, int]]:
+    """Cover logical blocks [first, first+count) with (lblk, pblk or 0 for a hole, n)."""
+    end = first + count
+    out: list[tuple[int, int, int]] = []
+    pos = first
+    t = tree(vol, di)
+    fl = t.floor(first)
+    if fl is not None and fl[0] < first:
+        lb, (pb, n, _f) = fl
+        if lb + n > first:
+            take = min(lb + n, end) - first
+            out.append((first, pb + first - lb, take))
+            pos = first + take
+    if pos < end:
+        for lb, (pb, n, _f) in t.items_from(pos):
+            if lb >= end:
+                break
+            if lb + n <= pos:
+                continue
+            if lb > pos:
+                out.append((pos, 0, lb - pos))
+                pos = lb
+            take = min(lb + n, end) - pos
+            out.append((pos, pb + (pos - lb), take))
+            pos += take
+            if pos >= end:
+                break
+    if pos < end:
+        out.append((pos, 0, end - pos))
+    return out
+
+
+def extents(vol, di: Dinode):
+    """All (lblk, pblk, n) records of an extent file, in order."""
+    if not di.flags & DF_EXTENTS:
+        return []
+    return [(lb, pb, n) for lb, (pb, n, _f) in tree(vol, di).items_from(0)]
+
+
+def _map_new(t: BTree, lblk: int, pblk: int, n: int) -> None:
+    """Map a newly allocated run, merging with contiguous neighbours."""
+    prev = t.floor(lblk - 1) if lblk > 0 else None
+    nxt = t.get(lblk + n)
+    if prev is not None:
+        plb, (ppb, pn, pf) = prev
+        if plb + pn == lblk and ppb + pn == pblk and pn + n < MAX_EXTENT:
+            if nxt is not None and nxt[0] == pblk + n and pn + n + nxt[1] < MAX_EXTENT:
+                t.delete(lblk + n)
+                t.replace(plb, plb, (ppb, pn + n + nxt[1], pf))
+            else:
+                t.replace(plb, plb, (ppb, pn + n, pf))
+            return
+    if nxt is not None and nxt[0] == pblk + n and n + nxt[1] < MAX_EXTENT:
+        t.replace(lblk + n, lblk, (pblk, n + nxt[1], nxt[2]))
+        return
+    t.insert(lblk, (pblk, n, 0))
+
+
+# -- reading and writing ---------------------------------------------------------------
+
+def read(vol, di: Dinode, off: int, size: int) -> bytes:
+    if off >= di.size or size <= 0:
+        return b""
+    size = min(size, di.size - off)
+    if di.flags & DF_INLINE:
+        data = di.root[off:off + size]
+        return data + bytes(size - len(data))
+    first = off // BLOCK_SIZE
+    last = (off + size - 1) // BLOCK_SIZE
+    parts = []
+    for _lb, pb, n in map_range(vol, di, first, last - first + 1):
+        parts.append(vol.read_data(pb, n) if pb else bytes(n * BLOCK_SIZE))
+    buf = parts[0] if len(parts) == 1 else b"".join(parts)
+    s = off - first * BLOCK_SIZE
+    if s == 0 and len(buf) == size:
+        return buf
+    return buf[s:s + size]
+
+
+def _goal_for(t: BTree, di: Dinode, lblk: int) -> int:
+    prev = t.floor(lblk)
+    if prev is not None:
+        plb, (ppb, pn, _f) = prev
+        return ppb + (lblk - plb)
+    return di.bno + 1
+
+
+def convert_inline(vol, di: Dinode) -> None:
+    """Turn an inline file into an extent file (its bytes go to a data block)."""
+    data = di.root
+    vol.touch(di)
+    di.flags = (di.flags & ~DF_INLINE) | DF_EXTENTS
+    di.root = TreeNode(di.bno, EXTENT, 0, di.bno, is_root=True)
+    if data and any(data):
+        t = tree(vol, di)
+        runs = vol.alloc.alloc_data(di.bno, di.bno + 1, 1)
+        pb = runs[0][0]
+        vol.write_data(pb, data + bytes(BLOCK_SIZE - len(data)))
+        _map_new(t, 0, pb, 1)
+        di.blocks += 1
+
+
+def write(vol, di: Dinode, off: int, data) -> int:
+    """Write ``data`` at ``off`` (allocating as needed); returns the byte count."""
+    n = len(data)
+    if n == 0:
+        return 0
+    end = off + n
+    if end > MAX_FILE_BLOCKS * BLOCK_SIZE:
+        raise FSError(errno.EFBIG, "file too large")
+    if di.flags & DF_INLINE:
+        if end <= INLINE_MAX:
+            vol.touch(di)
+            buf = bytearray(di.root)
+            if off > len(buf):
+                buf += bytes(off - len(buf))
+            buf[off:end] = data
+            di.root = bytes(buf)
+            if end > di.size:
+                di.size = end
+            return n
+        convert_inline(vol, di)
+    t = tree(vol, di)
+    first = off // BLOCK_SIZE
+    last = (end - 1) // BLOCK_SIZE
+    if off > di.size and di.size // BLOCK_SIZE < first:
+        # a write that never committed (power cut) may have left bytes past EOF
+        _zero_tail(vol, di, t, di.size)
+    segs = map_range(vol, di, first, last - first + 1)
+    fresh: list[tuple[int, int]] = []       # runs allocated by this write
+    mapped = []
+    for lb, pb, cnt in segs:
+        if pb:
+            mapped.append((lb, pb, cnt))
+            continue
+        pos = lb
+        remaining = cnt
+        while remaining:
+            goal = _goal_for(t, di, pos)
+            runs = vol.alloc.alloc_data(di.bno, goal, remaining, di.blocks)
+            for rpb, rn in runs:
+                _map_new(t, pos, rpb, rn)
+                mapped.append((pos, rpb, rn))
+                fresh.append((pos, rn))
+                pos += rn
+                remaining -= rn
+                vol.touch(di)
+                di.blocks += rn
+    mapped.sort()
+    head = off - first * BLOCK_SIZE
+    tail = end - last * BLOCK_SIZE       # bytes used of the last block
+    if head == 0 and tail == BLOCK_SIZE:
+        buf = data
+    else:
+        buf = bytearray((last - first + 1) * BLOCK_SIZE)
+        # read-modify-write the partial head and tail blocks that held data before
+        for lb, pb, cnt in mapped:
+            if head and lb <= first < lb + cnt and not _in_runs(first, fresh):
+                buf[0:BLOCK_SIZE] = vol.read_data(pb + first - lb, 1)
+            if tail != BLOCK_SIZE and lb <= last < lb + cnt and \
+                    not _in_runs(last, fresh) and (last != first or not head):
+                buf[-BLOCK_SIZE:] = vol.read_data(pb + last - lb, 1)
+        if end >= di.size:
+            # bytes past the old EOF (a hole now, or past the new EOF) read as zeros,
+            # whatever an uncommitted write left on the disk
+            gap = max(0, di.size - first * BLOCK_SIZE)
+            if gap < head:
+                buf[gap:head] = bytes(head - gap)
+            buf[head + n:] = bytes(len(buf) - head - n)
+        buf[head:head + n] = data
+    mv = memoryview(buf)
+    for lb, pb, cnt in _coalesce(mapped):
+        s = (lb - first) * BLOCK_SIZE
+        vol.write_data(pb, mv[s:s + cnt * BLOCK_SIZE])
+    if end > di.size:
+        vol.touch(di)
+        di.size = end
+    return n
+
+
+def _in_runs(lblk: int, runs) -> bool:
+    """Whether ``lblk`` lies in one of the (start, count) runs (blocks this write
+    allocated hold nothing worth reading back)."""
+    return any(s <= lblk < s + n for s, n in runs)
+
+
+def _coalesce(mapped):
+    out = []
+    for lb, pb, cnt in mapped:
+        if out and out[-1][0] + out[-1][2] == lb and out[-1][1] + out[-1][2] == pb:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + cnt)
+        else:
+            out.append((lb, pb, cnt))
+    return out
+
+
+# -- truncation ------------------------------------------------------------------------
+
+def truncate_step(vol, di: Dinode, new_size: int) -> bool:
+    """Move the file toward ``new_size`` by at most TRUNCATE_STEP extents.
+
+    Returns True when the size is reached.  Every step leaves a consistent file
+    (its size shrinks with the freed blocks), so a long truncation can span several
+    transactions and survive a crash between them.
+    """
+    vol.touch(di)
+    if di.flags & DF_INLINE:
+        if new_size <= INLINE_MAX:
+            # inline bytes past len(root) up to size are zeros
+            di.root = di.root[:new_size]
+            di.size = new_size
+            return True
+        convert_inline(vol, di)
+    if new_size >= di.size:
+        if new_size > di.size:
+            _zero_tail(vol, di, tree(vol, di), di.size)   # see write()
+        di.size = new_size
+        return True
+    keep_blocks = -(-new_size // BLOCK_SIZE)
+    t = tree(vol, di)
+    freed = 0
+    while True:
+        last = t.last()
+        if last is None or last[0] + last[1][1] <= keep_blocks:
+            break
+        lb, (pb, n, f) = last
+        if freed >= TRUNCATE_STEP:
+            # stop here; the file ends where its remaining blocks end
+            di.size = min(di.size, max(new_size, (lb + n) * BLOCK_SIZE))
+            return False
+        if lb >= keep_blocks:
+            t.delete(lb)
+            vol.alloc.free(pb, n, data=True)
+            di.blocks -= n
+        else:
+            keep = keep_blocks - lb
+            t.replace(lb, lb, (pb, keep, f))
+            vol.alloc.free(pb + keep, n - keep, data=True)
+            di.blocks -= n - keep
+        freed += 1
+    _zero_tail(vol, di, t, new_size)
+    di.size = new_size
+    return True
+
+
+def _zero_tail(vol, di: Dinode, t: BTree, new_size: int) -> None:
+    """Zero the bytes after ``new_size`` in its last block, on disk."""
+    off = new_size % BLOCK_SIZE
+    if not off:
+        return
+    lblk = new_size // BLOCK_SIZE
+    rec = t.floor(lblk)
+    if rec is None:
+        return
+    lb, (pb, n, _f) = rec
+    if lb + n <= lblk:
+        return
+    p = pb + lblk - lb
+    blk = bytearray(vol.read_data(p, 1))
+    if any(blk[off:]):
+        blk[off:] = bytes(BLOCK_SIZE - off)
+        vol.write_data(p, blk)
+
+
+# -- extended attributes ------------------------------------------------------------------
+
+XATTR_NAME_MAX = 255
+XATTR_VALUE_MAX = XATTR_BLOCK_SIZE - 3 - 1
+
+
+def xattr_items(vol, di: Dinode) -> list[tuple[bytes, bytes]]:
+    items = list(di.xattrs)
+    if di.xattr_block:
+        xb = vol.xattr_block(di.xattr_block)
+        if xb.owner != di.bno:
+            raise CorruptBlock(xb.bno, f"xattr block of inode {xb.owner} in inode {di.bno}")
+        items.extend(xb.items)
+    return items
+
+
+def xattr_get(vol, di: Dinode, name: bytes) -> bytes | None:
+    for k, v in di.xattrs:
+        if k == name:
+            return v
+    if di.xattr_block:
+        for k, v in xattr_items(vol, di)[len(di.xattrs):]:
+            if k == name:
+                return v
+    return None
+
+
+def xattr_set(vol, di: Dinode, name: bytes, value: bytes | None) -> bool:
+    """Set (or, with value None, remove) an attribute.  Returns whether it existed."""
+    if not name or len(name) > XATTR_NAME_MAX:
+        raise FSError(errno.ERANGE, "xattr name length")
+    if value is not None and len(value) > XATTR_VALUE_MAX:
+        raise FSError(errno.ENOSPC, "xattr value too large for this file system")
+    items = xattr_items(vol, di)
+    existed = any(k == name for k, _ in items)
+    items = [(k, v) for k, v in items if k != name]
+    if value is not None:
+        items.append((name, value))
+    elif not existed:
+        return False
+    inline, over = [], []
+    used = 0
+    for k, v in items:
+        sz = xattr_size(k, v)
+        if not over and used + sz <= XATTR_INLINE_SIZE:
+            inline.append((k, v))
+            used += sz
+        else:
+            over.append((k, v))
+    if sum(xattr_size(k, v) for k, v in over) > XATTR_BLOCK_SIZE:
+        raise FSError(errno.ENOSPC, "no room for more extended attributes")
+    vol.touch(di)
+    di.xattrs = inline
+    if over:
+        if di.xattr_block:
+            xb = vol.xattr_block(di.xattr_block)
+            vol.touch(xb)
+            xb.items = over
+        else:
+            bno = vol.alloc.alloc_meta(di.bno)
+            xb = XattrBlock(bno, di.bno, over)
+            vol.created(xb)
+            di.xattr_block = bno
+            di.blocks += 1
+    elif di.xattr_block:
+        xb = vol.xattr_block(di.xattr_block)
+        vol.free_meta(xb)
+        di.xattr_block = 0
+        di.blocks -= 1
+    return existed
+
+
+def free_xattr_block(vol, di: Dinode) -> None:
+    if di.xattr_block:
+        try:
+            xb = vol.xattr_block(di.xattr_block)
+        except CorruptBlock:
+            # free the block anyway: the inode is going away
+            vol.alloc.free(di.xattr_block, 1, data=False)
+        else:
+            vol.free_meta(xb)
+        vol.touch(di)
+        di.xattr_block = 0
+        di.blocks -= 1

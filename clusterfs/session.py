@@ -1,0 +1,187 @@
+"""Mounting a volume (before FUSE starts) and unmounting it (after FUSE stops).
+
+Single-node mode is like GFS2's lock_nolock: no lock manager.  The checklist:
+
+1. Open the device, read and check the superblock (format revision included).
+2. Take a host-local advisory lock on the volume (catches two mounts on one host at
+   once), then watch every non-FREE slot's disk heartbeat: any that still advances
+   is a live mount elsewhere, and the mount is refused naming it.
+3. Claim slot 0: write our heartbeat (state single-node) and keep it beating.
+4. Replay every dirty journal (the nodes that wrote them are dead: step 2).
+5. Open our own journal (clean flag off).
+6. Finish what a crash interrupted: free inodes left UNLINKED (nobody has them open).
+
+Unmount: commit and checkpoint the journal, mark it clean, set the heartbeat FREE.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+
+from journal import Journal, JournalCorrupt
+
+from . import slots as slotmod
+from .errors import CorruptBlock, QuietError
+from .format import BLOCKS_PER_BITMAP, DINODE, HB_FREE, HB_NOLOCK, UNLINKED
+from .fs import Filesystem
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+def replay_journal(vol: Volume, slot: int) -> None:
+    """Replay one slot's journal; a corrupt journal refuses the mount."""
+    start, length = vol.sb.journal_range(slot)
+    j = Journal(vol.dev, start, length, slot=slot)
+    try:
+        if j.is_clean():
+            return
+        report = j.replay()
+    except JournalCorrupt as e:
+        raise QuietError(f"journal of slot {slot} is corrupt at block {e.bno}: {e.reason}; "
+                         f"mount refused, run 'clusterfs fsck'", 8) from None
+    log.info("slot %d journal replayed: %s", slot, report.summary())
+
+
+def free_unlinked(vol: Volume, fs: Filesystem, groups=None) -> int:
+    """Free every inode left UNLINKED in the given groups; returns how many."""
+    freed = 0
+    for rg in groups if groups is not None else range(vol.sb.rgrp_count):
+        hdr = vol.rgrp(rg)
+        if not hdr.unlinked:
+            continue
+        start, length = vol.sb.rgrp_range(rg)
+        for j in range(vol.sb.bitmap_blocks):
+            bm = vol.bitmap(rg, j)
+            base = j * BLOCKS_PER_BITMAP
+            for i in range(min(BLOCKS_PER_BITMAP, length - base)):
+                if bm.get(i) != UNLINKED:
+                    continue
+                ino = start + base + i
+                if fs.in_use(ino):
+                    continue
+                di = vol.dinode(ino)
+                if di.nlink:
+                    # linked after all: the state was left behind; repair it
+                    fs._change(vol.alloc.set_state, ino, DINODE)
+                    continue
+                fs.purge(ino)
+                freed += 1
+    if freed:
+        log.info("freed %d inode(s) left unlinked by a crash", freed)
+    return freed
+
+
+class SingleNodeMount:
+    """A volume mounted without a lock manager.
+
+    Args:
+        path: the volume.
+        node: node name written into the heartbeat.
+        direct: O_DIRECT device access (default: yes for block devices).
+        readonly: mount read-only (nothing is written, not even a heartbeat).
+        slot: the slot to use (0).
+        heartbeat_interval: seconds between heartbeats.
+    """
+
+    def __init__(self, path: str, *, node: str | None = None, direct: bool | None = None,
+                 readonly: bool = False, slot: int = 0, heartbeat_interval: float = 1.0,
+                 noatime: bool = False):
+        self.path = path
+        self.node = node or socket.gethostname()
+        self.direct = direct
+        self.readonly = readonly
+        self.slot = slot
+        self.interval = heartbeat_interval
+        self.noatime = noatime or readonly
+        self.vol: Volume | None = None
+        self.fs: Filesystem | None = None
+        self.heart: slotmod.HeartbeatWriter | None = None
+        self.journal: Journal | None = None
+        self._lockfd = -1
+
+    def start(self) -> Filesystem:
+        vol = Volume.open(self.path, direct=self.direct, readonly=self.readonly,
+                          slot=self.slot)
+        self.vol = vol
+        try:
+            self._start(vol)
+        except BaseException:
+            self._release_lock()
+            vol.close()
+            raise
+        return self.fs
+
+    def _start(self, vol: Volume) -> None:
+        sb = vol.sb
+        if self.slot >= sb.nslots:
+            raise QuietError(f"slot {self.slot} does not exist (volume has {sb.nslots})", 2)
+        self._lockfd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise QuietError(f"{self.path} is already mounted on this host", 16) from None
+        live = slotmod.live_slots(vol.dev, sb)
+        if live:
+            hb = next(iter(live.values()))
+            raise QuietError(f"{self.path} is in use: {slotmod.describe(hb)} has a "
+                             f"live heartbeat; single-node mount refused", 16)
+        if self.readonly:
+            for slot in range(sb.nslots):
+                start, length = sb.journal_range(slot)
+                try:
+                    clean = Journal(vol.dev, start, length, slot=slot).is_clean()
+                except JournalCorrupt as e:
+                    raise QuietError(f"journal of slot {slot} is corrupt at block {e.bno}",
+                                     8) from None
+                if not clean:
+                    raise QuietError(f"journal of slot {slot} needs replay; mount "
+                                     f"read-write once or run 'clusterfs fsck'", 8)
+            self.fs = Filesystem(vol, noatime=True)
+            return
+        self.heart = slotmod.HeartbeatWriter(vol.dev, sb, self.slot, self.node, HB_NOLOCK,
+                                             self.interval)
+        self.heart.set_state(HB_NOLOCK)
+        for slot in range(sb.nslots):
+            replay_journal(vol, slot)
+        start, length = sb.journal_range(self.slot)
+        self.journal = Journal(vol.dev, start, length, slot=self.slot)
+        self.journal.open(owner=f"{self.node} (single-node)")
+        vol.journal = self.journal
+        self.fs = Filesystem(vol, noatime=self.noatime)
+        try:
+            free_unlinked(vol, self.fs)
+        except CorruptBlock as e:
+            log.error("could not finish freeing unlinked inodes: %s", e)
+        vol.commit()
+
+    def beat(self) -> None:
+        if self.heart is not None:
+            self.heart.beat()
+
+    def stop(self) -> None:
+        """Unmount: checkpoint, clean flag, heartbeat FREE, close."""
+        vol = self.vol
+        if vol is None:
+            return
+        try:
+            if self.journal is not None and self.journal.is_open:
+                # open files of a lazily unmounted fs: free what is unlinked
+                if self.fs is not None:
+                    for fh in list(self.fs.handles):
+                        self.fs.release(fh)
+                self.journal.close()
+            if self.heart is not None:
+                self.heart.set_state(HB_FREE)
+        finally:
+            self._release_lock()
+            vol.close()
+            self.vol = None
+
+    def _release_lock(self) -> None:
+        if self._lockfd >= 0:
+            os.close(self._lockfd)
+            self._lockfd = -1

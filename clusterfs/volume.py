@@ -1,0 +1,428 @@
+"""An open volume: superblock, metadata object cache, operations, journal hooks.
+
+Every change to metadata happens inside ``with vol.operation():``.  Code calls
+``vol.touch(obj)`` before changing a cached object, ``vol.created(obj)`` for a new
+block and ``vol.freed(obj)`` for a freed one.  When the operation ends normally its
+objects join the journal's running transaction (freed metadata blocks are revoked);
+when it raises, every touched object is restored from its snapshot, so a failed
+operation (ENOSPC, EIO on a corrupt block, ...) leaves nothing half done.
+
+The journal commits between operations only, never in the middle of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+
+from .alloc import Allocator
+from .blockdev import BlockDevice
+from .blockhdr import BLOCK_SIZE
+from .errors import CorruptBlock, FormatMismatch, FSError, QuietError
+from .format import (BLOCKS_PER_BITMAP, DINODE, UNLINKED, Bitmap, Dinode, MetaObject,
+                     RgrpHeader, Superblock, TreeNode, XattrBlock)
+
+log = logging.getLogger(__name__)
+
+CACHE_LIMIT = 60000
+
+
+class Op:
+    """Book-keeping of one metadata operation (for commit or rollback)."""
+
+    __slots__ = ("snaps", "created", "freed", "pending", "free_delta")
+
+    def __init__(self):
+        self.snaps: dict[int, tuple[MetaObject, MetaObject]] = {}
+        self.created: dict[int, MetaObject] = {}
+        self.freed: dict[int, MetaObject] = {}
+        self.pending: list[tuple[int, int, int]] = []
+        self.free_delta = 0
+
+
+def read_superblock(dev) -> Superblock:
+    """The primary superblock, or a clear error (CorruptBlock / FormatMismatch)."""
+    return Superblock.decode(dev.read(0), 0)
+
+
+class Volume:
+    """Cached access to the metadata of one volume, for mount, mkfs and fsck.
+
+    Args:
+        dev: a ``BlockDevice`` or ``PowerLossDevice``.
+        sb: its superblock.
+        slot: the node slot whose journal this volume writes.
+    """
+
+    def __init__(self, dev, sb: Superblock, *, slot: int = 0, readonly: bool = False):
+        self.dev = dev
+        self.sb = sb
+        self.slot = slot
+        self.readonly = readonly
+        self.objects: dict[int, MetaObject] = {}
+        self.op: Op | None = None
+        self.journal = None
+        self.alloc = Allocator(self)
+        self.unclean: set[int] = set()
+        self._groups = list(range(sb.rgrp_count))
+        self._free_total: int | None = None
+        self.corrupt_logged: set[int] = set()
+        self.stats = {"ops": 0, "rollbacks": 0, "commits": 0, "checkpoints": 0}
+        # cluster mode: the coherence layer (``cluster.Coherence``), which checks that
+        # every object is read under a lock held at least PR and changed under EX
+        self.cluster = None
+        self.by_owner: dict[int, set[int]] = {}   # inode -> cached tree/xattr blocks
+        self.inode_hint: int | None = None         # block the next new inode should take
+
+    @classmethod
+    def open(cls, path: str, *, direct: bool | None = None, readonly: bool = False,
+             slot: int = 0) -> "Volume":
+        """Open a volume file or device; a bad superblock is a one-line QuietError."""
+        try:
+            dev = BlockDevice(path, direct=direct, readonly=readonly)
+        except OSError as e:
+            raise QuietError(f"cannot open {path}: {e.strerror or e}", 8) from None
+        try:
+            if dev.nblocks < 2:
+                raise FormatMismatch(f"{path} is too small to hold a clusterfs volume")
+            sb = read_superblock(dev)
+        except CorruptBlock as e:
+            dev.close()
+            raise QuietError(f"{path}: superblock is damaged ({e.reason}); "
+                             f"run 'clusterfs fsck {path}'", 8) from None
+        except FormatMismatch as e:
+            dev.close()
+            raise QuietError(f"{path}: {e}", 8) from None
+        if sb.total_blocks > dev.nblocks:
+            dev.close()
+            raise QuietError(f"{path}: the superblock describes {sb.total_blocks} blocks "
+                             f"but the device has only {dev.nblocks}", 8)
+        return cls(dev, sb, slot=slot, readonly=readonly)
+
+    def close(self) -> None:
+        self.dev.close()
+
+    # -- reading ------------------------------------------------------------------
+
+    def _load(self, bno: int, decode) -> MetaObject:
+        try:
+            buf = self.dev.read(bno)
+        except OSError as e:
+            self._log_corrupt(bno, f"read error: {e}")
+            raise FSError(errno.EIO, f"cannot read block {bno}: {e}") from None
+        try:
+            obj = decode(buf, bno)
+        except CorruptBlock as e:
+            self._log_corrupt(bno, e.reason)
+            raise
+        self.objects[bno] = obj
+        self._track(obj)
+        return obj
+
+    def _track(self, obj: MetaObject) -> None:
+        cls = obj.__class__
+        if cls is TreeNode or cls is XattrBlock:
+            self.by_owner.setdefault(obj.owner, set()).add(obj.bno)
+
+    def _log_corrupt(self, bno: int, reason: str) -> None:
+        if bno not in self.corrupt_logged:
+            self.corrupt_logged.add(bno)
+            log.error("corrupt metadata block %d: %s", bno, reason)
+
+    def dinode(self, ino: int) -> Dinode:
+        """The dinode of inode ``ino``; ESTALE if the block is not an inode now."""
+        cluster = self.cluster
+        if cluster is not None:
+            cluster.require_inode(ino, False)
+        obj = self.objects.get(ino)
+        if obj is not None:
+            if obj.__class__ is Dinode:
+                return obj
+            raise FSError(errno.ESTALE, f"block {ino} is not an inode")
+        rg = self.sb.rgrp_of(ino)
+        if rg < 0:
+            raise FSError(errno.ESTALE, f"block {ino} is not an inode")
+        if cluster is None:
+            # (in a cluster the bitmap is another lock's; generations and the open
+            # locks keep stale inode numbers out instead)
+            if self.alloc.state(ino) not in (DINODE, UNLINKED):
+                raise FSError(errno.ESTALE, f"inode {ino} is not allocated")
+            return self._load(ino, Dinode.decode)
+        try:
+            return self._load(ino, Dinode.decode)
+        except CorruptBlock as e:
+            if "type" in e.reason or "magic" in e.reason or "zeros" in e.reason:
+                raise FSError(errno.ESTALE, f"block {ino} is not an inode") from None
+            raise
+
+    def tree_node(self, bno: int, kind: int) -> TreeNode:
+        obj = self.objects.get(bno)
+        if obj is not None:
+            if obj.__class__ is TreeNode and obj.kind == kind and not obj.is_root:
+                return obj
+            raise CorruptBlock(bno, "tree pointer leads to another kind of block")
+        if self.sb.rgrp_of(bno) < 0:
+            self._log_corrupt(bno, "tree pointer outside the resource groups")
+            raise CorruptBlock(bno, "tree pointer outside the resource groups")
+        return self._load(bno, lambda buf, b: TreeNode.decode(buf, b, kind))
+
+    def xattr_block(self, bno: int) -> XattrBlock:
+        obj = self.objects.get(bno)
+        if obj is not None:
+            if obj.__class__ is XattrBlock:
+                return obj
+            raise CorruptBlock(bno, "xattr pointer leads to another kind of block")
+        if self.sb.rgrp_of(bno) < 0:
+            raise CorruptBlock(bno, "xattr pointer outside the resource groups")
+        return self._load(bno, XattrBlock.decode)
+
+    def rgrp(self, index: int) -> RgrpHeader:
+        if self.cluster is not None:
+            self.cluster.require_group(index, False)
+        start, length = self.sb.rgrp_range(index)
+        obj = self.objects.get(start)
+        if obj is not None:
+            return obj
+        hdr = self._load(start, RgrpHeader.decode)
+        if hdr.index != index or hdr.length != length or \
+                hdr.bitmap_blocks != self.sb.bitmap_blocks:
+            self.objects.pop(start, None)
+            self._log_corrupt(start, "resource group header disagrees with the superblock")
+            raise CorruptBlock(start, "resource group header disagrees with the superblock")
+        return hdr
+
+    def bitmap(self, rg: int, j: int) -> Bitmap:
+        if self.cluster is not None:
+            self.cluster.require_group(rg, False)
+        start, _ = self.sb.rgrp_range(rg)
+        bno = start + 1 + j
+        obj = self.objects.get(bno)
+        if obj is not None:
+            return obj
+        return self._load(bno, lambda buf, b: Bitmap.decode(buf, b, rg, j * BLOCKS_PER_BITMAP))
+
+    def cached(self, bno: int) -> MetaObject | None:
+        return self.objects.get(bno)
+
+    # -- operations -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def operation(self):
+        """Run a metadata change atomically: all of it joins the journal or none."""
+        if self.op is not None:
+            raise RuntimeError("nested metadata operation")
+        if self.readonly:
+            raise FSError(errno.EROFS, "volume is read-only")
+        op = Op()
+        self.op = op
+        try:
+            yield op
+        except BaseException:
+            self.op = None
+            self._rollback(op)
+            raise
+        self.op = None
+        self._finish(op)
+
+    def touch(self, obj: MetaObject) -> None:
+        """Call before changing ``obj``: snapshot it for rollback, mark it dirty."""
+        op = self.op
+        if op is None:
+            raise RuntimeError("metadata change outside an operation")
+        bno = obj.bno
+        if bno in op.snaps or bno in op.created:
+            return
+        if self.cluster is not None:
+            self.cluster.require_object(obj)
+        op.snaps[bno] = (obj, obj.clone())
+
+    def created(self, obj: MetaObject) -> None:
+        """Register a metadata object for a newly allocated block."""
+        if self.cluster is not None:
+            self.cluster.require_object(obj)
+        self.op.created[obj.bno] = obj
+        self.objects[obj.bno] = obj
+        self._track(obj)
+
+    def freed(self, obj: MetaObject) -> None:
+        """Drop a metadata object whose block was freed (its journal images are revoked)."""
+        if self.cluster is not None:
+            self.cluster.require_object(obj)
+        self.objects.pop(obj.bno, None)
+        self.op.freed[obj.bno] = obj
+
+    def _finish(self, op: Op) -> None:
+        self.stats["ops"] += 1
+        j = self.journal
+        if j is None:
+            # mkfs / offline repair without a journal: write through
+            for bno in list(op.snaps) + list(op.created):
+                obj = self.objects.get(bno)
+                if obj is not None:
+                    self.dev.write(bno, obj.image())
+            self.alloc.committed()
+            return
+        for bno in op.freed:
+            if bno not in self.objects:
+                j.revoke(bno)
+                self.unclean.discard(bno)
+        for bno in op.snaps:
+            obj = self.objects.get(bno)
+            if obj is not None:
+                j.add(bno, obj)
+                self.unclean.add(bno)
+        for bno, obj in op.created.items():
+            if self.objects.get(bno) is obj:
+                j.add(bno, obj)
+                self.unclean.add(bno)
+        if j.should_commit():
+            self.commit()
+        if len(self.objects) > CACHE_LIMIT:
+            self.shrink_cache()
+
+    def _rollback(self, op: Op) -> None:
+        self.stats["rollbacks"] += 1
+        for bno, obj in op.created.items():
+            if self.objects.get(bno) is obj:
+                del self.objects[bno]
+        for bno, obj in op.freed.items():
+            self.objects[bno] = obj
+        for bno, (obj, snap) in op.snaps.items():
+            obj.restore(snap)
+            self.objects[bno] = obj
+        for rg, entry, n in op.pending:
+            runs = self.alloc.pending_free.get(rg)
+            if runs and (entry, n) in runs:
+                runs.remove((entry, n))
+        if self._free_total is not None:
+            self._free_total -= op.free_delta
+
+    # -- allocation book-keeping ------------------------------------------------------
+
+    def alloc_groups(self) -> list[int]:
+        """Resource groups this node may allocate from (all, on a single node; the
+        ones whose lock it can hold now, in a cluster)."""
+        if self.cluster is not None:
+            return self.cluster.alloc_groups()
+        return self._groups
+
+    def out_of_space(self, want: int) -> None:
+        """The groups at hand lack ``want`` blocks: a cluster asks for another group
+        (raising NeedLock); a single node has no other, and the caller says ENOSPC."""
+        if self.cluster is not None:
+            self.cluster.out_of_space(want)
+
+    def alloc_free_blocks(self) -> int:
+        if self.cluster is not None:
+            return sum(self.rgrp(i).free for i in self.cluster.alloc_groups())
+        if self._free_total is None:
+            self._free_total = sum(self.rgrp(i).free for i in self._groups)
+        return self._free_total
+
+    def note_alloc(self, rg: int, n: int) -> None:
+        if self._free_total is not None:
+            self._free_total -= n
+        if self.op is not None:
+            self.op.free_delta -= n
+
+    def note_pending_free(self, rg: int, entry: int, n: int) -> None:
+        if self._free_total is not None:
+            self._free_total += n
+        if self.op is not None:
+            self.op.free_delta += n
+            self.op.pending.append((rg, entry, n))
+
+    def alloc_meta_object(self, goal: int | None):
+        """Allocate one metadata block (returns its number)."""
+        return self.alloc.alloc_meta(goal)
+
+    def free_meta(self, obj: MetaObject) -> None:
+        self.alloc.free(obj.bno, 1, data=False)
+        if self._free_total is not None:
+            self._free_total += 1
+            self.op.free_delta += 1
+        self.freed(obj)
+
+    # -- journal ------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Commit the running transaction (data first: ordered mode)."""
+        if self.op is not None:
+            raise RuntimeError("commit inside an operation")
+        if self.journal is None:
+            self.dev.flush()
+            return
+        seq = self.journal.commit()
+        if seq is None:
+            self.dev.flush()
+        self.alloc.committed()
+        self.stats["commits"] += 1
+
+    def checkpoint(self) -> None:
+        """Commit, then write every journaled block home; the log is empty after."""
+        self.commit()
+        if self.journal is not None:
+            self.journal.checkpoint()
+        self.unclean.clear()
+        self.stats["checkpoints"] += 1
+
+    def shrink_cache(self, keep: int = CACHE_LIMIT // 2) -> None:
+        """Drop clean cached objects (after a checkpoint everything is clean)."""
+        if self.op is not None:
+            return
+        if self.unclean:
+            self.checkpoint()
+        drop = len(self.objects) - keep
+        if drop <= 0:
+            return
+        for bno in list(self.objects):
+            if drop <= 0:
+                break
+            if isinstance(self.objects[bno], (RgrpHeader, Bitmap)):
+                continue
+            del self.objects[bno]
+            drop -= 1
+
+    def drop_cached(self, bnos) -> None:
+        """Forget cached objects (their lock was given up); they must be clean."""
+        for bno in bnos:
+            self.objects.pop(bno, None)
+
+    def inode_blocks(self, ino: int) -> list[int]:
+        """Cached blocks covered by inode ``ino``'s lock: dinode, tree, xattr block."""
+        out = [ino] if ino in self.objects else []
+        for bno in self.by_owner.get(ino, ()):
+            obj = self.objects.get(bno)
+            if obj is not None and getattr(obj, "owner", None) == ino:
+                out.append(bno)
+        return out
+
+    def group_blocks(self, rg: int) -> list[int]:
+        """Cached blocks covered by resource group ``rg``'s lock: header, bitmaps."""
+        start, _ = self.sb.rgrp_range(rg)
+        return [b for b in range(start, start + 1 + self.sb.bitmap_blocks)
+                if b in self.objects]
+
+    def drop_inode(self, ino: int) -> None:
+        """Forget everything cached for an inode (another node may have changed it)."""
+        for bno in self.inode_blocks(ino):
+            del self.objects[bno]
+        self.by_owner.pop(ino, None)
+
+    def drop_group(self, rg: int) -> None:
+        for bno in self.group_blocks(rg):
+            del self.objects[bno]
+        self.alloc.drop_group_reservations(rg)
+
+    # -- data ---------------------------------------------------------------------------
+
+    def read_data(self, pblk: int, count: int) -> bytes:
+        return self.dev.read(pblk, count)
+
+    def write_data(self, pblk: int, data) -> None:
+        self.dev.write(pblk, data)
+
+
+def blocks_for(nbytes: int) -> int:
+    return -(-nbytes // BLOCK_SIZE)

@@ -1,0 +1,43 @@
+"""Shared fixtures: volumes, real FUSE mounts in a subprocess, and the fsck oracle.
+
+A mount runs ``clusterfs mount --foreground`` in its own process; the fixture polls
+``os.path.ismount`` (failing at once if the process died) and its teardown always
+unmounts (``fusermount3 -u``, then ``-z``) and stops the process, even when the test
+failed, so a stale mount never breaks the next test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from tests.helpers import Mount, mkfs, run_cli  # noqa: E402
+
+
+@pytest.fixture
+def volume(tmp_path):
+    """A fresh 256 MiB volume image."""
+    path = str(tmp_path / "vol.img")
+    mkfs(path, "256M")
+    return path
+
+
+@pytest.fixture
+def mounted(volume, tmp_path):
+    """A single-node mount of a fresh volume; yields the Mount."""
+    m = Mount(volume, str(tmp_path / "mnt"))
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+__all__ = ["volume", "mounted", "run_cli", "subprocess", "time"]
