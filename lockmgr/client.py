@@ -115,16 +115,14 @@ class LockClient:
         self._session_ok = False
         self._node_down_handlers = []
         self._dead_nodes: dict[int, str] = {}   # slot -> node, announced, not recovered
-        self._out: list[bytes] = []
-        self._wake = trio.Event()
-        self._stream = None
+        self._chan: wire.Channel | None = None
+        self._resend: list[bytes] = []
         self._connected = False
         self._closed = False
         self._conn_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._main_scope: trio.CancelScope | None = None
         self._connected_event = trio.Event()
-        self._writing = False
 
     # ---- construction --------------------------------------------------------------
 
@@ -341,10 +339,9 @@ class LockClient:
             return
         self._closed = True
         if self._connected:
-            self._out.append(frame([wire.BYE]))
-            self._wake.set()
+            self._chan.send(frame([wire.BYE]))
             with trio.move_on_after(1):
-                while (self._out or self._writing) and self._connected:
+                while self._chan.pending() and self._connected:
                     await trio.sleep(0.001)
         for op in list(self._pending.values()):
             self._finish(op, error=LockError("client closed"))
@@ -418,8 +415,7 @@ class LockClient:
             data = frame([wire.CONVERT, rid, rec.name, mode, 0, None, lvb])
         self._unacked.append((rid, data))
         if self._connected:
-            self._out.append(data)
-            self._wake.set()
+            self._chan.send_later(data)
 
     def _start(self, kind, rec, mode, try_lock, timeout, lvb) -> _Op:
         if self._closed:
@@ -438,8 +434,7 @@ class LockClient:
         self._pending[rid] = op
         self._unacked.append((rid, data))
         if self._connected:
-            self._out.append(data)
-            self._wake.set()
+            self._chan.send(data)
         return op
 
     async def _wait(self, op: _Op, timeout: float | None):
@@ -466,8 +461,7 @@ class LockClient:
             return
         op.abandoned = True
         if op.kind in (wire.LOCK, wire.CONVERT) and self._connected:
-            self._out.append(frame([wire.CANCEL, op.rid, op.rec.name]))
-            self._wake.set()
+            self._chan.send(frame([wire.CANCEL, op.rid, op.rec.name]))
 
     def _finish(self, op: _Op, result=None, error=None) -> None:
         if self._pending.pop(op.rid, None) is None:
@@ -583,7 +577,7 @@ class LockClient:
             if state == "reclaimed":
                 log.info("lock server restarted: %d locks reclaimed",
                          len(self.held_locks()))
-        self._out = resend
+        self._resend = resend
         self._session_ok = True
         self._renew_lease(t_open + lease - self.margin)
         if not first:
@@ -648,18 +642,21 @@ class LockClient:
         return await self._establish(resume, reclaim, recovering)
 
     async def _serve(self, stream, dec, leftover) -> None:
-        self._stream = stream
+        chan = self._chan = wire.Channel(stream)
+        for data in self._resend:
+            chan.send(data)
+        self._resend = []
         self._connected = True
         self._connected_event.set()
         self._connected_event = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
                 self._conn_scope = nursery.cancel_scope
-                nursery.start_soon(self._writer, stream)
+                nursery.start_soon(self._writer, chan)
                 try:
                     self._dispatch(leftover)
                     while True:
-                        data = await stream.receive_some(65536)
+                        data = await chan.receive_some()
                         if not data:
                             if not self._closed:
                                 log.warning("lock server closed the connection")
@@ -673,28 +670,17 @@ class LockClient:
                     log.warning("lost connection to lock server: %s", e)
                 nursery.cancel_scope.cancel()
         finally:
+            chan.closed = True
             self._connected = False
-            self._writing = False
-            self._stream = None
-            self._out = []
             with trio.CancelScope(shield=True):
                 try:
                     await stream.aclose()
                 except Exception:
                     pass
 
-    async def _writer(self, stream) -> None:
+    async def _writer(self, chan) -> None:
         try:
-            while True:
-                out = self._out
-                if out:
-                    self._out = []
-                    self._writing = True
-                    await stream.send_all(b"".join(out) if len(out) > 1 else out[0])
-                    self._writing = False
-                    continue
-                await self._wake.wait()
-                self._wake = trio.Event()
+            await chan.writer()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             log.warning("lost connection to lock server: %s", e)
             if self._conn_scope is not None:
@@ -705,8 +691,7 @@ class LockClient:
             if self._connected:
                 self._hb_id += 1
                 self._hb_sent[self._hb_id] = trio.current_time()
-                self._out.append(frame([wire.HB, self._hb_id, self._received]))
-                self._wake.set()
+                self._chan.send(frame([wire.HB, self._hb_id, self._received]))
             await trio.sleep(self.renew)
 
     async def _lease_watch(self) -> None:

@@ -27,51 +27,36 @@ LIVE, DEAD = "live", "dead"
 
 
 class Conn:
-    """One client connection: a stream and a queue of frames for its writer task."""
+    """One client connection: its channel, and the session it carries (if any)."""
 
-    __slots__ = ("stream", "peer", "out", "wake", "closed", "session", "authed",
-                 "cancel_scope")
+    __slots__ = ("chan", "peer", "session", "authed", "cancel_scope")
 
     def __init__(self, stream, peer: str):
-        self.stream = stream
+        self.chan = wire.Channel(stream)
         self.peer = peer
-        self.out: list[bytes] = []
-        self.wake = trio.Event()
-        self.closed = False
         self.session: "Session | None" = None
         self.authed = False
         self.cancel_scope: trio.CancelScope | None = None
 
+    @property
+    def closed(self) -> bool:
+        return self.chan.closed
+
     def send(self, data: bytes) -> None:
-        if not self.closed:
-            self.out.append(data)
-            self.wake.set()
+        self.chan.send(data)
 
     def close(self) -> None:
         """Drop the connection (after what is queued has had a chance to go)."""
-        self.closed = True
-        self.wake.set()
+        self.chan.close()
 
     async def writer(self) -> None:
-        while True:
-            if self.out:
-                data = b"".join(self.out) if len(self.out) > 1 else self.out[0]
-                self.out.clear()
-                try:
-                    await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    self.closed = True
-                    self.out.clear()
-                    if self.cancel_scope is not None:
-                        self.cancel_scope.cancel()
-                    return
-                continue
-            if self.closed:
-                if self.cancel_scope is not None:
-                    self.cancel_scope.cancel()
-                return
-            await self.wake.wait()
-            self.wake = trio.Event()
+        try:
+            await self.chan.writer()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        self.chan.closed = True
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
 
 
 class Session:
@@ -210,13 +195,16 @@ class LockServer:
                     conn.send(frame([wire.ERROR, f"protocol error: {e}"]))
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
+                except Exception:
+                    log.exception("internal error on the connection from %s; dropping it",
+                                  conn.peer)
                 # let the writer send what is queued (it cancels the nursery when done)
                 conn.close()
                 with trio.move_on_after(1):
                     await trio.sleep_forever()
                 nursery.cancel_scope.cancel()
         finally:
-            conn.closed = True
+            conn.chan.closed = True
             self._conns.discard(conn)
             s = conn.session
             if s is not None and s.conn is conn:
@@ -269,10 +257,10 @@ class LockServer:
         nonce = wire.new_nonce()
         conn.send(frame([wire.CHALLENGE, wire.PROTOCOL_VERSION, nonce, self.boot_id]))
         dec = wire.FrameDecoder(self.max_frame)
-        stream = conn.stream
+        chan = conn.chan
         with trio.move_on_after(self.auth_timeout) as auth_scope:
             while not conn.authed:
-                data = await stream.receive_some(65536)
+                data = await chan.receive_some()
                 if not data:
                     return
                 msgs = dec.feed(data)
@@ -287,7 +275,7 @@ class LockServer:
                         conn.peer, self.auth_timeout)
             return
         while not conn.closed:
-            data = await stream.receive_some(65536)
+            data = await chan.receive_some()
             if not data:
                 return
             self._dispatch(conn, dec.feed(data))

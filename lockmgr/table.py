@@ -209,8 +209,9 @@ class LockTable:
             self._grant(res, lk)
             return
         if try_lock:
+            code = self._try_code(res, lk)
             lk.requested = None
-            self.out.append(Fail(owner, name, rid, self._try_code(res, lk)))
+            self.out.append(Fail(owner, name, rid, code))
             return
         res.converting.append(lk)
         self._contended.add(name)

@@ -137,3 +137,104 @@ def stop(proc: subprocess.Popen, sig=None) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class Worker:
+    """A ``lock_worker.py`` process: send commands, read answers and events."""
+
+    def __init__(self, addr: str, keyfile: str, node: str, slot: int, lease: float = 5.0):
+        import queue
+        import threading
+        self.node = node
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(os.path.dirname(__file__), "lock_worker.py"),
+             addr, keyfile, node, str(slot), str(lease)],
+            cwd=REPO, env=python_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+        self.lines: "queue.Queue" = queue.Queue()
+        self.results: dict = {}
+        self.events: list = []
+        self._id = 0
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        self.wait_event("ready", timeout=30)
+
+    def _read(self):
+        import json
+        for line in self.proc.stdout:
+            self.lines.put(json.loads(line))
+        self.lines.put(None)
+
+    def _pump(self, timeout: float) -> bool:
+        import queue
+        try:
+            msg = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        if msg is None:
+            raise RuntimeError(f"worker {self.node} exited: "
+                               f"{self.proc.stderr.read().decode()[-2000:]}")
+        if "event" in msg:
+            self.events.append(msg)
+        else:
+            self.results[msg["id"]] = msg
+        return True
+
+    def send(self, op: str, **kw) -> int:
+        import json
+        self._id += 1
+        kw.update(id=self._id, op=op)
+        self.proc.stdin.write((json.dumps(kw) + "\n").encode())
+        self.proc.stdin.flush()
+        return self._id
+
+    def result(self, cid: int, timeout: float = 20.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while cid not in self.results:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"worker {self.node}: no answer to command {cid}")
+            self._pump(left)
+        return self.results.pop(cid)
+
+    def done(self, cid: int) -> bool:
+        while self._pump(0):
+            pass
+        return cid in self.results
+
+    def call(self, op: str, wait: float = 20.0, **kw):
+        r = self.result(self.send(op, **kw), wait)
+        if "error" in r:
+            raise WorkerError(r["error"], r.get("msg"))
+        return r["ok"]
+
+    def wait_event(self, kind: str, timeout: float = 20.0, **match) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for e in self.events:
+                if e["event"] == kind and all(e.get(k) == v for k, v in match.items()):
+                    self.events.remove(e)
+                    return e
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"worker {self.node}: no {kind} event")
+            self._pump(left)
+
+    def kill(self):
+        import signal
+        stop(self.proc, signal.SIGKILL)
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.send("exit")
+                self.proc.wait(10)
+            except Exception:
+                pass
+        stop(self.proc)
+
+
+class WorkerError(Exception):
+    def __init__(self, name, msg):
+        super().__init__(f"{name}: {msg}")
+        self.name = name

@@ -399,7 +399,8 @@ class LockTableMachine(RuleBasedStateMachine):
                     self.unlock(owner, name, None)
             else:
                 # only conversions stuck on each other remain: a deadlock
-                assert self.t.break_deadlocks(), "waiters stuck with nobody to release"
+                assert self.t.break_deadlocks(self.now, 0.0), \
+                    "waiters stuck with nobody to release"
                 self.apply("break_deadlocks")
         assert not self.pending, f"waiters never granted: {self.pending}"
 
