@@ -32,7 +32,9 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="clusterfs", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="clusterfs",
+                           description="clusterfs: a clustered shared-disk file system: "
+                                       "several hosts mount one volume through FUSE.")
     parser.add_argument("--debug", action="store_true", help="verbose logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
                                 parser_class=OneLineParser)

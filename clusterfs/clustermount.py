@@ -387,8 +387,11 @@ class ClusterMount:
                         await self.front.release(fh)
                     except Exception:
                         log.exception("closing handle %d at unmount", fh)
-                self.journal.close()
+                # everything home first, then the locks go (their value blocks
+                # written), then the journal is marked clean
+                vol.checkpoint()
                 await self.coh.glocks.unlock_all()
+                self.journal.close()
                 self.heart.set_state(HB_FREE)
             elif self.coh is not None:
                 log.error("node was fenced: leaving the journal for recovery by another "

@@ -6,8 +6,6 @@ files: "host A" and "host B" of `scenario.run_scenario`.
 - `LocalStorage`: one local directory, both views the same path (the anchor).
 - `ClusterfsStorage`: one clusterfs volume mounted twice (node A and node B, separate
   processes, one lock manager); the views are the same directory inside each mount.
-  Not available yet: it waits for the clustered mounts (issue 4); until then `views()`
-  raises `StorageUnavailable`, and the benchmark reports no clusterfs numbers.
 """
 
 from __future__ import annotations
@@ -56,14 +54,12 @@ class LocalStorage(Storage):
 class ClusterfsStorage(Storage):
     """One clusterfs volume mounted by two nodes; views = one directory in each mount.
 
-    To be provided with the clustered mounts (issue 4). The contract the scenario and
-    the benchmark rely on: inside `views()`, a volume image (under WORKDIR, default a
-    local temporary directory) of at least SIZE_MIB is made with ``clusterfs mkfs``, a
-    ``clusterfs lockd`` runs, two ``clusterfs mount VOLUME MOUNTPOINT --lockd ADDR
-    --key KEYFILE`` processes (node A, node B) are up, and a directory created through
-    A is yielded as (path through A, same path through B). On exit both mounts are
-    unmounted (``fusermount3 -u``), the processes ended by PID, and fsck of the volume
-    must be clean.
+    Inside ``views()``: a sparse volume image of SIZE_MIB (under WORKDIR, default a
+    temporary directory in /var/tmp) made with ``clusterfs mkfs``, a ``clusterfs
+    lockd`` on loopback, and two ``clusterfs mount VOLUME MOUNTPOINT --lockd ADDR
+    --key KEYFILE`` processes (node A, node B).  A directory created through A is
+    yielded as (path through A, same path through B).  On exit both mounts are
+    unmounted, the processes ended by PID, and fsck of the volume must be clean.
     """
 
     name = "clusterfs"
@@ -74,10 +70,18 @@ class ClusterfsStorage(Storage):
 
     @contextlib.contextmanager
     def views(self) -> Iterator[tuple[Path, Path]]:
-        raise StorageUnavailable(
-            "ClusterfsStorage is not available yet: two clusterfs mounts of one volume "
-            "(issue 4) are needed; tests/vm/storage.py holds the stub to replace")
-        yield  # pragma: no cover
+        from tests.clusterutil import local_cluster
+        base = self.workdir or Path("/var/tmp")
+        base.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="cfsvm-cluster-", dir=base))
+        try:
+            with local_cluster(str(work), nodes=2, size=f"{self.size_mib}M") as (
+                    _volume, _lockd, (node_a, node_b)):
+                d = Path(node_a.path) / "vms"
+                d.mkdir()
+                yield d, Path(node_b.path) / "vms"
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 STORAGES = {"local": LocalStorage, "clusterfs": ClusterfsStorage}
