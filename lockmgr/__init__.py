@@ -19,7 +19,7 @@ Protocol and semantics: docs/LOCKS.md.
 """
 
 from .client import Grant, LockClient, query_status
-from .errors import (AuthError, Cancelled, ConnectError, Deadlock, LeaseLost, LockError,
+from .errors import (AuthError, LockCancelled, ConnectError, Deadlock, LeaseLost, LockError,
                      LockTimeout, NodeBusy, NotRecovered, ProtocolError, TryAgain)
 from .keyfile import KeyFileError, keygen, load_key
 from .modes import (COMPAT, CR, CW, EX, NL, PR, PW, Mode, compatible, covers,
@@ -31,7 +31,7 @@ __all__ = [
     "LockClient", "Grant", "query_status", "LockServer", "LockTable", "LVB_SIZE",
     "Mode", "NL", "CR", "CW", "PR", "PW", "EX", "COMPAT", "compatible", "covers",
     "supremum", "downgrade_for",
-    "LockError", "TryAgain", "NotRecovered", "LockTimeout", "Deadlock", "Cancelled",
+    "LockError", "TryAgain", "NotRecovered", "LockTimeout", "Deadlock", "LockCancelled",
     "LeaseLost", "AuthError", "ProtocolError", "NodeBusy", "ConnectError",
     "keygen", "load_key", "KeyFileError",
 ]

@@ -17,7 +17,7 @@ from collections import deque
 import trio
 
 from . import wire
-from .errors import (AuthError, Cancelled, ConnectError, LeaseLost, LockError,
+from .errors import (AuthError, LockCancelled, ConnectError, LeaseLost, LockError,
                      LockTimeout, NodeBusy, ProtocolError, from_code)
 from .modes import COMPAT, LVB_WRITERS, Mode, covers, supremum
 from .table import LVB_SIZE
@@ -333,6 +333,15 @@ class LockClient:
     def connected(self) -> bool:
         return self._connected
 
+    def statistics(self) -> dict:
+        """Counters for diagnostics: locks held, requests waiting, and the session."""
+        return {"connected": self._connected, "session": self.session_id,
+                "generation": self.generation, "lease_valid": self.lease_valid(),
+                "lease_remaining": round(self.lease_remaining(), 3),
+                "held": sum(1 for r in self._recs.values() if r.mode is not None),
+                "pending": len(self._pending), "unacked": len(self._unacked),
+                "dead_nodes": len(self._dead_nodes)}
+
     async def close(self) -> None:
         """Leave cleanly: the server releases this node's locks (no recovery needed)."""
         if self._closed:
@@ -570,7 +579,7 @@ class LockClient:
             for rid in sorted(self._pending):
                 op = self._pending[rid]
                 if op.abandoned:
-                    self._finish(op, error=Cancelled("cancelled"))
+                    self._finish(op, error=LockCancelled("cancelled"))
                     continue
                 self._unacked.append((rid, op.data))
                 resend.append(op.data)
@@ -759,7 +768,7 @@ class LockClient:
             self._post(wire.UNLOCK, rec, None, None)
             rec.mode = None
             rec.grant = None
-            self._finish(op, error=Cancelled("cancelled"))
+            self._finish(op, error=LockCancelled("cancelled"))
             return
         self._finish(op, result=g)
 

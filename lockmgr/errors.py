@@ -35,7 +35,7 @@ class Deadlock(LockError):
     code = "deadlock"
 
 
-class Cancelled(LockError):
+class LockCancelled(LockError):
     """The request was cancelled (by an unlock of the same lock, or by the client)."""
 
     code = "cancelled"
@@ -74,7 +74,7 @@ class ConnectError(LockError):
 
 CODES: dict[str, type[LockError]] = {
     cls.code: cls for cls in (LockError, TryAgain, NotRecovered, LockTimeout, Deadlock,
-                              Cancelled, LeaseLost, AuthError, ProtocolError, NodeBusy)
+                              LockCancelled, LeaseLost, AuthError, ProtocolError, NodeBusy)
 }
 
 

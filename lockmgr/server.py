@@ -610,6 +610,10 @@ class LockServer:
 
     # ---- status -----------------------------------------------------------------------
 
+    def statistics(self) -> dict:
+        """The same as ``status()``."""
+        return self.status()
+
     def status(self) -> dict:
         now = trio.current_time()
         nodes, recovering = [], []

@@ -7,7 +7,6 @@ import stat
 import subprocess
 import sys
 
-import pytest
 
 from lockmgr_testutil import REPO, Worker, free_port, python_env, start_lockd, stop
 
@@ -54,8 +53,7 @@ def test_lockd_user_errors(tmp_path):
                               "--key", str(tmp_path / "k")), 2)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_lockd_status_and_clean_exit(tmp_path, sig):
+def test_lockd_status_and_clean_exit(tmp_path):
     key = str(tmp_path / "k")
     run("keygen", key)
     port = free_port()
@@ -81,10 +79,20 @@ def test_lockd_status_and_clean_exit(tmp_path, sig):
     finally:
         if w is not None:
             w.close()
-        stop(proc, sig)
+        stop(proc, signal.SIGTERM)
     assert proc.returncode == 0
     assert "Traceback" not in proc.stderr.read().decode()
     assert not os.path.exists(sock)
+
+
+def test_lockd_exits_cleanly_on_sigint(tmp_path):
+    key = str(tmp_path / "k")
+    run("keygen", key)
+    proc = start_lockd(key, free_port())
+    stop(proc, signal.SIGINT)
+    assert proc.returncode == 0
+    err = proc.stderr.read().decode()
+    assert "SIGINT: shutting down" in err and "Traceback" not in err
 
 
 def test_lockd_status_unreachable(tmp_path):

@@ -439,6 +439,6 @@ class LockTableMachine(RuleBasedStateMachine):
 
 
 LockTableMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=60, deadline=None,
+    max_examples=100, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestLockTableMachine = LockTableMachine.TestCase
