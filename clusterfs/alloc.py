@@ -289,7 +289,7 @@ class Allocator:
     # -- freeing ------------------------------------------------------------------
 
     def free(self, bno: int, n: int, *, data: bool) -> None:
-        """Mark blocks free.  Data blocks wait for the next commit before reuse."""
+        """Mark blocks free.  They wait for the next commit before reuse as data."""
         while n > 0:
             rg, entry = self._locate(bno)
             start, length = self.sb.rgrp_range(rg)
@@ -307,9 +307,13 @@ class Allocator:
                     raise FSError(errno.EIO, f"block {bno} freed twice")
             self._set_run(rg, entry, take, FREE)
             hdr.free += take
+            # Not file data until the commit, metadata too: its last committed image
+            # comes back after a crash, or is checkpointed home before the commit.
+            self.pending_free.setdefault(rg, []).append((entry, take))
             if data:
-                self.pending_free.setdefault(rg, []).append((entry, take))
                 self.vol.note_pending_free(rg, entry, take)
+            elif self.vol.op is not None:
+                self.vol.op.pending.append((rg, entry, take))
             bno += take
             n -= take
 

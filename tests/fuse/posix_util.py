@@ -1,0 +1,103 @@
+"""Syscalls Python's os module lacks (renameat2, utimensat with UTIME_OMIT, raw
+getdents64) and running a function as another user in a forked child."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import struct
+import traceback
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+SYS_getdents64 = 217        # x86_64
+SYS_renameat2 = 316
+
+
+def _check(rc: int, what: str) -> None:
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def renameat2(old: str, new: str, flags: int) -> None:
+    _libc.syscall.restype = ctypes.c_long
+    rc = _libc.syscall(ctypes.c_long(SYS_renameat2), ctypes.c_int(AT_FDCWD),
+                       ctypes.c_char_p(os.fsencode(old)), ctypes.c_int(AT_FDCWD),
+                       ctypes.c_char_p(os.fsencode(new)), ctypes.c_uint(flags))
+    _check(rc, "renameat2")
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def utimensat(path: str, atime: tuple[int, int], mtime: tuple[int, int],
+              follow: bool = True) -> None:
+    """Each time is (sec, nsec); nsec may be UTIME_NOW or UTIME_OMIT."""
+    ts = (_Timespec * 2)(_Timespec(*atime), _Timespec(*mtime))
+    flags = 0 if follow else 0x100      # AT_SYMLINK_NOFOLLOW
+    rc = _libc.utimensat(AT_FDCWD, os.fsencode(path), ts, flags)
+    _check(rc, "utimensat")
+
+
+def getdents(fd: int, bufsize: int = 512) -> list[tuple[int, int, int, bytes]]:
+    """One getdents64 call: [(ino, off, type, name)] (empty at the end)."""
+    buf = ctypes.create_string_buffer(bufsize)
+    _libc.syscall.restype = ctypes.c_long
+    n = _libc.syscall(ctypes.c_long(SYS_getdents64), ctypes.c_int(fd), buf,
+                      ctypes.c_uint(bufsize))
+    _check(n, "getdents64")
+    out = []
+    raw = buf.raw[:n]
+    p = 0
+    while p < n:
+        ino, off, reclen, typ = struct.unpack_from("<QqHB", raw, p)
+        name = raw[p + 19:p + reclen].split(b"\0", 1)[0]
+        out.append((ino, off, typ, name))
+        p += reclen
+    return out
+
+
+def as_user(uid: int, gid: int, fn, *args) -> object:
+    """Run ``fn(*args)`` in a child with real/effective/saved uid and gid set;
+    return its result, or the errno of the OSError it raised (as ('errno', n))."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        code = 0
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            try:
+                res = repr(fn(*args))
+            except OSError as e:
+                res = repr(("errno", e.errno))
+            os.write(w, res.encode())
+        except BaseException:
+            os.write(w, repr(("exception", traceback.format_exc())).encode())
+            code = 1
+        finally:
+            os.close(w)
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    while True:
+        c = os.read(r, 65536)
+        if not c:
+            break
+        chunks.append(c)
+    os.close(r)
+    os.waitpid(pid, 0)
+    import ast
+    res = ast.literal_eval(b"".join(chunks).decode())
+    if isinstance(res, tuple) and res and res[0] == "exception":
+        raise AssertionError("child failed:\n" + res[1])
+    return res
