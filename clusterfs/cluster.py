@@ -326,9 +326,15 @@ class Coherence:
         if not await self.try_lock(open_lock(ino), EX):
             return
         try:
-            await self.run(self.fs.purge, ino, want={inode_lock(ino): EX})
+            await self.purge(ino)
         finally:
             await self.client.unlock(open_lock(ino))
+
+    async def purge(self, ino: int) -> None:
+        """Free an unlinked inode step by step, letting the event loop (lease
+        renewals, other requests) run between the steps of a big file."""
+        while not await self.run(self.fs.purge_step, ino, want={inode_lock(ino): EX}):
+            await trio.sleep(0)
 
     async def open_mode(self, ino: int, writable: bool) -> None:
         """Take the open lock (and the write-open mode) for a new handle; EBUSY when
@@ -400,6 +406,11 @@ class ClusterFrontend:
         return await self.run(self.fs.getattr, ino, want={inode_lock(ino): PR})
 
     async def setattr(self, ino, **kw):
+        if kw.get("size") is not None:
+            # a long truncation goes step by step, yielding in between
+            while not await self.run(self.fs.truncate_step, ino, kw["size"],
+                                     want={inode_lock(ino): EX}):
+                await trio.sleep(0)
         return await self.run(self.fs.setattr, ino, want={inode_lock(ino): EX}, **kw)
 
     async def mknod(self, parent, name, mode, rdev, ctx):

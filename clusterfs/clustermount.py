@@ -38,7 +38,7 @@ from lockmgr import EX, PR, LockClient, LockError, LockTimeout, NodeBusy, NotRec
 from lockmgr.errors import AuthError, ConnectError
 
 from . import slots as slotmod
-from .cluster import (ClusterFrontend, Coherence, group_lock, inode_lock, open_lock,
+from .cluster import (ClusterFrontend, Coherence, group_lock, open_lock,
                       recovery_lock, slot_lock)
 from .errors import CorruptBlock, Fenced, QuietError
 from .format import (BLOCKS_PER_BITMAP, HB_CLUSTER, HB_FREE, HB_NOLOCK, UNLINKED,
@@ -351,7 +351,7 @@ class ClusterMount:
                 if not await coh.try_lock(open_lock(ino), EX):
                     continue
                 try:
-                    await coh.run(self.fs.purge, ino, want={inode_lock(ino): EX})
+                    await coh.purge(ino)
                     freed += 1
                 finally:
                     await self.client.unlock(open_lock(ino))

@@ -180,6 +180,15 @@ class Filesystem:
             if self._change(inode.truncate_step, self.vol, di, size):
                 return
 
+    def truncate_step(self, ino: int, size: int) -> bool:
+        """One bounded step of truncating a regular file toward ``size`` (one
+        operation); True once the size is reached.  A cluster member runs the steps
+        one by one, yielding to its event loop (lease renewals) in between."""
+        di = self.inode(ino)
+        if not S.S_ISREG(di.mode):
+            return True
+        return self._change(inode.truncate_step, self.vol, di, size)
+
     # -- creating ---------------------------------------------------------------------
 
     def _new_inode(self, pdi: Dinode, mode: int, ctx: Ctx, rdev: int = 0) -> Dinode:
@@ -329,16 +338,23 @@ class Filesystem:
         """Free an unlinked inode and everything it owns (several transactions for a
         big file; a crash in between leaves it UNLINKED, finished at next mount).
         Safe to run again after it was interrupted."""
+        while not self.purge_step(ino):
+            pass
+
+    def purge_step(self, ino: int) -> bool:
+        """One bounded step of ``purge`` (one operation); True when the inode is gone
+        (or was not to be freed)."""
         try:
             di = self.vol.dinode(ino)
         except FSError as e:
             if e.errno == errno.ESTALE:
-                return          # freed already
+                return True     # freed already
             raise
         if di.nlink != 0:
-            return
-        if not S.S_ISDIR(di.mode) and di.flags & DF_EXTENTS:
-            self._truncate(di, 0)
+            return True
+        if not S.S_ISDIR(di.mode) and di.flags & DF_EXTENTS and di.size:
+            if not self._change(inode.truncate_step, self.vol, di, 0):
+                return False
 
         def change():
             if di.flags & (DF_EXTENTS | DF_DIRTREE):
@@ -350,6 +366,7 @@ class Filesystem:
             self.vol.free_meta(di)
         self._change(change)
         # known_gen stays until the kernel's forget: a reused block is then ESTALE
+        return True
 
     # -- rename ------------------------------------------------------------------------
 
