@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "clusterfs.mkfs",
     "clusterfs.mount",
     "clusterfs.status",
+    "fsck.cli",
     "lockmgr.cli",
 ]
 

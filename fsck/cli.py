@@ -1,0 +1,84 @@
+"""``clusterfs fsck VOLUME [-n | -y | -p] [-f] [--scan-data] [--json FILE]``.
+
+e2fsck conventions:
+
+* ``-n`` opens the volume read-only and changes nothing (journals of dead nodes are
+  replayed in memory only, so the check sees what a replay would leave);
+* ``-y`` repairs everything;
+* ``-p`` ("preen") repairs what is safe without asking (journal replay, stale slots,
+  leaked or unmarked blocks, counters, orphans, block counts) and stops at anything
+  else with "UNEXPECTED INCONSISTENCY" (exit 4);
+* none of these: on a terminal, fsck asks before each repair ([y]es, [n]o, [a]ll,
+  [q]uit).  Not on a terminal it checks only, as ``-n`` does (and says so): a script
+  that forgot the option never repairs by surprise.
+
+Exit status, ORed together as e2fsck does: 0 no errors, 1 errors corrected, 4 errors
+left uncorrected, 8 operational error (cannot open or parse the volume, a node is
+still alive and a repair was asked for, internal error), 16 usage error, 32 cancelled
+by the user.
+
+A clean volume (no slot mounted, every journal clean) is skipped after the volume and
+cluster layers unless ``-f``.  On a terminal each layer draws a progress bar;
+each layer ends with one summary line.  ``--json FILE`` (``-`` for stdout) writes every
+finding as a machine-readable report.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .checker import Fsck
+from .report import Report
+
+
+def cmd_fsck(args) -> int:
+    mode = args.mode
+    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+    note = None
+    if mode is None:
+        if interactive:
+            mode = "ask"
+        else:
+            mode = "n"
+            note = ("not a terminal and none of -n, -y, -p given: checking only "
+                    "(as with -n)")
+    out = sys.stderr if args.json == "-" else sys.stdout
+    report = Report(mode, out=out, err=sys.stderr, progress=sys.stderr.isatty())
+    if note:
+        report.note(note)
+    checker = Fsck(args.volume, mode=mode, force=args.force, scan_data=args.scan_data,
+                   report=report)
+    code = checker.check()
+    if args.json:
+        try:
+            report.write_json(args.json, args.volume, {"stats": checker.stats})
+        except OSError as e:
+            print(f"clusterfs fsck: cannot write {args.json}: {e.strerror or e}",
+                  file=sys.stderr)
+            code |= 8
+    return code
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "fsck", help="check and repair a volume (layer by layer)",
+        description="Check a clusterfs volume layer by layer (volume, cluster, "
+                    "allocation, inodes and extents, namespace, data) and repair it. "
+                    "Exit status: 0 clean, 1 corrected, 4 uncorrected, 8 operational "
+                    "error, 16 usage error, 32 cancelled.")
+    p.usage_exitcode = 16
+    p.add_argument("volume", help="image file or block device")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("-n", dest="mode", action="store_const", const="n",
+                     help="check only: open read-only, change nothing")
+    how.add_argument("-y", dest="mode", action="store_const", const="y",
+                     help="repair everything without asking")
+    how.add_argument("-p", "-a", dest="mode", action="store_const", const="p",
+                     help="repair what is safe without asking; stop at anything else")
+    p.add_argument("-f", "--force", action="store_true",
+                   help="check even if the volume is clean")
+    p.add_argument("--scan-data", action="store_true",
+                   help="also read every allocated data extent (layer 6)")
+    p.add_argument("--json", metavar="FILE",
+                   help="write a machine-readable report of every finding ('-': stdout)")
+    p.set_defaults(func=cmd_fsck, mode=None)

@@ -1,0 +1,327 @@
+"""Helpers for the fsck tests: a populated volume, damage tools, read-back checks.
+
+``populate`` fills a volume through the file-system API (no FUSE) with every kind of
+object fsck must understand: inline, extent and fragmented files (extent-tree node
+blocks), sparse files, a directory large enough to have directory-tree node blocks,
+nested directories, symbolic links (inline and extent), hard links, inline and
+overflow xattrs, special files.  It returns a manifest: path -> what must read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import shutil
+import stat as S
+import subprocess
+
+from clusterfs import blockhdr, directory
+from clusterfs.blockhdr import BLOCK_SIZE
+from clusterfs.format import Dinode, Superblock
+from clusterfs.fs import Ctx
+from clusterfs.mkfs import make_volume
+from clusterfs.session import SingleNodeMount
+from fsck.checker import Fsck
+from fsck.report import Report
+
+CTX = Ctx(0, 0)
+
+
+def _data(seed: int, n: int) -> bytes:
+    r = random.Random(seed)
+    return r.randbytes(n)
+
+
+def populate(path: str, size: int = 64 << 20, seed: int = 1) -> dict:
+    """Make a volume at ``path`` and fill it; returns the manifest."""
+    if os.path.exists(path):
+        os.unlink(path)
+    make_volume(path, size, slots=2)
+    m = SingleNodeMount(path, heartbeat_interval=0.2)
+    fs = m.start()
+    man: dict[str, dict] = {}
+    try:
+        root = fs.root_ino
+
+        def mkdir(parent, name):
+            return fs.mkdir(parent, name.encode(), 0o755, CTX).bno
+
+        def put(parent, pname, name, data, *, sparse_at=None, frag=False):
+            fh, di = fs.create(parent, name.encode(), 0o644, os.O_RDWR, CTX)
+            if frag:
+                # every other block: one extent per block -> an extent tree with nodes
+                for i in range(0, len(data) // BLOCK_SIZE, 2):
+                    fs.write(fh, i * BLOCK_SIZE, data[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE])
+                content = bytearray(len(data))
+                for i in range(0, len(data) // BLOCK_SIZE, 2):
+                    content[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE] = \
+                        data[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]
+                fs.setattr(di.bno, size=len(data))
+                data = bytes(content)
+            elif data:
+                fs.write(fh, 0, data)
+            if sparse_at:
+                fs.write(fh, sparse_at, b"tail")
+                data = data + bytes(sparse_at - len(data)) + b"tail"
+            fs.release(fh)
+            p = f"{pname}/{name}"
+            man[p] = {"kind": "file", "ino": di.bno, "sha": hashlib.sha256(data).hexdigest(),
+                      "size": len(data)}
+            return di.bno
+
+        docs = mkdir(root, "docs")
+        for i in range(12):
+            put(docs, "/docs", f"note{i}.txt", (f"note {i}\n" * (i * 40 + 1)).encode())
+        put(docs, "/docs", "empty", b"")
+        data = mkdir(root, "data")
+        put(data, "/data", "big.bin", _data(seed, 3 * 1024 * 1024 + 123))
+        for i in range(8):
+            put(data, "/data", f"med{i}.bin", _data(seed + 10 + i, 20000 + i * 23457))
+        put(data, "/data", "frag.bin", _data(seed + 3, 400 * BLOCK_SIZE), frag=True)
+        put(data, "/data", "sparse.bin", _data(seed + 4, 10000), sparse_at=6 << 20)
+        # a file in two extents that follow each other logically (not physically)
+        part1, part2 = _data(seed + 5, 40 * BLOCK_SIZE), _data(seed + 6, 30 * BLOCK_SIZE)
+        fh, two = fs.create(data, b"two-extents.bin", 0o644, os.O_RDWR, CTX)
+        fs.write(fh, 0, part1)
+        fs.release(fh)
+        put(data, "/data", "in-between.bin", _data(seed + 7, 50 * BLOCK_SIZE))
+        fh = fs.open(two.bno, os.O_RDWR)
+        fs.write(fh, len(part1), part2)
+        fs.release(fh)
+        man["/data/two-extents.bin"] = {"kind": "file", "ino": two.bno, "size": len(part1) + len(part2),
+                                        "sha": hashlib.sha256(part1 + part2).hexdigest()}
+        big = mkdir(root, "bigdir")
+        for i in range(400):
+            put(big, "/bigdir", f"entry-with-a-longish-name-{i:05d}", _data(i, 100 + i % 50))
+        d = root
+        pname = ""
+        for name in ("deep", "a", "b", "c", "d"):
+            d = mkdir(d, name)
+            pname += "/" + name
+            put(d, pname, f"file-in-{name}", _data(seed + ord(name[0]), 5000))
+        # symbolic links (inline, and one past the inline size)
+        for name, target in (("link-short", b"data/big.bin"),
+                             ("link-long", b"x/" * 1900 + b"end")):
+            di = fs.symlink(root, name.encode(), target, CTX)
+            man["/" + name] = {"kind": "symlink", "ino": di.bno, "target": target.decode()}
+        # a hard link
+        src = man["/data/med1.bin"]
+        fs.link(src["ino"], docs, b"hardlink-med1")
+        man["/docs/hardlink-med1"] = dict(src)
+        # xattrs
+        xi = man["/data/med2.bin"]["ino"]
+        fs.setxattr(xi, b"user.small", b"v" * 40)
+        fs.setxattr(xi, b"user.big", b"B" * 1000)
+        man["/data/med2.bin"]["xattrs"] = {"user.small": "v" * 40, "user.big": "B" * 1000}
+        # special files
+        di = fs.mknod(root, b"fifo", S.S_IFIFO | 0o644, 0, CTX)
+        man["/fifo"] = {"kind": "fifo", "ino": di.bno}
+        di = fs.mknod(root, b"chardev", S.S_IFCHR | 0o600, os.makedev(1, 3), CTX)
+        man["/chardev"] = {"kind": "chr", "ino": di.bno}
+        for p, ino in (("/docs", docs), ("/data", data), ("/bigdir", big)):
+            man[p] = {"kind": "dir", "ino": ino}
+    finally:
+        m.stop()
+    return man
+
+
+# -- running fsck in-process ---------------------------------------------------------------
+
+def fsck(path: str, mode: str = "n", *, force: bool = True, scan_data: bool = False,
+         device=None, live_watch: float | None = None):
+    """Run the checker in-process; returns (exit status, report, checker)."""
+    out = io.StringIO()
+    rep = Report(mode, out=out, err=out)
+    ck = Fsck(path, mode=mode, force=force, scan_data=scan_data, report=rep,
+              device=device, live_watch=live_watch)
+    code = ck.check()
+    rep.text = out.getvalue()
+    assert ck.internal_error is None, ck.internal_error + "\n" + rep.text
+    return code, rep, ck
+
+
+def findings(rep, layer: int | None = None) -> list:
+    return [f for f in rep.findings if f.severity == "error"
+            and (layer is None or f.layer == layer)]
+
+
+def copy_image(src: str, dst: str) -> None:
+    subprocess.run(["cp", "--sparse=always", src, dst], check=True)
+
+
+# -- raw block access ------------------------------------------------------------------------
+
+def read_block(path: str, bno: int) -> bytearray:
+    with open(path, "rb") as f:
+        f.seek(bno * BLOCK_SIZE)
+        return bytearray(f.read(BLOCK_SIZE))
+
+
+def write_block(path: str, bno: int, data) -> None:
+    assert len(data) == BLOCK_SIZE
+    with open(path, "r+b") as f:
+        f.seek(bno * BLOCK_SIZE)
+        f.write(bytes(data))
+
+
+def reseal(buf: bytearray) -> bytearray:
+    blockhdr.reseal(buf)
+    return buf
+
+
+def superblock(path: str) -> Superblock:
+    return Superblock.decode(read_block(path, 0), 0)
+
+
+def dinode(path: str, ino: int) -> Dinode:
+    return Dinode.decode(read_block(path, ino), ino)
+
+
+def put_dinode(path: str, di: Dinode) -> None:
+    di.seq -= 1
+    write_block(path, di.bno, di.image())
+
+
+class Api:
+    """A single-node API mount for inspecting a volume (``with Api(path) as fs``)."""
+
+    def __init__(self, path: str):
+        self.m = SingleNodeMount(path, heartbeat_interval=0.2)
+
+    def __enter__(self):
+        self.fs = self.m.start()
+        return self.fs
+
+    def __exit__(self, *exc):
+        self.m.stop()
+
+
+def lookup(fs, path: str) -> int:
+    ino = fs.root_ino
+    for part in path.strip("/").split("/"):
+        if part:
+            ino = fs.lookup(ino, part.encode()).bno
+    return ino
+
+
+def dir_node_blocks(path: str, ino: int) -> list[int]:
+    """Tree node blocks of a directory or extent file (through the API)."""
+    from clusterfs import inode as inode_mod
+    with Api(path) as fs:
+        di = fs.vol.dinode(ino)
+        return [n.bno for n in inode_mod.tree(fs.vol, di).nodes()]
+
+
+# -- read-back checks -----------------------------------------------------------------------
+
+def _sha_file(p: str) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(p, "rb") as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                break
+            h.update(b)
+            n += len(b)
+    return h.hexdigest(), n
+
+
+def verify_tree(root: str, man: dict, *, lost: set[int] = frozenset(),
+                grown: set[int] = frozenset(), skip: set[int] = frozenset()) -> None:
+    """Every manifest entry reads back under ``root`` (a mount point).
+
+    Args:
+        lost: inodes that may instead be found as ``/lost+found/#ino``.
+        grown: inodes whose size may have grown to a block boundary (zeros after).
+        skip: inodes not checked (their data was legitimately lost).
+    """
+    for p, want in sorted(man.items()):
+        ino = want["ino"]
+        if ino in skip:
+            continue
+        full = root + p
+        if not os.path.lexists(full) and ino in lost:
+            full = os.path.join(root, "lost+found", f"#{ino}")
+        assert os.path.lexists(full), f"{p} (inode {ino}) is missing"
+        st = os.lstat(full)
+        kind = want["kind"]
+        if kind == "file":
+            assert S.S_ISREG(st.st_mode), p
+            if ino in grown:
+                with open(full, "rb") as f:
+                    got = f.read()
+                assert got[:want["size"]] == _rehash_prefix(got, want), p
+                assert not any(got[want["size"]:]), p
+                assert hashlib.sha256(got[:want["size"]]).hexdigest() == want["sha"], p
+            else:
+                sha, n = _sha_file(full)
+                assert n == want["size"], f"{p}: size {n}, expected {want['size']}"
+                assert sha == want["sha"], f"{p}: content differs"
+            for k, v in want.get("xattrs", {}).items():
+                assert os.getxattr(full, k) == v.encode(), f"{p}: xattr {k}"
+        elif kind == "symlink":
+            assert os.readlink(full) == want["target"], p
+        elif kind == "dir":
+            assert S.S_ISDIR(st.st_mode), p
+        elif kind == "fifo":
+            assert S.S_ISFIFO(st.st_mode), p
+        elif kind == "chr":
+            assert S.S_ISCHR(st.st_mode), p
+
+
+def _rehash_prefix(got: bytes, want: dict) -> bytes:
+    return got[:want["size"]]
+
+
+def walk_all(fs) -> int:
+    """Read everything reachable through the API (raises on any EIO); returns count."""
+    n = 0
+    stack = [fs.root_ino]
+    seen = set()
+    while stack:
+        d = stack.pop()
+        if d in seen:
+            continue
+        seen.add(d)
+        dh = fs.opendir(d)
+        try:
+            for name, di, _off in fs.readdir(dh, 0):
+                if name in (b".", b".."):
+                    continue
+                n += 1
+                fs.listxattr(di.bno)
+                if S.S_ISDIR(di.mode):
+                    stack.append(di.bno)
+                elif S.S_ISREG(di.mode):
+                    # the mapped ranges and the last block (a damaged size may
+                    # make a legal but huge sparse file: holes are not read)
+                    from clusterfs import inode as inode_mod
+                    fh = fs.open(di.bno, os.O_RDONLY)
+                    try:
+                        ranges = [(lb * BLOCK_SIZE, n * BLOCK_SIZE)
+                                  for lb, _pb, n in inode_mod.extents(fs.vol, di)]
+                        ranges.append((max(0, di.size - BLOCK_SIZE), BLOCK_SIZE))
+                        if not ranges[:-1]:
+                            ranges.append((0, min(di.size, 1 << 22)))
+                        for off, n in ranges:
+                            end = off + n
+                            while off < end:
+                                chunk = fs.read(fh, off, min(1 << 20, end - off))
+                                if not chunk:
+                                    break
+                                off += len(chunk)
+                    finally:
+                        fs.release(fh)
+                elif S.S_ISLNK(di.mode):
+                    fs.readlink(di.bno)
+                assert fs.lookup(d, name).bno == di.bno
+        finally:
+            fs.releasedir(dh)
+    return n
+
+
+def cleanup(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
