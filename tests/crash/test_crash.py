@@ -162,6 +162,18 @@ def test_crash_points_while_the_journal_wraps(seed):
     assert run_campaign(seed, 60, nops=220, ops=Runner.SYNC_HEAVY, min_checkpoints=1) >= 30
 
 
+@pytest.mark.parametrize("seed", [31])
+def test_crash_points_in_fragmented_files(seed):
+    # files of hundreds of extents: extent-tree splits and merges, multi-step truncate
+    assert run_campaign(seed, 50, nops=40, ops=Runner.FRAGMENTED) >= 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(300, 306))
+def test_crash_campaign_fragmented_slow(seed):
+    run_campaign(seed, 200, nops=60, ops=Runner.FRAGMENTED)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(200, 206))
 def test_crash_campaign_journal_wrap_slow(seed):

@@ -285,6 +285,34 @@ class Runner:
         self.model.data[iid] = data + old[len(data):]
         self._mark(inplace={iid}, versions={iid: self.model.data[iid]})
 
+    def op_scatter(self):
+        """One-block writes at every other block: a file of many extents (an extent
+        tree with index nodes), which truncate and unlink free over several steps."""
+        files = self.model.files()
+        if not files:
+            return self.op_create()
+        path = self.rng.choice(files)
+        iid = self.model.paths[path][1]
+        ino = resolve(self.fs, path)
+        fh = self.fs.open(ino, os.O_RDWR)
+        base = self.rng.randrange(4) * 4096
+        count = self.rng.choice([40, 90, 200])
+        self.log.append(f"scatter {path} @{base} x{count}")
+        try:
+            for i in range(count):
+                off = base + 2 * i * 4096
+                data = self.rng.randbytes(4096)
+                old = self.model.data[iid]
+                self.fs.write(fh, off, data)
+                buf = bytearray(old)
+                if off > len(buf):
+                    buf += bytes(off - len(buf))
+                buf[off:off + 4096] = data
+                self.model.data[iid] = bytes(buf)
+                self._mark(inplace={iid} if off < len(old) else set())
+        finally:
+            self.fs.release(fh)
+
     OPS = [("create", 5), ("write", 6), ("truncate", 2), ("mkdir", 2), ("symlink", 1),
            ("link", 1), ("unlink", 2), ("rmdir", 1), ("rename", 3), ("fsync", 3),
            ("hold", 1)]
@@ -293,6 +321,10 @@ class Runner:
     SYNC_HEAVY = [("create", 4), ("write", 2), ("truncate", 1), ("mkdir", 2), ("symlink", 2),
                   ("link", 1), ("unlink", 3), ("rmdir", 1), ("rename", 3), ("fsync", 5),
                   ("hold", 1)]
+
+    # files of hundreds of extents, truncated and unlinked
+    FRAGMENTED = [("create", 3), ("scatter", 2), ("truncate", 3), ("unlink", 2),
+                  ("fsync", 3), ("write", 2), ("hold", 1), ("rename", 1)]
 
     def _mark(self, inplace: set[int] = frozenset(), versions=None) -> None:
         self.history.append(self.model.snapshot())
