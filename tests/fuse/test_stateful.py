@@ -240,16 +240,24 @@ class FsMachine(RuleBasedStateMachine):
             assert ma[k] == mb[k], f"{k}: mount {ma[k]!r:.300} != local {mb[k]!r:.300}"
 
 
-def test_random_operations_match_a_local_directory(shared_mount, wd):
+def _run_machine(wd, examples: int, steps: int) -> None:
     ref = tempfile.mkdtemp(prefix="cfs-ref-", dir="/var/tmp")
     try:
         FsMachine.mnt = wd
         FsMachine.ref = ref
         FsMachine.xattrs = _xattrs_supported(ref)
         run_state_machine_as_test(FsMachine, settings=settings(
-            max_examples=int(os.environ.get("CFS_STATEFUL_EXAMPLES", "100")),
-            stateful_step_count=40, deadline=None, derandomize=False,
+            max_examples=examples, stateful_step_count=steps, deadline=None,
             suppress_health_check=list(HealthCheck)))
     finally:
         shutil.rmtree(ref, ignore_errors=True)
         FsMachine.mnt = FsMachine.ref = ""
+
+
+def test_random_operations_match_a_local_directory(shared_mount, wd):
+    _run_machine(wd, int(os.environ.get("CFS_STATEFUL_EXAMPLES", "100")), 40)
+
+
+@pytest.mark.slow
+def test_random_operations_match_a_local_directory_long(shared_mount, wd):
+    _run_machine(wd, 1500, 80)
