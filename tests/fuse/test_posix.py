@@ -743,3 +743,58 @@ def test_unlinked_open_file_lives_until_last_close(wd):
         os.rename(p + ".new", p)
         assert f.read() == b"old"
     assert _read(p) == b"new"
+
+
+# -- odds and ends ---------------------------------------------------------------------------
+
+def test_mmap_shared_write_and_read(wd):
+    import mmap
+    p = os.path.join(wd, "mapped")
+    _write(p, bytes(3 * BS + 100))
+    with open(p, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0)
+        mm[10:20] = b"0123456789"
+        mm[3 * BS:3 * BS + 5] = b"tail!"
+        mm.flush()
+        mm.close()
+    data = _read(p)
+    assert data[10:20] == b"0123456789" and data[3 * BS:3 * BS + 5] == b"tail!"
+    assert len(data) == 3 * BS + 100
+    with open(p, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        assert mm[10:20] == b"0123456789"
+        mm.close()
+
+
+def test_open_directory_after_rmdir(wd):
+    d = os.path.join(wd, "d")
+    os.mkdir(d)
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(d)
+        assert os.listdir(fd) == []
+        assert os.fstat(fd).st_nlink in (0, 1, 2)
+    finally:
+        os.close(fd)
+    assert not os.path.exists(d)
+    # the name is free again at once
+    os.mkdir(d)
+    assert os.listdir(d) == []
+
+
+def test_setuid_bit_cleared_by_other_writer_and_chown(wd):
+    p = os.path.join(wd, "suid")
+    _write(p, b"program")
+    os.chmod(p, 0o6777)
+
+    def append(path):
+        with open(path, "ab") as f:
+            f.write(b"!")
+
+    assert as_user(1000, 1000, append, p) is None
+    mode = os.stat(p).st_mode
+    assert not mode & stat.S_ISUID, oct(mode)
+    assert _read(p) == b"program!"
+    os.chmod(p, 0o4755)
+    os.chown(p, 1000, 1000)
+    assert not os.stat(p).st_mode & stat.S_ISUID
