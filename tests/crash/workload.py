@@ -13,6 +13,7 @@ sectors must come from one of the file's versions since then.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import stat as S
@@ -30,6 +31,7 @@ class Model:
     def __init__(self):
         self.paths: dict[str, tuple] = {"": ("d", None)}
         self.data: dict[int, bytes] = {}
+        self.xattrs: dict[int, dict[bytes, bytes]] = {}
         self.next_iid = 1
 
     def snapshot(self) -> dict[str, tuple]:
@@ -40,11 +42,12 @@ class Model:
         out = {}
         for p, (kind, v) in self.paths.items():
             if kind == "f":
-                out[p] = ("f", self.data[v], nlink[v], v)
+                out[p] = ("f", self.data[v], nlink[v], v,
+                          tuple(sorted(self.xattrs.get(v, {}).items())))
             elif kind == "l":
-                out[p] = ("l", v, 1, None)
+                out[p] = ("l", v, 1, None, ())
             else:
-                out[p] = ("d", None, None, None)
+                out[p] = ("d", None, None, None, ())
         return out
 
     def files(self):
@@ -313,14 +316,42 @@ class Runner:
         finally:
             self.fs.release(fh)
 
+    def op_xattr(self):
+        files = self.model.files()
+        if not files:
+            return self.op_create()
+        path = self.rng.choice(files)
+        iid = self.model.paths[path][1]
+        name = self.rng.choice([b"user.a", b"user.b", b"user.c", b"user.d"])
+        attrs = self.model.xattrs.setdefault(iid, {})
+        ino = resolve(self.fs, path)
+        if self.rng.random() < 0.3:
+            self.log.append(f"removexattr {path} {name.decode()}")
+            try:
+                self.fs.removexattr(ino, name)
+            except FSError as e:
+                assert e.errno == errno.ENODATA and name not in attrs, e
+                return
+            del attrs[name]
+        else:
+            value = self.rng.randbytes(self.rng.choice([0, 10, 300, 1500, 3000]))
+            self.log.append(f"setxattr {path} {name.decode()} {len(value)}")
+            try:
+                self.fs.setxattr(ino, name, value)
+            except FSError as e:
+                assert e.errno == errno.ENOSPC, e      # past inline + one block
+                return
+            attrs[name] = value
+        self._mark()
+
     OPS = [("create", 5), ("write", 6), ("truncate", 2), ("mkdir", 2), ("symlink", 1),
            ("link", 1), ("unlink", 2), ("rmdir", 1), ("rename", 3), ("fsync", 3),
-           ("hold", 1)]
+           ("hold", 1), ("xattr", 2)]
 
     # metadata-heavy with frequent fsyncs: the journal wraps and checkpoints
     SYNC_HEAVY = [("create", 4), ("write", 2), ("truncate", 1), ("mkdir", 2), ("symlink", 2),
                   ("link", 1), ("unlink", 3), ("rmdir", 1), ("rename", 3), ("fsync", 5),
-                  ("hold", 1)]
+                  ("hold", 1), ("xattr", 2)]
 
     # files of hundreds of extents, truncated and unlinked
     FRAGMENTED = [("create", 3), ("scatter", 2), ("truncate", 3), ("unlink", 2),
@@ -343,7 +374,7 @@ class Runner:
 
 def read_tree(fs) -> dict[str, tuple]:
     """The mounted tree as {path: (kind, data or target, nlink, None)}."""
-    out = {"": ("d", None, None, None)}
+    out = {"": ("d", None, None, None, ())}
     stack = [("", fs.root_ino)]
     while stack:
         path, ino = stack.pop()
@@ -355,10 +386,10 @@ def read_tree(fs) -> dict[str, tuple]:
         for name, di in entries:
             p = f"{path}/{name.decode()}" if path else name.decode()
             if S.S_ISDIR(di.mode):
-                out[p] = ("d", None, None, None)
+                out[p] = ("d", None, None, None, ())
                 stack.append((p, di.bno))
             elif S.S_ISLNK(di.mode):
-                out[p] = ("l", fs.readlink(di.bno), 1, None)
+                out[p] = ("l", fs.readlink(di.bno), 1, None, ())
             else:
                 fh2 = fs.open(di.bno, os.O_RDONLY)
                 try:
@@ -366,7 +397,9 @@ def read_tree(fs) -> dict[str, tuple]:
                 finally:
                     fs.release(fh2)
                 assert len(data) == di.size, f"{p}: read {len(data)} of {di.size} bytes"
-                out[p] = ("f", data, di.nlink, None)
+                xattrs = tuple(sorted((k, fs.getxattr(di.bno, k))
+                                      for k in fs.listxattr(di.bno)))
+                out[p] = ("f", data, di.nlink, None, xattrs)
     return out
 
 
@@ -400,14 +433,17 @@ def check_recovered(runner: Runner, tree: dict[str, tuple], done: int,
                            f" extra {sorted(set(tree) - set(snap))[:5]}")
             continue
         bad = None
-        for p, (kind, data, nlink, iid) in snap.items():
-            gk, gdata, gnlink, _ = tree[p]
+        for p, (kind, data, nlink, iid, xattrs) in snap.items():
+            gk, gdata, gnlink, _, gxattrs = tree[p]
             if gk != kind:
                 bad = f"{p}: kind {gk} != {kind}"
             elif kind == "l" and gdata != data:
                 bad = f"{p}: symlink target differs"
             elif kind == "f":
-                if gnlink != nlink:
+                if gxattrs != xattrs:
+                    bad = f"{p}: xattrs {[(k, len(v)) for k, v in gxattrs]} != " \
+                          f"{[(k, len(v)) for k, v in xattrs]}"
+                elif gnlink != nlink:
                     bad = f"{p}: nlink {gnlink} != {nlink}"
                 elif len(gdata) != len(data):
                     bad = f"{p}: size {len(gdata)} != {len(data)}"
