@@ -7,11 +7,11 @@ import errno
 import os
 import stat
 import subprocess
-import time
 
 import pytest
 
 from clusterfs.blockdev import BlockDevice
+from clusterfs.errors import FSError
 from clusterfs.format import HB_FREE
 from clusterfs.volume import read_superblock
 from tests.fuse.conftest import check_image
@@ -203,7 +203,6 @@ def test_stale_directory_handle_after_reuse_through_fuse(volume, tmp_path):
 # -- API level ---------------------------------------------------------------------------
 
 def test_generation_numbers_refuse_stale_handles():
-    from clusterfs.errors import FSError
     from tests.crash.workload import CTX
     from tests.helpers import DeviceMount, power_loss_volume
     dev = power_loss_volume()
@@ -283,7 +282,7 @@ def test_directory_with_many_entries(tmp_path, n):
                 assert len(loads) <= t.depth()
         finally:
             fs.vol.tree_node = real_load
-        with pytest.raises(FSError_()) as exc:
+        with pytest.raises(FSError) as exc:
             fs.lookup(d.bno, b"entry-x")
         assert exc.value.errno == errno.ENOENT
         fh = fs.opendir(d.bno)
@@ -297,8 +296,3 @@ def test_directory_with_many_entries(tmp_path, n):
     finally:
         m.stop()
     check_image(vol)
-
-
-def FSError_():
-    from clusterfs.errors import FSError
-    return FSError
