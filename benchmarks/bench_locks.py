@@ -91,9 +91,8 @@ def ensure_redis_server() -> str:
 
 
 def ensure_redis_py() -> None:
-    try:
-        import redis  # noqa: F401
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("redis") is None:
         print("redis-py missing: pip install redis", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "redis>=4"],
                        check=True)
@@ -170,7 +169,6 @@ async def lock_worker(spec: dict) -> dict:
             count = 0
 
             async def give_up(n, mode):
-                nonlocal released
                 await c.unlock(n)
                 released.set()
 

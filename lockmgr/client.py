@@ -19,7 +19,7 @@ import trio
 from . import wire
 from .errors import (AuthError, LockCancelled, ConnectError, LeaseLost, LockError,
                      LockTimeout, NodeBusy, ProtocolError, from_code)
-from .modes import COMPAT, LVB_WRITERS, Mode, covers, supremum
+from .modes import COMPAT, LVB_WRITERS, Mode, covers, supremum, wire_mode
 from .table import LVB_SIZE
 from .wire import frame
 
@@ -342,12 +342,20 @@ class LockClient:
                 "pending": len(self._pending), "unacked": len(self._unacked),
                 "dead_nodes": len(self._dead_nodes)}
 
-    async def close(self) -> None:
-        """Leave cleanly: the server releases this node's locks (no recovery needed)."""
+    async def close(self, *, release: bool = True) -> None:
+        """Leave the cluster and stop the client's tasks.
+
+        Args:
+            release: leave cleanly: the server releases this node's locks at once, no
+                recovery needed (after the file system has checkpointed).  With False
+                the node leaves as if it had crashed: the server declares it dead when
+                its lease ends, and its locks wait for recovery (use this when fenced,
+                or when the journal may hold what others have not seen).
+        """
         if self._closed:
             return
         self._closed = True
-        if self._connected:
+        if self._connected and release:
             self._chan.send(frame([wire.BYE]))
             with trio.move_on_after(1):
                 while self._chan.pending() and self._connected:
@@ -638,7 +646,8 @@ class LockClient:
                                 OSError, ValueError, TypeError, IndexError) as e:
                             log.warning("reconnecting to %s: %s", self.addr, e)
                             await trio.sleep(delay)
-                            delay = min(delay * 2, 1.0)
+                            # well inside the grace period of a restarted server
+                            delay = min(delay * 2, self.lease / 10)
                 nursery.cancel_scope.cancel()
 
     async def _reconnect(self):
@@ -727,7 +736,7 @@ class LockClient:
                 self._on_fail(msg)
             elif op == wire.BAST:
                 self._received += 1
-                self._on_bast(msg[1], Mode(msg[2]))
+                self._on_bast(msg[1], wire_mode(msg[2]))
             elif op == wire.HB_ACK:
                 self._on_hb_ack(msg)
             elif op == wire.REPLY:
@@ -758,7 +767,7 @@ class LockClient:
         if op is None:
             return   # answer to an unlock or down-conversion we did not wait for
         rec = op.rec
-        mode = Mode(mode)
+        mode = wire_mode(mode)
         rec.mode = mode
         rec.lvb = lvb
         rec.ver = ver

@@ -43,6 +43,21 @@ COMPAT_MASK: tuple[int, ...] = tuple(
 LVB_WRITERS = frozenset((PW, EX))
 
 
+#: the modes by number (``MODES[3] is PR``), faster than ``Mode(3)``
+MODES: tuple[Mode, ...] = tuple(Mode)
+
+
+def wire_mode(value) -> Mode:
+    """The Mode for a number received from the wire.
+
+    Raises:
+        ValueError: not an integer from 0 to 5.
+    """
+    if type(value) is not int or not 0 <= value <= 5:
+        raise ValueError(f"bad lock mode {value!r}")
+    return MODES[value]
+
+
 def compatible(a: int, b: int) -> bool:
     """Whether locks in modes ``a`` and ``b`` held by two owners may coexist."""
     return COMPAT[a][b]

@@ -16,7 +16,7 @@ import trio
 
 from . import wire
 from .errors import ProtocolError
-from .modes import Mode
+from .modes import wire_mode
 from .table import LVB_SIZE, Bast, Fail, Grant, LockTable, TableError
 from .wire import frame
 
@@ -346,12 +346,12 @@ class LockServer:
         try:
             if op == wire.LOCK:
                 _, _, _, mode, flags, timeout = msg
-                table.request(s.id, name, Mode(mode), rid, try_lock=flags & wire.F_TRY,
+                table.request(s.id, name, wire_mode(mode), rid, try_lock=flags & wire.F_TRY,
                               now=now)
             elif op == wire.CONVERT:
                 _, _, _, mode, flags, timeout, lvb = msg
                 self._check_lvb(lvb)
-                table.convert(s.id, name, Mode(mode), rid, lvb=lvb,
+                table.convert(s.id, name, wire_mode(mode), rid, lvb=lvb,
                               try_lock=flags & wire.F_TRY, now=now)
             else:
                 _, _, _, lvb = msg
@@ -467,7 +467,7 @@ class LockServer:
                 if type(name) is not bytes or type(ver) is not int:
                     raise ProtocolError("bad reclaim entry")
                 self._check_lvb(lvb)
-                if not self.table.reclaim(sid, name, Mode(mode), lvb, ver):
+                if not self.table.reclaim(sid, name, wire_mode(mode), lvb, ver):
                     refused.append(name)
             if refused:
                 log.error("node %s: %d reclaimed locks conflict and were refused",
@@ -483,14 +483,16 @@ class LockServer:
         for d in self.sessions.values():
             if d.state == DEAD:
                 s.emit(frame([wire.NODE_DOWN, d.node, d.slot]))
-        if state == "reclaimed":
+        if resume is not None and resume[0] != self.boot_id:
+            # dead nodes announced by the previous server, maybe not yet recovered: their
+            # locks are unknown here, so nothing new is granted until they are
             for item in recovering or ():
                 self._placeholder(str(item[0]), int(item[1]), now)
         return s
 
     def _placeholder(self, node: str, slot: int, now: float) -> None:
         for d in self.sessions.values():
-            if d.slot == slot and (d.state == DEAD or d.node == node):
+            if d.slot == slot and d.state == DEAD:
                 return
         sid = self._next_sid
         self._next_sid += 1

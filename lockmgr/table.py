@@ -34,7 +34,7 @@ Rules (see docs/LOCKS.md):
 from collections import OrderedDict
 from typing import Hashable, NamedTuple
 
-from .modes import COMPAT, COMPAT_MASK, LVB_WRITERS, Mode, covers
+from .modes import COMPAT, COMPAT_MASK, LVB_WRITERS, MODES, Mode, covers
 
 LVB_SIZE = 32
 
@@ -155,7 +155,7 @@ class LockTable:
         Raises:
             TableError: the owner already has a lock (or request) on ``name``.
         """
-        mode = Mode(mode)
+        mode = MODES[mode]
         locks = self._owners.get(owner)
         if locks is None:
             locks = self._owners[owner] = {}
@@ -189,7 +189,7 @@ class LockTable:
         Raises:
             TableError: the lock is not granted, or a conversion is already pending.
         """
-        mode = Mode(mode)
+        mode = MODES[mode]
         lk = self._owners.get(owner, {}).get(name)
         if lk is None or lk.granted is None:
             raise TableError("convert of a lock that is not granted")
@@ -298,7 +298,7 @@ class LockTable:
         not have one on ``name`` yet).  The value block with the highest version among
         the reclaims wins.  Returns whether it was accepted.
         """
-        mode = Mode(mode)
+        mode = MODES[mode]
         locks = self._owners.setdefault(owner, {})
         res = self._get(name)
         if name in locks or not self._compatible(res, mode, None):

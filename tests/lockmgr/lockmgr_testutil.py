@@ -146,11 +146,13 @@ class Worker:
         import queue
         import threading
         self.node = node
+        import tempfile
+        self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(os.path.dirname(__file__), "lock_worker.py"),
              addr, keyfile, node, str(slot), str(lease)],
             cwd=REPO, env=python_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE)
+            stderr=self.log)
         self.lines: "queue.Queue" = queue.Queue()
         self.results: dict = {}
         self.events: list = []
@@ -172,13 +174,17 @@ class Worker:
         except queue.Empty:
             return False
         if msg is None:
-            raise RuntimeError(f"worker {self.node} exited: "
-                               f"{self.proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"worker {self.node} exited: {self.stderr()[-2000:]}")
         if "event" in msg:
             self.events.append(msg)
         else:
             self.results[msg["id"]] = msg
         return True
+
+    def stderr(self) -> str:
+        """What the worker logged so far."""
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
     def send(self, op: str, **kw) -> int:
         import json

@@ -101,6 +101,8 @@ def test_lockd_status_unreachable(tmp_path):
     line = one_line_error(run("lockd-status", f"127.0.0.1:{free_port()}", "--key", key), 1)
     assert "cannot reach" in line
     assert "bad address" in one_line_error(run("lockd-status", "nowhere", "--key", key), 2)
+    assert "not found" in one_line_error(
+        run("lockd-status", "127.0.0.1:1", "--key", str(tmp_path / "nokey")), 2)
 
 
 def test_lockd_port_in_use(tmp_path):

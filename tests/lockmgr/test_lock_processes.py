@@ -22,13 +22,13 @@ def keyfile(tmp_path):
 
 @pytest.fixture
 def lockd(keyfile, tmp_path):
-    """A running lockd (lease 1 s, no grace) and a factory of workers."""
+    """A running lockd (lease 2 s, no grace) and a factory of workers."""
     port = free_port()
-    proc = start_lockd(keyfile, port, "--deadlock-wait", "0.5", lease=1.0, grace=0)
+    proc = start_lockd(keyfile, port, "--deadlock-wait", "0.5", lease=2.0, grace=0)
     workers = []
 
     def worker(node, slot, **kw):
-        w = Worker(f"127.0.0.1:{port}", keyfile, node, slot, lease=kw.get("lease", 1.0))
+        w = Worker(f"127.0.0.1:{port}", keyfile, node, slot, lease=kw.get("lease", 2.0))
         workers.append(w)
         return w
 
@@ -109,11 +109,11 @@ def test_killed_client_locks_wait_for_recovery(lockd):
 
 def test_server_restart_mid_workload(keyfile, tmp_path):
     port = free_port()
-    proc = start_lockd(keyfile, port, lease=5.0, grace=1.5)
+    proc = start_lockd(keyfile, port, lease=10.0, grace=3.0)
     counters = [tmp_path / f"c{i}" for i in range(2)]
     for c in counters:
         c.write_text("0")
-    ws = [Worker(f"127.0.0.1:{port}", keyfile, f"n{i}", i) for i in range(3)]
+    ws = [Worker(f"127.0.0.1:{port}", keyfile, f"n{i}", i, lease=10.0) for i in range(3)]
     try:
         holder = ws[0]
         holder.call("lock", name="held", mode="PR")
@@ -122,7 +122,7 @@ def test_server_restart_mid_workload(keyfile, tmp_path):
         time.sleep(0.4)
         stop(proc, signal.SIGKILL)       # the server dies mid-workload
         time.sleep(0.3)
-        proc = start_lockd(keyfile, port, lease=5.0, grace=1.5)
+        proc = start_lockd(keyfile, port, lease=10.0, grace=3.0)
         for w, cid in ids:
             assert w.result(cid, timeout=90)["ok"] == 60
         # nothing was granted twice: no update lost

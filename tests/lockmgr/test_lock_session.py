@@ -115,11 +115,10 @@ async def test_try_lock_timeout_and_cancellation():
         assert 1.5 <= trio.current_time() - t0 < 1.7
         assert b.held(b"r").mode == CR                # a failed conversion keeps CR
         with pytest.raises(LockTimeout):
-            await b.lock(b"s", EX, timeout=0) if False else \
-                await _timeout_on_new_lock(a, b)
+            await _timeout_on_new_lock(a, b)
         # a caller cancelled while waiting: the request goes away at the server
         with trio.move_on_after(1):
-            await b.lock(b"q", EX) if False else await _wait_blocked(a, b)
+            await _wait_blocked(a, b)
         await trio.testing.wait_all_tasks_blocked()
         assert server.table.lock_of(b.session_id, b"q") is None
         await a.unlock(b"q")
@@ -205,7 +204,7 @@ async def test_lease_expiry_recovery_and_value_block_invalidation():
         await trio.sleep(60)
         assert not got.is_set()
         with pytest.raises(NotRecovered):
-            await cc.lock(b"r", CR if False else EX, try_lock=True)
+            await cc.lock(b"r", EX, try_lock=True)
         st = await cc.status()
         assert [(r["node"], r["slot"], r["locks"]) for r in st["recovering"]] == \
             [("a", 3, 1)]
@@ -252,7 +251,7 @@ async def test_dead_node_reconnecting_gets_a_new_session():
         c = MemCluster(n, grace=0, lease=5.0)
         server = await c.start_server()
         a = await c.client("a", 0)
-        b = await c.client("b", 1)
+        await c.client("b", 1)
         await a.lock(b"r", EX)
         old = a.session_id
         c.refuse = True
@@ -377,7 +376,7 @@ async def test_restart_while_a_dead_node_is_unrecovered():
         server = await c.start_server()
         await trio.sleep(3)
         # the new server cannot know the dead node's locks: it grants nothing
-        with pytest.raises(NotRecovered if False else TryAgain):
+        with pytest.raises(TryAgain):
             await b.lock(b"r", EX, try_lock=True)
         st = await b.status()
         assert st["frozen"] and st["recovering"][0]["unknown_locks"]
@@ -491,4 +490,23 @@ async def test_close_releases_locks_without_recovery():
         assert b.held(b"r").mode == EX and not b.dead_nodes()
         with pytest.raises(LockError):
             await a.lock(b"r", EX)
+        n.cancel_scope.cancel()
+
+
+@autojump
+async def test_close_without_release_leaves_locks_for_recovery():
+    async with trio.open_nursery() as n:
+        c = MemCluster(n, grace=0, lease=5.0)
+        await c.start_server()
+        a = await c.client("a", 0)
+        b = await c.client("b", 1)
+        await a.lock(b"r", EX)
+        await a.close(release=False)
+        await trio.sleep(6)
+        assert b.dead_nodes() == {0: "a"}
+        with pytest.raises(NotRecovered):
+            await b.lock(b"r", EX, try_lock=True)
+        await b.report_recovered(0)
+        assert (await b.lock(b"r", EX, try_lock=True)).mode == EX
+        assert b.statistics()["held"] == 1
         n.cancel_scope.cancel()

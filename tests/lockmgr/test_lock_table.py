@@ -6,8 +6,7 @@ import itertools
 import pytest
 from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
-                                 precondition, rule)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from lockmgr.modes import (COMPAT, CR, CW, EX, NL, PR, PW, Mode, compatible, covers,
                            downgrade_for, supremum)

@@ -5,7 +5,6 @@ import logging
 import random
 import struct
 
-import msgpack
 import pytest
 import trio
 import trio.testing
