@@ -151,7 +151,8 @@ class FsMachine(RuleBasedStateMachine):
     def link(self, src, dst):
         self.both(os.link, src, dst)
 
-    @rule(p=paths, tgt=st.sampled_from(["a", "../b", "x" * 300, "y" * 4000]))
+    # targets stay inside the tree (both trees must resolve them alike)
+    @rule(p=paths, tgt=st.sampled_from(["a", "b/c", "x" * 300, "y" * 4000]))
     def symlink(self, p, tgt):
         def symlink(path, tgt):
             os.symlink(tgt, path)
