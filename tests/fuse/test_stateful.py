@@ -256,7 +256,7 @@ def _run_machine(wd, examples: int, steps: int) -> None:
 
 
 def test_random_operations_match_a_local_directory(shared_mount, wd):
-    _run_machine(wd, int(os.environ.get("CFS_STATEFUL_EXAMPLES", "100")), 40)
+    _run_machine(wd, int(os.environ.get("CFS_STATEFUL_EXAMPLES", "60")), 40)
 
 
 @pytest.mark.slow
