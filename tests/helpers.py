@@ -404,3 +404,21 @@ def check_consistency(dev, *, allow_unlinked: bool = False,
                             f"{hdr.dinodes}/{hdr.unlinked}, bitmap {counts[FREE]}/"
                             f"{counts[DINODE]}/{counts[UNLINKED]}")
     return problems
+
+
+def fsck_device(dev) -> tuple[int, str]:
+    """Run the fsck checker in-process, check-only and forced, on a device object
+    (e.g. a ``PowerLossDevice``); returns (exit status, what it printed)."""
+    import io
+
+    from fsck.checker import Fsck
+    from fsck.report import Report
+    out = io.StringIO()
+    rep = Report("n", out=out, err=out, quiet=False)
+    fk = Fsck("<device>", mode="n", force=True, report=rep, device=dev, live_watch=0,
+              hold_slot=False)
+    code = fk.check()
+    text = out.getvalue()
+    if fk.internal_error:
+        text += "\n" + fk.internal_error
+    return code, text

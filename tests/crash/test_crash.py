@@ -10,7 +10,8 @@ at random) is mounted (journal replay, orphans freed) and checked:
   once, bitmaps and counters agree, link counts, tree shapes);
 * the tree equals the workload's model at an operation boundary no older than the
   last fsync that returned (so every fsynced file has exactly its data);
-* the recovered volume keeps working: more operations, a clean unmount, consistent.
+* the recovered volume keeps working: more operations, a clean unmount, consistent
+  (the walk above, and the ``fsck`` checker run in-process).
 
 Some crash points also cut the power again during the recovery itself (replay must
 be idempotent).
@@ -25,7 +26,7 @@ import pytest
 
 from clusterfs.blockdev import PowerCut
 from tests.crash.workload import CTX, Runner, check_recovered, read_tree
-from tests.helpers import DeviceMount, check_consistency, power_loss_volume
+from tests.helpers import DeviceMount, check_consistency, fsck_device, power_loss_volume
 
 NOPS = 60
 
@@ -104,6 +105,8 @@ def recover_and_check(crashed, ref: Runner, done: int, synced: int, *, rng: rand
     m.stop()
     problems = check_consistency(crashed, tail_zero=False)
     assert problems == [], "\n".join(problems[:20]) + "\nops:\n  " + "\n  ".join(ref.log)
+    code, text = fsck_device(crashed)           # the fsck checker agrees
+    assert code == 0, f"fsck -fn exit {code}:\n{text}"
     m = DeviceMount(crashed)
     fs = m.start()
     fh = fs.open(fs.lookup(fs.root_ino, b"after-crash").bno, os.O_RDONLY)
