@@ -25,7 +25,7 @@ import random
 import pytest
 
 from clusterfs.blockdev import PowerCut
-from tests.crash.workload import CTX, Runner, check_recovered, read_tree
+from tests.crash.crash_workload import CTX, Runner, check_recovered, read_tree
 from tests.helpers import DeviceMount, check_consistency, fsck_device, power_loss_volume
 
 NOPS = 60

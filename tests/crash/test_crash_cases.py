@@ -8,7 +8,7 @@ import pytest
 
 from clusterfs.blockdev import PowerCut
 from clusterfs.format import BLOCK_SIZE
-from tests.crash.workload import CTX
+from tests.crash.crash_workload import CTX
 from tests.helpers import DeviceMount, check_consistency, power_loss_volume
 
 

@@ -274,7 +274,7 @@ def test_stale_directory_handle_after_reuse_through_fuse(volume, tmp_path):
 # -- API level ---------------------------------------------------------------------------
 
 def test_generation_numbers_refuse_stale_handles():
-    from tests.crash.workload import CTX
+    from tests.crash.crash_workload import CTX
     from tests.helpers import DeviceMount, power_loss_volume
     dev = power_loss_volume()
     mount = DeviceMount(dev)
@@ -327,7 +327,7 @@ def test_directory_with_many_entries(tmp_path, n):
     from clusterfs import directory
     from clusterfs.mkfs import make_volume
     from clusterfs.session import SingleNodeMount
-    from tests.crash.workload import CTX
+    from tests.crash.crash_workload import CTX
     vol = str(tmp_path / "big.img")
     make_volume(vol, 1 << 30, slots=1)
     m = SingleNodeMount(vol)
