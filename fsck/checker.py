@@ -46,7 +46,7 @@ from clusterfs.format import (BLOCKS_PER_BITMAP, DF_DIRTREE, DF_EXTENTS, DF_INLI
                               RgrpHeader, Superblock, TreeNode, XattrBlock, dtype_of,
                               name_hash)
 
-from . import salvage
+from . import fastcrc, salvage
 from .device import OverlayDevice, read_blocks
 from .report import (EXIT_OPERATIONAL, Cancelled, Report, Unexpected)
 
@@ -172,6 +172,7 @@ class Fsck:
     def check(self) -> int:
         """Run every layer in order; returns the exit status (see ``report``)."""
         rep = self.report
+        self.stats["crc32c"] = fastcrc.accelerate()
         try:
             self._open()
             for layer, passes in self.LAYERS:
@@ -369,6 +370,8 @@ class Fsck:
             prim_err = "unreadable"
         else:
             prim, prim_err = self._decode_sb(buf0, 0)
+        if prim is not None:
+            self._check_fits(prim)
         # where is the backup?
         cands = []
         if prim is not None:
@@ -414,6 +417,7 @@ class Fsck:
                              f"backup: {backup_err}): not a clusterfs volume, or damaged "
                              f"beyond repair", EXIT_OPERATIONAL)
         if prim is None:
+            self._check_fits(backup)
             self.sb = backup
             if rep.problem("primary-superblock", f"primary superblock is damaged "
                            f"({prim_err})", "rewrite it from the backup", safe=False,
@@ -452,15 +456,22 @@ class Fsck:
         except QuietError as e:         # FormatMismatch: no magic
             return None, str(e)
 
-    def check_geometry(self) -> None:
-        sb = self.sb
+    def _check_fits(self, sb: Superblock) -> None:
         if sb.total_blocks > self.real.nblocks:
             raise QuietError(f"the superblock describes {sb.total_blocks} blocks but the "
                              f"device has only {self.real.nblocks}: wrong device, or a "
                              f"truncated image", EXIT_OPERATIONAL)
+
+    def check_geometry(self) -> None:
+        sb = self.sb
+        self._check_fits(sb)
         self.claims = bytearray(sb.total_blocks)
         self.gstart = [sb.rgrp_range(i)[0] for i in range(sb.rgrp_count)]
         self.glen = [sb.rgrp_range(i)[1] for i in range(sb.rgrp_count)]
+        self._rstart, self._rend = sb.rgrp_start, sb.total_blocks - 1
+        self._rblocks, self._rcount = sb.rgrp_blocks, sb.rgrp_count
+        self._dstart = [g + 1 + sb.bitmap_blocks for g in self.gstart]
+        self._gend = [g + n for g, n in zip(self.gstart, self.glen)]
 
     # =================================================================================
     # Layer 2: Cluster
@@ -652,10 +663,13 @@ class Fsck:
 
     def _in_data(self, bno: int, n: int = 1) -> bool:
         """Whether blocks [bno, bno+n) lie in the data area of one resource group."""
-        rg = self.sb.rgrp_of(bno)
-        if rg < 0 or n < 1:
+        off = bno - self._rstart
+        if off < 0 or n < 1 or bno >= self._rend:
             return False
-        return bno >= self._data_start(rg) and bno + n <= self.gstart[rg] + self.glen[rg]
+        rg = off // self._rblocks
+        if rg >= self._rcount:
+            rg = self._rcount - 1
+        return bno >= self._dstart[rg] and bno + n <= self._gend[rg]
 
     def check_rgrp_headers(self) -> None:
         """Read every group's header and bitmap blocks (one read per group)."""
@@ -772,9 +786,11 @@ class Fsck:
         self.stats["dinodes"] = len(todo)
         rep.progress.start("Reading dinodes", len(todo))
         claims = self.claims
-        for bno, buf in read_blocks(self.dev, todo):
+        step = rep.progress.step
+        for i, (bno, buf) in enumerate(read_blocks(self.dev, todo)):
             self._load_inode(bno, buf)
-            rep.progress.step()
+            if not i & 255:
+                step(256)
         # where a bitmap block is lost, every block is looked at for dinodes (freed
         # dinodes have link count 0 and are not taken)
         unknown = []
@@ -827,19 +843,24 @@ class Fsck:
                 self.claims[bno] = C_DEFER
             return None
         try:
-            di, notes = salvage.decode_dinode(buf, bno)
-        except CorruptBlock as e:
-            if discovered:
+            di, notes = Dinode.decode(buf, bno), []
+        except CorruptBlock:
+            try:
+                di, notes = salvage.decode_dinode(buf, bno)
+            except CorruptBlock as e:
+                if discovered:
+                    return None
+                self.bad_inodes[bno] = e.reason
+                if not self.claims[bno]:
+                    self.claims[bno] = C_DEFER
                 return None
-            self.bad_inodes[bno] = e.reason
-            if not self.claims[bno]:
-                self.claims[bno] = C_DEFER
-            return None
         if discovered and (notes or di.nlink == 0):
             return None
         rec = Rec(di, notes)
         rec.discovered = discovered
         self.inodes[bno] = rec
+        if self.claims[bno] == C_DATA:
+            self.dups.add(bno)
         self.claims[bno] = C_DINODE if di.nlink else C_UNLINKED
         return rec
 
@@ -912,6 +933,11 @@ class Fsck:
                                        f"its children (level {child.level})"))
                 rec.tree_bad = True
                 root.level = child.level + 1
+        if root.level == 0:
+            rec.items = list(zip(root.keys, root.vals))    # decode checked the order
+            if rec.notes and any("tree root" in n for n in rec.notes):
+                rec.tree_bad = True
+            return
         self._walk_node(rec, root, kind, None, None, items, seen, what)
         # records must be in key order across nodes, each key once
         for a, b in zip(items, items[1:]):
@@ -1051,9 +1077,21 @@ class Fsck:
         extent of every file has claimed its blocks (``_resolve_extents``).
         """
         di = rec.di
+        items = rec.items
+        if len(items) == 1:
+            lblk, (pblk, n, flags) = items[0]
+            if n and not flags and lblk + n <= -(-di.size // BLOCK_SIZE) and \
+                    self._in_data(pblk, n):
+                claims = self.claims
+                if claims.count(0, pblk, pblk + n) == n:
+                    claims[pblk:pblk + n] = b"\x01" * n
+                else:
+                    self._claim_data(pblk, n)
+                rec.ext = [[lblk, pblk, n]]
+                return
         issues = rec.ext_issues
         ext = []
-        for lblk, (pblk, n, flags) in rec.items:
+        for lblk, (pblk, n, flags) in items:
             if n == 0:
                 issues.append(f"extent at logical block {lblk} has length 0: dropped")
                 rec.ext_changed = True
@@ -1434,7 +1472,9 @@ class Fsck:
                 self._flush_alloc()
         # salvaged or damaged-in-place dinodes and their fields
         files = dirs = 0
+        rep.progress.start("Checking dinodes", len(self.inodes))
         for ino in sorted(self.inodes):
+            rep.progress.step()
             rec = self.inodes[ino]
             di = rec.di
             if rec.notes:
@@ -1460,8 +1500,15 @@ class Fsck:
         self.stats["files"], self.stats["dirs"] = files, dirs
 
     def _check_fields(self, rec: Rec) -> str | None:
-        rep = self.report
         di = rec.di
+        mode = di.mode
+        if di.generation and not di.rdev:
+            if di.flags & DF_DIRTREE:
+                if mode & 0o170000 == S.S_IFDIR and not di.size:
+                    return None
+            elif mode & 0o170000 == S.S_IFREG:
+                return None
+        rep = self.report
         ino = di.bno
         typ = S.S_IFMT(di.mode)
         kind = di.flags & (DF_INLINE | DF_EXTENTS | DF_DIRTREE)
@@ -1860,7 +1907,9 @@ class Fsck:
         rep = self.report
         self.no_root = getattr(self, "no_root", False)
         total = 0
+        rep.progress.start("Checking directories", len(self.inodes))
         for ino in sorted(self.inodes):
+            rep.progress.step()
             rec = self.inodes[ino]
             di = rec.di
             if not di.flags & DF_DIRTREE or not S.S_ISDIR(di.mode):
@@ -1951,6 +2000,7 @@ class Fsck:
             rec.items = [(k, (c, d, n)) for k, c, d, n in entries]
             if changed and self.fixing:
                 self.dirty_dirs.add(ino)
+                di.entries = len(rec.items)     # bookkeeping of the change just made
         self.stats["entries"] = total
 
     def _rekey(self, items) -> list:
@@ -2075,6 +2125,7 @@ class Fsck:
                 keep.append((key, (c, dt, name)))
             if changed:
                 drec.items = keep
+                drec.di.entries = len(keep)
                 self.dirty_dirs.add(d)
 
     def _get_lost_found(self) -> Rec | None:
@@ -2115,6 +2166,10 @@ class Fsck:
         drec.items.append((key, (crec.di.bno, dtype_of(crec.di.mode), name)))
         drec.items.sort(key=lambda kv: kv[0])
         self.dirty_dirs.add(drec.di.bno)
+        drec.di.entries = len(drec.items)
+        if S.S_ISDIR(crec.di.mode):
+            drec.di.nlink += 1          # the new subdirectory's '..'
+        drec.dirty = True
 
     def _reconnect(self, rec: Rec) -> bool:
         lf = self._get_lost_found()

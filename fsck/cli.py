@@ -67,6 +67,15 @@ def register(sub) -> None:
                     "Exit status: 0 clean, 1 corrected, 4 uncorrected, 8 operational "
                     "error, 16 usage error, 32 cancelled.")
     p.usage_exitcode = 16
+
+    def strict(args=None, namespace=None):
+        # unknown arguments are this parser's usage error (exit 16), not the main
+        # parser's (which would exit 2)
+        ns, extras = type(p).parse_known_args(p, args, namespace)
+        if extras:
+            p.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, []
+    p.parse_known_args = strict
     p.add_argument("volume", help="image file or block device")
     how = p.add_mutually_exclusive_group()
     how.add_argument("-n", dest="mode", action="store_const", const="n",

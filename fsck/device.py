@@ -11,6 +11,7 @@ journal that is corrupt in the middle is replayed without the part after the dam
 from __future__ import annotations
 
 import bisect
+import os
 
 from clusterfs.blockhdr import BLOCK_SIZE
 
@@ -95,6 +96,17 @@ def read_blocks(dev, bnos, *, max_gap: int = 0, max_run: int = 256):
     """
     n = len(bnos)
     i = 0
+    fd = getattr(dev, "fd", -1)
+    if isinstance(dev, OverlayDevice) or getattr(dev, "direct", True) or \
+            not isinstance(fd, int) or fd < 0:
+        read = dev.read
+    else:
+        def read(bno, count=1, _pread=os.pread, _fd=fd):
+            # a buffered image file: plain pread (BlockDevice.read checks and counts)
+            data = _pread(_fd, count * BLOCK_SIZE, bno * BLOCK_SIZE)
+            if len(data) != count * BLOCK_SIZE:
+                raise OSError(5, f"short read at block {bno}")
+            return data
     while i < n:
         first = bnos[i]
         j = i + 1
@@ -102,11 +114,11 @@ def read_blocks(dev, bnos, *, max_gap: int = 0, max_run: int = 256):
             j += 1
         last = bnos[j - 1]
         try:
-            data = dev.read(first, last - first + 1)
+            data = read(first, last - first + 1)
         except OSError:
             for k in range(i, j):
                 try:
-                    yield bnos[k], dev.read(bnos[k], 1)
+                    yield bnos[k], read(bnos[k], 1)
                 except OSError:
                     yield bnos[k], None
         else:

@@ -101,8 +101,8 @@ class Progress:
         self._draw(force=True)
 
     def step(self, n: int = 1) -> None:
-        self.done += n
         if self.enabled:
+            self.done += n
             self._draw()
 
     def _draw(self, force: bool = False) -> None:

@@ -19,11 +19,11 @@ import pytest
 
 from clusterfs import directory
 from clusterfs.blockhdr import BLOCK_SIZE, BlockType
-from clusterfs.format import (BLOCKS_PER_BITMAP, DT_REG, FREE, USED, Bitmap, Heartbeat,
-                              TreeNode, DIRENT)
+from clusterfs.format import DIRENT, DT_REG, FREE, USED, Heartbeat, TreeNode
 from clusterfs.session import SingleNodeMount
-from fsckutil import (CTX, Api, dinode, dir_node_blocks, findings, fsck, lookup,
-                      put_dinode, read_block, superblock, verify_tree, write_block)
+from fsckutil import (CTX, Api, bitmap_state, crash_session, dinode, dir_node_blocks, findings, flip,
+                      fsck, lookup, put_dinode, read_block, set_bitmap_state, superblock,
+                      verify_tree, write_block)
 from tests.helpers import Mount
 
 
@@ -55,62 +55,12 @@ def mount_and_verify(img, man, tmp_path, **kw):
 
 # -- damage helpers ------------------------------------------------------------------------
 
-def set_bitmap_state(img: str, bno: int, state: int) -> None:
-    sb = superblock(img)
-    rg = sb.rgrp_of(bno)
-    start, _ = sb.rgrp_range(rg)
-    j, off = divmod(bno - start, BLOCKS_PER_BITMAP)
-    bbno = start + 1 + j
-    bm = Bitmap.decode(read_block(img, bbno), bbno, rg, j * BLOCKS_PER_BITMAP)
-    bm.set(off, state)
-    bm.seq -= 1
-    write_block(img, bbno, bm.image())
-
-
-def bitmap_state(img: str, bno: int) -> int:
-    sb = superblock(img)
-    rg = sb.rgrp_of(bno)
-    start, _ = sb.rgrp_range(rg)
-    j, off = divmod(bno - start, BLOCKS_PER_BITMAP)
-    bbno = start + 1 + j
-    return Bitmap.decode(read_block(img, bbno), bbno, rg, j * BLOCKS_PER_BITMAP).get(off)
-
-
-def flip(img: str, bno: int, offset: int) -> None:
-    buf = read_block(img, bno)
-    buf[offset] ^= 0x5A
-    write_block(img, bno, buf)
-
-
-def crash_session(img: str, work, *, torn: bool = False):
-    """Run ``work(fs)`` in a single-node session that then dies without unmounting:
-    its last transaction(s) stay committed in the journal (not written home), the
-    heartbeat stays non-free.  With ``torn``, the commit block of the last
-    transaction never reaches the disk."""
-    m = SingleNodeMount(img, heartbeat_interval=0.2)
-    fs = m.start()
-    work(fs)
-    dev = fs.vol.dev
-    if torn:
-        real_write = dev.write
-
-        def write(bno, data):
-            if len(data) == BLOCK_SIZE and int.from_bytes(data[4:6], "little") == \
-                    BlockType.JOURNAL_COMMIT:
-                return          # the power failed before the commit block
-            real_write(bno, data)
-        dev.write = write
-        fs.vol.commit()
-    m._release_lock()
-    fs.vol.close()
-
-
 # -- layer 1: volume --------------------------------------------------------------------------
 
 def test_bad_superblock_checksum(vol, tmp_path):
     img, man = vol
     flip(img, 0, 100)          # inside the label: only the crc catches it
-    rep = check_case(img, man, tmp_path, 1, {"primary-superblock"})
+    check_case(img, man, tmp_path, 1, {"primary-superblock"})
     assert superblock(img).total_blocks > 0
 
 
@@ -159,7 +109,7 @@ def test_torn_journal_tail(vol, tmp_path):
         fs.vol.commit()
         _add_files(fs, ["torn"])
     crash_session(img, work, torn=True)
-    rep = check_case(img, man, tmp_path, 2, {"journal-torn-tail"})
+    check_case(img, man, tmp_path, 2, {"journal-torn-tail"})
     with Api(img) as fs:
         lookup(fs, "/kept")
         with pytest.raises(OSError):
@@ -220,7 +170,7 @@ def test_leaked_block(vol, tmp_path):
     victim = start + length - 5
     assert bitmap_state(img, victim) == FREE
     set_bitmap_state(img, victim, USED)
-    rep = check_case(img, man, tmp_path, 3, {"leaked-blocks"})
+    check_case(img, man, tmp_path, 3, {"leaked-blocks"})
     assert bitmap_state(img, victim) == FREE
 
 
@@ -347,7 +297,7 @@ def test_doubly_claimed_block(vol, tmp_path):
     put_dinode(img, da)
     want = a_data + b_data
     a.update(size=len(want), sha=hashlib.sha256(want).hexdigest())
-    rep = check_case(img, man, tmp_path, 4, {"dup-blocks"})
+    check_case(img, man, tmp_path, 4, {"dup-blocks"})
     # both still read their data, from different blocks now
     da, db = dinode(img, a["ino"]), dinode(img, b["ino"])
     pa2 = {p + k for p, n, _ in da.root.vals for k in range(n)}

@@ -17,10 +17,11 @@ import pytest
 
 from clusterfs import blockhdr
 from clusterfs.blockhdr import BLOCK_SIZE
-from fsckutil import Api, copy_image, fsck, read_block, walk_all, write_block
+from fsckutil import (CTX, Api, copy_image, crash_session, fsck, read_block, superblock,
+                      walk_all, write_block)
 from tests.helpers import Mount
 
-QUICK = 30
+QUICK = 24
 FULL = 600
 
 
@@ -68,8 +69,9 @@ def damage(img: str, kinds: dict, rng: random.Random) -> list[str]:
                 buf[rng.randrange(BLOCK_SIZE)] ^= rng.randint(1, 255)
             how = "flip"
         elif r < 0.75:
+            hi = 700 if rng.random() < 0.5 else BLOCK_SIZE
             for _ in range(rng.randint(1, 3)):
-                buf[rng.randrange(32, 700)] ^= rng.randint(1, 255)
+                buf[rng.randrange(32, hi)] ^= rng.randint(1, 255)
             blockhdr.reseal(buf)
             how = "flip+reseal"
         elif r < 0.87:
@@ -125,3 +127,75 @@ def test_fuzz_quick(populated_master, meta_blocks, seed, tmp_path):
 @pytest.mark.parametrize("seed", range(FULL))
 def test_fuzz_full(populated_master, meta_blocks, seed, tmp_path):
     run_case(populated_master[0], meta_blocks, seed, tmp_path, fuse=seed % 50 == 0)
+
+
+# -- a crashed volume: journal log blocks too ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def crashed(populated_master, meta_blocks, tmp_path_factory):
+    """The populated volume after a node died with committed transactions in its
+    journal (not written home), and the blocks of that journal's log."""
+    master, man = populated_master
+    img = str(tmp_path_factory.mktemp("crashed") / "crashed.img")
+    copy_image(master, img)
+
+    def work(fs):
+        root = fs.root_ino
+        for i in range(20):
+            fh, _ = fs.create(root, b"new-%d" % i, 0o644, os.O_RDWR, CTX)
+            fs.write(fh, 0, os.urandom(3000 + i * 5000))
+            fs.release(fh)
+        fs.vol.commit()
+        docs = man["/docs"]["ino"]
+        for i in range(0, 12, 3):
+            fs.unlink(docs, b"note%d.txt" % i)
+        fs.rename(docs, b"note1.txt", root, b"moved-note")
+        fh = fs.open(man["/data/big.bin"]["ino"], os.O_RDWR)
+        fs.write(fh, 100000, os.urandom(50000))
+        fs.release(fh)
+        fs.vol.commit()
+    crash_session(img, work)
+    sb = superblock(img)
+    start, length = sb.journal_range(0)
+    log = [b for b in range(start + 1, start + length) if any(read_block(img, b))]
+    kinds = dict(meta_blocks)
+    kinds["log"] = log
+    return img, kinds
+
+
+def run_crashed_case(crashed, seed: int, tmp_path) -> None:
+    img0, kinds = crashed
+    rng = random.Random(seed)
+    img = str(tmp_path / f"crash{seed}.img")
+    copy_image(img0, img)
+    what = []
+    for _ in range(rng.choice([1, 1, 2])):
+        kind = "log" if rng.random() < 0.6 else rng.choice(["dinode", "node", "bitmap",
+                                                             "rgrp", "journal"])
+        bno = rng.choice(kinds[kind])
+        buf = read_block(img, bno)
+        for _ in range(rng.randint(1, 3)):
+            buf[rng.randrange(BLOCK_SIZE)] ^= rng.randint(1, 255)
+        write_block(img, bno, buf)
+        what.append(f"{kind} {bno}")
+    ctx = f"seed {seed}: {what}"
+    code, rep, _ = fsck(img, "y", live_watch=0.05)
+    assert code in (0, 1), f"{ctx}: fsck -y exit {code}\n{rep.text}"
+    code, rep2, _ = fsck(img, "n")
+    assert code == 0, f"{ctx}: second run not clean\n{rep2.text}\n--- -y run:\n{rep.text}"
+    with Api(img) as fs:
+        walk_all(fs)
+    os.unlink(img)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seed", range(6))
+def test_fuzz_crashed_quick(crashed, seed, tmp_path):
+    run_crashed_case(crashed, 5000 + seed, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seed", range(150))
+def test_fuzz_crashed_full(crashed, seed, tmp_path):
+    run_crashed_case(crashed, seed, tmp_path)

@@ -1,0 +1,210 @@
+"""The ``clusterfs fsck`` command: options, exit codes, modes, output, JSON report."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+
+from clusterfs import directory
+from clusterfs.blockhdr import BLOCK_SIZE
+from clusterfs.format import DT_REG, FREE, USED
+from fsck.checker import Fsck
+from fsck.report import Report
+from fsckutil import (Api, bitmap_state, dinode, put_dinode, read_block, reseal,
+                      set_bitmap_state, superblock, write_block)
+from tests.helpers import mkfs, run_cli
+
+
+def fsck_cli(*args, **kw):
+    return run_cli("fsck", *args, check=False, **kw)
+
+
+def leak_a_block(img: str) -> int:
+    """Mark a free block used (and count it in its group header): one finding."""
+    from clusterfs.format import RgrpHeader
+    sb = superblock(img)
+    start, length = sb.rgrp_range(sb.rgrp_count - 1)
+    victim = start + length - 3
+    set_bitmap_state(img, victim, USED)
+    hdr = RgrpHeader.decode(read_block(img, start), start)
+    hdr.free -= 1
+    hdr.seq -= 1
+    write_block(img, start, hdr.image())
+    return victim
+
+
+def dangle_an_entry(img: str) -> None:
+    with Api(img) as fs:
+        with fs.vol.operation():
+            directory.add(fs.vol, fs.vol.dinode(fs.root_ino), b"ghost", 5, DT_REG)
+
+
+@pytest.fixture
+def small(tmp_path):
+    img = str(tmp_path / "small.img")
+    mkfs(img, "32M")
+    return img
+
+
+# -- usage and operational errors --------------------------------------------------------
+
+@pytest.mark.parametrize("args", [[], ["-n", "-y", "X"], ["--bogus", "X"], ["-p", "-n", "X"]])
+def test_usage_errors_exit_16(args):
+    proc = fsck_cli(*args)
+    assert proc.returncode == 16, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_not_a_volume_is_one_line_exit_8(tmp_path):
+    junk = str(tmp_path / "junk.img")
+    with open(junk, "wb") as f:
+        f.write(os.urandom(1 << 20))
+    proc = fsck_cli("-fn", junk)
+    assert proc.returncode == 8
+    assert "no usable clusterfs superblock" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    proc = fsck_cli("-n", str(tmp_path / "missing.img"))
+    assert proc.returncode == 8 and "cannot open" in proc.stdout + proc.stderr
+
+
+def test_other_revision_is_refused(small):
+    buf = read_block(small, 0)
+    buf[32] = 2                                # format_rev
+    write_block(small, 0, reseal(buf))
+    proc = fsck_cli("-fy", small)
+    assert proc.returncode == 8 and "format revision 2" in proc.stdout
+
+
+def test_truncated_device_is_refused(small):
+    with open(small, "r+b") as f:
+        f.truncate(16 << 20)
+    proc = fsck_cli("-fy", small)
+    assert proc.returncode == 8
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+# -- clean volumes --------------------------------------------------------------------------
+
+def test_clean_volume_is_skipped_unless_forced(small):
+    proc = fsck_cli("-n", small)
+    assert proc.returncode == 0 and "clean" in proc.stdout
+    assert "Layer 3" not in proc.stdout
+    proc = fsck_cli("-fn", small)
+    assert proc.returncode == 0, proc.stdout
+    for n in (1, 2, 3, 4, 5):
+        assert sum(line.startswith(f"Layer {n} ") for line in proc.stdout.splitlines()) == 1
+    proc = fsck_cli("-fn", "--scan-data", small)
+    assert proc.returncode == 0 and "Layer 6 Data surface scan" in proc.stdout
+
+
+def test_skip_does_not_hide_a_crash(small):
+    """A slot left mounted makes the volume unclean: no skip without -f."""
+    from clusterfs.format import Heartbeat
+    sb = superblock(small)
+    bno = sb.heartbeat_bno(0)
+    write_block(small, bno, Heartbeat(slot=0, state=1, counter=3, node="x",
+                                      interval_ms=100).image(bno))
+    proc = fsck_cli("-n", small)
+    assert proc.returncode == 4 and "Layer 3" in proc.stdout, proc.stdout
+
+
+# -- modes ------------------------------------------------------------------------------------
+
+def test_n_changes_nothing_and_y_fixes(small):
+    victim = leak_a_block(small)
+    before = open(small, "rb").read()
+    proc = fsck_cli("-fn", small)
+    assert proc.returncode == 4 and "leaked" in proc.stdout
+    assert open(small, "rb").read() == before
+    proc = fsck_cli("-fy", small)
+    assert proc.returncode == 1 and "VOLUME WAS MODIFIED" in proc.stdout
+    assert bitmap_state(small, victim) == FREE
+    assert fsck_cli("-fn", small).returncode == 0
+
+
+def test_no_mode_off_a_terminal_checks_only(small):
+    leak_a_block(small)
+    proc = fsck_cli("-f", small, stdin=open(os.devnull))
+    assert proc.returncode == 4
+    assert "checking only" in proc.stdout
+    assert fsck_cli("-fn", small).returncode == 4
+
+
+def test_preen_repairs_safe_problems(small):
+    victim = leak_a_block(small)
+    proc = fsck_cli("-fp", small)
+    assert proc.returncode == 1, proc.stdout
+    assert bitmap_state(small, victim) == FREE
+
+
+def test_preen_stops_at_unexpected_inconsistency(small):
+    dangle_an_entry(small)
+    proc = fsck_cli("-fp", small)
+    assert proc.returncode & 4, proc.stdout
+    assert "UNEXPECTED INCONSISTENCY" in proc.stdout
+    proc = fsck_cli("-fy", small)
+    assert proc.returncode == 1
+    assert fsck_cli("-fn", small).returncode == 0
+
+
+def _interactive(img, answers: str):
+    out = io.StringIO()
+    rep = Report("ask", out=out, err=out, ask_in=io.StringIO(answers))
+    code = Fsck(img, mode="ask", force=True, report=rep).check()
+    return code, rep, out.getvalue()
+
+
+def test_interactive_answers(small):
+    victim = leak_a_block(small)
+    code, rep, text = _interactive(small, "n\n")
+    assert code == 4 and "Fix (mark free)?" in text
+    assert bitmap_state(small, victim) == USED
+    code, rep, text = _interactive(small, "y\n")
+    assert code == 1
+    assert bitmap_state(small, victim) == FREE
+
+
+def test_interactive_quit_is_cancelled(small):
+    leak_a_block(small)
+    code, rep, text = _interactive(small, "q\n")
+    assert code & 32 and rep.cancelled
+    code, rep, text = _interactive(small, "")          # end of input: cancelled too
+    assert code & 32
+
+
+# -- reports --------------------------------------------------------------------------------------
+
+def test_json_report(small, tmp_path):
+    victim = leak_a_block(small)
+    di = dinode(small, superblock(small).root_ino)
+    di.nlink = 9
+    put_dinode(small, di)
+    path = str(tmp_path / "r.json")
+    proc = fsck_cli("-fn", "--json", path, small)
+    assert proc.returncode == 4
+    rep = json.load(open(path))
+    assert rep["exit_code"] == 4 and rep["errors"] == 2 and rep["fixed"] == 0
+    assert [lay["layer"] for lay in rep["layers"]] == [1, 2, 3, 4, 5]
+    by = {f["code"]: f for f in rep["findings"]}
+    assert by["leaked-blocks"]["layer"] == 3 and by["leaked-blocks"]["block"] == victim
+    assert by["leaked-blocks"]["layer_name"] == "Allocation"
+    assert by["link-count"]["layer"] == 5 and not by["link-count"]["fixed"]
+    proc = fsck_cli("-fy", "--json", "-", small)
+    rep = json.loads(proc.stdout)
+    assert rep["exit_code"] == 1 and all(f["fixed"] for f in rep["findings"]
+                                        if f["severity"] == "error")
+
+
+def test_summary_line_per_layer(small):
+    proc = fsck_cli("-fn", small)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("Layer ")]
+    assert [ln.split()[1] for ln in lines] == ["1", "2", "3", "4", "5"]
+    assert all(ln.endswith("ok") for ln in lines)
+
+
+def test_block_size_of_images(small):
+    assert os.path.getsize(small) % BLOCK_SIZE == 0
