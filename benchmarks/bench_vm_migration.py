@@ -7,13 +7,15 @@ the same run, and prints save / restore seconds and the state file size of each.
 
     full     2 GiB guest, 1.5 GiB of its RAM filled with random data
     --quick  512 MiB guest, 256 MiB filled
+    --writer cat (default, as issue 6 says: ``exec:cat > FILE``) or dd (1 MiB blocks,
+             as libvirt's iohelper writes them): how the state file is written and read
 
 The LAST line printed is one JSON object:
     save_s, restore_s          clusterfs (null while clusterfs is not available)
     local_save_s, local_restore_s
     ratio                      (save_s + restore_s) / (local_save_s + local_restore_s)
     pass                       every assertion of the scenario held on every storage run
-plus context keys (mem_mib, fill_mib, state sizes, errors).
+plus context keys (mem_mib, fill_mib, writer, state sizes, errors).
 
 Exit status: 0 pass, 1 a scenario failed, 2 clusterfs storage not available (the local
 anchor still runs and is reported; --local-only skips clusterfs and exits 0 on pass).
@@ -32,21 +34,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.vm.guest import GuestUnavailable, build_guest, ensure_host_tools  # noqa: E402
-from tests.vm.scenario import ScenarioFailed, run_scenario  # noqa: E402
+from tests.vm.scenario import WRITERS, ScenarioFailed, run_scenario  # noqa: E402
 from tests.vm.storage import ClusterfsStorage, LocalStorage, Storage, StorageUnavailable  # noqa: E402
 
 QUICK = (512, 256)
 FULL = (2048, 1536)
 
 
-def _run(storage: Storage, guest, mem_mib: int, fill_mib: int, timeout_scale: float) -> dict:
+def _run(storage: Storage, guest, mem_mib: int, fill_mib: int, timeout_scale: float,
+         writer: str = "cat") -> dict:
     """One scenario run on STORAGE: {'result': ScenarioResult | None, 'error': str | None}."""
     t = time.monotonic()
     try:
         with storage.views() as (dir_a, dir_b):
             print(f"[{storage.name}] A={dir_a} B={dir_b}", flush=True)
             res = run_scenario(dir_a, dir_b, guest=guest, mem_mib=mem_mib, fill_mib=fill_mib,
-                               timeout_scale=timeout_scale,
+                               timeout_scale=timeout_scale, writer=writer,
                                log=lambda m: print(f"[{storage.name}] {m}", flush=True))
     except StorageUnavailable as e:
         return {"result": None, "error": f"unavailable: {e}", "unavailable": True}
@@ -65,11 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local-dir", type=Path, default=None,
                     help="parent of the anchor's directory (default /var/tmp)")
     ap.add_argument("--timeout-scale", type=float, default=1.0)
+    ap.add_argument("--writer", choices=sorted(WRITERS), default="cat",
+                    help="command that writes/reads the state file (default: cat)")
     args = ap.parse_args(argv)
     mem_mib, fill_mib = QUICK if args.quick else FULL
 
     summary: dict = {"save_s": None, "restore_s": None, "local_save_s": None, "local_restore_s": None,
-                     "ratio": None, "pass": False, "mem_mib": mem_mib, "fill_mib": fill_mib}
+                     "ratio": None, "pass": False, "mem_mib": mem_mib, "fill_mib": fill_mib,
+                     "writer": args.writer}
     try:
         ensure_host_tools()
         guest = build_guest(log=lambda m: print(f"[guest] {m}", flush=True))
@@ -79,12 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary))
         return 1
     print(f"guest: {guest.kernel_package} {guest.kernel_version}, busybox {guest.busybox_version}; "
-          f"{mem_mib} MiB RAM, {fill_mib} MiB filled", flush=True)
+          f"{mem_mib} MiB RAM, {fill_mib} MiB filled, state written with {args.writer}", flush=True)
 
-    local = _run(LocalStorage(args.local_dir), guest, mem_mib, fill_mib, args.timeout_scale)
+    local = _run(LocalStorage(args.local_dir), guest, mem_mib, fill_mib, args.timeout_scale,
+                 args.writer)
     cluster = None
     if not args.local_only:
-        cluster = _run(ClusterfsStorage(), guest, mem_mib, fill_mib, args.timeout_scale)
+        cluster = _run(ClusterfsStorage(), guest, mem_mib, fill_mib, args.timeout_scale,
+                       args.writer)
 
     print()
     print(f"{'storage':<10} {'save_s':>8} {'restore_s':>10} {'state_MiB':>10}  status")

@@ -31,11 +31,17 @@ class Machine:
         interval_s: seconds between the guest's counter records.
         incoming: start with ``-S -incoming defer`` (a migration target).
         cache: QEMU's ``cache=`` for the disk (``writeback``, ``none`` for O_DIRECT...).
+        disk_format: ``qcow2`` or ``raw``.
+        drive_opts: more ``-drive`` options, e.g. ``("file.locking=off",)``.
+        device_opts: more ``-device virtio-blk-pci`` options, e.g. ``("share-rw=on",)``.
+        extra_args: appended to QEMU's command line.
     """
 
     def __init__(self, guest: Guest, disk: Path, rundir: Path, *, name: str = "vm",
                  mem_mib: int = 128, interval_s: float = 0.2, incoming: bool = False,
-                 cache: str = "writeback", extra_args: tuple[str, ...] = ()):
+                 cache: str = "writeback", disk_format: str = "qcow2",
+                 drive_opts: tuple[str, ...] = (), device_opts: tuple[str, ...] = (),
+                 extra_args: tuple[str, ...] = ()):
         self.guest = guest
         self.disk = Path(disk)
         self.rundir = Path(rundir)
@@ -44,6 +50,9 @@ class Machine:
         self.interval_s = interval_s
         self.incoming = incoming
         self.cache = cache
+        self.disk_format = disk_format
+        self.drive_opts = tuple(drive_opts)
+        self.device_opts = tuple(device_opts)
         self.extra_args = tuple(extra_args)
         self.qmp_path = self.rundir / f"{name}.qmp"
         self.ctl_path = self.rundir / f"{name}.ctl"
@@ -55,6 +64,9 @@ class Machine:
 
     def argv(self) -> list[str]:
         """QEMU's command line (identical on both sides of a migration but for -incoming)."""
+        drive = ",".join(("if=none,id=disk0", f"file={self.disk}", f"format={self.disk_format}",
+                          f"cache={self.cache}", *self.drive_opts))
+        device = ",".join(("virtio-blk-pci,drive=disk0", *self.device_opts))
         args = [
             QEMU, "-nodefaults", "-no-user-config", "-nographic",
             "-machine", "pc,accel=tcg", "-smp", "1", "-m", str(self.mem_mib),
@@ -63,8 +75,8 @@ class Machine:
             "-chardev", f"file,id=con0,path={self.console.path}", "-serial", "chardev:con0",
             "-chardev", f"socket,id=ctl0,path={self.ctl_path},server=on,wait=off",
             "-serial", "chardev:ctl0",
-            "-drive", f"if=none,id=disk0,file={self.disk},format=qcow2,cache={self.cache}",
-            "-device", "virtio-blk-pci,drive=disk0",
+            "-drive", drive,
+            "-device", device,
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-no-reboot",
         ]

@@ -44,6 +44,15 @@ from .qmp import Record, parse_records
 MAX_BANDWIDTH = 1 << 40  # bytes/s: "unlimited" for QEMU 7.2's migrate-set-parameters
 RECORD_SIZE = 512
 
+# How the state file is written on A and read on B: QEMU 7.2 saves to a command's
+# stdin (a 64 KiB pipe) and restores from its stdout. `cat` writes whatever one pipe
+# read returns (64 KiB at most); `dd` gathers 1 MiB blocks first, as libvirt's
+# iohelper does, which matters on a FUSE mount that sees every write() as a request.
+WRITERS = {
+    "cat": ("cat > {file}", "cat {file}"),
+    "dd": ("dd of={file} bs=1M iflag=fullblock status=none", "dd if={file} bs=1M status=none"),
+}
+
 
 class ScenarioFailed(AssertionError):
     """One of the scenario's assertions did not hold (the message says which)."""
@@ -130,6 +139,8 @@ def run_scenario(dir_a: Path | str, dir_b: Path | str, *, guest: Guest | None = 
                  interval_s: float = 0.2, records_before: int = 5, records_after: int = 5,
                  name: str = "vm", cache: str = "writeback", fsync_state: bool = True,
                  timeout_scale: float = 1.0, cleanup: bool = True,
+                 after_create: Callable[[Path, Path], None] | None = None,
+                 writer: str = "cat",
                  log: Callable[[str], None] = lambda msg: None) -> ScenarioResult:
     """Run the save-on-A / restore-on-B scenario once and check everything.
 
@@ -148,6 +159,9 @@ def run_scenario(dir_a: Path | str, dir_b: Path | str, *, guest: Guest | None = 
         fsync_state: fsync the state file before the save counts as done.
         timeout_scale: multiply every timeout (slow storage, loaded machine).
         cleanup: remove NAME.qcow2 and NAME.state when done (even on failure).
+        after_create: called with (disk through A, disk through B) once the disk is
+            created, before QEMU A starts (e.g. to have host B read it first).
+        writer: the commands that write and read the state file (`WRITERS`).
         log: called with one line per step.
 
     Returns:
@@ -175,6 +189,8 @@ def run_scenario(dir_a: Path | str, dir_b: Path | str, *, guest: Guest | None = 
         r = _qemu_img("create", "-q", "-f", "qcow2", str(disk_a), f"{disk_mib}M")
         if r.returncode != 0:
             raise ScenarioFailed(f"qemu-img create {disk_a}: {r.stderr.strip()}")
+        if after_create is not None:
+            after_create(disk_a, disk_b)
 
         # ---- host A: boot, count, fill RAM
         a = Machine(guest, disk_a, rundir, name="a", mem_mib=mem_mib, interval_s=interval_s, cache=cache)
@@ -195,7 +211,9 @@ def run_scenario(dir_a: Path | str, dir_b: Path | str, *, guest: Guest | None = 
 
         # ---- save on A
         marker = rundir / "save.rc"
-        uri = f"exec:cat > {shlex.quote(str(state_a))}; echo $? > {shlex.quote(str(marker))}"
+        save_cmd, restore_cmd = WRITERS[writer]
+        uri = (f"exec:{save_cmd.format(file=shlex.quote(str(state_a)))}; "
+               f"echo $? > {shlex.quote(str(marker))}")
         t0 = time.monotonic()
         a.qmp.execute("stop")
         a.qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
@@ -210,7 +228,7 @@ def run_scenario(dir_a: Path | str, dir_b: Path | str, *, guest: Guest | None = 
             finally:
                 os.close(fd)
         save_s = time.monotonic() - t0
-        _check(rc == "0", f"cat > state exited {rc}", checks)
+        _check(rc == "0", f"{save_cmd.split()[0]} > state exited {rc}", checks)
         log(f"A: saved in {save_s:.2f}s (QEMU: {info.get('total-time')} ms), "
             f"{state_a.stat().st_size / 2**20:.0f} MiB")
         recs_a_bytes = a.console.read()
@@ -224,7 +242,8 @@ def run_scenario(dir_a: Path | str, dir_b: Path | str, *, guest: Guest | None = 
                     cache=cache, incoming=True)
         t1 = time.monotonic()
         b.start(timeout=30 * ts)
-        b.qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state_b))}"})
+        b.qmp.execute("migrate-incoming",
+                      {"uri": f"exec:{restore_cmd.format(file=shlex.quote(str(state_b)))}"})
         _wait_migration(b, migrate_timeout, "restore on B")
         b.qmp.execute("cont")
         restore_s = time.monotonic() - t1
