@@ -22,6 +22,9 @@ def accelerate() -> str:
     global _done
     if _done is not None:
         return _done
+    if getattr(blockhdr, "CRC32C_IMPL", None) == "crc32c":
+        _done = "crc32c"            # blockhdr picked the fast one itself
+        return _done
     _done = "crcmod"
     try:
         from crc32c import crc32c as fast

@@ -4,8 +4,10 @@
 Each case copies the populated volume, picks 1-3 metadata blocks (superblocks,
 heartbeats, journal headers, group headers and bitmaps, dinodes, tree nodes, xattr
 blocks) and damages them: flipped bytes (crc left wrong, or recomputed so that only
-the contents are wrong), a zeroed block, or random garbage.  The default run does
-a quick subset; ``-m slow`` runs the whole campaign (600 cases).
+the contents are wrong), a zeroed block, or random garbage.  A second campaign starts
+from a volume whose node died with committed transactions in its journal, and also
+damages the journal's log blocks.  The default run does a quick subset (24 + 6
+cases); ``-m slow`` runs the whole campaign (600 + 150 cases).
 """
 
 from __future__ import annotations
