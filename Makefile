@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench deps clean
+.PHONY: demo test test-slow bench bench-quick deps clean
 
 deps: $(STAMP)
 
@@ -26,6 +26,9 @@ test-slow: deps
 
 bench: deps
 	$(PY) benchmarks/run_all.py
+
+bench-quick: deps
+	$(PY) benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

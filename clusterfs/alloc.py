@@ -19,11 +19,15 @@ The allocator works on the volume's cached ``RgrpHeader`` and ``Bitmap`` objects
 from __future__ import annotations
 
 import errno
+import re
 
 from .errors import FSError
 from .format import BLOCKS_PER_BITMAP, DINODE, FREE, UNLINKED, USED
 
 _ANY_FREE = bytes(0 if all((b >> (2 * k)) & 3 for k in range(4)) else 1 for b in range(256))
+# a bitmap byte holding at least one FREE entry (searched without copying the bitmap)
+_ANY_FREE_RE = re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in range(256)
+                                          if _ANY_FREE[b]) + b"]")
 RESERVE_MIN = 64          # blocks (256 KiB)
 RESERVE_MAX = 32768       # blocks (128 MiB)
 
@@ -112,8 +116,6 @@ class Allocator:
         """First run of >= min_len allowed free entries at/after start_entry (wrapping),
         as (entry, length <= want)."""
         bits, length = self._rg_bits(rg)
-        table = _ANY_FREE
-        flags = bits.translate(table)
         for lo, hi in ((start_entry, length), (0, start_entry)):
             pos = lo
             while pos < hi:
@@ -127,9 +129,10 @@ class Allocator:
                         e -= 1
                     e = max(e, pos)
                 else:
-                    k = flags.find(b"\x01", pos >> 2, -(-hi // 4))
-                    if k < 0:
+                    m = _ANY_FREE_RE.search(bits, pos >> 2, -(-hi // 4))
+                    if m is None:
                         break
+                    k = m.start()
                     e = max(k * 4, pos)
                     while e < min(hi, k * 4 + 4) and (bits[e >> 2] >> ((e & 3) * 2)) & 3 != FREE:
                         e += 1
@@ -141,7 +144,25 @@ class Allocator:
                 if allowed >= min(min_len, want) and allowed > 0:
                     return e, allowed
                 pos = e + max(run, 1)
+                if not allowed:
+                    # skip the whole excluded stretch at once, not entry by entry
+                    pos = max(pos, self._excluded_until(rg, e, ino, data))
         return None
+
+    def _excluded_until(self, rg: int, entry: int, ino: int, data: bool) -> int:
+        """The first entry at or after ``entry`` outside every range that
+        ``_excluded`` keeps ``ino`` out of (pending frees, others' reservations)."""
+        moved = True
+        while moved:
+            moved = False
+            if data:
+                for s, ln in self.pending_free.get(rg, ()):
+                    if s <= entry < s + ln:
+                        entry, moved = s + ln, True
+            for owner, (s, ln) in self.reserved_by_rg.get(rg, {}).items():
+                if owner != ino and s <= entry < s + ln:
+                    entry, moved = s + ln, True
+        return entry
 
     # -- allocation -----------------------------------------------------------------
 
@@ -246,14 +267,15 @@ class Allocator:
         entry = bno - start
         if entry >= length:
             return 0
-        j, off = divmod(entry, BLOCKS_PER_BITMAP)
+        limit = min(want, length - entry)
         n = 0
-        while n < want and entry + n < length:
-            e = entry + n
-            bm = self.vol.bitmap(rg, e // BLOCKS_PER_BITMAP)
-            if bm.get(e % BLOCKS_PER_BITMAP) != FREE:
+        while n < limit:
+            j, off = divmod(entry + n, BLOCKS_PER_BITMAP)
+            span = min(limit - n, BLOCKS_PER_BITMAP - off)
+            got = _free_prefix(self.vol.bitmap(rg, j).bits, off, span)
+            n += got
+            if got < span:
                 break
-            n += 1
         n = self._excluded(rg, entry, n, ino, data=True)
         if n:
             self._claim(rg, entry, n, USED)
@@ -340,6 +362,31 @@ class Allocator:
     def free_blocks(self) -> int:
         """Free blocks in the groups this node may allocate from (pending ones included)."""
         return self.vol.alloc_free_blocks()
+
+
+def _free_prefix(bits, i: int, n: int) -> int:
+    """How many of the ``n`` bitmap entries from entry ``i`` on are FREE, counted up
+    to the first one that is not (whole zero bytes are skipped at C speed)."""
+    c = 0
+    while c < n and (i + c) & 3:
+        e = i + c
+        if (bits[e >> 2] >> ((e & 3) * 2)) & 3 != FREE:
+            return c
+        c += 1
+    whole = (n - c) >> 2
+    if whole:
+        b = (i + c) >> 2
+        seg = bits[b:b + whole]
+        zeros = len(seg) - len(seg.lstrip(b"\0"))
+        c += zeros * 4
+        if zeros < whole:
+            n = min(n, c + 4)       # the next byte holds a used entry
+    while c < n:
+        e = i + c
+        if (e >> 2) >= len(bits) or (bits[e >> 2] >> ((e & 3) * 2)) & 3 != FREE:
+            break
+        c += 1
+    return c
 
 
 def _merge_runs(runs):

@@ -14,6 +14,7 @@ import logging
 import stat as S
 
 import pyfuse3
+import trio
 
 from .errors import FSError
 from .format import BLOCK_SIZE, DF_INLINE
@@ -72,6 +73,14 @@ class Operations(pyfuse3.Operations):
         self.root = fs.root_ino
         self.timeout = attr_timeout
         self.direct_io = direct_io
+        self.after_init: list = []      # callables run once FUSE INIT is answered
+
+    def init(self):
+        """FUSE INIT is being answered: run the ``after_init`` callbacks right after
+        the reply (the kernel sets the connection's parameters when it reads it)."""
+        token = trio.lowlevel.current_trio_token()
+        for fn in self.after_init:
+            token.run_sync_soon(fn)
 
     # -- translation -------------------------------------------------------------------
 

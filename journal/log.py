@@ -486,6 +486,8 @@ class Journal:
             ValueError: bad block number or image size.
             TypeError: ``source`` is neither bytes-like nor has ``image()``.
         """
+        if self._running.get(bno) is source and self._open and self._aborted is None:
+            return      # already there (an object dirtied again); no revoke can be pending
         self._require_open()
         self._check_target(bno)
         if isinstance(source, (bytes, bytearray, memoryview)):
