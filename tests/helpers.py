@@ -182,16 +182,16 @@ class DeviceMount:
 # -- consistency walk (stands in for fsck until fsck/ lands) ----------------------------
 
 def check_consistency(dev, *, allow_unlinked: bool = False,
-                      tail_zero: bool = True) -> list[str]:
+                      tail_zero: bool = False) -> list[str]:
     """Walk a volume (journal already replayed) and return every problem found.
 
     Checks: every block referenced once (dinodes, tree nodes, xattr blocks, data
     extents, resource-group headers and bitmaps); bitmaps and resource-group
     counters agree with the walk; tree shape (levels, key order, separators, owners);
     directory entries (hash keys, types, entry counts, '..' pointers); link counts;
-    ``blocks`` counts; no extent past EOF and (``tail_zero``) zero bytes past EOF in
-    the last block on disk (a power cut may leave bytes there that a later extension
-    must zero, so crash tests turn that check off).
+    ``blocks`` counts; no extent past EOF; with ``tail_zero`` (for volumes written
+    without a crash) zero bytes past EOF in the last block on disk: a power cut may
+    leave bytes there, which a later extension zeroes, so it is off by default.
     """
     import stat as S
     from collections import Counter
