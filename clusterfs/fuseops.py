@@ -10,13 +10,13 @@ the block's number).  Nothing else lives here.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import stat as S
 
 import pyfuse3
 import trio
 
-from .errors import FSError
 from .format import BLOCK_SIZE, DF_INLINE
 from .fs import Ctx
 
@@ -28,6 +28,26 @@ READDIR_BATCH = 64
 
 def _fuse_error(e: OSError) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(e.errno or errno.EIO)
+
+
+def _guard(fn):
+    """Turn what a handler raises into the reply for that one request: FSError (and
+    OSError) into its errno; anything unexpected is logged with its traceback and
+    answered with EIO.  Only FUSEError may leave a handler: anything else would end
+    pyfuse3's main loop and take the whole mount down."""
+
+    @functools.wraps(fn)
+    async def handler(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise _fuse_error(e) from None
+        except Exception:
+            log.exception("%s%r failed; answering EIO", fn.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return handler
 
 
 def _ctx(ctx) -> Ctx:
@@ -127,170 +147,104 @@ class Operations(pyfuse3.Operations):
     # -- handlers ------------------------------------------------------------------------
 
     async def lookup(self, parent_inode, name, ctx=None):
-        try:
-            return self.entry(await self.front.lookup(self._in(parent_inode), name))
-        except FSError as e:
-            raise _fuse_error(e) from None
+        return self.entry(await self.front.lookup(self._in(parent_inode), name))
 
     async def forget(self, inode_list):
         for ino, n in inode_list:
             self.fs.forget(self._in(ino), n)
 
     async def getattr(self, inode, ctx=None):
-        try:
-            return self.attrs(await self.front.getattr(self._in(inode)))
-        except FSError as e:
-            raise _fuse_error(e) from None
+        return self.attrs(await self.front.getattr(self._in(inode)))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        try:
-            di = await self.front.setattr(
-                self._in(inode),
-                mode=attr.st_mode if fields.update_mode else None,
-                uid=attr.st_uid if fields.update_uid else None,
-                gid=attr.st_gid if fields.update_gid else None,
-                size=attr.st_size if fields.update_size else None,
-                atime=attr.st_atime_ns if fields.update_atime else None,
-                mtime=attr.st_mtime_ns if fields.update_mtime else None,
-                fh=fh)
-            return self.attrs(di)
-        except FSError as e:
-            raise _fuse_error(e) from None
+        di = await self.front.setattr(
+            self._in(inode),
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime=attr.st_atime_ns if fields.update_atime else None,
+            mtime=attr.st_mtime_ns if fields.update_mtime else None,
+            fh=fh)
+        return self.attrs(di)
 
     async def readlink(self, inode, ctx):
-        try:
-            return await self.front.readlink(self._in(inode))
-        except FSError as e:
-            raise _fuse_error(e) from None
+        return await self.front.readlink(self._in(inode))
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        try:
-            return self.entry(await self.front.mknod(self._in(parent_inode), name, mode,
-                                                     rdev, _ctx(ctx)))
-        except FSError as e:
-            raise _fuse_error(e) from None
+        return self.entry(await self.front.mknod(self._in(parent_inode), name, mode,
+                                                 rdev, _ctx(ctx)))
 
     async def mkdir(self, parent_inode, name, mode, ctx):
-        try:
-            return self.entry(await self.front.mkdir(self._in(parent_inode), name, mode,
-                                                     _ctx(ctx)))
-        except FSError as e:
-            raise _fuse_error(e) from None
+        return self.entry(await self.front.mkdir(self._in(parent_inode), name, mode,
+                                                 _ctx(ctx)))
 
     async def symlink(self, parent_inode, name, target, ctx):
-        try:
-            return self.entry(await self.front.symlink(self._in(parent_inode), name,
-                                                       target, _ctx(ctx)))
-        except FSError as e:
-            raise _fuse_error(e) from None
+        return self.entry(await self.front.symlink(self._in(parent_inode), name,
+                                                   target, _ctx(ctx)))
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        try:
-            return self.entry(await self.front.link(self._in(inode),
-                                                    self._in(new_parent_inode), new_name))
-        except FSError as e:
-            raise _fuse_error(e) from None
+        return self.entry(await self.front.link(self._in(inode),
+                                                self._in(new_parent_inode), new_name))
 
     async def unlink(self, parent_inode, name, ctx):
-        try:
-            await self.front.unlink(self._in(parent_inode), name)
-        except FSError as e:
-            raise _fuse_error(e) from None
+        await self.front.unlink(self._in(parent_inode), name)
 
     async def rmdir(self, parent_inode, name, ctx):
-        try:
-            await self.front.rmdir(self._in(parent_inode), name)
-        except FSError as e:
-            raise _fuse_error(e) from None
+        await self.front.rmdir(self._in(parent_inode), name)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        try:
-            await self.front.rename(self._in(parent_inode_old), name_old,
-                                    self._in(parent_inode_new), name_new, flags)
-        except FSError as e:
-            raise _fuse_error(e) from None
+        await self.front.rename(self._in(parent_inode_old), name_old,
+                                self._in(parent_inode_new), name_new, flags)
 
     async def open(self, inode, flags, ctx):
-        try:
-            return self._info(await self.front.open(self._in(inode), flags))
-        except FSError as e:
-            raise _fuse_error(e) from None
+        return self._info(await self.front.open(self._in(inode), flags))
 
     async def create(self, parent_inode, name, mode, flags, ctx):
-        try:
-            fh, di = await self.front.create(self._in(parent_inode), name, mode, flags,
-                                             _ctx(ctx))
-        except FSError as e:
-            raise _fuse_error(e) from None
+        fh, di = await self.front.create(self._in(parent_inode), name, mode, flags,
+                                         _ctx(ctx))
         return self._info(fh), self.entry(di)
 
     async def read(self, fh, off, size):
-        try:
-            return await self.front.read(fh, off, size)
-        except FSError as e:
-            raise _fuse_error(e) from None
+        return await self.front.read(fh, off, size)
 
     async def write(self, fh, off, buf):
-        try:
-            return await self.front.write(fh, off, buf)
-        except FSError as e:
-            raise _fuse_error(e) from None
+        return await self.front.write(fh, off, buf)
 
     async def flush(self, fh):
-        try:
-            await self.front.flush(fh)
-        except FSError as e:
-            raise _fuse_error(e) from None
+        await self.front.flush(fh)
 
     async def fsync(self, fh, datasync):
-        try:
-            await self.front.fsync(fh, datasync)
-        except FSError as e:
-            raise _fuse_error(e) from None
+        await self.front.fsync(fh, datasync)
 
     async def release(self, fh):
-        try:
-            await self.front.release(fh)
-        except FSError as e:
-            raise _fuse_error(e) from None
+        await self.front.release(fh)
 
     async def opendir(self, inode, ctx):
-        try:
-            return await self.front.opendir(self._in(inode))
-        except FSError as e:
-            raise _fuse_error(e) from None
+        return await self.front.opendir(self._in(inode))
 
     async def readdir(self, fh, start_id, token):
         start = start_id
-        try:
-            while True:
-                batch = await self.front.readdir(fh, start, READDIR_BATCH)
-                if not batch:
+        while True:
+            batch = await self.front.readdir(fh, start, READDIR_BATCH)
+            if not batch:
+                return
+            for name, di, next_id in batch:
+                if not pyfuse3.readdir_reply(token, name, self.attrs(di), next_id):
                     return
-                for name, di, next_id in batch:
-                    if not pyfuse3.readdir_reply(token, name, self.attrs(di), next_id):
-                        return
-                    if name not in (b".", b".."):
-                        # the kernel took a reference (none for "." and "..")
-                        self.fs.remember(di)
-                    start = next_id
-        except FSError as e:
-            raise _fuse_error(e) from None
+                if name not in (b".", b".."):
+                    # the kernel took a reference (none for "." and "..")
+                    self.fs.remember(di)
+                start = next_id
 
     async def releasedir(self, fh):
         await self.front.releasedir(fh)
 
     async def fsyncdir(self, fh, datasync):
-        try:
-            await self.front.fsyncdir(fh, datasync)
-        except FSError as e:
-            raise _fuse_error(e) from None
+        await self.front.fsyncdir(fh, datasync)
 
     async def statfs(self, ctx):
-        try:
-            st = await self.front.statfs()
-        except FSError as e:
-            raise _fuse_error(e) from None
+        st = await self.front.statfs()
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = st["bsize"]
         s.f_blocks = st["blocks"]
@@ -303,31 +257,25 @@ class Operations(pyfuse3.Operations):
         return s
 
     async def getxattr(self, inode, name, ctx):
-        try:
-            return await self.front.getxattr(self._in(inode), name)
-        except FSError as e:
-            raise _fuse_error(e) from None
+        return await self.front.getxattr(self._in(inode), name)
 
     async def setxattr(self, inode, name, value, ctx):
-        try:
-            await self.front.setxattr(self._in(inode), name, value)
-        except FSError as e:
-            raise _fuse_error(e) from None
+        await self.front.setxattr(self._in(inode), name, value)
 
     async def listxattr(self, inode, ctx):
-        try:
-            return await self.front.listxattr(self._in(inode))
-        except FSError as e:
-            raise _fuse_error(e) from None
+        return await self.front.listxattr(self._in(inode))
 
     async def removexattr(self, inode, name, ctx):
-        try:
-            await self.front.removexattr(self._in(inode), name)
-        except FSError as e:
-            raise _fuse_error(e) from None
+        await self.front.removexattr(self._in(inode), name)
 
     async def access(self, inode, mode, ctx):
-        try:
-            return await self.front.access(self._in(inode), mode, _ctx(ctx))
-        except FSError as e:
-            raise _fuse_error(e) from None
+        return await self.front.access(self._in(inode), mode, _ctx(ctx))
+
+
+for _name in ("lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mkdir",
+              "symlink", "link", "unlink", "rmdir", "rename", "open", "create", "read",
+              "write", "flush", "fsync", "release", "opendir", "readdir", "releasedir",
+              "fsyncdir", "statfs", "getxattr", "setxattr", "listxattr", "removexattr",
+              "access"):
+    setattr(Operations, _name, _guard(getattr(Operations, _name)))
+del _name
