@@ -56,15 +56,24 @@ async def _serve(session, ops, interval: float) -> None:
     async with trio.open_nursery() as nursery:
         async def heartbeat():
             while True:
-                session.beat()
+                try:
+                    session.beat()
+                except OSError:
+                    log.exception("heartbeat write failed")
                 await trio.sleep(interval)
 
         async def committer():
             vol = session.vol
             while True:
                 await trio.sleep(COMMIT_INTERVAL)
-                if vol.journal is not None and vol.op is None and vol.journal.running_blocks():
-                    vol.commit()
+                try:
+                    if vol.journal is not None and vol.op is None and \
+                            vol.journal.running_blocks():
+                        vol.commit()
+                except Exception:
+                    # the journal aborts itself on a device error (later writes
+                    # fail with EIO); the mount stays up so it can be unmounted
+                    log.exception("periodic journal commit failed")
 
         async def signals():
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
