@@ -797,18 +797,34 @@ class Fsck:
         claims = self.claims
         step = rep.progress.step
         inodes, dups, decode = self.inodes, self.dups, Dinode.decode
+        self._suspicious = suspicious = []
+        plan = self._plan_extents
+        slow = []           # dinodes whose trees have nodes, damaged ones, xattr blocks
         for i, (bno, buf) in enumerate(read_blocks(self.dev, todo)):
             if not i & 1023:
                 step(1024)
             try:
                 di = decode(buf, bno)       # the common case, inline
             except (CorruptBlock, TypeError):
-                self._load_inode(bno, buf)
+                rec = self._load_inode(bno, buf)
+                if rec is not None:
+                    slow.append(rec)
                 continue
-            inodes[bno] = Rec(di, ())
+            rec = inodes[bno] = Rec(di, ())
             if claims[bno] == C_DATA:
                 dups.add(bno)
             claims[bno] = C_DINODE if di.nlink else C_UNLINKED
+            flags = di.flags
+            if flags & (DF_EXTENTS | DF_DIRTREE):
+                root = di.root
+                if root.level or di.xattr_block:
+                    slow.append(rec)
+                    continue
+                rec.items = list(zip(root.keys, root.vals))   # decode checked the order
+                if flags & DF_EXTENTS:
+                    plan(rec, suspicious)
+            elif di.xattr_block:
+                slow.append(rec)
         # where a bitmap block is lost, every block is looked at for dinodes (freed
         # dinodes have link count 0 and are not taken)
         unknown = []
@@ -823,39 +839,27 @@ class Fsck:
                 rep.progress.step()
                 if buf is not None and buf[:4] == b"CFS1" and \
                         int.from_bytes(buf[4:6], "little") == BlockType.DINODE:
-                    self._load_inode(bno, buf, discovered=True)
+                    rec = self._load_inode(bno, buf, discovered=True)
+                    if rec is not None:
+                        slow.append(rec)
         root = sb.root_ino
         if root not in self.inodes and root not in self.bad_inodes and \
                 self._in_data(root) and not claims[root]:
             buf = self._read(root)
             if buf is not None:
-                self._load_inode(root, buf, discovered=True)
-        # trees (in inode order)
-        rep.progress.start("Reading trees", len(self.inodes))
-        for i, ino in enumerate(sorted(self.inodes)):
-            if not i & 1023:
-                step(1024)
-            rec = self.inodes[ino]
-            di = rec.di
-            root = di.root
-            if di.flags & (DF_EXTENTS | DF_DIRTREE) and not root.level and not rec.notes:
-                rec.items = list(zip(root.keys, root.vals))
-                if di.xattr_block:
-                    self._scan_xattr_block(rec)
-            else:
-                self._scan_trees(rec)
-        # dinodes reached by directory entries that the bitmap does not mark
-        self._discover()
-        # extents: plausible ones claim first, the others are then resolved
-        rep.progress.start("Checking extents", len(self.inodes))
-        suspicious = []
-        plan = self._plan_extents
-        for i, ino in enumerate(sorted(self.inodes)):
-            if not i & 1023:
-                step(1024)
-            rec = self.inodes[ino]
+                rec = self._load_inode(root, buf, discovered=True)
+                if rec is not None:
+                    slow.append(rec)
+        # the other trees, now that every dinode the bitmap marks holds its block
+        rep.progress.start("Reading trees", len(slow))
+        for rec in sorted(slow, key=lambda r: r.di.bno):
+            step()
+            self._scan_trees(rec)
             if rec.di.flags & DF_EXTENTS:
                 plan(rec, suspicious)
+        # dinodes reached by directory entries that the bitmap does not mark
+        self._discover()
+        # extents held back: settled once every plausible extent holds its blocks
         for rec in suspicious:
             self._resolve_extents(rec)
         # garbage dinodes whose block turns out to hold something else
@@ -1096,6 +1100,8 @@ class Fsck:
                 if new is None:
                     continue
                 self._scan_trees(new)
+                if new.di.flags & DF_EXTENTS:
+                    self._plan_extents(new, self._suspicious)
                 if new.di.flags & DF_DIRTREE:
                     queue.append(new)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import time
 
 from clusterfs.blockhdr import BLOCK_SIZE
 
@@ -96,9 +95,10 @@ def read_blocks(dev, bnos, *, max_gap: int = 0, max_run: int = 256):
 
     Neighbouring blocks (at most ``max_gap`` apart) are read with one request of at
     most ``max_run`` blocks; a request that fails is retried block by block so that
-    one bad sector costs only its own block.  On a buffered image file the blocks
-    are announced ahead (``posix_fadvise(WILLNEED)``), so the kernel reads them with
-    many requests in flight instead of one at a time.
+    one bad sector costs only its own block.  On a buffered image file, once a
+    block is found missing from the page cache, the blocks ahead are announced
+    (``posix_fadvise(WILLNEED)``) so that the kernel reads them with many requests
+    in flight instead of one at a time.
     """
     if isinstance(dev, OverlayDevice) and not dev.blocks:
         dev = dev.dev
@@ -106,25 +106,35 @@ def read_blocks(dev, bnos, *, max_gap: int = 0, max_run: int = 256):
     fd = getattr(dev, "fd", -1)
     direct = isinstance(dev, OverlayDevice) or getattr(dev, "direct", True) or \
         not isinstance(fd, int) or fd < 0
+    state = {"prefetch": False}
     if direct:
         read = dev.read
     else:
+        nowait = getattr(os, "RWF_NOWAIT", None)
+
         def read(bno, count=1, _pread=os.pread, _fd=fd):
-            # a buffered image file: plain pread (BlockDevice.read checks and counts)
-            data = _pread(_fd, count * BLOCK_SIZE, bno * BLOCK_SIZE)
-            if len(data) != count * BLOCK_SIZE:
+            # a buffered image file: plain pread (BlockDevice.read checks and counts);
+            # until a block turns out not to be in the page cache (RWF_NOWAIT), then
+            # the blocks ahead are announced from there on
+            nbytes = count * BLOCK_SIZE
+            if nowait is not None and not state["prefetch"]:
+                buf = bytearray(nbytes)
+                try:
+                    if os.preadv(_fd, [buf], bno * BLOCK_SIZE, nowait) == nbytes:
+                        return buf
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    pass
+                state["prefetch"] = hasattr(os, "posix_fadvise")
+            data = _pread(_fd, nbytes, bno * BLOCK_SIZE)
+            if len(data) != nbytes:
                 raise OSError(5, f"short read at block {bno}")
             return data
-    ahead = 0
+    ahead = 0                   # blocks before this index were announced
     i = 0
-    prefetch = not direct and hasattr(os, "posix_fadvise")
-    spent = 0.0                 # time inside reads, for the first PREFETCH blocks
     while i < n:
-        if prefetch and ahead <= i and i >= PREFETCH:
-            if spent < PREFETCH * 20e-6:
-                prefetch = False    # they came from the page cache: stop announcing
-            spent = 0.0
-        if prefetch and ahead <= i:
+        if state["prefetch"] and ahead <= i:
             stop = min(n, i + PREFETCH)
             try:
                 for k in range(max(ahead, i), stop):
@@ -139,12 +149,7 @@ def read_blocks(dev, bnos, *, max_gap: int = 0, max_run: int = 256):
             j += 1
         last = bnos[j - 1]
         try:
-            if prefetch:
-                t = time.perf_counter()
-                data = read(first, last - first + 1)
-                spent += time.perf_counter() - t
-            else:
-                data = read(first, last - first + 1)
+            data = read(first, last - first + 1)
         except OSError:
             for k in range(i, j):
                 try:
