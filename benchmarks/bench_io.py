@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """I/O benchmark: clusterfs side by side with the raw file, a pyfuse3 passthrough and ext4.
 
-One run measures the same workloads on four targets, all mounted at once, each
-workload going round the targets in turn:
+One run measures the same workloads on four targets, all mounted at once:
 
 * ``raw``: the host file system that holds the volume file, used directly (the
   physical limit: data goes to a plain file next to the volume image);
@@ -19,11 +18,13 @@ system, and every write phase ends with fsync, counted in its time):
   then fsync; sequential read of it in 1 MiB requests;
 * 4 KiB random writes (overwrites inside that file) for a fixed time, then fsync;
   4 KiB random reads for a fixed time (``POSIX_FADV_RANDOM``, so the kernel reads
-  only what is asked);
+  only what is asked).  These two go round the targets in quarter-second turns
+  until each has had its time, so that all see the same background;
 * metadata: create 10,000 empty files in one directory (2,000 with ``--quick``),
   fsync the directory; stat them all (after a cache drop, so the kernel asks the
   file system); unlink them all, fsync the directory.  The rate is files per
-  second through all three steps.
+  second through all three steps.  Each step goes round the targets 250 files at
+  a time.
 
 For the two FUSE targets it also reports the CPU time their server process spent
 per operation: a figure that other work on the host disturbs far less than the
@@ -134,73 +135,113 @@ def _offsets(size: int, seed: int, n: int = 1 << 16) -> list[int]:
     return [rng.randrange(nblocks) * BLOCK for _ in range(n)]
 
 
-def rand_write(path: str, size: int, seconds: float) -> float:
-    """4 KiB overwrites at random offsets for ``seconds``, then fsync; returns IOPS."""
+SLICE = 0.25      # seconds a random I/O phase stays on one target before the next
+
+
+def rand_io(kind: str, mounted: dict, args) -> dict:
+    """4 KiB random writes (overwrites, then fsync) or reads of the file ``big`` on
+    every target, for ``args.seconds`` each, in SLICE-long turns round the targets,
+    so that all of them see the same mix of whatever else the host is doing.
+
+    Returns, per target, the IOPS (the fsync counted in the time) and the CPU
+    microseconds its server spent per operation (``cpu_<kind>``).
+    """
+    write = kind == "rand_write"
     drop_caches()
-    offs = _offsets(size, 1)
+    offs = _offsets(args.size, 1 if write else 2)
     data = os.urandom(BLOCK)
-    ops = 0
-    fd = os.open(path, os.O_WRONLY)
+    fds, ops, spent, cpu = {}, {}, {}, {}
     try:
-        t0 = time.perf_counter()
-        deadline = t0 + seconds
-        while time.perf_counter() < deadline:
-            for off in offs[ops & 0xFFFF:(ops & 0xFFFF) + 256]:
-                os.pwrite(fd, data, off)
-            ops += 256
-        os.fsync(fd)
-        elapsed = time.perf_counter() - t0
+        for t, (top, _pid) in mounted.items():
+            fds[t] = os.open(os.path.join(top, "big"), os.O_WRONLY if write else os.O_RDONLY)
+            if not write:
+                os.posix_fadvise(fds[t], 0, 0, os.POSIX_FADV_RANDOM)
+            ops[t], spent[t], cpu[t] = 0, 0.0, 0.0
+        while any(spent[t] < args.seconds for t in mounted):
+            for t, (top, pid) in mounted.items():
+                if spent[t] >= args.seconds:
+                    continue
+                fd, n = fds[t], ops[t]
+                c0 = cpu_seconds(pid)
+                t0 = time.perf_counter()
+                deadline = t0 + min(SLICE, args.seconds - spent[t])
+                while time.perf_counter() < deadline:
+                    for off in offs[n & 0xFFFF:(n & 0xFFFF) + 64]:
+                        if write:
+                            os.pwrite(fd, data, off)
+                        elif len(os.pread(fd, BLOCK, off)) != BLOCK:
+                            raise RuntimeError(f"{t}: short read at {off}")
+                    n += 64
+                spent[t] += time.perf_counter() - t0
+                cpu[t] += cpu_seconds(pid) - c0
+                ops[t] = n
+        if write:
+            for t, (top, pid) in mounted.items():
+                c0 = cpu_seconds(pid)
+                t0 = time.perf_counter()
+                os.fsync(fds[t])
+                spent[t] += time.perf_counter() - t0
+                cpu[t] += cpu_seconds(pid) - c0
     finally:
-        os.close(fd)
-    return ops / elapsed
+        for fd in fds.values():
+            os.close(fd)
+    out = {}
+    for t, (top, pid) in mounted.items():
+        out[t] = {kind: ops[t] / spent[t]}
+        if pid is not None:
+            out[t]["cpu_" + kind] = cpu[t] * 1e6 / ops[t]
+    return out
 
 
-def rand_read(path: str, size: int, seconds: float) -> float:
-    """4 KiB reads at random offsets for ``seconds``; returns IOPS."""
+META_CHUNK = 250   # files a metadata step does on one target before the next
+
+
+def meta_io(mounted: dict, args) -> dict:
+    """Create ``args.files`` empty files in one new directory per target, fsync it;
+    stat them all (after a cache drop, so the kernel asks the file system); unlink
+    them all, fsync the directory.  Each step goes round the targets META_CHUNK
+    files at a time.
+
+    Returns, per target, files per second through all three steps (``meta``) and
+    per step, and the CPU microseconds its server spent per file (``cpu_meta``).
+    """
+    dirs = {t: os.path.join(top, "meta") for t, (top, _pid) in mounted.items()}
+    names = [f"f{i:06d}" for i in range(args.files)]
+    spent = {t: {"create": 0.0, "stat": 0.0, "unlink": 0.0} for t in mounted}
+    cpu = dict.fromkeys(mounted, 0.0)
+
+    def step(name, fn, finish=None):
+        for k in range(0, len(names), META_CHUNK):
+            for t, (_top, pid) in mounted.items():
+                c0 = cpu_seconds(pid)
+                t0 = time.perf_counter()
+                d = dirs[t]
+                for n in names[k:k + META_CHUNK]:
+                    fn(os.path.join(d, n))
+                if finish is not None and k + META_CHUNK >= len(names):
+                    finish(d)
+                spent[t][name] += time.perf_counter() - t0
+                cpu[t] += cpu_seconds(pid) - c0
+
+    for d in dirs.values():
+        os.mkdir(d)
     drop_caches()
-    offs = _offsets(size, 2)
-    ops = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        t0 = time.perf_counter()
-        deadline = t0 + seconds
-        while time.perf_counter() < deadline:
-            for off in offs[ops & 0xFFFF:(ops & 0xFFFF) + 256]:
-                if len(os.pread(fd, BLOCK, off)) != BLOCK:
-                    raise RuntimeError(f"{path}: short read at {off}")
-            ops += 256
-        elapsed = time.perf_counter() - t0
-    finally:
-        os.close(fd)
-    return ops / elapsed
-
-
-def meta(top: str, nfiles: int) -> dict:
-    """Create, stat and unlink ``nfiles`` files in one directory; files/s per step and
-    through all three."""
-    d = os.path.join(top, "meta")
-    os.mkdir(d)
-    names = [os.path.join(d, f"f{i:06d}") for i in range(nfiles)]
+    step("create", lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                              0o644)), fsync_dir)
     drop_caches()
-    t0 = time.perf_counter()
-    for p in names:
-        os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-    fsync_dir(d)
-    t1 = time.perf_counter()
-    drop_caches()
-    t2 = time.perf_counter()
-    for p in names:
-        os.stat(p)
-    t3 = time.perf_counter()
-    for p in names:
-        os.unlink(p)
-    fsync_dir(d)
-    t4 = time.perf_counter()
-    os.rmdir(d)
-    create, stat_, unlink = t1 - t0, t3 - t2, t4 - t3
-    return {"create": nfiles / create, "stat": nfiles / stat_, "unlink": nfiles / unlink,
-            "total": nfiles / (create + stat_ + unlink)}
+    step("stat", os.stat)
+    step("unlink", os.unlink, fsync_dir)
+    out = {}
+    for t, (_top, pid) in mounted.items():
+        os.rmdir(dirs[t])
+        sp = spent[t]
+        out[t] = {"meta": args.files / sum(sp.values()),
+                  "meta_create": args.files / sp["create"],
+                  "meta_stat": args.files / sp["stat"],
+                  "meta_unlink": args.files / sp["unlink"]}
+        if pid is not None:
+            out[t]["cpu_meta"] = cpu[t] * 1e6 / args.files
+    return out
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -215,31 +256,15 @@ def cpu_seconds(pid: int | None) -> float:
 PHASES = ("seq_write", "seq_read", "rand_write", "rand_read", "meta")
 
 
-def run_phase(phase: str, top: str, args, pid: int | None, buf: bytes) -> dict:
-    """One workload in directory ``top``; returns its figures and the CPU time the
-    file system server ``pid`` spent per operation (``cpu_<phase>``, in µs per 1 MiB
-    request, per 4 KiB request, per file)."""
+def seq_io(phase: str, top: str, args, pid: int | None, buf: bytes) -> dict:
+    """The sequential write or read of the file ``big`` in ``top``; returns MiB/s and
+    the CPU microseconds the server ``pid`` spent per 1 MiB request."""
     path = os.path.join(top, "big")
     c0 = cpu_seconds(pid)
-    if phase == "seq_write":
-        res = {phase: seq_write(path, args.size, buf)}
-        ops = args.size / MiB
-    elif phase == "seq_read":
-        res = {phase: seq_read(path, args.size, buf)}
-        ops = args.size / MiB
-    elif phase == "rand_write":
-        res = {phase: rand_write(path, args.size, args.seconds)}
-        ops = res[phase] * args.seconds
-    elif phase == "rand_read":
-        res = {phase: rand_read(path, args.size, args.seconds)}
-        ops = res[phase] * args.seconds
-    else:
-        m = meta(top, args.files)
-        res = {"meta": m["total"], "meta_create": m["create"], "meta_stat": m["stat"],
-               "meta_unlink": m["unlink"]}
-        ops = args.files
+    fn = seq_write if phase == "seq_write" else seq_read
+    res = {phase: fn(path, args.size, buf)}
     if pid is not None:
-        res["cpu_" + phase] = (cpu_seconds(pid) - c0) * 1e6 / ops
+        res["cpu_" + phase] = (cpu_seconds(pid) - c0) * 1e6 / (args.size / MiB)
     return res
 
 
@@ -482,18 +507,24 @@ def main() -> int:
                 tdir = os.path.join(work, t)
                 os.mkdir(tdir)
                 mounted[t] = stack.enter_context(SETUP[t](tdir, args))
-            # Every target is mounted at once and each phase goes round them (in a
-            # rotating order when repeated), so that a burst of other activity on
-            # the host does not hit one target only.
+            # Every target is mounted at once and each phase goes round them, so
+            # that a burst of other activity on the host does not hit one only.
             for phase in PHASES:
                 if phase == "meta":
                     for t in names:
                         os.unlink(os.path.join(mounted[t][0], "big"))
                 for rep in range(args.repeat):
-                    for k in range(len(names)):
-                        t = names[(k + rep) % len(names)]
-                        top, pid = mounted[t]
-                        r = run_phase(phase, top, args, pid, buf)
+                    if phase in ("seq_write", "seq_read"):
+                        res = {}
+                        for k in range(len(names)):         # a rotating order
+                            t = names[(k + rep) % len(names)]
+                            top, pid = mounted[t]
+                            res[t] = seq_io(phase, top, args, pid, buf)
+                    elif phase == "meta":
+                        res = meta_io(mounted, args)
+                    else:
+                        res = rand_io(phase, mounted, args)
+                    for t, r in res.items():
                         runs[t][rep].update(r)
                         note(f"{phase} {t}: " + ", ".join(f"{key} {v:,.0f}"
                                                            for key, v in r.items()))

@@ -187,6 +187,13 @@ def write(vol, di: Dinode, off: int, data) -> int:
     t = tree(vol, di)
     first = off // BLOCK_SIZE
     last = (end - 1) // BLOCK_SIZE
+    if not (off | n) % BLOCK_SIZE and end <= di.size:
+        # whole blocks inside the file: one extent holding them all is overwritten
+        # in place (what the general path below does too, with more book-keeping)
+        rec = t.floor(first)
+        if rec is not None and rec[0] + rec[1][1] > last:
+            vol.write_data(rec[1][0] + first - rec[0], data)
+            return n
     if off > di.size and di.size // BLOCK_SIZE < first:
         # a write that never committed (power cut) may have left bytes past EOF
         _zero_tail(vol, di, t, di.size)
