@@ -30,6 +30,7 @@ request that waits for the same lock.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -117,6 +118,7 @@ class Coherence:
         self.glocks = GlockTable(client, self, min_hold=min_hold)
         self.holds: Holds | None = None
         self.fenced = False
+        self.waits: set[trio.CancelScope] = set()   # lock manager waits of operations
         sb = vol.sb
         n = sb.nslots
         mine = [g for g in range(sb.rgrp_count) if g % n == slot % n]
@@ -125,7 +127,8 @@ class Coherence:
         self.rank = {g: i for i, g in enumerate(self.preferred)}
         self.known_free: dict[int, int] = {}
         self.ex_groups: set[int] = set()
-        self.write_handles: dict[int, int] = {}
+        self.write_handles: dict[int, int] = {}     # inode -> handles open for writing
+        self.serial = KeyedLocks()     # one change of an O or W lock at a time
         self.stats = {"attempts": 0, "retries": 0}
         vol.cluster = self
 
@@ -162,6 +165,26 @@ class Coherence:
             raise TypeError(f"no lock covers {cls.__name__}")
         self._require(name, EX, hint)
         self.glocks.glocks[name].dirty = True
+
+    def cache_valid(self, obj) -> bool:
+        """Whether this node holds the lock covering a cached object (PR or better).
+
+        Only then is the object known to be current: a lock held in NL keeps its
+        objects for validation at the next grant, but meanwhile another node may have
+        freed their blocks and reused them under other locks."""
+        cls = obj.__class__
+        if cls is Dinode:
+            name = inode_lock(obj.bno)
+        elif cls is TreeNode or cls is XattrBlock:
+            name = inode_lock(obj.owner)
+        elif cls is RgrpHeader:
+            name = group_lock(obj.index)
+        elif cls is Bitmap:
+            name = group_lock(obj.rgrp)
+        else:
+            return False
+        g = self.glocks.glocks.get(name)
+        return g is not None and g.mode is not None and covers(g.mode, PR)
 
     def alloc_groups(self) -> list[int]:
         """Groups usable for allocation now: held EX by this node, best first."""
@@ -276,7 +299,7 @@ class Coherence:
             attempts += 1
             self.stats["attempts"] += 1
             try:
-                holds = await self.glocks.acquire(want)
+                holds = await self.until_fenced(self.glocks.acquire, want)
             except Deadlock:
                 await trio.sleep(random.uniform(0.002, 0.05))
                 continue
@@ -308,27 +331,46 @@ class Coherence:
         if not self.fenced:
             log.error("self-fencing (%s): all volume I/O stops; remount to rejoin", why)
         self.fenced = True
+        for scope in list(self.waits):
+            scope.cancel()
+
+    async def until_fenced(self, fn, *args, **kw):
+        """``await fn(*args, **kw)`` (a wait for the lock manager), given up with EIO
+        when the node fences itself meanwhile: a lock manager that is out of reach
+        must not hang the applications."""
+        self.check()
+        with trio.CancelScope() as scope:
+            self.waits.add(scope)
+            try:
+                return await fn(*args, **kw)
+            finally:
+                self.waits.discard(scope)
+        raise FSError(errno.EIO, "node is fenced (lease lost); remount to rejoin")
 
     # -- open modes and deletion --------------------------------------------------------
 
     async def try_lock(self, name: bytes, mode: Mode) -> bool:
         try:
-            await self.client.lock(name, mode, try_lock=True)
+            await self.until_fenced(self.client.lock, name, mode, try_lock=True)
             return True
         except (TryAgain, NotRecovered):
             return False
 
-    async def purge_if_unused(self, ino: int | None) -> None:
+    async def purge_if_unused(self, ino: int | None) -> bool:
         """Free an unlinked inode unless a node still has it open (then that node's
-        last close frees it)."""
-        if ino is None or self.fs.in_use(ino):
-            return
-        if not await self.try_lock(open_lock(ino), EX):
-            return
-        try:
-            await self.purge(ino)
-        finally:
-            await self.client.unlock(open_lock(ino))
+        last close frees it).  Returns whether it was freed here."""
+        if ino is None:
+            return False
+        async with self.serial.hold(open_lock(ino)):
+            if self.fs.in_use(ino):
+                return False
+            if not await self.try_lock(open_lock(ino), EX):
+                return False
+            try:
+                await self.purge(ino)
+            finally:
+                await self._unlock_if_held(open_lock(ino))
+        return True
 
     async def purge(self, ino: int) -> None:
         """Free an unlinked inode step by step, letting the event loop (lease
@@ -336,26 +378,50 @@ class Coherence:
         while not await self.run(self.fs.purge_step, ino, want={inode_lock(ino): EX}):
             await trio.sleep(0)
 
-    async def open_mode(self, ino: int, writable: bool) -> None:
-        """Take the open lock (and the write-open mode) for a new handle; EBUSY when
-        another node has the file open for writing."""
-        first = self.fs.open_count.get(ino, 0) == 1
-        if first:
-            try:
-                await self.client.lock(open_lock(ino), PR)
-            except (LeaseLost, LockError) as e:
-                raise FSError(errno.EIO, f"lock manager: {e}") from None
-        if not writable:
-            return
-        if self.write_handles.get(ino, 0) == 0:
-            multi = await self.run(self._multiwriter, ino, want={inode_lock(ino): PR})
-            mode = CW if multi else EX
-            deadline = trio.current_time() + OPEN_RETRY_S
-            while not await self.try_lock(write_lock(ino), mode):
-                if trio.current_time() >= deadline:
-                    raise FSError(errno.EBUSY, "file is open for writing on another node")
-                await trio.sleep(0.05)
-        self.write_handles[ino] = self.write_handles.get(ino, 0) + 1
+    async def _unlock_if_held(self, name: bytes) -> None:
+        if self.client.held(name) is not None:
+            await self.client.unlock(name)
+
+    async def hold_open(self, ino: int) -> None:
+        """Take the open lock for a new handle (the first one on this node)."""
+        async with self.serial.hold(open_lock(ino)):
+            if self.fs.in_use(ino) and self.client.held(open_lock(ino)) is None:
+                try:
+                    await self.until_fenced(self.client.lock, open_lock(ino), PR)
+                except (LeaseLost, LockError) as e:
+                    raise FSError(errno.EIO, f"lock manager: {e}") from None
+
+    async def drop_open(self, ino: int) -> None:
+        """Give the open lock up once no handle on this node has the inode open."""
+        async with self.serial.hold(open_lock(ino)):
+            if not self.fs.in_use(ino):
+                await self._unlock_if_held(open_lock(ino))
+
+    async def take_write_mode(self, ino: int) -> None:
+        """Count one more handle open for writing on this node; the first takes the
+        cluster open mode (``W``), EBUSY when another node has the file open for
+        writing.  Taken before the open changes anything (``O_TRUNC``)."""
+        async with self.serial.hold(write_lock(ino)):
+            if self.write_handles.get(ino, 0) == 0:
+                multi = await self.run(self._multiwriter, ino, want={inode_lock(ino): PR})
+                mode = CW if multi else EX
+                deadline = trio.current_time() + OPEN_RETRY_S
+                while not await self.try_lock(write_lock(ino), mode):
+                    if trio.current_time() >= deadline:
+                        raise FSError(errno.EBUSY,
+                                      "file is open for writing on another node")
+                    await trio.sleep(0.05)
+            self.write_handles[ino] = self.write_handles.get(ino, 0) + 1
+
+    async def drop_write_mode(self, ino: int) -> None:
+        """One handle open for writing fewer; the last one gives the mode up."""
+        async with self.serial.hold(write_lock(ino)):
+            left = self.write_handles.get(ino, 1) - 1
+            if left > 0:
+                self.write_handles[ino] = left
+                return
+            self.write_handles.pop(ino, None)
+            await self._unlock_if_held(write_lock(ino))
 
     def _multiwriter(self, ino: int) -> bool:
         from .inode import xattr_get
@@ -365,23 +431,37 @@ class Coherence:
         """Give up what a closed handle held; the last close of an unlinked inode on
         the whole cluster frees it."""
         if writable:
-            left = self.write_handles.get(ino, 1) - 1
-            if left > 0:
-                self.write_handles[ino] = left
-            else:
-                self.write_handles.pop(ino, None)
-                if self.client.held(write_lock(ino)) is not None:
-                    await self.client.unlock(write_lock(ino))
+            await self.drop_write_mode(ino)
         if self.fs.in_use(ino):
             return
-        if self.client.held(open_lock(ino)) is not None:
-            await self.client.unlock(open_lock(ino))
+        await self.drop_open(ino)
         try:
             di = await self.run(self.vol.dinode, ino, want={inode_lock(ino): PR})
         except (FSError, CorruptBlock):
             return
         if di.generation == generation and di.nlink == 0:
             await self.purge_if_unused(ino)
+
+
+class KeyedLocks:
+    """One ``trio.Lock`` per key, made on demand and dropped when idle: serializes
+    a node's changes of one open or write-open lock (take and give up)."""
+
+    def __init__(self):
+        self._locks: dict = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key):
+        lk = self._locks.get(key)
+        if lk is None:
+            lk = self._locks[key] = trio.Lock()
+        try:
+            async with lk:
+                yield
+        finally:
+            if not lk.locked() and not lk.statistics().tasks_waiting and \
+                    self._locks.get(key) is lk:
+                del self._locks[key]
 
 
 class ClusterFrontend:
@@ -453,25 +533,39 @@ class ClusterFrontend:
     async def open(self, ino, flags):
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         mode = EX if flags & os.O_TRUNC and writable else PR
-        fh = await self.run(self.fs.open, ino, flags, want={inode_lock(ino): mode})
-        return await self._opened(fh, ino, writable)
-
-    async def _opened(self, fh, ino, writable):
+        if writable:
+            await self.coh.take_write_mode(ino)
         try:
-            await self.coh.open_mode(ino, writable)
+            fh = await self.run(self.fs.open, ino, flags, want={inode_lock(ino): mode})
+            await self._opened(fh, ino)
         except BaseException:
-            h = self.fs.close_handle(fh)
-            if h is not None and not self.fs.in_use(ino) and \
-                    self.coh.client.held(open_lock(ino)) is not None:
-                await self.coh.client.unlock(open_lock(ino))
+            if writable:
+                with trio.CancelScope(shield=True):
+                    await self.coh.drop_write_mode(ino)
+            raise
+        return fh
+
+    async def _opened(self, fh, ino):
+        try:
+            await self.coh.hold_open(ino)
+        except BaseException:
+            self.fs.close_handle(fh)
+            with trio.CancelScope(shield=True):
+                await self.coh.drop_open(ino)
             raise
         return fh
 
     async def create(self, parent, name, mode, flags, ctx):
         fh, di = await self.run(self.fs.create, parent, name, mode, flags, ctx,
                                 want={inode_lock(parent): EX, **self._home()})
-        writable = flags & os.O_ACCMODE != os.O_RDONLY
-        await self._opened(fh, di.bno, writable)
+        await self._opened(fh, di.bno)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            try:
+                await self.coh.take_write_mode(di.bno)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.release(fh, writable=False)
+                raise
         return fh, di
 
     async def read(self, fh, off, size):
@@ -497,21 +591,17 @@ class ClusterFrontend:
             self.coh.fence("fsync refused")
             raise FSError(errno.EIO, "node is fenced") from None
 
-    async def release(self, fh):
+    async def release(self, fh, writable: bool | None = None):
         h = self.fs.close_handle(fh)
         if h is None or self.coh.fenced:
             return
-        writable = h.flags & os.O_ACCMODE != os.O_RDONLY and not h.is_dir
+        if writable is None:
+            writable = h.flags & os.O_ACCMODE != os.O_RDONLY and not h.is_dir
         await self.coh.close_mode(h.ino, h.generation, writable)
 
     async def opendir(self, ino):
         fh = await self.run(self.fs.opendir, ino, want={inode_lock(ino): PR})
-        try:
-            await self.coh.open_mode(ino, False)
-        except BaseException:
-            self.fs.close_handle(fh)
-            raise
-        return fh
+        return await self._opened(fh, ino)
 
     async def readdir(self, fh, start, limit=64):
         h = self.fs.handles.get(fh)

@@ -38,8 +38,7 @@ from lockmgr import EX, PR, LockClient, LockError, LockTimeout, NodeBusy, NotRec
 from lockmgr.errors import AuthError, ConnectError
 
 from . import slots as slotmod
-from .cluster import (ClusterFrontend, Coherence, group_lock, open_lock,
-                      recovery_lock, slot_lock)
+from .cluster import ClusterFrontend, Coherence, group_lock, recovery_lock, slot_lock
 from .errors import CorruptBlock, Fenced, QuietError
 from .format import (BLOCKS_PER_BITMAP, HB_CLUSTER, HB_FREE, HB_NOLOCK, UNLINKED,
                      Heartbeat, RgrpHeader)
@@ -257,6 +256,11 @@ class ClusterMount:
                 await self.coh.glocks.trim()
             except Fenced:
                 self.coh.fence("a volume write was refused")
+            except Exception:
+                # a failed commit or heartbeat must not end the mount: the journal
+                # aborts itself on device errors (every later write then fails, and
+                # applications see EIO); log it and keep the node's other duties up
+                log.exception("background duties failed")
 
     def _watch_heartbeats(self) -> None:
         """Note when each other slot's heartbeat last advanced (for recovery)."""
@@ -346,15 +350,8 @@ class ClusterMount:
                 continue
             inos = await coh.run(self._unlinked_in, rg, want={group_lock(rg): PR})
             for ino in inos:
-                if self.fs.in_use(ino):
-                    continue
-                if not await coh.try_lock(open_lock(ino), EX):
-                    continue
-                try:
-                    await coh.purge(ino)
+                if await coh.purge_if_unused(ino):
                     freed += 1
-                finally:
-                    await self.client.unlock(open_lock(ino))
         if freed:
             log.info("freed %d inode(s) left unlinked by dead nodes", freed)
         return freed
@@ -401,13 +398,17 @@ class ClusterMount:
         except Fenced:
             log.error("fenced while unmounting: the journal is left for recovery")
         finally:
-            # A fenced node must not leave cleanly: that would release its locks with
-            # its journal unrecovered.  Its session simply ends with the process, the
-            # lease expires, and a survivor recovers the journal first.
-            if self.client is not None and self.coh is not None and not self.coh.fenced:
+            # A fenced node must not leave cleanly while it holds locks: that would
+            # release them with its journal unrecovered.  It leaves as if it had
+            # crashed (close(release=False)): its locks wait until a survivor has
+            # recovered its journal.  A session that holds nothing (the lock manager
+            # expired the old one and the client reconnected) is closed normally, so
+            # that the node can rejoin at once.
+            if self.client is not None and self.coh is not None:
+                release = not self.coh.fenced or not self.client.held_locks()
                 with trio.CancelScope(shield=True):
                     try:
-                        await self.client.close()
+                        await self.client.close(release=release)
                     except LockError:
                         pass
             vol.close()

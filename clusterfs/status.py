@@ -120,9 +120,10 @@ def cmd_status(args) -> int:
         vol.close()
     if not os.path.exists(args.volume):
         raise QuietError(f"{args.volume} does not exist", 2)
+    from lockmgr import LockError
     try:
         st = gather(args.volume, watch=args.watch, lockd=lockd if key else None, key=key)
-    except OSError as e:
+    except (OSError, LockError) as e:
         raise QuietError(f"lock manager {lockd}: {e}", 1) from None
     print(json.dumps(st, indent=2) if args.json else render(st))
     return 0

@@ -135,7 +135,7 @@ class Volume:
         cluster = self.cluster
         if cluster is not None:
             cluster.require_inode(ino, False)
-        obj = self.objects.get(ino)
+        obj = self._cached(ino)
         if obj is not None:
             if obj.__class__ is Dinode:
                 return obj
@@ -156,8 +156,19 @@ class Volume:
                 raise FSError(errno.ESTALE, f"block {ino} is not an inode") from None
             raise
 
-    def tree_node(self, bno: int, kind: int) -> TreeNode:
+    def _cached(self, bno: int) -> MetaObject | None:
+        """The cached object at ``bno``.  In a cluster a cached object whose covering
+        lock this node no longer holds (PR or better) may be stale: another node may
+        have freed the block and reused it for something else.  It is forgotten."""
         obj = self.objects.get(bno)
+        if obj is not None and self.cluster is not None and \
+                not self.cluster.cache_valid(obj):
+            del self.objects[bno]
+            return None
+        return obj
+
+    def tree_node(self, bno: int, kind: int) -> TreeNode:
+        obj = self._cached(bno)
         if obj is not None:
             if obj.__class__ is TreeNode and obj.kind == kind and not obj.is_root:
                 return obj
@@ -168,7 +179,7 @@ class Volume:
         return self._load(bno, lambda buf, b: TreeNode.decode(buf, b, kind))
 
     def xattr_block(self, bno: int) -> XattrBlock:
-        obj = self.objects.get(bno)
+        obj = self._cached(bno)
         if obj is not None:
             if obj.__class__ is XattrBlock:
                 return obj
@@ -391,7 +402,7 @@ class Volume:
 
     def inode_blocks(self, ino: int) -> list[int]:
         """Cached blocks covered by inode ``ino``'s lock: dinode, tree, xattr block."""
-        out = [ino] if ino in self.objects else []
+        out = [ino] if self.objects.get(ino).__class__ is Dinode else []
         for bno in self.by_owner.get(ino, ()):
             obj = self.objects.get(bno)
             if obj is not None and getattr(obj, "owner", None) == ino:

@@ -34,14 +34,27 @@ def fsck_clean(path: str) -> None:
     assert proc.returncode == 0, f"fsck -fn found problems:\n{proc.stdout}\n{proc.stderr}"
 
 
+def in_mount_table(path: str) -> bool:
+    """Whether ``path`` is a mount point by the kernel's table (``os.path.ismount``
+    says no when the file system answers stat with an error, e.g. a fenced node)."""
+    want = os.path.abspath(path)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 1 and fields[1].encode().decode("unicode_escape") == want:
+                return True
+    return False
+
+
 class Mount:
     """A ``clusterfs mount --foreground`` process and its mount point."""
 
-    def __init__(self, volume: str, mountpoint: str, *args: str, env=None):
+    def __init__(self, volume: str, mountpoint: str, *args: str, env=None, wrap=()):
         self.volume = volume
         self.path = mountpoint
         self.args = args
         self.env = env
+        self.wrap = tuple(wrap)   # command prefix, e.g. ("nsenter", "--net=...")
         self.proc: subprocess.Popen | None = None
         self.log = mountpoint.rstrip("/") + ".log"
 
@@ -49,8 +62,8 @@ class Mount:
         os.makedirs(self.path, exist_ok=True)
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [PY, "-m", "clusterfs.cli", "mount", "--foreground", self.volume, self.path,
-             *self.args], stdout=logf, stderr=subprocess.STDOUT, env=self.env)
+            [*self.wrap, PY, "-m", "clusterfs.cli", "mount", "--foreground", self.volume,
+             self.path, *self.args], stdout=logf, stderr=subprocess.STDOUT, env=self.env)
         logf.close()
         deadline = time.monotonic() + timeout
         while not os.path.ismount(self.path):
@@ -77,7 +90,7 @@ class Mount:
         """Unmount (even after a failure), wait for the server, check its log."""
         if self.proc is None:
             return
-        if os.path.ismount(self.path):
+        if os.path.ismount(self.path) or in_mount_table(self.path):
             r = subprocess.run(["fusermount3", "-u", self.path], capture_output=True)
             if r.returncode != 0:
                 subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)

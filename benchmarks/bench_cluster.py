@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""Cluster benchmark (issue 4): scaling over two nodes, lock ping-pong, failover.
+
+One run makes a volume, starts a lock manager (``clusterfs lockd``, default lease
+and grace) and mounts the volume as two nodes (default mount options), then
+measures:
+
+* ``create``: files created, stat'ed and unlinked per second (N empty files in a
+  directory: create all, stat all, unlink all) by one node alone in its directory,
+  and by two nodes at once, each in its own directory (aggregate rate);
+* ``write``: sequential write of a file in 1 MiB requests, then fsync, by one node
+  alone, and by two nodes at once to separate files (aggregate MiB/s);
+* ``pingpong``: two nodes appending 100 bytes alternately to one file (marked
+  ``user.clusterfs.multiwriter=1``, both kept open): appends per second, every
+  append a hand-off of the file's lock;
+* ``failover``: seconds from SIGKILL of a node holding a file open for writing
+  until another node's open for writing of that file succeeds (the lock manager's
+  default 5 s lease: the dead node's locks are released once a survivor recovered
+  its journal).
+
+Every workload runs in processes of its own (one per node, started together), so
+the benchmark's own Python does not serialise them.  The host has few cores: each
+node is a CPU-bound Python process, and the applications and the lock manager are
+processes too, so the scaling figures are bounded by the cores there are (the table
+shows the CPU time each node's server spent).  ``--repeat N`` keeps each figure's
+best of N rounds.
+
+The LAST line is one JSON object with ``create_scaling_2n``, ``write_scaling_2n``,
+``pingpong_per_s`` and ``failover_s`` (targets: >= 1.5, >= 1.3, -, < 10) plus the
+raw rates.  ``--quick`` runs in under a minute.  Everything mounted is unmounted and
+every process started is stopped (by PID), also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from tests.cluster.cluster_util import Cluster, Lockd, make_key  # noqa: E402
+from tests.helpers import mkfs  # noqa: E402
+
+PY = sys.executable
+MiB = 1 << 20
+
+# A worker: waits for GO, runs one workload in DIR, prints its elapsed seconds.
+WORKER = r"""
+import os, sys, time
+kind, top, go, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+while not os.path.exists(go):
+    time.sleep(0.001)
+t0 = time.perf_counter()
+if kind == "create":
+    names = [os.path.join(top, "f%06d" % i) for i in range(n)]
+    for p in names:
+        os.close(os.open(p, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))
+    for p in names:
+        os.stat(p)
+    for p in names:
+        os.unlink(p)
+elif kind == "write":
+    buf = os.urandom(1 << 20)
+    fd = os.open(os.path.join(top, "seq"), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    for _ in range(n):
+        os.write(fd, buf)
+    os.fsync(fd)
+    os.close(fd)
+print(time.perf_counter() - t0, flush=True)
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick
+
+
+class Bench:
+    def __init__(self, workdir: str, quick: bool):
+        self.workdir = workdir
+        self.quick = quick
+        self.cluster: Cluster | None = None
+        self.lockd: Lockd | None = None
+
+    # -- set up ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        key = make_key(os.path.join(self.workdir, "cluster.key"))
+        self.lockd = Lockd(key, lease=None, log=os.path.join(self.workdir, "lockd.log"))
+        self.lockd.start()
+        vol = os.path.join(self.workdir, "vol.img")
+        mkfs(vol, "2G" if self.quick else "8G")
+        self.cluster = Cluster(self.workdir, vol, self.lockd, fast=False)
+        self.cluster.mount("n1")
+        self.cluster.mount("n2")
+
+    def stop(self) -> None:
+        try:
+            if self.cluster is not None:
+                self.cluster.unmount_all(check_log=False)
+        finally:
+            if self.lockd is not None:
+                self.lockd.stop()
+
+    def node(self, name: str):
+        return self.cluster.nodes[name]
+
+    # -- running workers --------------------------------------------------------------
+
+    def run_workers(self, kind: str, dirs: dict[str, str], n: int) -> tuple[float, dict]:
+        """Run one worker per node at once; (wall seconds, node -> server CPU s)."""
+        go = os.path.join(self.workdir, "go")
+        if os.path.exists(go):
+            os.unlink(go)
+        procs = {}
+        for node, d in dirs.items():
+            procs[node] = subprocess.Popen([PY, "-c", WORKER, kind, d, go, str(n)],
+                                           stdout=subprocess.PIPE, text=True)
+        time.sleep(0.3)       # let them start up and wait
+        cpu0 = {node: cpu_seconds(self.node(node).proc.pid) for node in dirs}
+        open(go, "w").close()
+        elapsed = {}
+        for node, p in procs.items():
+            out, _ = p.communicate(timeout=1800)
+            if p.returncode != 0:
+                raise RuntimeError(f"{kind} worker on {node} failed")
+            elapsed[node] = float(out.strip())
+        cpu = {node: cpu_seconds(self.node(node).proc.pid) - cpu0[node] for node in dirs}
+        os.unlink(go)
+        return max(elapsed.values()), cpu
+
+    def fresh_dir(self, node: str, name: str) -> str:
+        path = self.node(node).p(name)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.mkdir(path)
+        return path
+
+    # -- the workloads ----------------------------------------------------------------------
+
+    def create(self, n: int, round_: int) -> dict:
+        d1 = self.fresh_dir("n1", f"c1-{round_}")
+        t1, cpu1 = self.run_workers("create", {"n1": d1}, n)
+        d2a = self.fresh_dir("n1", f"c2a-{round_}")
+        d2b = self.fresh_dir("n2", f"c2b-{round_}")
+        t2, cpu2 = self.run_workers("create", {"n1": d2a, "n2": d2b}, n)
+        one, two = n / t1, 2 * n / t2
+        return {"create_1n_per_s": one, "create_2n_per_s": two,
+                "create_scaling_2n": two / one,
+                "create_cpu_ms_per_file_1n": 1000 * cpu1["n1"] / n,
+                "create_cpu_ms_per_file_2n": 1000 * sum(cpu2.values()) / (2 * n)}
+
+    def write(self, mib: int, round_: int) -> dict:
+        d1 = self.fresh_dir("n1", f"w1-{round_}")
+        t1, cpu1 = self.run_workers("write", {"n1": d1}, mib)
+        d2a = self.fresh_dir("n1", f"w2a-{round_}")
+        d2b = self.fresh_dir("n2", f"w2b-{round_}")
+        t2, cpu2 = self.run_workers("write", {"n1": d2a, "n2": d2b}, mib)
+        for d in (d1, d2a, d2b):
+            shutil.rmtree(d)
+        one, two = mib / t1, 2 * mib / t2
+        return {"write_1n_mib_s": one, "write_2n_mib_s": two, "write_scaling_2n": two / one,
+                "write_cpu_ms_per_mib_1n": 1000 * cpu1["n1"] / mib,
+                "write_cpu_ms_per_mib_2n": 1000 * sum(cpu2.values()) / (2 * mib)}
+
+    def pingpong(self, seconds: float) -> dict:
+        path1 = self.node("n1").p("pingpong")
+        with open(path1, "wb"):
+            pass
+        os.setxattr(path1, "user.clusterfs.multiwriter", b"1")
+        fds = [os.open(self.node(n).p("pingpong"), os.O_WRONLY | os.O_APPEND)
+               for n in ("n1", "n2")]
+        rec = b"x" * 99 + b"\n"
+        try:
+            for fd in fds:          # warm up: both nodes hold what they need
+                os.write(fd, rec)
+            n = 0
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                os.write(fds[n % 2], rec)
+                n += 1
+            elapsed = time.perf_counter() - t0
+        finally:
+            for fd in fds:
+                os.close(fd)
+        size = os.stat(self.node("n2").p("pingpong")).st_size
+        if size != (n + 2) * len(rec):
+            raise RuntimeError(f"ping-pong file has {size} bytes, expected "
+                               f"{(n + 2) * len(rec)}")
+        os.unlink(path1)
+        return {"pingpong_per_s": n / elapsed}
+
+    def failover(self, victim: str, survivor: str) -> float:
+        path = self.node(victim).p(f"failover-{victim}")
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        os.write(fd, b"vm disk")
+        os.fsync(fd)
+        target = self.node(survivor).p(f"failover-{victim}")
+        try:
+            os.close(os.open(target, os.O_RDWR))
+        except OSError as e:
+            if e.errno != 16:
+                raise
+        else:
+            raise RuntimeError("a second writer got in while the first held the file")
+        proc = self.node(victim).proc
+        t0 = time.perf_counter()
+        proc.kill()
+        while True:
+            try:
+                os.close(os.open(target, os.O_RDWR))
+                break
+            except OSError as e:
+                if e.errno != 16:
+                    raise
+                if time.perf_counter() - t0 > 120:
+                    raise RuntimeError("the dead node's open mode was never released")
+        took = time.perf_counter() - t0
+        proc.wait()
+        self.node(victim).proc = None
+        subprocess.run(["fusermount3", "-u", "-z", self.node(victim).path],
+                       capture_output=True)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        self.cluster.mount(victim)      # back for the next round
+        return took
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a run of under a minute")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="rounds per workload, best kept (default 1 quick, 2 full)")
+    p.add_argument("--workdir", default=None, help="where the volume goes (default /var/tmp)")
+    args = p.parse_args(argv)
+    repeat = args.repeat or (1 if args.quick else 2)
+    files = 800 if args.quick else 4000
+    mib = 64 if args.quick else 512
+    pp_seconds = 3.0 if args.quick else 10.0
+    failovers = 1 if args.quick else 3
+    workdir = tempfile.mkdtemp(prefix="cfs-bench-cluster-", dir=args.workdir or "/var/tmp")
+    os.chmod(workdir, 0o755)
+    bench = Bench(workdir, args.quick)
+    results: dict = {}
+    t_start = time.perf_counter()
+    try:
+        bench.start()
+        best: dict = {}
+        for r in range(repeat):
+            for key, value in {**bench.create(files, r), **bench.write(mib, r)}.items():
+                if key.endswith("_per_s") or key.endswith("mib_s"):
+                    best[key] = max(best.get(key, 0), value)
+                else:
+                    best.setdefault(key, value)
+        best["create_scaling_2n"] = best["create_2n_per_s"] / best["create_1n_per_s"]
+        best["write_scaling_2n"] = best["write_2n_mib_s"] / best["write_1n_mib_s"]
+        results.update(best)
+        results.update(bench.pingpong(pp_seconds))
+        times = [bench.failover("n1" if i % 2 == 0 else "n2", "n2" if i % 2 == 0 else "n1")
+                 for i in range(failovers)]
+        results["failover_s"] = statistics.median(times)
+        results["failover_all_s"] = times
+    finally:
+        bench.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["elapsed_s"] = time.perf_counter() - t_start
+    results["cores"] = os.cpu_count()
+    print(f"{'create+stat+unlink':<22} 1 node {results['create_1n_per_s']:8.0f} files/s   "
+          f"2 nodes {results['create_2n_per_s']:8.0f} files/s   x{results['create_scaling_2n']:.2f}"
+          f"   (target 1.5)")
+    print(f"{'sequential write':<22} 1 node {results['write_1n_mib_s']:8.1f} MiB/s     "
+          f"2 nodes {results['write_2n_mib_s']:8.1f} MiB/s     x{results['write_scaling_2n']:.2f}"
+          f"   (target 1.3)")
+    print(f"{'server CPU per file':<22} 1 node {results['create_cpu_ms_per_file_1n']:8.3f} ms"
+          f"        2 nodes {results['create_cpu_ms_per_file_2n']:8.3f} ms")
+    print(f"{'server CPU per MiB':<22} 1 node {results['write_cpu_ms_per_mib_1n']:8.3f} ms"
+          f"        2 nodes {results['write_cpu_ms_per_mib_2n']:8.3f} ms")
+    print(f"{'ping-pong appends':<22} {results['pingpong_per_s']:8.1f} /s")
+    print(f"{'failover':<22} {results['failover_s']:8.2f} s  (all: "
+          f"{', '.join(f'{t:.2f}' for t in results['failover_all_s'])}; target < 10)")
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                      for k, v in results.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""Cluster test helpers: a lock manager process, cluster node mounts, the volume check.
+
+``Lockd`` runs ``clusterfs lockd`` (a free port, a key made by ``clusterfs keygen``)
+and stops it by its PID.  ``Cluster`` hands out node mounts of one volume
+(``tests.helpers.Mount`` with ``--lockd``, ``--key``, ``--node``);
+``running_cluster`` unmounts every node that is still mounted on the way out (even
+when the test failed), stops the lock manager, then checks the volume.
+
+Short leases keep the failure tests fast: lock manager ``--lease 2``, mounts
+``--lease 2 --heartbeat 0.3`` (``fast=False`` uses the defaults).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from tests.helpers import Mount, check_consistency, fsck_clean, mkfs, run_cli
+
+PY = sys.executable
+FAST_LEASE = "2"
+FAST_HEARTBEAT = "0.3"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def make_key(path: str) -> str:
+    run_cli("keygen", path)
+    return path
+
+
+class Lockd:
+    """A ``clusterfs lockd`` process we started (stopped only by its PID).
+
+    Args:
+        keyfile: the cluster's key file.
+        host, port: where to listen (port: a free one by default).
+        lease, grace: the server's ``--lease`` / ``--grace`` (None: its defaults).
+        wrap: a command prefix (``nsenter --net=...`` to run it in a namespace).
+        log: file the server logs to.
+    """
+
+    def __init__(self, keyfile: str, *, host: str = "127.0.0.1", port: int | None = None,
+                 lease: str | None = FAST_LEASE, grace: str | None = None,
+                 wrap: tuple = (), log: str | None = None, listen_host: str | None = None):
+        self.keyfile = keyfile
+        self.host = host
+        self.listen_host = listen_host or host
+        self.port = port or free_port()
+        self.lease = lease
+        self.grace = grace
+        self.wrap = tuple(wrap)
+        self.log = log or tempfile.mktemp(prefix="lockd-", suffix=".log")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "Lockd":
+        seen = len(self.read_log())
+        cmd = [*self.wrap, PY, "-m", "clusterfs.cli", "lockd", "--listen",
+               f"{self.listen_host}:{self.port}", "--key", self.keyfile]
+        if self.lease is not None:
+            cmd += ["--lease", self.lease]
+        if self.grace is not None:
+            cmd += ["--grace", self.grace]
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
+                                     stderr=subprocess.STDOUT)
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while "listening on" not in self.read_log()[seen:]:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"lockd exited with {self.proc.returncode}:\n"
+                                     + self.read_log())
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError("lockd did not start listening:\n" + self.read_log())
+            time.sleep(0.05)
+        return self
+
+    def read_log(self) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM (by PID), then SIGKILL if it does not go."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL (a crash of the lock manager)."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.kill()
+        proc.wait()
+
+    def restart(self) -> "Lockd":
+        """Kill it and start a new server on the same address."""
+        self.kill()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                return self.start()
+            except AssertionError:
+                # the port may linger for a moment
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def status(self) -> dict:
+        import json
+        proc = run_cli("lockd-status", self.addr, "--key", self.keyfile, "--json")
+        return json.loads(proc.stdout)
+
+
+class Cluster:
+    """One volume, one lock manager, and the nodes mounted on it.
+
+    Args:
+        top: a directory for mount points and logs (world-traversable).
+        volume: the volume image.
+        lockd: the lock manager.
+        fast: short leases and heartbeats (else the defaults).
+    """
+
+    def __init__(self, top: str, volume: str, lockd: Lockd, *, fast: bool = True):
+        self.top = top
+        self.volume = volume
+        self.lockd = lockd
+        self.fast = fast
+        self.nodes: dict[str, Mount] = {}
+
+    def node_args(self, name: str, *extra: str, lockd_addr: str | None = None) -> list:
+        args = ["--lockd", lockd_addr or self.lockd.addr, "--key", self.lockd.keyfile,
+                "--node", name]
+        if self.fast:
+            args += ["--lease", FAST_LEASE, "--heartbeat", FAST_HEARTBEAT]
+        return args + list(extra)
+
+    def mount(self, name: str, *extra: str, wrap: tuple = (),
+              lockd_addr: str | None = None) -> Mount:
+        """Mount the volume as node ``name`` (at TOP/NAME) and wait for it."""
+        path = os.path.join(self.top, name)
+        m = Mount(self.volume, path, *self.node_args(name, *extra, lockd_addr=lockd_addr),
+                  wrap=wrap)
+        self.nodes[name] = m
+        return m.start()
+
+    def unmount(self, name: str, check_log: bool = True) -> None:
+        self.nodes[name].stop(check_log=check_log)
+
+    def kill(self, name: str) -> None:
+        self.nodes[name].kill()
+
+    def unmount_all(self, check_log: bool = True) -> None:
+        errors = []
+        for m in self.nodes.values():
+            try:
+                m.stop(check_log=check_log)
+            except AssertionError as e:
+                errors.append(str(e))
+        if errors:
+            raise AssertionError("\n".join(errors))
+
+    def status(self, *extra: str) -> dict:
+        import json
+        proc = run_cli("status", self.volume, "--lockd", self.lockd.addr, "--key",
+                       self.lockd.keyfile, "--json", *extra)
+        return json.loads(proc.stdout)
+
+    def dump_logs(self, lines: int = 60) -> None:
+        """Print the tail of every log (pytest shows it with a failure)."""
+        logs = [("lockd", self.lockd.read_log())]
+        logs += [(name, m.read_log()) for name, m in self.nodes.items()]
+        for name, text in logs:
+            print(f"----- {name} log (last {lines} lines) -----")
+            print("\n".join(text.splitlines()[-lines:]))
+
+    def run_status(self, *extra: str) -> str:
+        """``clusterfs status`` (text) with the lock manager."""
+        return run_cli("status", self.volume, "--lockd", self.lockd.addr, "--key",
+                       self.lockd.keyfile, *extra).stdout
+
+    def check(self, *, crashed: bool = False) -> None:
+        """The volume (every node unmounted) is consistent: the walk, then fsck."""
+        check_volume(self.volume, crashed=crashed)
+
+
+def check_volume(path: str, *, crashed: bool = False) -> None:
+    """The walk of ``tests.helpers.check_consistency``, then fsck.  ``crashed``: a
+    node died, so a file's last block may hold bytes past EOF (written before its
+    size was committed; a later extension zeroes them)."""
+    from clusterfs.blockdev import BlockDevice
+    dev = BlockDevice(path, readonly=True)
+    try:
+        problems = check_consistency(dev, tail_zero=not crashed)
+    finally:
+        dev.close()
+    assert problems == [], "\n".join(problems[:30])
+    fsck_clean(path)
+
+
+@contextlib.contextmanager
+def make_topdir():
+    """A world-traversable directory for mount points (pytest's tmp is private);
+    kept for a post-mortem when CFS_KEEP_TEST_DIRS is set."""
+    top = tempfile.mkdtemp(prefix="cfs-cluster-")
+    os.chmod(top, 0o755)
+    try:
+        yield top
+    finally:
+        if os.environ.get("CFS_KEEP_TEST_DIRS"):
+            print(f"kept {top}")
+        else:
+            shutil.rmtree(top, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_cluster(top: str, *, size: str = "256M", fast: bool = True,
+                    lockd_args: dict | None = None, mkfs_args: tuple = (),
+                    crashes: bool = False):
+    """A fresh volume and a lock manager in ``top``; on the way out every node is
+    unmounted (always), the lock manager stopped, and (after success) the volume
+    checked (``crashes``: the test kills nodes)."""
+    key = make_key(os.path.join(top, "cluster.key"))
+    kw = {} if fast else {"lease": None}
+    kw.update(lockd_args or {})
+    srv = Lockd(key, log=os.path.join(top, "lockd.log"), **kw).start()
+    try:
+        vol = os.path.join(top, "vol.img")
+        mkfs(vol, size, *mkfs_args)
+        c = Cluster(top, vol, srv, fast=fast)
+        ok = False
+        try:
+            yield c
+            ok = True
+        except BaseException:
+            c.dump_logs()
+            raise
+        finally:
+            try:
+                c.unmount_all(check_log=ok)
+            finally:
+                srv.stop()
+    finally:
+        srv.stop()
+    c.check(crashed=crashes)
+
+
+def wait_for(cond, timeout: float = 60.0, what: str = "condition", interval=0.05):
+    """Poll ``cond()`` until it is true; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class Workload:
+    """A ``tests/cluster/workload.py`` process on one node's mount.
+
+    Args:
+        mount: the node's Mount.
+        node: the node name (its private directory under ``TOP``).
+        top: the workload's top directory on that mount.
+        logdir: a local directory for its log and stop file.
+        seed: its random seed.
+        strict: any error fails it (a survivor must see none).
+        hold: a file it keeps open for writing (a cluster open mode).
+    """
+
+    def __init__(self, mount: Mount, node: str, top: str, logdir: str, *, seed: int = 0,
+                 strict: bool = True, hold: str | None = None):
+        self.node = node
+        self.top = top
+        self.log = os.path.join(logdir, f"workload-{node}.log")
+        self.stopfile = os.path.join(logdir, f"workload-{node}.stop")
+        self.errfile = os.path.join(logdir, f"workload-{node}.err")
+        for path in (self.log, self.stopfile):
+            if os.path.exists(path):
+                os.unlink(path)
+        cmd = [PY, "-m", "tests.cluster.workload", top, node, self.log, "--seed",
+               str(seed), "--stop", self.stopfile]
+        if strict:
+            cmd.append("--strict")
+        if hold:
+            cmd += ["--hold", hold]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+        with open(self.errfile, "ab") as err:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=err, stderr=subprocess.STDOUT)
+
+    def events(self) -> list[dict]:
+        import json
+        try:
+            with open(self.log) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass          # a torn last line (the process was killed)
+        return out
+
+    def fsynced(self) -> list[tuple[str, str]]:
+        return [(e["fsynced"], e["sha256"]) for e in self.events() if "fsynced" in e]
+
+    def wait_started(self, syncs: int = 1, timeout: float = 60.0) -> None:
+        wait_for(lambda: len(self.fsynced()) >= syncs or self.proc.poll() is not None,
+                 timeout, f"workload {self.node} to start")
+        assert self.proc.poll() is None, f"workload {self.node} ended early: " \
+                                         + self.errors()
+
+    def errors(self) -> str:
+        try:
+            with open(self.errfile, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 120.0) -> int:
+        """Ask it to stop (it checks its tree first); its exit status."""
+        open(self.stopfile, "w").close()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"workload {self.node} did not stop")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def sha256_of(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                return h.hexdigest()
+            h.update(chunk)
+
+
+def image_digest(path: str, skip: set[int] = frozenset()) -> str:
+    """A hash of a volume image's blocks, leaving out the block numbers in ``skip``."""
+    import hashlib
+    h = hashlib.sha256()
+    bs = 4096
+    with open(path, "rb") as f:
+        bno = 0
+        while True:
+            chunk = f.read(bs * 256)
+            if not chunk:
+                return h.hexdigest()
+            for i in range(0, len(chunk), bs):
+                if bno not in skip:
+                    h.update(chunk[i:i + bs])
+                else:
+                    h.update(b"skipped")
+                bno += 1
+
+
+def heartbeat_blocks(volume: str, slots) -> set[int]:
+    from clusterfs.volume import Volume
+    vol = Volume.open(volume, readonly=True)
+    try:
+        return {vol.sb.heartbeat_bno(s) for s in slots}
+    finally:
+        vol.close()
+
+
+class Netns:
+    """Network namespaces made (and deleted) by a test: one for the lock manager and
+    one per node, each node joined to the lock manager's by its own veth link
+    (10.200.I.2 on the node's side, 10.200.I.1 on the lock manager's)."""
+
+    def __init__(self, nodes: list[str]):
+        tag = f"{os.getpid() % 100000}"
+        self.tag = tag
+        self.lockd_ns = f"cfs{tag}-lockd"
+        self.ns = {n: f"cfs{tag}-{n}" for n in nodes}
+        self.index = {n: i for i, n in enumerate(nodes)}
+        self.made: list[str] = []
+
+    @staticmethod
+    def ip(*args: str) -> None:
+        r = subprocess.run(["ip", *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise AssertionError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+    def lockd_side(self, node: str) -> str:
+        return f"cv{self.tag}l{self.index[node]}"[:15]
+
+    def node_side(self, node: str) -> str:
+        return f"cv{self.tag}n{self.index[node]}"[:15]
+
+    def setup(self) -> "Netns":
+        for ns in [self.lockd_ns, *self.ns.values()]:
+            self.ip("netns", "add", ns)
+            self.made.append(ns)
+            self.ip("-n", ns, "link", "set", "lo", "up")
+        for node, ns in self.ns.items():
+            i = self.index[node]
+            lside, nside = self.lockd_side(node), self.node_side(node)
+            self.ip("link", "add", lside, "netns", self.lockd_ns, "type", "veth", "peer",
+                    "name", nside, "netns", ns)
+            self.ip("-n", self.lockd_ns, "addr", "add", f"10.200.{i}.1/24", "dev", lside)
+            self.ip("-n", ns, "addr", "add", f"10.200.{i}.2/24", "dev", nside)
+            self.ip("-n", self.lockd_ns, "link", "set", lside, "up")
+            self.ip("-n", ns, "link", "set", nside, "up")
+        return self
+
+    def wrap(self, node: str | None = None) -> tuple:
+        ns = self.lockd_ns if node is None else self.ns[node]
+        return ("nsenter", f"--net=/var/run/netns/{ns}")
+
+    def lockd_addr(self, node: str, port: int) -> str:
+        return f"10.200.{self.index[node]}.1:{port}"
+
+    def cut(self, node: str) -> None:
+        self.ip("-n", self.lockd_ns, "link", "set", self.lockd_side(node), "down")
+
+    def restore(self, node: str) -> None:
+        self.ip("-n", self.lockd_ns, "link", "set", self.lockd_side(node), "up")
+        self.ip("-n", self.ns[node], "link", "set", self.node_side(node), "up")
+
+    def reachable(self, node: str, port: int) -> bool:
+        """Whether ``node``'s namespace reaches the lock manager's port."""
+        host = f"10.200.{self.index[node]}.1"
+        r = subprocess.run([*self.wrap(node), PY, "-c",
+                            f"import socket; socket.create_connection(({host!r}, {port}), 1)"],
+                           capture_output=True)
+        return r.returncode == 0
+
+    def teardown(self) -> None:
+        """Delete the namespaces (their veth links go with them)."""
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.made.clear()

@@ -1,0 +1,179 @@
+"""Cluster open modes (VM disks): opening a file for writing is exclusive across
+nodes (EBUSY elsewhere), read-only opens share, ``user.clusterfs.multiwriter=1``
+lets writers on several nodes share; the mode goes at the last close and when the
+holding node dies (once it is recovered); ``clusterfs status`` shows who holds what.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+
+import pytest
+
+from tests.cluster.cluster_util import make_topdir, running_cluster
+
+MULTI = "user.clusterfs.multiwriter"
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    with make_topdir() as top, running_cluster(top, fast=False) as c:
+        c.mount("a")
+        c.mount("b")
+        c.mount("c")
+        yield c
+
+
+@pytest.fixture
+def f(nodes, request):
+    """A fresh file (made on a); ``f.on(node)`` is its path on that node."""
+    name = request.node.name.replace("[", "_").replace("]", "_")
+    with open(nodes.nodes["a"].p(name), "wb") as fh:
+        fh.write(b"0123456789")
+
+    class File:
+        def on(self, node: str) -> str:
+            return nodes.nodes[node].p(name)
+    return File()
+
+
+def busy(path: str, flags: int = os.O_WRONLY) -> bool:
+    """Whether an open with ``flags`` fails with EBUSY (else it is closed again)."""
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            return True
+        raise
+    os.close(fd)
+    return False
+
+
+def test_write_open_is_exclusive_across_nodes(f):
+    fd = os.open(f.on("a"), os.O_WRONLY)
+    try:
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_APPEND,
+                      os.O_RDWR | os.O_TRUNC, os.O_WRONLY | os.O_CREAT):
+            assert busy(f.on("b"), flags), f"flags {flags:#o} opened on b"
+            assert busy(f.on("c"), flags)
+        # the file is untouched by the refused opens (no truncation)
+        with open(f.on("b"), "rb") as r:
+            assert r.read() == b"0123456789"
+        # the holder itself opens it for writing again, as often as it likes
+        fd2 = os.open(f.on("a"), os.O_RDWR)
+        os.write(fd2, b"AB")
+        os.close(fd2)
+        assert busy(f.on("b"))
+    finally:
+        os.close(fd)
+    assert not busy(f.on("b"))
+    with open(f.on("c"), "r+b", buffering=0) as w:
+        w.write(b"c")
+    with open(f.on("a"), "rb") as r:
+        assert r.read() == b"cB23456789"
+
+
+def test_read_only_opens_share(f):
+    readers = [open(f.on(n), "rb") for n in ("a", "b", "c")]
+    try:
+        assert [r.read() for r in readers] == [b"0123456789"] * 3
+        # readers do not keep a writer out, and a writer does not keep readers out
+        with open(f.on("b"), "r+b", buffering=0) as w:
+            w.write(b"W")
+            assert busy(f.on("a")) and busy(f.on("c"))
+            more = open(f.on("c"), "rb")
+            assert more.read() == b"W123456789"
+            more.close()
+        for r in readers:
+            r.seek(0)
+            assert r.read() == b"W123456789"
+        assert not busy(f.on("a"))
+    finally:
+        for r in readers:
+            r.close()
+
+
+def test_released_at_last_close(f):
+    fds = [os.open(f.on("a"), os.O_WRONLY) for _ in range(3)]
+    ro = os.open(f.on("a"), os.O_RDONLY)
+    try:
+        for fd in fds[:-1]:
+            os.close(fd)
+            assert busy(f.on("b")), "released before the last writer closed"
+        os.close(fds[-1])
+        # a read-only descriptor left open on a does not hold the mode
+        assert not busy(f.on("b"))
+        assert not busy(f.on("c"))
+    finally:
+        os.close(ro)
+
+
+def test_create_holds_the_mode(nodes, f):
+    path_a = nodes.nodes["a"].p("created-" + os.path.basename(f.on("a")))
+    path_b = nodes.nodes["b"].p(os.path.basename(path_a))
+    fd = os.open(path_a, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        assert busy(path_b)
+    finally:
+        os.close(fd)
+    assert not busy(path_b)
+    os.unlink(path_b)
+
+
+def test_multiwriter_files_share(f):
+    os.setxattr(f.on("a"), MULTI, b"1")
+    wa = os.open(f.on("a"), os.O_RDWR)
+    wb = os.open(f.on("b"), os.O_RDWR)
+    wc = os.open(f.on("c"), os.O_WRONLY)
+    try:
+        os.pwrite(wa, b"a", 0)
+        os.pwrite(wb, b"b", 1)
+        os.pwrite(wc, b"c", 2)
+        assert os.pread(wa, 10, 0) == b"abc3456789"
+        assert os.pread(wb, 10, 0) == b"abc3456789"
+    finally:
+        os.close(wa)
+        os.close(wb)
+    try:
+        # not multi-writer any more: an exclusive open waits for c's last close
+        os.removexattr(f.on("a"), MULTI)
+        assert busy(f.on("a"))
+    finally:
+        os.close(wc)
+    assert not busy(f.on("a"))
+    # and exclusive again
+    fd = os.open(f.on("a"), os.O_WRONLY)
+    try:
+        assert busy(f.on("b"))
+    finally:
+        os.close(fd)
+
+
+def test_mode_released_when_the_holder_dies(topdir):
+    """SIGKILL of the node that has a file open for writing: once a survivor has
+    recovered it, the file can be opened for writing elsewhere."""
+    with running_cluster(topdir, crashes=True) as c:
+        a, b = c.mount("a"), c.mount("b")
+        with open(a.p("disk.img"), "wb") as w:
+            w.write(b"x" * 100_000)
+            os.fsync(w.fileno())
+        holder = os.open(a.p("disk.img"), os.O_RDWR)
+        try:
+            assert busy(b.p("disk.img"))
+            c.kill("a")
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(holder)    # (its mount is gone: the descriptor is dead)
+        deadline = time.monotonic() + 60
+        while busy(b.p("disk.img")):
+            assert time.monotonic() < deadline, "the dead node's open mode stayed"
+        with open(b.p("disk.img"), "r+b") as w:
+            assert w.read() == b"x" * 100_000
+            w.write(b"y")
+        assert "recovered" in c.nodes["b"].read_log()
+        # the dead node comes back (in its old slot) and sees the change
+        a = c.mount("a")
+        assert os.stat(a.p("disk.img")).st_size == 100_001
