@@ -112,16 +112,6 @@ def populate_ext4(mnt: str, tree) -> None:
                 off += n
 
 
-def ensure_fast_crc() -> None:
-    """fsck uses a hardware crc32c when the ``crc32c`` package is installed (see
-    fsck/fastcrc.py); install it into this interpreter's environment if missing."""
-    import importlib.util
-    if importlib.util.find_spec("crc32c") is None:
-        log("  installing the crc32c package (hardware crc32c for fsck)")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "crc32c"],
-                       capture_output=True)
-
-
 def timed(cmd: list[str], ok=(0,), env=None) -> tuple[float, subprocess.CompletedProcess]:
     t = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -162,7 +152,6 @@ def main() -> int:
         t = time.monotonic()
         populate_clusterfs(img, tree, vol_bytes)
         log(f"  clusterfs populated in {time.monotonic() - t:.1f} s")
-        ensure_fast_crc()
         # like an installed program: byte-compiled once (a first, untimed run)
         env = dict(os.environ)
         env.pop("PYTHONDONTWRITEBYTECODE", None)

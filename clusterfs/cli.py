@@ -13,14 +13,21 @@ import sys
 
 from .errors import QuietError
 
-# Modules that provide subcommands, in the order `clusterfs --help` lists them.
-SUBCOMMAND_MODULES: list[str] = [
-    "clusterfs.mkfs",
-    "clusterfs.mount",
-    "clusterfs.status",
-    "fsck.cli",
-    "lockmgr.cli",
+# (command, module that registers it, one line of help), in `clusterfs --help` order.
+# Only the module of the command being run is imported: the others add a stub
+# parser for the listing, so `clusterfs fsck` does not pay for pyfuse3 or trio.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("mkfs", "clusterfs.mkfs", "make a new clusterfs volume"),
+    ("mount", "clusterfs.mount", "mount a volume through FUSE"),
+    ("status", "clusterfs.status", "show the slots, heartbeats and journals of a volume"),
+    ("fsck", "fsck.cli", "check and repair a volume layer by layer"),
+    ("keygen", "lockmgr.cli", "create a shared-secret key file (mode 0600)"),
+    ("lockd", "lockmgr.cli", "run the lock manager server in the foreground"),
+    ("lockd-status", "lockmgr.cli", "show the lock manager's nodes and locks"),
 ]
+
+# Modules that provide subcommands (each has ``register(subparsers)``).
+SUBCOMMAND_MODULES: list[str] = list(dict.fromkeys(m for _c, m, _h in COMMANDS))
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -32,7 +39,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(self.usage_exitcode, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv) -> str | None:
+    """The subcommand named on the command line (the first non-option word)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The parser; only the module of the command in ``argv`` is imported (all of
+    them when ``argv`` is None)."""
     parser = OneLineParser(prog="clusterfs",
                            description="clusterfs: a clustered shared-disk file system: "
                                        "several hosts mount one volume through FUSE.")
@@ -40,8 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
                                 parser_class=OneLineParser)
     sub.required = True
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    chosen = chosen_command(argv) if argv is not None else None
+    load = {m for c, m, _h in COMMANDS if argv is None or c == chosen}
+    registered = set()
+    for command, module, help_text in COMMANDS:
+        if module in load:
+            if module not in registered:
+                importlib.import_module(module).register(sub)
+                registered.add(module)
+        else:
+            sub.add_parser(command, help=help_text, add_help=False)
     return parser
 
 
@@ -55,7 +80,8 @@ def setup_logging(debug: bool) -> None:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "debug", False))
     try:
