@@ -69,8 +69,11 @@ def open_lock(ino: int) -> bytes:
     return b"O" + ino.to_bytes(8, "big")
 
 
+WRITE_PREFIX = b"W"
+
+
 def write_lock(ino: int) -> bytes:
-    return b"W" + ino.to_bytes(8, "big")
+    return WRITE_PREFIX + ino.to_bytes(8, "big")
 
 
 def slot_lock(slot: int) -> bytes:
@@ -299,7 +302,8 @@ class Coherence:
             attempts += 1
             self.stats["attempts"] += 1
             try:
-                holds = await self.until_fenced(self.glocks.acquire, want)
+                holds = self.glocks.take_cached(want) or \
+                    await self.until_fenced(self.glocks.acquire, want)
             except Deadlock:
                 await trio.sleep(random.uniform(0.002, 0.05))
                 continue
@@ -397,13 +401,15 @@ class Coherence:
             if not self.fs.in_use(ino):
                 await self._unlock_if_held(open_lock(ino))
 
-    async def take_write_mode(self, ino: int) -> None:
+    async def take_write_mode(self, ino: int, new: bool = False) -> None:
         """Count one more handle open for writing on this node; the first takes the
         cluster open mode (``W``), EBUSY when another node has the file open for
-        writing.  Taken before the open changes anything (``O_TRUNC``)."""
+        writing.  Taken before the open changes anything (``O_TRUNC``).  ``new``: the
+        file was just created here (it has no multi-writer mark)."""
         async with self.serial.hold(write_lock(ino)):
             if self.write_handles.get(ino, 0) == 0:
-                multi = await self.run(self._multiwriter, ino, want={inode_lock(ino): PR})
+                multi = not new and await self.run(self._multiwriter, ino,
+                                                   want={inode_lock(ino): PR})
                 mode = CW if multi else EX
                 deadline = trio.current_time() + OPEN_RETRY_S
                 while not await self.try_lock(write_lock(ino), mode):
@@ -561,7 +567,7 @@ class ClusterFrontend:
         await self._opened(fh, di.bno)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             try:
-                await self.coh.take_write_mode(di.bno)
+                await self.coh.take_write_mode(di.bno, new=True)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self.release(fh, writable=False)

@@ -4,8 +4,10 @@ A glock caches one DLM lock: once granted it stays held after the operation that
 wanted it (so the next operation needs no round trip) until another node asks for
 a conflicting mode.  Then the blocking callback demotes it:
 
-1. wait for the minimum hold time and for local holders to finish (new local
-   holders queue behind a due demote, so a busy node cannot starve the others);
+1. wait for the minimum hold time (or, once the lock has served an operation since
+   its grant, until it has been idle here for a couple of milliseconds) and for
+   local holders to finish (new local holders queue behind a due demote, so a busy
+   node cannot starve the others);
 2. ``Owner.before_demote``: the file system commits and checkpoints the journal if
    the lock's blocks are dirty, and computes the value block;
 3. convert down to the mode the other node can live with (NL keeps the value block
@@ -15,7 +17,8 @@ a conflicting mode.  Then the blocking callback demotes it:
 On every grant ``Owner.granted`` checks the value block's version against what the
 node cached, dropping the cache when someone else changed the object meanwhile.
 
-Operations take glocks through ``acquire`` (sorted by name: a global order, so two
+Operations take glocks through ``take_cached`` (all of them at hand: nothing to wait
+for, the common case), else ``acquire`` (sorted by name: a global order, so two
 nodes never wait on each other in a cycle) or, inside a synchronous operation body,
 through ``try_hold`` (never waits; the body is retried with the lock in its set when
 it cannot be had at once).
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 
 NL, PR, PW, EX = Mode.NL, Mode.PR, Mode.PW, Mode.EX
 MIN_HOLD = 0.01          # seconds a granted lock is kept before a demote is honoured
+IDLE_DEMOTE = 0.002      # ... unless it served an operation and has been idle this long
 KEEP_LOCKS = 20000       # NL glocks kept (with their caches) before the oldest are dropped
 
 
@@ -47,7 +51,7 @@ class Owner(Protocol):
 
 class Glock:
     __slots__ = ("name", "mode", "holders", "busy", "demote", "demote_since", "granted_at",
-                 "changed", "version", "dirty", "keep")
+                 "changed", "version", "dirty", "keep", "used", "idle_since", "draining")
 
     def __init__(self, name: bytes):
         self.name = name
@@ -61,6 +65,9 @@ class Glock:
         self.version: int | None = None   # version of the cached objects it covers
         self.dirty = False                # covered objects changed under EX since grant
         self.keep = False                 # never dropped by the LRU (slot locks, open modes)
+        self.used = False                 # an operation held it since the grant
+        self.idle_since = 0.0             # when its last local holder let go
+        self.draining = False             # a demote is under way: new holders wait
 
     def notify(self) -> None:
         self.changed.set()
@@ -94,10 +101,11 @@ class GlockTable:
     """
 
     def __init__(self, client, owner: Owner, *, min_hold: float = MIN_HOLD,
-                 keep_locks: int = KEEP_LOCKS):
+                 idle: float = IDLE_DEMOTE, keep_locks: int = KEEP_LOCKS):
         self.client = client
         self.owner = owner
         self.min_hold = min_hold
+        self.idle = min(idle, min_hold)
         self.keep_locks = keep_locks
         self.glocks: dict[bytes, Glock] = {}
         self.stats = {"requests": 0, "cached": 0, "demotes": 0, "deadlocks": 0}
@@ -112,7 +120,7 @@ class GlockTable:
 
     def _demote_due(self, g: Glock) -> bool:
         return g.demote is not None and \
-            trio.current_time() >= g.granted_at + self.min_hold
+            (g.draining or trio.current_time() >= g.granted_at + self.min_hold)
 
     def try_hold(self, holds: Holds, name: bytes, mode: Mode) -> bool:
         """Take ``name`` in ``mode`` for ``holds`` if that needs no waiting."""
@@ -124,9 +132,20 @@ class GlockTable:
             return False
         if name not in holds.modes:
             g.holders += 1
+            g.used = True
         holds.modes[name] = g.mode
         self.stats["cached"] += 1
         return True
+
+    def take_cached(self, want: dict[bytes, Mode]) -> Holds | None:
+        """Hold every lock in ``want`` if all are at hand (no waiting, so no order to
+        keep); None (holding nothing) otherwise."""
+        holds = Holds()
+        for name, mode in want.items():
+            if not self.try_hold(holds, name, mode):
+                self.release(holds)
+                return None
+        return holds
 
     async def acquire(self, want: dict[bytes, Mode], holds: Holds | None = None) -> Holds:
         """Hold every lock in ``want`` (name -> mode), taken in name order."""
@@ -150,6 +169,7 @@ class GlockTable:
             if g.mode is not None and covers(g.mode, mode):
                 if name not in holds.modes:
                     g.holders += 1
+                    g.used = True
                 holds.modes[name] = g.mode
                 return
             g.busy = True
@@ -159,6 +179,7 @@ class GlockTable:
                 g.mode = grant.mode
                 g.granted_at = trio.current_time()
                 g.dirty = False
+                g.used = False
                 self.owner.granted(g, grant.lvb)
             except Deadlock:
                 self.stats["deadlocks"] += 1
@@ -174,6 +195,7 @@ class GlockTable:
                 continue
             g.holders -= 1
             if g.holders == 0:
+                g.idle_since = trio.current_time()
                 g.notify()
         holds.modes.clear()
 
@@ -190,31 +212,47 @@ class GlockTable:
         await self._demote(g)
 
     async def _demote(self, g: Glock) -> None:
-        delay = g.granted_at + self.min_hold - trio.current_time()
-        if delay > 0:
-            await trio.sleep(delay)
-        g.notify()     # local waiters re-check: the demote is now due
-        while g.holders or g.busy:
-            await g.changed.wait()
-        if g.demote is None or g.mode is None:
-            return
-        target = downgrade_for(g.mode, g.demote)
-        if target == g.mode:
-            g.demote = None
-            g.notify()
-            return
-        g.busy = True
+        # Keep the lock for the minimum hold time, so that a busy node gets work done
+        # with each grant.  A lock that has served an operation since its grant and
+        # has then stayed idle for ``idle`` seconds goes at once: nobody here wants it.
+        while not g.draining:
+            now = trio.current_time()
+            hold_left = g.granted_at + self.min_hold - now
+            if hold_left <= 0:
+                break
+            wait = hold_left
+            if g.used and not g.holders and not g.busy:
+                idle_left = g.idle_since + self.idle - now
+                if idle_left <= 0:
+                    break
+                wait = min(wait, idle_left)
+            with trio.move_on_after(wait):
+                await g.changed.wait()
+        g.draining = True
         try:
-            lvb = self.owner.before_demote(g, target)
-            await self.client.convert(g.name, target, lvb=lvb)
-            g.mode = target
-            g.dirty = False
-            self.stats["demotes"] += 1
-        except LockError as e:
-            log.warning("demote of %r failed: %s", g.name, e)
+            g.notify()     # local waiters re-check: the demote is now due
+            while g.holders or g.busy:
+                await g.changed.wait()
+            if g.demote is None or g.mode is None:
+                return
+            target = downgrade_for(g.mode, g.demote)
+            if target == g.mode:
+                g.demote = None
+                return
+            g.busy = True
+            try:
+                lvb = self.owner.before_demote(g, target)
+                await self.client.convert(g.name, target, lvb=lvb)
+                g.mode = target
+                g.dirty = False
+                self.stats["demotes"] += 1
+            except LockError as e:
+                log.warning("demote of %r failed: %s", g.name, e)
+            finally:
+                g.busy = False
+                g.demote = None
         finally:
-            g.busy = False
-            g.demote = None
+            g.draining = False
             g.notify()
 
     async def unlock(self, name: bytes) -> None:

@@ -70,8 +70,18 @@ def gather(path: str, *, watch: float = 1.5, lockd: str | None = None,
 
 
 async def _lockd_status(addr: str, key: bytes) -> dict:
+    """The lock manager's status, with the cluster open modes (the ``W`` locks) as
+    ``open_modes``: node, slot, inode, mode (EX: the one writer; CW: one of the
+    writers of a multi-writer file)."""
     from lockmgr import query_status
-    return await query_status(addr, key)
+
+    from .cluster import WRITE_PREFIX
+    st = await query_status(addr, key, prefix=WRITE_PREFIX)
+    st["open_modes"] = sorted(
+        ({"node": h["node"], "slot": h["slot"], "inode": int.from_bytes(h["name"][1:], "big"),
+          "mode": h["mode"], "dead": h["dead"]} for h in st.pop("held", [])),
+        key=lambda m: (m["inode"], m["node"]))
+    return st
 
 
 def render(st: dict) -> str:
@@ -100,8 +110,10 @@ def render(st: dict) -> str:
         for n in lm.get("recovering", []):
             lines.append(f"  node {n['node']} (slot {n['slot']}): DEAD, {n['locks']} locks "
                          f"held until recovered")
-        for n in lm.get("open_modes", []):
-            lines.append(f"  {n}")
+        for m in lm.get("open_modes", []):
+            what = "open for writing" + (" (multi-writer)" if m["mode"] == "CW" else "")
+            dead = " (dead: until it is recovered)" if m.get("dead") else ""
+            lines.append(f"  node {m['node']} has inode {m['inode']} {what}{dead}")
     return "\n".join(lines)
 
 

@@ -838,8 +838,11 @@ class LockClient:
             self._renew_lease(sent + self.lease - self.margin)
 
 
-async def query_status(addr: str, key: bytes, *, timeout: float = 10.0) -> dict:
-    """Authenticate and ask the server for its status without opening a session.
+async def query_status(addr: str, key: bytes, *, timeout: float = 10.0,
+                       prefix: bytes | None = None) -> dict:
+    """Authenticate and ask the server for its status without opening a session;
+    with ``prefix`` the answer lists the granted locks whose names start with it
+    (``held``: name, node, slot, mode, dead).
 
     Raises:
         ConnectError, AuthError, ProtocolError.
@@ -870,7 +873,8 @@ async def query_status(addr: str, key: bytes, *, timeout: float = 10.0) -> dict:
             if reply[0] != wire.AUTH_OK or not wire.hmac.compare_digest(
                     reply[1], wire.server_mac(key, msg[2], nonce_c)):
                 raise AuthError(f"lock server at {addr} failed to prove the shared key")
-            await stream.send_all(frame([wire.STATUS, 1]))
+            msg = [wire.STATUS, 1] if prefix is None else [wire.STATUS, 1, prefix]
+            await stream.send_all(frame(msg))
             reply = await recv()
             if reply[0] != wire.REPLY:
                 raise ProtocolError(f"unexpected answer {reply[0]} to STATUS")

@@ -397,8 +397,11 @@ class LockServer:
         s.emit(frame([wire.REPLY, rid, n]))
 
     def _op_status(self, conn: Conn, s: Session | None, msg: list) -> None:
-        _, rid = msg
-        data = frame([wire.REPLY, rid, self.status()])
+        _, rid, *rest = msg
+        prefix = rest[0] if rest else None
+        if len(rest) > 1 or (prefix is not None and type(prefix) is not bytes):
+            raise ProtocolError("bad STATUS")
+        data = frame([wire.REPLY, rid, self.status(prefix)])
         if s is not None:
             s.emit(data)
         else:
@@ -616,7 +619,10 @@ class LockServer:
         """The same as ``status()``."""
         return self.status()
 
-    def status(self) -> dict:
+    def status(self, prefix: bytes | None = None) -> dict:
+        """Nodes, leases, lock counts.  With ``prefix``, also ``held``: every granted
+        lock whose name starts with it, with its holder (name, node, slot, mode,
+        dead)."""
         now = trio.current_time()
         nodes, recovering = [], []
         waiters = locks = 0
@@ -634,8 +640,20 @@ class LockServer:
             else:
                 recovering.append({"node": s.node, "slot": s.slot, "session": s.id,
                                    "locks": held, "unknown_locks": s.placeholder})
-        return {"boot_id": self.boot_id.hex(), "uptime": round(now - self._start, 3),
-                "lease": self.lease, "grace_left": round(self._grace_left(now), 3),
-                "frozen": self.table.frozen, "nodes": nodes, "recovering": recovering,
-                "resources": len(self.table.names()), "locks": locks,
-                "waiters": waiters, "connections": len(self._conns)}
+        out = {"boot_id": self.boot_id.hex(), "uptime": round(now - self._start, 3),
+               "lease": self.lease, "grace_left": round(self._grace_left(now), 3),
+               "frozen": self.table.frozen, "nodes": nodes, "recovering": recovering,
+               "resources": len(self.table.names()), "locks": locks,
+               "waiters": waiters, "connections": len(self._conns)}
+        if prefix is not None:
+            held = []
+            for name in self.table.names():
+                if not name.startswith(prefix):
+                    continue
+                for owner, lk in self.table.resource(name).granted.items():
+                    s = self.sessions.get(owner)
+                    held.append({"name": name, "node": s.node if s else "?",
+                                 "slot": s.slot if s else -1, "mode": lk.granted.name,
+                                 "dead": s is None or s.state != LIVE})
+            out["held"] = held
+        return out

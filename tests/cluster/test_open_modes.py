@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.cluster.cluster_util import make_topdir, running_cluster
+from tests.cluster.cluster_util import make_topdir, running_cluster, wait_for
 
 MULTI = "user.clusterfs.multiwriter"
 
@@ -152,6 +152,39 @@ def test_multiwriter_files_share(f):
         os.close(fd)
 
 
+def test_status_shows_who_holds_what(nodes, f):
+    ino = os.stat(f.on("a")).st_ino
+    fd = os.open(f.on("b"), os.O_WRONLY)
+    try:
+        st = nodes.status("--watch", "0")
+        lm = st["lock_manager"]
+        assert {n["node"] for n in lm["nodes"]} >= {"a", "b", "c"}
+        assert [(m["node"], m["mode"]) for m in lm["open_modes"] if m["inode"] == ino] \
+            == [("b", "EX")], lm
+        text = nodes.run_status("--watch", "0")
+        assert f"node b has inode {ino} open for writing" in text
+    finally:
+        os.close(fd)
+    # (the kernel sends the release after close returns)
+    wait_for(lambda: not modes_of(nodes, ino), 30, "the open mode to go")
+    # the writers of a multi-writer file
+    os.setxattr(f.on("a"), MULTI, b"1")
+    fds = [os.open(f.on(n), os.O_RDWR) for n in ("a", "c")]
+    try:
+        assert modes_of(nodes, ino) == [("a", "CW"), ("c", "CW")]
+        text = nodes.run_status("--watch", "0")
+        assert f"node c has inode {ino} open for writing (multi-writer)" in text
+    finally:
+        for fd in fds:
+            os.close(fd)
+    wait_for(lambda: not modes_of(nodes, ino), 30, "the open modes to go")
+
+
+def modes_of(nodes, ino: int) -> list:
+    lm = nodes.status("--watch", "0")["lock_manager"]
+    return sorted((m["node"], m["mode"]) for m in lm["open_modes"] if m["inode"] == ino)
+
+
 def test_mode_released_when_the_holder_dies(topdir):
     """SIGKILL of the node that has a file open for writing: once a survivor has
     recovered it, the file can be opened for writing elsewhere."""
@@ -174,6 +207,7 @@ def test_mode_released_when_the_holder_dies(topdir):
             assert w.read() == b"x" * 100_000
             w.write(b"y")
         assert "recovered" in c.nodes["b"].read_log()
+        assert not c.status("--watch", "0")["lock_manager"]["open_modes"]
         # the dead node comes back (in its old slot) and sees the change
         a = c.mount("a")
         assert os.stat(a.p("disk.img")).st_size == 100_001
