@@ -187,13 +187,8 @@ def write(vol, di: Dinode, off: int, data) -> int:
     t = tree(vol, di)
     first = off // BLOCK_SIZE
     last = (end - 1) // BLOCK_SIZE
-    if not (off | n) % BLOCK_SIZE and end <= di.size:
-        # whole blocks inside the file: one extent holding them all is overwritten
-        # in place (what the general path below does too, with more book-keeping)
-        rec = t.floor(first)
-        if rec is not None and rec[0] + rec[1][1] > last:
-            vol.write_data(rec[1][0] + first - rec[0], data)
-            return n
+    if overwrite(vol, di, off, data):
+        return n
     if off > di.size and di.size // BLOCK_SIZE < first:
         # a write that never committed (power cut) may have left bytes past EOF
         _zero_tail(vol, di, t, di.size)
@@ -247,6 +242,21 @@ def write(vol, di: Dinode, off: int, data) -> int:
         vol.touch(di)
         di.size = end
     return n
+
+
+def overwrite(vol, di: Dinode, off: int, data) -> bool:
+    """Write ``data`` in place if it is whole blocks inside the file that one extent
+    holds (what ``write`` does then too, minus its book-keeping); such a write
+    changes no metadata.  Returns False, having written nothing, otherwise."""
+    n = len(data)
+    if not n or (off | n) % BLOCK_SIZE or off + n > di.size or not di.flags & DF_EXTENTS:
+        return False
+    first = off // BLOCK_SIZE
+    rec = tree(vol, di).floor(first)
+    if rec is None or rec[0] + rec[1][1] <= (off + n - 1) // BLOCK_SIZE:
+        return False
+    vol.write_data(rec[1][0] + first - rec[0], data)
+    return True
 
 
 def _in_runs(lblk: int, runs) -> bool:
