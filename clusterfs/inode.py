@@ -131,10 +131,15 @@ def read(vol, di: Dinode, off: int, size: int) -> bytes:
         return data + bytes(size - len(data))
     first = off // BLOCK_SIZE
     last = (off + size - 1) // BLOCK_SIZE
-    parts = []
-    for _lb, pb, n in map_range(vol, di, first, last - first + 1):
-        parts.append(vol.read_data(pb, n) if pb else bytes(n * BLOCK_SIZE))
-    buf = parts[0] if len(parts) == 1 else b"".join(parts)
+    rec = tree(vol, di).floor(first)
+    if rec is not None and rec[0] + rec[1][1] > last:
+        # one extent holds the whole range (the usual case): one device read
+        buf = vol.read_data(rec[1][0] + first - rec[0], last - first + 1)
+    else:
+        parts = []
+        for _lb, pb, n in map_range(vol, di, first, last - first + 1):
+            parts.append(vol.read_data(pb, n) if pb else bytes(n * BLOCK_SIZE))
+        buf = parts[0] if len(parts) == 1 else b"".join(parts)
     s = off - first * BLOCK_SIZE
     if s == 0 and len(buf) == size:
         return buf
