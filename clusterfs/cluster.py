@@ -293,11 +293,21 @@ class Coherence:
         if self.fenced:
             raise FSError(errno.EIO, "node is fenced (lease lost); remount to rejoin")
 
-    async def run(self, fn, *args, want: dict | None = None, **kw):
-        """Run ``fn(*args, **kw)`` (a synchronous body) holding the locks it needs."""
+    async def run(self, fn, *args, want: dict | None = None, new_inode=None, **kw):
+        """Run ``fn(*args, **kw)`` (a synchronous body) holding the locks it needs.
+
+        When the body needs the lock of an inode it allocates, the retry hints the
+        allocator to take the same block again (``vol.inode_hint``, set only while
+        the body runs, so that no other operation takes the hint meanwhile).
+        ``new_inode``: ``async fn(ino)``, awaited (holding no lock) before such a
+        retry."""
         want = dict(want or {})
         attempts = 0
+        hint = fresh = None
         while True:
+            if new_inode is not None and fresh is not None:
+                await new_inode(fresh)
+            fresh = None
             self.check()
             attempts += 1
             self.stats["attempts"] += 1
@@ -310,22 +320,19 @@ class Coherence:
             except (LeaseLost, LockError) as e:
                 raise FSError(errno.EIO, f"lock manager: {e}") from None
             self.holds = holds
+            self.vol.inode_hint = hint
             try:
-                result = fn(*args, **kw)
-                self.vol.inode_hint = None
-                return result
+                return fn(*args, **kw)
             except NeedLock as e:
                 self.stats["retries"] += 1
                 want[e.name] = supremum(want[e.name], e.mode) if e.name in want else e.mode
-                self.vol.inode_hint = e.inode_hint
+                if e.inode_hint is not None:
+                    hint = fresh = e.inode_hint
             except Fenced:
-                self.vol.inode_hint = None
                 self.fence("a volume write was refused")
                 raise FSError(errno.EIO, "node is fenced") from None
-            except BaseException:
-                self.vol.inode_hint = None
-                raise
             finally:
+                self.vol.inode_hint = None
                 self.holds = None
                 self.glocks.release(holds)
             if attempts >= MAX_ATTEMPTS:
@@ -394,6 +401,25 @@ class Coherence:
                     await self.until_fenced(self.client.lock, open_lock(ino), PR)
                 except (LeaseLost, LockError) as e:
                     raise FSError(errno.EIO, f"lock manager: {e}") from None
+
+    async def pre_open(self, ino: int, writable: bool) -> None:
+        """Take the open lock (and, for writing, the write-open mode) of an inode a
+        create is about to make: held before the new name is visible, no other node
+        can free the file (or open it for writing) before the creator has it open."""
+        async with self.serial.hold(open_lock(ino)):
+            if self.client.held(open_lock(ino)) is None:
+                await self.until_fenced(self.client.lock, open_lock(ino), PR)
+        if writable:
+            async with self.serial.hold(write_lock(ino)):
+                if not self.write_handles.get(ino):
+                    await self.try_lock(write_lock(ino), EX)
+
+    async def unpre_open(self, ino: int) -> None:
+        """Give up what ``pre_open`` took for an inode that no handle uses."""
+        async with self.serial.hold(write_lock(ino)):
+            if not self.write_handles.get(ino):
+                await self._unlock_if_held(write_lock(ino))
+        await self.drop_open(ino)
 
     async def drop_open(self, ino: int) -> None:
         """Give the open lock up once no handle on this node has the inode open."""
@@ -562,10 +588,28 @@ class ClusterFrontend:
         return fh
 
     async def create(self, parent, name, mode, flags, ctx):
-        fh, di = await self.run(self.fs.create, parent, name, mode, flags, ctx,
-                                want={inode_lock(parent): EX, **self._home()})
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        taken: list[int] = []
+
+        async def pre_open(ino):
+            # the new file's open lock (and write-open mode) before its name shows
+            if ino != parent and ino not in taken:
+                taken.append(ino)
+                await self.coh.pre_open(ino, writable)
+        try:
+            fh, di = await self.run(self.fs.create, parent, name, mode, flags, ctx,
+                                    want={inode_lock(parent): EX, **self._home()},
+                                    new_inode=pre_open)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for ino in taken:
+                    await self.coh.unpre_open(ino)
+            raise
+        for ino in taken:
+            if ino != di.bno:
+                await self.coh.unpre_open(ino)
         await self._opened(fh, di.bno)
-        if flags & os.O_ACCMODE != os.O_RDONLY:
+        if writable:
             try:
                 await self.coh.take_write_mode(di.bno, new=True)
             except BaseException:
