@@ -46,7 +46,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from tests.cluster.cluster_util import Cluster, Lockd, make_key  # noqa: E402
+from tests.cluster.cluster_util import Cluster, Lockd, make_key, wait_for  # noqa: E402
 from tests.helpers import mkfs  # noqa: E402
 
 PY = sys.executable
@@ -104,6 +104,9 @@ class Bench:
         self.cluster = Cluster(self.workdir, vol, self.lockd, fast=False)
         self.cluster.mount("n1")
         self.cluster.mount("n2")
+        # a fresh lock manager grants nothing new during its grace period
+        wait_for(lambda: "grace period over" in self.lockd.read_log(), 60,
+                 "the lock manager's grace period to end")
 
     def stop(self) -> None:
         try:
