@@ -239,7 +239,12 @@ class ClusterMount:
         last_commit = trio.current_time()
         last_free = trio.current_time()
         while True:
+            woke = trio.current_time() + self.interval
             await trio.sleep(self.interval)
+            late = trio.current_time() - woke
+            if late > self.lease / 5:
+                log.warning("the event loop was held up for %.1fs (slow device flush or "
+                            "CPU starvation); lease renewals wait meanwhile", late)
             if self.coh.fenced:
                 continue
             try:

@@ -241,7 +241,13 @@ class GlockTable:
                 return
             g.busy = True
             try:
-                lvb = self.owner.before_demote(g, target)
+                try:
+                    lvb = self.owner.before_demote(g, target)
+                except Exception as e:
+                    # it could not write back what the lock covers (the node fenced
+                    # itself): the lock stays until the node is recovered
+                    log.warning("demote of %r abandoned: %s", g.name, e)
+                    return
                 await self.client.convert(g.name, target, lvb=lvb)
                 g.mode = target
                 g.dirty = False

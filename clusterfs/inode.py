@@ -10,6 +10,7 @@ extension never exposes old bytes.
 
 from __future__ import annotations
 
+import bisect
 import errno
 
 from .btree import BTree
@@ -94,6 +95,16 @@ def map_range(vol, di: Dinode, first: int, count: int) -> list[tuple[int, int, i
     return out
 
 
+def _extent_at(vol, di: Dinode, lblk: int):
+    """The extent record (lblk, (pblk, n, flags)) at or before ``lblk``, or None
+    (``BTree.floor``, without building a tree when the root in the dinode is all)."""
+    root = di.root
+    if root.level == 0:
+        i = bisect.bisect_right(root.keys, lblk) - 1
+        return (root.keys[i], root.vals[i]) if i >= 0 else None
+    return tree(vol, di).floor(lblk)
+
+
 def extents(vol, di: Dinode):
     """All (lblk, pblk, n) records of an extent file, in order."""
     if not di.flags & DF_EXTENTS:
@@ -131,7 +142,7 @@ def read(vol, di: Dinode, off: int, size: int) -> bytes:
         return data + bytes(size - len(data))
     first = off // BLOCK_SIZE
     last = (off + size - 1) // BLOCK_SIZE
-    rec = tree(vol, di).floor(first)
+    rec = _extent_at(vol, di, first)
     if rec is not None and rec[0] + rec[1][1] > last:
         # one extent holds the whole range (the usual case): one device read
         buf = vol.read_data(rec[1][0] + first - rec[0], last - first + 1)
@@ -257,7 +268,7 @@ def overwrite(vol, di: Dinode, off: int, data) -> bool:
     if not n or (off | n) % BLOCK_SIZE or off + n > di.size or not di.flags & DF_EXTENTS:
         return False
     first = off // BLOCK_SIZE
-    rec = tree(vol, di).floor(first)
+    rec = _extent_at(vol, di, first)
     if rec is None or rec[0] + rec[1][1] <= (off + n - 1) // BLOCK_SIZE:
         return False
     vol.write_data(rec[1][0] + first - rec[0], data)

@@ -23,7 +23,7 @@ def topdir():
 
 @pytest.fixture
 def cluster(topdir):
-    """A fresh 256 MiB volume (4 slots) and a lock manager (lease 2 s);
+    """A fresh 256 MiB volume (4 slots) and a lock manager (lease 3 s);
     ``cluster.mount(name)`` mounts a node.  Teardown unmounts every node, stops the
     lock manager (by PID), then checks the volume."""
     with running_cluster(topdir) as c:
@@ -38,7 +38,7 @@ def keyfile(topdir):
 
 @pytest.fixture
 def lockd(keyfile, topdir):
-    """A lock manager on 127.0.0.1 at a free port (lease 2 s), stopped by PID."""
+    """A lock manager on 127.0.0.1 at a free port (lease 3 s), stopped by PID."""
     srv = Lockd(keyfile, log=os.path.join(topdir, "lockd-fixture.log")).start()
     try:
         yield srv
