@@ -6,7 +6,8 @@ The allocator works on the volume's cached ``RgrpHeader`` and ``Bitmap`` objects
 * A data allocation never reuses a block freed in the journal's running (not yet
   committed) transaction: after a crash the old owner could still own it, and data
   is written to the device before its transaction commits (ordered mode).  Such
-  blocks wait in ``pending_free`` until the next commit.  Metadata blocks are
+  blocks wait in ``pending_free`` until the next commit (a commit sealed and written
+  in the background releases only the runs it freed).  Metadata blocks are
   journaled, so they may reuse those blocks at once.
 * Files grow contiguously: allocation starts at a goal block (just after the file's
   previous extent) and a per-inode in-memory reservation keeps the run after a
@@ -355,6 +356,20 @@ class Allocator:
     def committed(self) -> None:
         """The running transaction committed: its freed blocks may be reused."""
         self.pending_free.clear()
+
+    def sealed(self) -> list[tuple[int, int, int]]:
+        """The runs freed so far, as (rgrp, entry, n): the journal sealed their
+        transaction.  They stay out of data allocations until ``released``."""
+        return [(rg, e, n) for rg, runs in self.pending_free.items() for e, n in runs]
+
+    def released(self, runs: list[tuple[int, int, int]]) -> None:
+        """The sealed transaction that freed ``runs`` is on the device: reusable."""
+        for rg, e, n in runs:
+            left = self.pending_free.get(rg)
+            if left and (e, n) in left:
+                left.remove((e, n))
+                if not left:
+                    del self.pending_free[rg]
 
     def pending_blocks(self) -> int:
         return sum(n for runs in self.pending_free.values() for _e, n in runs)

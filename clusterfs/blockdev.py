@@ -20,6 +20,7 @@ import os
 import random
 import stat
 import struct
+import threading
 from typing import Callable, Iterable
 
 BLOCK_SIZE = 4096
@@ -67,7 +68,8 @@ class BlockDevice:
         self.size_bytes = size
         self.nblocks = size // BLOCK_SIZE
         self.write_guard: WriteGuard | None = None
-        self._bufs: dict[int, mmap.mmap] = {}
+        self._local = threading.local()      # aligned buffers, per thread
+        self._all_bufs: list[mmap.mmap] = []
         self.stats = {"reads": 0, "writes": 0, "flushes": 0,
                       "read_bytes": 0, "written_bytes": 0}
 
@@ -75,11 +77,15 @@ class BlockDevice:
 
     def _buffer(self, nbytes: int) -> mmap.mmap:
         size = 1 << max(12, (nbytes - 1).bit_length())
-        buf = self._bufs.get(size)
+        bufs = getattr(self._local, "bufs", None)
+        if bufs is None:
+            bufs = self._local.bufs = {}
+        buf = bufs.get(size)
         if buf is None:
             buf = mmap.mmap(-1, size)
             if size <= (8 << 20):
-                self._bufs[size] = buf
+                bufs[size] = buf
+                self._all_bufs.append(buf)
         return buf
 
     def _check(self, bno: int, count: int) -> None:
@@ -147,9 +153,10 @@ class BlockDevice:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        for buf in self._bufs.values():
+        for buf in self._all_bufs:
             buf.close()
-        self._bufs.clear()
+        self._all_bufs.clear()
+        self._local = threading.local()
 
     def __enter__(self):
         return self

@@ -204,6 +204,14 @@ class ClusterMount:
         """Runs before every device write: no write once the lease may be gone."""
         if self.coh is not None and self.coh.fenced:
             raise Fenced()
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            # a worker thread (a commit's flushes): trio's clock and the fence's
+            # cancel scopes belong to the event loop; the committer fences on Fenced
+            if not self.client.lease_valid_threadsafe():
+                raise Fenced() from None
+            return
         if not self.client.lease_valid():
             if self.coh is not None:
                 self.coh.fence("lease not renewed")
@@ -254,7 +262,11 @@ class ClusterMount:
                 if now - last_commit >= COMMIT_INTERVAL:
                     last_commit = now
                     if self.vol.op is None and self.journal.running_blocks():
-                        self.vol.commit()
+                        # flushed on a worker thread while requests go on
+                        token = self.vol.commit_begin()
+                        if token is not None:
+                            await trio.to_thread.run_sync(self.vol.commit_io, token)
+                            self.vol.commit_end(token)
                 if now - last_free >= FREE_REFRESH:
                     last_free = now
                     self._refresh_free()

@@ -69,7 +69,12 @@ async def _serve(session, ops, interval: float) -> None:
                 try:
                     if vol.journal is not None and vol.op is None and \
                             vol.journal.running_blocks():
-                        vol.commit()
+                        # the flushes run on a worker thread: requests are served
+                        # meanwhile (they fill the next transaction)
+                        token = vol.commit_begin()
+                        if token is not None:
+                            await trio.to_thread.run_sync(vol.commit_io, token)
+                            vol.commit_end(token)
                 except Exception:
                     # the journal aborts itself on a device error (later writes
                     # fail with EIO); the mount stays up so it can be unmounted

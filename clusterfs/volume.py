@@ -370,6 +370,33 @@ class Volume:
         self.alloc.committed()
         self.stats["commits"] += 1
 
+    def commit_begin(self):
+        """Seal the running transaction for a commit whose writes run elsewhere
+        (``commit_io`` on a worker thread, then ``commit_end``), so that requests
+        are served while the device flushes.  None when there is nothing to commit
+        (or no journal)."""
+        if self.op is not None:
+            raise RuntimeError("commit inside an operation")
+        if self.journal is None:
+            return None
+        sealed = self.journal.seal()
+        if sealed is None:
+            return None
+        return sealed, self.alloc.sealed()
+
+    @staticmethod
+    def commit_io(token) -> None:
+        """The sealed commit's device writes and flushes (thread-safe)."""
+        token[0].write()
+
+    def commit_end(self, token) -> None:
+        """After ``commit_io``: the blocks the sealed transaction freed are reusable.
+        Raises ``JournalAborted`` when its writes failed."""
+        sealed, freed = token
+        sealed.write()          # done already: re-raises a failure
+        self.alloc.released(freed)
+        self.stats["commits"] += 1
+
     def checkpoint(self) -> None:
         """Commit, then write every journaled block home; the log is empty after."""
         self.commit()

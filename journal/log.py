@@ -13,6 +13,9 @@ Writing (``open`` .. ``close``):
   and flushes again.  The flush before the commit block also makes every file-data
   write issued before ``commit`` durable, so data always reaches the device before
   the metadata that points at it commits (ordered mode).
+* ``seal`` is ``commit`` in two steps: the transaction is closed at once and its
+  writes (``SealedCommit.write``) can run on another thread while the next
+  transaction fills; every later call that does I/O finishes them first.
 * Committed images stay in memory until ``checkpoint`` writes them home, flushes and
   advances the header's tail (flushed again before the log space is reused).
 
@@ -41,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from typing import NamedTuple, Protocol, Union
 
@@ -162,6 +166,7 @@ class Journal:
         self._next_seq = 0
         self._running: dict[int, Source] = {}
         self._running_revokes: set[int] = set()
+        self._sealed: SealedCommit | None = None  # sealed, maybe not yet written
         self._pending: dict[int, bytes] = {}    # committed images not yet written home
         self._in_log: set[int] = set()          # blocks with an image between tail and head
         self._stats = dict(commits=0, blocks_logged=0, revokes_logged=0,
@@ -550,7 +555,8 @@ class Journal:
         Writes its descriptor, image and revoke blocks (one device write per
         contiguous run), flushes, writes the commit block and flushes.  Every device
         write issued before this call is durable before the commit block is written
-        (ordered mode).  Checkpoints first when the log lacks room.
+        (ordered mode).  Checkpoints first when the log lacks room.  A transaction
+        sealed earlier (``seal``) is written first.
 
         Returns:
             The transaction's sequence number, or None when it was empty.
@@ -560,7 +566,34 @@ class Journal:
                 ``max_transaction_blocks``); it stays running, nothing is written.
             JournalAborted: an earlier device error stopped the journal.
         """
+        sealed = self.seal()
+        if sealed is None:
+            return None
+        sealed.write()
+        return sealed.seq
+
+    def seal(self) -> "SealedCommit | None":
+        """Close the running transaction for commit; its writes are left to the caller.
+
+        The returned ``SealedCommit``'s ``write()`` does the device I/O of ``commit``
+        and may run on another thread, while this journal takes ``add``/``revoke``
+        for the next transaction.  Until it is written the sealed transaction counts
+        as committed in memory (its images are in the checkpoint set, revokes see
+        its blocks), and every call that does I/O (``commit``, ``seal``,
+        ``checkpoint``, ``close``) first finishes its writes, so nothing overtakes
+        it on the device.  Data written after ``seal`` may or may not be covered by
+        its ordered-mode flush; data written before is.
+
+        Returns:
+            None when the running transaction is empty.
+
+        Raises:
+            ValueError: the transaction does not fit in the whole log (it stays
+                running, nothing is written).
+            JournalAborted: an earlier device error stopped the journal.
+        """
         self._require_open()
+        self.wait_sealed()
         if not self._running and not self._running_revokes:
             return None
         images = []
@@ -583,21 +616,20 @@ class Journal:
             # The log is empty now: no image left for the revokes to suppress.
             revokes = []
             if not images:
+                self._running.clear()
+                self._running_revokes.clear()
                 return None
             need = transaction_blocks(len(images), 0)
-        with self._io():
-            seq = self._next_seq
-            first = self._head_pos
-            log, txn_crc = self._build_log(seq, first, images, revokes)
-            self._write_log(first, log)
-            self._flush()
-            nblocks = need - 1
-            cpos = (first + nblocks) % self.log_size
-            self.dev.write(self._abs(cpos), pack_commit(
-                self._abs(cpos), seq, self._journal_id, nblocks=nblocks, txn_crc=txn_crc,
-                first_pos=first, time_ns=time.time_ns(), nimages=len(images),
-                nrevokes=len(revokes)))
-            self._flush()
+        seq = self._next_seq
+        first = self._head_pos
+        log, txn_crc = self._build_log(seq, first, images, revokes)
+        nblocks = need - 1
+        cpos = (first + nblocks) % self.log_size
+        commit_block = pack_commit(
+            self._abs(cpos), seq, self._journal_id, nblocks=nblocks, txn_crc=txn_crc,
+            first_pos=first, time_ns=time.time_ns(), nimages=len(images),
+            nrevokes=len(revokes))
+        sealed = SealedCommit(self, seq, first, log, self._abs(cpos), commit_block)
         self._head_pos = (first + need) % self.log_size
         self._used += need
         self._next_seq = seq + 1
@@ -608,12 +640,17 @@ class Journal:
             self._pending.pop(bno, None)
         self._running.clear()
         self._running_revokes.clear()
-        st = self._stats
-        st["commits"] += 1
-        st["blocks_logged"] += len(images)
-        st["revokes_logged"] += len(revokes)
-        st["log_blocks_written"] += need
-        return seq
+        sealed.counts = (len(images), len(revokes), need)
+        self._sealed = sealed
+        return sealed
+
+    def wait_sealed(self) -> None:
+        """Finish the sealed transaction's writes (doing them here when nobody has
+        started them); raises ``JournalAborted`` when they failed."""
+        sealed = self._sealed
+        if sealed is not None:
+            sealed.write()
+        self._check_alive()
 
     def checkpoint(self) -> None:
         """Write every committed image home, flush, and empty the log.
@@ -626,6 +663,7 @@ class Journal:
             JournalAborted: an earlier device error stopped the journal.
         """
         self._require_open()
+        self.wait_sealed()
         if not self._used and not self._pending:
             return
         with self._io():
@@ -789,6 +827,51 @@ class Journal:
         self._pending.clear()
         self._in_log.clear()
         self._running_revokes.clear()       # the log holds no image they could suppress
+
+
+class SealedCommit:
+    """A transaction closed by ``Journal.seal`` whose log blocks are still to be
+    written: ``write()`` writes them, flushes, writes the commit block and flushes.
+
+    ``write()`` may run on a worker thread; the first caller does the I/O and any
+    other waits for it, so it happens once.  A device error aborts the journal (the
+    error is re-raised to every caller).
+    """
+
+    def __init__(self, journal: "Journal", seq: int, first: int, log: bytearray,
+                 commit_bno: int, commit_block: bytes):
+        self.journal = journal
+        self.seq = seq
+        self._first = first
+        self._log = log
+        self._commit_bno = commit_bno
+        self._commit_block = commit_block
+        self.counts = (0, 0, 0)    # images, revokes, log blocks (for the stats)
+        self._lock = threading.Lock()
+        self._done = False
+
+    def write(self) -> None:
+        j = self.journal
+        with self._lock:
+            if self._done:
+                j._check_alive()
+                return
+            self._done = True
+            try:
+                with j._io():
+                    j._write_log(self._first, self._log)
+                    j._flush()
+                    j.dev.write(self._commit_bno, self._commit_block)
+                    j._flush()
+                st = j._stats
+                st["commits"] += 1
+                st["blocks_logged"] += self.counts[0]
+                st["revokes_logged"] += self.counts[1]
+                st["log_blocks_written"] += self.counts[2]
+            finally:
+                self._log = b""
+                if j._sealed is self:
+                    j._sealed = None
 
 
 def _clean_report(hdr: JournalHeader) -> ReplayReport:

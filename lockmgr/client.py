@@ -12,6 +12,7 @@ its lease is still valid by its own clock.  See docs/LOCKS.md.
 """
 
 import logging
+import time
 from collections import deque
 
 import trio
@@ -110,6 +111,7 @@ class LockClient:
         self._hb_id = 0
         self._hb_sent: dict[int, float] = {}
         self._lease_deadline = 0.0
+        self._lease_deadline_mono = 0.0    # the same, on time.monotonic (for threads)
         self._lost = trio.Event()
         self._renewed = trio.Event()
         self._session_ok = False
@@ -286,6 +288,11 @@ class LockClient:
         stop writing to the volume then.
         """
         return self._session_ok and trio.current_time() < self._lease_deadline
+
+    def lease_valid_threadsafe(self) -> bool:
+        """``lease_valid`` for a worker thread, where trio's clock cannot be read:
+        the deadline as mapped onto ``time.monotonic`` at the last renewal."""
+        return self._session_ok and time.monotonic() < self._lease_deadline_mono
 
     def lease_remaining(self) -> float:
         return max(0.0, self._lease_deadline - trio.current_time()) if self._session_ok \
@@ -619,6 +626,7 @@ class LockClient:
     def _renew_lease(self, deadline: float) -> None:
         if deadline > self._lease_deadline or not self._session_ok:
             self._lease_deadline = deadline
+            self._lease_deadline_mono = time.monotonic() + deadline - trio.current_time()
         if self._lost.is_set() and self._session_ok:
             self._lost = trio.Event()
             self._renewed.set()

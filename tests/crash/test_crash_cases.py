@@ -148,3 +148,35 @@ def test_freed_inode_block_not_reused_for_data_before_commit_checkpoint():
     assert _read(fs3, b"b") == data
     m3.stop()
     assert check_consistency(dev, tail_zero=True) == []
+
+
+def test_background_commit_keeps_freed_blocks_until_it_is_written():
+    """The periodic commit is sealed on the event loop and written on a worker
+    thread (``commit_begin`` / ``commit_io`` / ``commit_end``).  Blocks the sealed
+    transaction frees must not take new file data before its writes are done: a
+    power cut in between brings the deleted file back, with its own data."""
+    dev = power_loss_volume()
+    m, fs = _mount(dev)
+    old = os.urandom(64 * BLOCK_SIZE)
+    fh, di = fs.create(fs.root_ino, b"old", 0o644, os.O_RDWR, CTX)
+    fs.write(fh, 0, old)
+    fs.release(fh)
+    fs.vol.commit()
+    fs.unlink(fs.root_ino, b"old")
+    token = fs.vol.commit_begin()          # sealed, not written
+    assert token is not None
+    new = os.urandom(256 * BLOCK_SIZE)
+    fh, di2 = fs.create(fs.root_ino, b"new", 0o644, os.O_RDWR, CTX)
+    fs.write(fh, 0, new)                   # data goes to the device now
+    fs.release(fh)
+    crashed = dev.crash(keep=range(len(dev.pending)))   # before the sealed writes
+    m2, fs2 = _mount(crashed)
+    assert _read(fs2, b"old") == old       # its blocks were never reused
+    m2.stop()
+    assert check_consistency(crashed, tail_zero=False) == []
+    fs.vol.commit_io(token)
+    fs.vol.commit_end(token)
+    assert not fs.vol.alloc.pending_free   # released: reusable now
+    assert _read(fs, b"new") == new
+    m.stop()
+    assert check_consistency(dev) == []

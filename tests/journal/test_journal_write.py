@@ -367,3 +367,75 @@ def test_two_slots_on_one_device_are_independent():
     rb = Journal(crashed, 320, 64, slot=1).replay()
     assert ra.blocks == {1: 1} and rb.blocks == {2: 1}
     assert crashed.read(1) == blk("a") and crashed.read(2) == blk("b")
+
+
+# -- sealed commits (writes on another thread) ------------------------------------------
+
+def test_sealed_commit_written_on_a_thread_while_the_next_transaction_fills():
+    import threading
+    dev, j = make()
+    j.add(1, blk(1, "a"))
+    dev.write(10, blk("data before the seal"))
+    sealed = j.seal()
+    assert sealed is not None and sealed.seq == 1
+    # the next transaction fills while the sealed one is not yet written
+    j.add(1, blk(1, "b"))
+    j.add(2, blk(2, "b"))
+    assert j.running_blocks() == 2
+    crashed = dev.crash()                  # power cut before its writes: nothing there
+    assert again(crashed).replay().seqs == []
+    t = threading.Thread(target=sealed.write)
+    t.start()
+    t.join()
+    assert j.stats()["commits"] == 1
+    crashed = dev.crash()                  # written and flushed: durable, data too
+    assert again(crashed).replay().seqs == [1]
+    assert crashed.read(1) == blk(1, "a") and crashed.read(10) == blk("data before the seal")
+    assert j.commit() == 2
+    crashed = dev.crash()
+    again(crashed).replay()
+    assert crashed.read(1) == blk(1, "b") and crashed.read(2) == blk(2, "b")
+
+
+@pytest.mark.parametrize("call", ["commit", "checkpoint", "close", "seal"])
+def test_io_calls_write_a_sealed_commit_first(call):
+    dev, j = make()
+    j.add(1, blk(1, "sealed"))
+    sealed = j.seal()
+    j.add(2, blk(2, "next"))
+    getattr(j, call)()
+    crashed = dev.crash()
+    again(crashed).replay()
+    assert crashed.read(1) == blk(1, "sealed")
+    if call in ("commit", "close"):
+        assert crashed.read(2) == blk(2, "next")
+    sealed.write()                         # a late writer does nothing more
+    assert j.stats()["commits"] == (1 if call in ("checkpoint", "seal") else 2)
+
+
+def test_revoke_after_seal_suppresses_the_sealed_image():
+    dev, j = make()
+    j.add(5, blk(5, "meta"))
+    j.seal().write()
+    j.add(5, blk(5, "meta again"))
+    j.seal()
+    j.revoke(5)                            # freed in the next transaction
+    dev.write(5, blk("file data now"))
+    j.commit()                             # writes the sealed one, then the revoke
+    crashed = dev.crash()
+    again(crashed).replay()
+    assert crashed.read(5) == blk("file data now")
+
+
+def test_failed_sealed_write_aborts_the_journal():
+    dev, j = make()
+    j.add(1, blk(1))
+    sealed = j.seal()
+    dev.cut_after(1)
+    with pytest.raises(PowerCut):
+        sealed.write()
+    with pytest.raises(JournalAborted):
+        sealed.write()
+    with pytest.raises(JournalAborted):
+        j.commit()
+    assert j.stats()["commits"] == 0
