@@ -20,6 +20,8 @@ import trio
 from .format import BLOCK_SIZE, DF_INLINE
 from .fs import Ctx
 
+PREFERRED_IO = 1 << 20      # st_blksize of regular files
+
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
@@ -123,7 +125,9 @@ class Operations(pyfuse3.Operations):
             e.st_size = BLOCK_SIZE * (di.blocks + 1)
         else:
             e.st_size = di.size
-        e.st_blksize = BLOCK_SIZE
+        # the preferred I/O size: programs that size their buffers by it (cat, cp,
+        # stdio) then make one FUSE request per MiB instead of per 128 KiB
+        e.st_blksize = PREFERRED_IO if S.S_ISREG(di.mode) else BLOCK_SIZE
         e.st_blocks = di.blocks * (BLOCK_SIZE // 512) if not di.flags & DF_INLINE else \
             -(-di.size // 512)
         e.st_atime_ns = di.atime

@@ -32,6 +32,16 @@ def test_write_remount_read(volume, tmp_path):
     fsck_clean(volume)
 
 
+def test_preferred_io_size_is_one_mib_for_files(mounted):
+    """st_blksize: 1 MiB for regular files (programs size their buffers by it, and
+    every FUSE request costs), a block for the rest."""
+    with open(mounted.p("f"), "wb") as f:
+        f.write(b"x")
+    os.mkdir(mounted.p("d"))
+    assert os.stat(mounted.p("f")).st_blksize == 1 << 20
+    assert os.stat(mounted.p("d")).st_blksize == 4096
+
+
 def test_second_single_node_mount_refused(mounted, tmp_path):
     other = Mount(mounted.volume, str(tmp_path / "mnt2"))
     with pytest.raises(AssertionError, match="already mounted|in use"):
