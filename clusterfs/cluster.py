@@ -65,6 +65,20 @@ def group_lock(rg: int) -> bytes:
     return b"R" + rg.to_bytes(4, "big")
 
 
+def covering_lock(obj) -> bytes | None:
+    """The name of the lock that covers a cached metadata object (None: no lock does)."""
+    cls = obj.__class__
+    if cls is Dinode:
+        return inode_lock(obj.bno)
+    if cls is TreeNode or cls is XattrBlock:
+        return inode_lock(obj.owner)
+    if cls is RgrpHeader:
+        return group_lock(obj.index)
+    if cls is Bitmap:
+        return group_lock(obj.rgrp)
+    return None
+
+
 def open_lock(ino: int) -> bytes:
     return b"O" + ino.to_bytes(8, "big")
 
@@ -153,20 +167,10 @@ class Coherence:
         self._require(group_lock(rg), EX if write else PR)
 
     def require_object(self, obj) -> None:
-        cls = obj.__class__
-        hint = None
-        if cls is Dinode:
-            name = inode_lock(obj.bno)
-            hint = obj.bno
-        elif cls is TreeNode or cls is XattrBlock:
-            name = inode_lock(obj.owner)
-        elif cls is RgrpHeader:
-            name = group_lock(obj.index)
-        elif cls is Bitmap:
-            name = group_lock(obj.rgrp)
-        else:
-            raise TypeError(f"no lock covers {cls.__name__}")
-        self._require(name, EX, hint)
+        name = covering_lock(obj)
+        if name is None:
+            raise TypeError(f"no lock covers {obj.__class__.__name__}")
+        self._require(name, EX, obj.bno if obj.__class__ is Dinode else None)
         self.glocks.glocks[name].dirty = True
 
     def cache_valid(self, obj) -> bool:
@@ -175,16 +179,8 @@ class Coherence:
         Only then is the object known to be current: a lock held in NL keeps its
         objects for validation at the next grant, but meanwhile another node may have
         freed their blocks and reused them under other locks."""
-        cls = obj.__class__
-        if cls is Dinode:
-            name = inode_lock(obj.bno)
-        elif cls is TreeNode or cls is XattrBlock:
-            name = inode_lock(obj.owner)
-        elif cls is RgrpHeader:
-            name = group_lock(obj.index)
-        elif cls is Bitmap:
-            name = group_lock(obj.rgrp)
-        else:
+        name = covering_lock(obj)
+        if name is None:
             return False
         g = self.glocks.glocks.get(name)
         return g is not None and g.mode is not None and covers(g.mode, PR)

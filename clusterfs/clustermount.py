@@ -263,10 +263,7 @@ class ClusterMount:
                     last_commit = now
                     if self.vol.op is None and self.journal.running_blocks():
                         # flushed on a worker thread while requests go on
-                        token = self.vol.commit_begin()
-                        if token is not None:
-                            await trio.to_thread.run_sync(self.vol.commit_io, token)
-                            self.vol.commit_end(token)
+                        await self.vol.commit_in_thread(trio.to_thread.run_sync)
                 if now - last_free >= FREE_REFRESH:
                     last_free = now
                     self._refresh_free()

@@ -71,10 +71,7 @@ async def _serve(session, ops, interval: float) -> None:
                             vol.journal.running_blocks():
                         # the flushes run on a worker thread: requests are served
                         # meanwhile (they fill the next transaction)
-                        token = vol.commit_begin()
-                        if token is not None:
-                            await trio.to_thread.run_sync(vol.commit_io, token)
-                            vol.commit_end(token)
+                        await vol.commit_in_thread(trio.to_thread.run_sync)
                 except Exception:
                     # the journal aborts itself on a device error (later writes
                     # fail with EIO); the mount stays up so it can be unmounted

@@ -370,11 +370,20 @@ class Volume:
         self.alloc.committed()
         self.stats["commits"] += 1
 
+    async def commit_in_thread(self, run_sync) -> None:
+        """Commit with the device writes and flushes on a worker thread, so that
+        requests are served (filling the next transaction) while the device
+        flushes.  ``run_sync``: awaits a function on a thread
+        (``trio.to_thread.run_sync``)."""
+        token = self.commit_begin()
+        if token is not None:
+            await run_sync(token[0].write)
+            self.commit_end(token)
+
     def commit_begin(self):
         """Seal the running transaction for a commit whose writes run elsewhere
-        (``commit_io`` on a worker thread, then ``commit_end``), so that requests
-        are served while the device flushes.  None when there is nothing to commit
-        (or no journal)."""
+        (then ``commit_end``).  None when there is nothing to commit (or no
+        journal)."""
         if self.op is not None:
             raise RuntimeError("commit inside an operation")
         if self.journal is None:
@@ -384,16 +393,12 @@ class Volume:
             return None
         return sealed, self.alloc.sealed()
 
-    @staticmethod
-    def commit_io(token) -> None:
-        """The sealed commit's device writes and flushes (thread-safe)."""
-        token[0].write()
-
     def commit_end(self, token) -> None:
-        """After ``commit_io``: the blocks the sealed transaction freed are reusable.
-        Raises ``JournalAborted`` when its writes failed."""
+        """Finish a sealed commit (its writes are done here unless a thread did
+        them); the blocks it freed are reusable after.  Raises ``JournalAborted``
+        when its writes failed."""
         sealed, freed = token
-        sealed.write()          # done already: re-raises a failure
+        sealed.write()
         self.alloc.released(freed)
         self.stats["commits"] += 1
 

@@ -152,7 +152,7 @@ def test_freed_inode_block_not_reused_for_data_before_commit_checkpoint():
 
 def test_background_commit_keeps_freed_blocks_until_it_is_written():
     """The periodic commit is sealed on the event loop and written on a worker
-    thread (``commit_begin`` / ``commit_io`` / ``commit_end``).  Blocks the sealed
+    thread (``commit_in_thread``: ``commit_begin``, the writes, ``commit_end``).  Blocks the sealed
     transaction frees must not take new file data before its writes are done: a
     power cut in between brings the deleted file back, with its own data."""
     dev = power_loss_volume()
@@ -174,8 +174,7 @@ def test_background_commit_keeps_freed_blocks_until_it_is_written():
     assert _read(fs2, b"old") == old       # its blocks were never reused
     m2.stop()
     assert check_consistency(crashed, tail_zero=False) == []
-    fs.vol.commit_io(token)
-    fs.vol.commit_end(token)
+    fs.vol.commit_end(token)              # the writes, then the frees are released
     assert not fs.vol.alloc.pending_free   # released: reusable now
     assert _read(fs, b"new") == new
     m.stop()
