@@ -25,6 +25,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, r
                                  run_state_machine_as_test)
 
 from tests.cluster.cluster_util import running_cluster
+from tests.fuse.posix_util import outcome, snapshot
 
 NODES = ["a", "b", "c"]
 NAMES = ["a", "b", "c"]
@@ -32,37 +33,6 @@ PATHS = NAMES + [f"{x}/{y}" for x in NAMES[:2] for y in NAMES] + ["a/a/b"]
 paths = st.sampled_from(PATHS)
 nodes = st.sampled_from(NODES)
 sizes = st.sampled_from([0, 1, 100, 3457, 4096, 5000, 70000])
-
-
-def outcome(fn, *args):
-    try:
-        r = fn(*args)
-        return ("ok", r if isinstance(r, (bytes, int, str, list)) else None)
-    except OSError as e:
-        return ("errno", errno.errorcode.get(e.errno, e.errno))
-
-
-def snapshot(top: str) -> dict:
-    """Every name under ``top`` with type, mode, link count, size, contents or
-    target, and user xattrs."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        rel = os.path.relpath(dirpath, top)
-        for name in sorted(dirnames + filenames):
-            p = os.path.join(dirpath, name)
-            st_ = os.lstat(p)
-            kind = stat.S_IFMT(st_.st_mode)
-            entry = [kind, stat.S_IMODE(st_.st_mode), st_.st_nlink]
-            if stat.S_ISREG(kind):
-                with open(p, "rb") as f:
-                    entry += [st_.st_size, f.read()]
-            elif stat.S_ISLNK(kind):
-                entry += [os.readlink(p)]
-            if not stat.S_ISLNK(kind):
-                entry.append(sorted((k, os.getxattr(p, k)) for k in os.listxattr(p)
-                                    if k.startswith("user.")))
-            out[os.path.normpath(os.path.join(rel, name))] = entry
-    return out
 
 
 class ClusterMachine(RuleBasedStateMachine):

@@ -1,11 +1,14 @@
 """Syscalls Python's os module lacks (renameat2, utimensat with UTIME_OMIT, raw
-getdents64) and running a function as another user in a forked child."""
+getdents64), running a function as another user in a forked child, and what the
+stateful tests compare (an operation's outcome, a tree's snapshot)."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
+import stat
 import struct
 import traceback
 
@@ -101,3 +104,35 @@ def as_user(uid: int, gid: int, fn, *args) -> object:
     if isinstance(res, tuple) and res and res[0] == "exception":
         raise AssertionError("child failed:\n" + res[1])
     return res
+
+
+def outcome(fn, *args):
+    """("ok", result) or ("errno", name): what a model and the file system compare."""
+    try:
+        r = fn(*args)
+        return ("ok", r if isinstance(r, (bytes, int, str, list)) else None)
+    except OSError as e:
+        return ("errno", errno.errorcode.get(e.errno, e.errno))
+
+
+def snapshot(top: str, with_xattrs: bool = True) -> dict:
+    """Every name under ``top`` with type, mode, link count, size, contents or
+    target, and (``with_xattrs``) user xattrs."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        rel = os.path.relpath(dirpath, top)
+        for name in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, name)
+            st_ = os.lstat(p)
+            kind = stat.S_IFMT(st_.st_mode)
+            entry = [kind, stat.S_IMODE(st_.st_mode), st_.st_nlink]
+            if stat.S_ISREG(kind):
+                with open(p, "rb") as f:
+                    entry += [st_.st_size, f.read()]
+            elif stat.S_ISLNK(kind):
+                entry += [st_.st_size, os.readlink(p)]
+            if with_xattrs and not stat.S_ISLNK(kind):
+                entry.append(sorted((k, os.getxattr(p, k)) for k in os.listxattr(p)
+                                    if k.startswith("user.")))
+            out[os.path.normpath(os.path.join(rel, name))] = entry
+    return out

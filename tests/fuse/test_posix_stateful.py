@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import stat
 import tempfile
 
 import pytest
@@ -20,18 +19,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, rule,
                                  run_state_machine_as_test)
 
+from tests.fuse.posix_util import outcome, snapshot
+
 NAMES = ["a", "b", "c"]
 PATHS = NAMES + [f"{x}/{y}" for x in NAMES[:2] for y in NAMES] + ["a/a/b"]
 paths = st.sampled_from(PATHS)
 sizes = st.sampled_from([0, 1, 100, 3455, 3456, 3457, 4096, 5000, 9000, 70000])
-
-
-def _outcome(fn, *args):
-    try:
-        r = fn(*args)
-        return ("ok", r if isinstance(r, (bytes, int, str, list)) else None)
-    except OSError as e:
-        return ("errno", errno.errorcode.get(e.errno, e.errno))
 
 
 def _xattrs_supported(path: str) -> bool:
@@ -46,28 +39,6 @@ def _xattrs_supported(path: str) -> bool:
         os.unlink(probe)
 
 
-def snapshot(top: str, with_xattrs: bool) -> dict:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        rel = os.path.relpath(dirpath, top)
-        for name in sorted(dirnames + filenames):
-            p = os.path.join(dirpath, name)
-            r = os.path.normpath(os.path.join(rel, name))
-            st_ = os.lstat(p)
-            kind = stat.S_IFMT(st_.st_mode)
-            entry = [kind, stat.S_IMODE(st_.st_mode), st_.st_nlink]
-            if stat.S_ISREG(kind):
-                with open(p, "rb") as f:
-                    entry += [st_.st_size, f.read()]
-            elif stat.S_ISLNK(kind):
-                entry += [st_.st_size, os.readlink(p)]
-            if with_xattrs and not stat.S_ISLNK(kind):
-                entry.append(sorted((k, os.getxattr(p, k)) for k in os.listxattr(p)
-                                    if k.startswith("user.")))
-            out[r] = entry
-    return out
-
-
 class FsMachine(RuleBasedStateMachine):
     mnt: str = ""           # set by the test: a directory on the mount
     ref: str = ""           # a plain local directory
@@ -79,8 +50,8 @@ class FsMachine(RuleBasedStateMachine):
 
     def both(self, fn, *rel_args, raw=()):
         """Run ``fn`` on both trees; the outcomes must match."""
-        a = _outcome(fn, *[os.path.join(self.mnt, r) for r in rel_args], *raw)
-        b = _outcome(fn, *[os.path.join(self.ref, r) for r in rel_args], *raw)
+        a = outcome(fn, *[os.path.join(self.mnt, r) for r in rel_args], *raw)
+        b = outcome(fn, *[os.path.join(self.ref, r) for r in rel_args], *raw)
         note(f"{fn.__name__}{rel_args}{raw} -> mount {a[0]}:{a[1] if a[0] == 'errno' else ''}"
              f", ref {b[0]}:{b[1] if b[0] == 'errno' else ''}")
         assert a == b, f"{fn.__name__}{rel_args}: mount {a!r} != local {b!r}"
@@ -191,8 +162,8 @@ class FsMachine(RuleBasedStateMachine):
         if len(self.fds) >= 4:
             return
         flags = os.O_RDWR | (os.O_APPEND if append else 0)
-        a = _outcome(os.open, os.path.join(self.mnt, p), flags)
-        b = _outcome(os.open, os.path.join(self.ref, p), flags)
+        a = outcome(os.open, os.path.join(self.mnt, p), flags)
+        b = outcome(os.open, os.path.join(self.ref, p), flags)
         note(f"open {p} append={append} -> {a[0]} / {b[0]}")
         if a[0] == "ok" and b[0] == "ok":
             self.fds.append((a[1], b[1]))
