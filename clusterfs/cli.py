@@ -9,6 +9,7 @@ line and exit status 2 (``fsck`` uses e2fsck's 16).
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from .errors import QuietError
@@ -25,6 +26,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("lockd", "lockmgr.cli", "run the lock manager server in the foreground"),
     ("lockd-status", "lockmgr.cli", "show the lock manager's nodes and locks"),
 ]
+
+# Set by ``main`` from the command's ``fast_exit`` default; read by ``run``.
+_fast_exit = False
 
 # Modules that provide subcommands (each has ``register(subparsers)``).
 SUBCOMMAND_MODULES: list[str] = list(dict.fromkeys(m for _c, m, _h in COMMANDS))
@@ -79,11 +83,16 @@ def setup_logging(debug: bool) -> None:
     )
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, exiting: bool = False) -> int:
+    """Run one command; returns its exit status.  ``exiting``: the process ends right
+    after (``run``), so a command may leave its heap for the exit to drop."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "debug", False))
+    global _fast_exit
+    _fast_exit = exiting and getattr(args, "fast_exit", False)
+    args.exiting = exiting
     try:
         rc = args.func(args)
     except QuietError as e:
@@ -95,5 +104,21 @@ def main(argv=None) -> int:
     return rc or 0
 
 
+def run() -> None:
+    """The program's entry point (``clusterfs`` and ``python -m clusterfs.cli``).
+
+    A command that leaves a large heap behind (``fsck`` keeps a record per inode) sets
+    ``fast_exit``: once its output is flushed, the process ends without freeing
+    that heap object by object (0.4 s for a volume of 100,000 files).
+    """
+    rc = main(sys.argv[1:], exiting=True)
+    if _fast_exit:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

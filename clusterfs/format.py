@@ -443,6 +443,9 @@ _DI = struct.Struct("<Q IIII QQ qqqq Q I H H Q Q Q")
 # generation, mode, uid, gid, nlink, size, blocks, atime, mtime, ctime, btime,
 # rdev, flags, xattr_len, reserved, xattr_block, parent, entries
 assert _DI.size <= 256 - HEADER_SIZE
+_HDR_DI = struct.Struct(blockhdr.HEADER.format + _DI.format[1:])   # header, then _DI
+_MAGIC = blockhdr.MAGIC
+_T_DINODE = int(BlockType.DINODE)
 
 XATTR_INLINE_OFF = 256
 XATTR_INLINE_SIZE = 384
@@ -524,15 +527,26 @@ class Dinode(MetaObject):
 
     @classmethod
     def decode(cls, buf, bno: int) -> "Dinode":
-        seq = blockhdr.verify(buf, BlockType.DINODE, bno)
-        (gen, mode, uid, gid, nlink, size, blocks, atime, mtime, ctime, btime, rdev,
-         flags, xlen, _res, xblock, parent, entries) = _DI.unpack_from(buf, HEADER_SIZE)
-        if xlen > XATTR_INLINE_SIZE:
+        # the header and the fields in one unpack; ``blockhdr.verify`` says what is
+        # wrong when the header does not check (fsck decodes every dinode of the
+        # volume through here, so the common case is kept to a few calls)
+        if len(buf) != BLOCK_SIZE:
+            blockhdr.verify(buf, BlockType.DINODE, bno)
+        (magic, btype, _hflags, crc, _hres, own, seq, gen, mode, uid, gid, nlink, size,
+         blocks, atime, mtime, ctime, btime, rdev, flags, xlen, _res, xblock, parent,
+         entries) = _HDR_DI.unpack_from(buf, 0)
+        if magic != _MAGIC or btype != _T_DINODE or own != bno or \
+                crc != blockhdr.block_crc(buf):
+            seq = blockhdr.verify(buf, BlockType.DINODE, bno)
+        if not xlen:
+            xattrs = []
+        elif xlen > XATTR_INLINE_SIZE:
             raise CorruptBlock(bno, f"inline xattr length {xlen}")
-        try:
-            xattrs = decode_xattrs(bytes(buf[XATTR_INLINE_OFF:XATTR_INLINE_OFF + xlen]))
-        except ValueError as e:
-            raise CorruptBlock(bno, f"inline xattrs: {e}") from None
+        else:
+            try:
+                xattrs = decode_xattrs(bytes(buf[XATTR_INLINE_OFF:XATTR_INLINE_OFF + xlen]))
+            except ValueError as e:
+                raise CorruptBlock(bno, f"inline xattrs: {e}") from None
         kind = flags & (DF_INLINE | DF_EXTENTS | DF_DIRTREE)
         if kind == DF_INLINE:
             if size > INLINE_MAX:
@@ -703,22 +717,27 @@ class TreeNode(MetaObject):
             elif kind == EXTENT:
                 if p + nrecs * _EXT.size > end:
                     raise ValueError("extent records overflow")
-                for _ in range(nrecs):
-                    k, pblk, length, flags = _EXT.unpack_from(buf, p)
+                for k, pblk, length, flags in _EXT.iter_unpack(buf[p:p + nrecs * _EXT.size]):
                     keys.append(k)
                     vals.append((pblk, length, flags))
-                    p += _EXT.size
             else:
+                # one record after another (names vary in length); the loop is kept
+                # tight: a volume's every entry passes here when fsck runs
+                unpack, kadd, vadd, rsize = _DIRREC.unpack_from, keys.append, vals.append, \
+                    _DIRREC.size
+                mv = memoryview(buf)
+                last = end - rsize
                 for _ in range(nrecs):
-                    if p + _DIRREC.size > end:
+                    if p > last:
                         raise ValueError("directory records overflow")
-                    k, ino, dtype, nlen = _DIRREC.unpack_from(buf, p)
-                    p += _DIRREC.size
-                    if nlen == 0 or p + nlen > end:
+                    k, ino, dtype, nlen = unpack(buf, p)
+                    p += rsize
+                    q = p + nlen
+                    if nlen == 0 or q > end:
                         raise ValueError("directory record name overflows")
-                    keys.append(k)
-                    vals.append((ino, dtype, bytes(buf[p:p + nlen])))
-                    p += nlen
+                    kadd(k)
+                    vadd((ino, dtype, bytes(mv[p:q])))
+                    p = q
         except (ValueError, struct.error) as e:
             raise CorruptBlock(bno, f"tree node: {e}") from None
         for a, b in zip(keys, keys[1:]):

@@ -30,6 +30,9 @@ import sys
 from .checker import Fsck
 from .report import Report
 
+# The checkers of this process's run when it ends right after (``clusterfs.cli.run``).
+_HELD: list = []
+
 
 def cmd_fsck(args) -> int:
     mode = args.mode
@@ -49,6 +52,8 @@ def cmd_fsck(args) -> int:
     checker = Fsck(args.volume, mode=mode, force=args.force, scan_data=args.scan_data,
                    report=report)
     code = checker.check()
+    if args.exiting:
+        _HELD.append(checker)   # freed by the process's exit, not object by object
     if args.json:
         try:
             report.write_json(args.json, args.volume, {"stats": checker.stats})
@@ -90,4 +95,4 @@ def register(sub) -> None:
                    help="also read every allocated data extent (layer 6)")
     p.add_argument("--json", metavar="FILE",
                    help="write a machine-readable report of every finding ('-': stdout)")
-    p.set_defaults(func=cmd_fsck, mode=None)
+    p.set_defaults(func=cmd_fsck, mode=None, fast_exit=True)

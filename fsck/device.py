@@ -87,7 +87,8 @@ class OverlayDevice:
         return {b: d for b, d in self.blocks.items() if b not in ex}
 
 
-PREFETCH = 512         # blocks asked ahead of the reads (posix_fadvise WILLNEED)
+PREFETCH_MIN = 32      # blocks announced after a page-cache miss (posix_fadvise WILLNEED)
+PREFETCH_MAX = 1024    # ... growing to this while the misses go on
 
 
 def read_blocks(dev, bnos, *, max_gap: int = 0, max_run: int = 256):
@@ -95,10 +96,15 @@ def read_blocks(dev, bnos, *, max_gap: int = 0, max_run: int = 256):
 
     Neighbouring blocks (at most ``max_gap`` apart) are read with one request of at
     most ``max_run`` blocks; a request that fails is retried block by block so that
-    one bad sector costs only its own block.  On a buffered image file, once a
-    block is found missing from the page cache, the blocks ahead are announced
-    (``posix_fadvise(WILLNEED)``) so that the kernel reads them with many requests
-    in flight instead of one at a time.
+    one bad sector costs only its own block.
+
+    On a buffered image file each request first asks the page cache only
+    (``RWF_NOWAIT``).  Where a block is missing, the blocks ahead are announced
+    (``posix_fadvise(WILLNEED)``) so that the kernel reads them with many requests in
+    flight instead of one at a time: ``PREFETCH_MIN`` of them, twice as many each
+    time a miss follows soon after the last announced block (a cold cache), back to
+    ``PREFETCH_MIN`` after a stretch of hits (a few blocks evicted from a warm one:
+    one syscall per block announced is not free).
     """
     if isinstance(dev, OverlayDevice) and not dev.blocks:
         dev = dev.dev
@@ -106,54 +112,61 @@ def read_blocks(dev, bnos, *, max_gap: int = 0, max_run: int = 256):
     fd = getattr(dev, "fd", -1)
     direct = isinstance(dev, OverlayDevice) or getattr(dev, "direct", True) or \
         not isinstance(fd, int) or fd < 0
-    state = {"prefetch": False}
-    if direct:
-        read = dev.read
-    else:
-        nowait = getattr(os, "RWF_NOWAIT", None)
+    nowait = None if direct else getattr(os, "RWF_NOWAIT", None)
+    advise = getattr(os, "posix_fadvise", None)
+    announced = 0           # bnos[:announced] were announced or need not be
+    window = PREFETCH_MIN
 
-        def read(bno, count=1, _pread=os.pread, _fd=fd):
-            # a buffered image file: plain pread (BlockDevice.read checks and counts);
-            # until a block turns out not to be in the page cache (RWF_NOWAIT), then
-            # the blocks ahead are announced from there on
-            nbytes = count * BLOCK_SIZE
-            if nowait is not None and not state["prefetch"]:
-                buf = bytearray(nbytes)
-                try:
-                    if os.preadv(_fd, [buf], bno * BLOCK_SIZE, nowait) == nbytes:
-                        return buf
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    pass
-                state["prefetch"] = hasattr(os, "posix_fadvise")
-            data = _pread(_fd, nbytes, bno * BLOCK_SIZE)
-            if len(data) != nbytes:
-                raise OSError(5, f"short read at block {bno}")
-            return data
-    ahead = 0                   # blocks before this index were announced
-    i = 0
-    while i < n:
-        if state["prefetch"] and ahead <= i:
-            stop = min(n, i + PREFETCH)
+    def cached(i: int, first: int, nbytes: int):
+        """The bytes if the page cache has them all; else announce what is ahead."""
+        nonlocal announced, window
+        buf = bytearray(nbytes)
+        try:
+            if os.preadv(fd, [buf], first * BLOCK_SIZE, nowait) == nbytes:
+                return buf
+        except OSError:         # BlockingIOError: not all cached; others: pread says
+            pass
+        if advise is not None:
+            window = min(window * 2, PREFETCH_MAX) if announced and \
+                i < announced + window else PREFETCH_MIN
+            stop = min(n, i + window)
             try:
-                for k in range(max(ahead, i), stop):
-                    os.posix_fadvise(fd, bnos[k] * BLOCK_SIZE, BLOCK_SIZE,
-                                     os.POSIX_FADV_WILLNEED)
+                for k in range(i, stop):
+                    advise(fd, bnos[k] * BLOCK_SIZE, BLOCK_SIZE, os.POSIX_FADV_WILLNEED)
             except OSError:
                 pass
-            ahead = stop
+            announced = stop
+        return None
+
+    i = 0
+    while i < n:
         first = bnos[i]
         j = i + 1
         while j < n and bnos[j] - bnos[j - 1] <= max_gap + 1 and bnos[j] - first < max_run:
             j += 1
         last = bnos[j - 1]
+        count = last - first + 1
         try:
-            data = read(first, last - first + 1)
+            if direct:
+                data = dev.read(first, count)
+            else:
+                # a buffered image file: plain pread (BlockDevice.read checks and counts)
+                data = cached(i, first, count * BLOCK_SIZE) \
+                    if nowait is not None and i >= announced else None
+                if data is None:
+                    data = os.pread(fd, count * BLOCK_SIZE, first * BLOCK_SIZE)
+                    if len(data) != count * BLOCK_SIZE:
+                        raise OSError(5, f"short read at block {first}")
         except OSError:
             for k in range(i, j):
                 try:
-                    yield bnos[k], read(bnos[k], 1)
+                    if direct:
+                        one = dev.read(bnos[k], 1)
+                    else:
+                        one = os.pread(fd, BLOCK_SIZE, bnos[k] * BLOCK_SIZE)
+                        if len(one) != BLOCK_SIZE:
+                            raise OSError(5, f"short read at block {bnos[k]}")
+                    yield bnos[k], one
                 except OSError:
                     yield bnos[k], None
         else:

@@ -222,6 +222,23 @@ def test_json_report(cli, small, tmp_path):
                                         if f["severity"] == "error")
 
 
+def test_program_output_complete_at_exit(small, tmp_path):
+    """The program ends without freeing its heap (``clusterfs.cli.run``): its exit
+    status, its lines on stdout and both JSON reports (file and stdout) are whole."""
+    victim = leak_a_block(small)
+    path = str(tmp_path / "r.json")
+    proc = fsck_cli("-fn", "--json", path, small)
+    assert proc.returncode == 4, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("Layer ")]
+    assert [ln.split()[1] for ln in lines] == ["1", "2", "3", "4", "5"]
+    assert proc.stdout.rstrip().splitlines()[-1].startswith(small)
+    rep = json.load(open(path))
+    assert rep["exit_code"] == 4 and rep["findings"][0]["block"] == victim
+    proc = fsck_cli("-fy", "--json", "-", small)
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["exit_code"] == 1
+
+
 def test_summary_line_per_layer(cli, small):
     proc = cli("-fn", small)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("Layer ")]
