@@ -562,6 +562,27 @@ class Dinode(MetaObject):
                    btime, rdev, flags, xblock, parent, entries, root, xattrs, seq)
 
 
+    def as_tuple(self) -> tuple:
+        """The decoded dinode as plain values (ints, bytes, tuples and lists), for
+        ``marshal``: how fsck's reader processes hand back what they decoded."""
+        root = self.root
+        if not isinstance(root, bytes):
+            root = (root.kind, root.level, root.owner, root.keys, root.vals)
+        return (self.bno, self.generation, self.mode, self.uid, self.gid, self.nlink,
+                self.size, self.blocks, self.atime, self.mtime, self.ctime, self.btime,
+                self.rdev, self.flags, self.xattr_block, self.parent, self.entries, root,
+                self.xattrs, self.seq)
+
+    @classmethod
+    def from_tuple(cls, t: tuple) -> "Dinode":
+        """The dinode ``as_tuple`` gave (without decoding or checking it again)."""
+        root = t[17]
+        if not isinstance(root, bytes):
+            kind, level, owner, keys, vals = root
+            root = TreeNode(t[0], kind, level, owner, keys, vals, is_root=True)
+        return cls(*t[:17], root, *t[18:])
+
+
 # =============================================================================
 # Tree nodes (extent tree and directory tree share one B+tree node format)
 # =============================================================================

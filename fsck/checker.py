@@ -50,6 +50,7 @@ from clusterfs.format import (BLOCKS_PER_BITMAP, DF_DIRTREE, DF_EXTENTS, DF_INLI
 
 from . import salvage
 from .device import OverlayDevice, read_blocks
+from .parallel import decoded_dinodes
 from .report import (EXIT_OPERATIONAL, Cancelled, Report, Unexpected)
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ class Fsck:
         self.clean_skip = False
         self.modified = False
         self.host_busy = False
+        self.n_reached = 0            # inodes marked reached by the namespace walk
 
     # =================================================================================
     # driver
@@ -810,16 +812,14 @@ class Fsck:
         rep.progress.start("Reading dinodes", len(todo))
         claims = self.claims
         step = rep.progress.step
-        inodes, dups, decode = self.inodes, self.dups, Dinode.decode
+        inodes, dups = self.inodes, self.dups
         self._suspicious = suspicious = []
         plan = self._plan_extents
         slow = []           # dinodes whose trees have nodes, damaged ones, xattr blocks
-        for i, (bno, buf) in enumerate(read_blocks(self.dev, todo)):
+        for i, (bno, di, buf) in enumerate(decoded_dinodes(self.dev, todo, Dinode)):
             if not i & 1023:
                 step(1024)
-            try:
-                di = decode(buf, bno)       # the common case, inline
-            except (CorruptBlock, TypeError):
+            if di is None:                  # damaged or unreadable: salvage
                 rec = self._load_inode(bno, buf)
                 if rec is not None:
                     slow.append(rec)
@@ -2131,7 +2131,11 @@ class Fsck:
             if rec.reached or rec.where is not None:
                 rec.reached = False
                 rec.where = None
+        self.n_reached = 0
         self._bfs(root)
+        if self.n_reached == len(inodes):
+            self.stats["reachable"] = len(inodes)      # all of them: nothing to look for
+            return
         # directories not reached: reconnect the topmost of each unreachable subtree
         dirs = [r for r in inodes.values() if not r.reached and
                 r.di.mode & 0o170000 == S.S_IFDIR and r.di.flags & DF_DIRTREE]
@@ -2189,6 +2193,7 @@ class Fsck:
         """Mark what ``start`` reaches; a directory reached twice loses the extra entry."""
         rep = self.report
         inodes = self.inodes
+        reached = 0 if inodes[start].reached else 1     # records newly marked
         inodes[start].reached = True
         queue = [start]
         get = inodes.get
@@ -2210,10 +2215,12 @@ class Fsck:
                             drop.append(i)
                         continue
                     crec.reached = True
+                    reached += 1
                     crec.where = (d, name)
                     queue.append(c)
-                else:
+                elif not crec.reached:
                     crec.reached = True
+                    reached += 1
                     if crec.where is None:
                         crec.where = (d, name)
             if drop:
@@ -2221,6 +2228,7 @@ class Fsck:
                 drec.items = [r for i, r in enumerate(items) if i not in gone]
                 drec.di.entries = len(drec.items)
                 self.dirty_dirs.add(d)
+        self.n_reached += reached
 
     def _get_lost_found(self) -> Rec | None:
         if self.lost_found is not None:
@@ -2348,6 +2356,8 @@ class Fsck:
         rep = self.report
         if self.no_root:
             return
+        if all(r.reached for r in self.inodes.values()):
+            return                  # an orphan is an inode nothing reaches
         for ino in sorted(self.inodes):
             r = self.inodes[ino]
             if r.reached or r.di.nlink != 0:
