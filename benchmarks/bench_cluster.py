@@ -22,7 +22,9 @@ Every workload runs in processes of its own (one per node, started together), so
 the benchmark's own Python does not serialise them.  The host has few cores: each
 node is a CPU-bound Python process, and the applications and the lock manager are
 processes too, so the scaling figures are bounded by the cores there are (the table
-shows the CPU time each node's server spent).  ``--repeat N`` keeps each figure's
+shows the CPU time spent per file or MiB by each node's server, the lock manager and
+the workers, whose system calls carry the kernel's FUSE work, and how many cores
+were busy on average).  ``--repeat N`` keeps each figure's
 best of N rounds.
 
 The LAST line is one JSON object with ``create_scaling_2n``, ``write_scaling_2n``,
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -122,7 +125,9 @@ class Bench:
     # -- running workers --------------------------------------------------------------
 
     def run_workers(self, kind: str, dirs: dict[str, str], n: int) -> tuple[float, dict]:
-        """Run one worker per node at once; (wall seconds, node -> server CPU s)."""
+        """Run one worker per node at once; (wall seconds, CPU seconds of each node's
+        server, of the lock manager ("lockd") and of the workers ("workers": the
+        programs' own work and the kernel's FUSE work done in their system calls))."""
         go = os.path.join(self.workdir, "go")
         if os.path.exists(go):
             os.unlink(go)
@@ -132,6 +137,8 @@ class Bench:
                                            stdout=subprocess.PIPE, text=True)
         time.sleep(0.3)       # let them start up and wait
         cpu0 = {node: cpu_seconds(self.node(node).proc.pid) for node in dirs}
+        lockd0 = cpu_seconds(self.lockd.proc.pid)
+        kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         open(go, "w").close()
         elapsed = {}
         for node, p in procs.items():
@@ -140,6 +147,9 @@ class Bench:
                 raise RuntimeError(f"{kind} worker on {node} failed")
             elapsed[node] = float(out.strip())
         cpu = {node: cpu_seconds(self.node(node).proc.pid) - cpu0[node] for node in dirs}
+        cpu["lockd"] = cpu_seconds(self.lockd.proc.pid) - lockd0
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu["workers"] = kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime
         os.unlink(go)
         return max(elapsed.values()), cpu
 
@@ -162,7 +172,13 @@ class Bench:
         return {"create_1n_per_s": one, "create_2n_per_s": two,
                 "create_scaling_2n": two / one,
                 "create_cpu_ms_per_file_1n": 1000 * cpu1["n1"] / n,
-                "create_cpu_ms_per_file_2n": 1000 * sum(cpu2.values()) / (2 * n)}
+                "create_cpu_ms_per_file_2n": 1000 * (cpu2["n1"] + cpu2["n2"]) / (2 * n),
+                "create_lockd_cpu_ms_per_file_1n": 1000 * cpu1["lockd"] / n,
+                "create_lockd_cpu_ms_per_file_2n": 1000 * cpu2["lockd"] / (2 * n),
+                "create_worker_cpu_ms_per_file_1n": 1000 * cpu1["workers"] / n,
+                "create_worker_cpu_ms_per_file_2n": 1000 * cpu2["workers"] / (2 * n),
+                "create_cores_busy_1n": sum(cpu1.values()) / t1,
+                "create_cores_busy_2n": sum(cpu2.values()) / t2}
 
     def write(self, mib: int, round_: int) -> dict:
         d1 = self.fresh_dir("n1", f"w1-{round_}")
@@ -175,7 +191,9 @@ class Bench:
         one, two = mib / t1, 2 * mib / t2
         return {"write_1n_mib_s": one, "write_2n_mib_s": two, "write_scaling_2n": two / one,
                 "write_cpu_ms_per_mib_1n": 1000 * cpu1["n1"] / mib,
-                "write_cpu_ms_per_mib_2n": 1000 * sum(cpu2.values()) / (2 * mib)}
+                "write_cpu_ms_per_mib_2n": 1000 * (cpu2["n1"] + cpu2["n2"]) / (2 * mib),
+                "write_cores_busy_1n": sum(cpu1.values()) / t1,
+                "write_cores_busy_2n": sum(cpu2.values()) / t2}
 
     def pingpong(self, seconds: float) -> dict:
         path1 = self.node("n1").p("pingpong")
@@ -289,8 +307,16 @@ def main(argv=None) -> int:
           f"   (target 1.3)")
     print(f"{'server CPU per file':<22} 1 node {results['create_cpu_ms_per_file_1n']:8.3f} ms"
           f"        2 nodes {results['create_cpu_ms_per_file_2n']:8.3f} ms")
+    print(f"{'lock manager CPU/file':<22} 1 node {results['create_lockd_cpu_ms_per_file_1n']:8.3f} ms"
+          f"        2 nodes {results['create_lockd_cpu_ms_per_file_2n']:8.3f} ms")
+    print(f"{'worker+kernel CPU/file':<22} 1 node {results['create_worker_cpu_ms_per_file_1n']:8.3f} ms"
+          f"        2 nodes {results['create_worker_cpu_ms_per_file_2n']:8.3f} ms")
+    print(f"{'cores busy (create)':<22} 1 node {results['create_cores_busy_1n']:8.2f}"
+          f"           2 nodes {results['create_cores_busy_2n']:8.2f}   (of {os.cpu_count()})")
     print(f"{'server CPU per MiB':<22} 1 node {results['write_cpu_ms_per_mib_1n']:8.3f} ms"
           f"        2 nodes {results['write_cpu_ms_per_mib_2n']:8.3f} ms")
+    print(f"{'cores busy (write)':<22} 1 node {results['write_cores_busy_1n']:8.2f}"
+          f"           2 nodes {results['write_cores_busy_2n']:8.2f}   (of {os.cpu_count()})")
     print(f"{'ping-pong appends':<22} {results['pingpong_per_s']:8.1f} /s")
     print(f"{'failover':<22} {results['failover_s']:8.2f} s  (all: "
           f"{', '.join(f'{t:.2f}' for t in results['failover_all_s'])}; target < 10)")
