@@ -31,12 +31,28 @@ def small_shares(monkeypatch):
     monkeypatch.setattr(parallel, "workers", lambda: 3)
 
 
-def results(img, bnos, **kw):
+@pytest.fixture
+def forks(monkeypatch):
+    """The PIDs of the children ``fsck.parallel`` forks (a list filled as it goes)."""
+    pids = []
+    real_fork = os.fork
+
+    def fork():
+        pid = real_fork()
+        if pid:
+            pids.append(pid)
+        return pid
+
+    monkeypatch.setattr(parallel.os, "fork", fork)
+    return pids
+
+
+def results(img, bnos):
     dev = BlockDevice(img, direct=False, readonly=True)
     try:
         return [(b, di.as_tuple() if di is not None else None,
                  bytes(buf) if buf is not None else None)
-                for b, di, buf in parallel.decoded_dinodes(dev, bnos, Dinode, **kw)]
+                for b, di, buf in parallel.decoded_dinodes(dev, bnos, Dinode)]
     finally:
         dev.close()
 
@@ -51,22 +67,12 @@ def test_plan_covers_every_dinode_once():
         assert all(b - a >= parallel.MIN_SHARE for a, b in zip(cuts[1:], cuts[2:]))
 
 
-def test_children_give_what_one_process_gives(vol, small_shares, monkeypatch):
+def test_children_give_what_one_process_gives(vol, small_shares, forks, monkeypatch):
     img, _man = vol
     bnos = dinode_blocks(img)
     assert len(bnos) > 40
     damaged = bnos[len(bnos) * 3 // 4]          # in a child's share
     flip(img, damaged, 100)
-    forks = []
-    real_fork = os.fork
-
-    def fork():
-        pid = real_fork()
-        if pid:
-            forks.append(pid)
-        return pid
-
-    monkeypatch.setattr(parallel.os, "fork", fork)
     got = results(img, bnos)
     assert len(forks) == 2
     monkeypatch.setattr(parallel, "workers", lambda: 1)
@@ -81,7 +87,7 @@ def test_children_give_what_one_process_gives(vol, small_shares, monkeypatch):
             os.waitpid(pid, os.WNOHANG)
 
 
-def test_failed_child_costs_time_only(vol, small_shares, monkeypatch):
+def test_failed_child_costs_time_only(vol, small_shares, forks, monkeypatch):
     img, _man = vol
     bnos = dinode_blocks(img)
     real_child = parallel._child
@@ -93,23 +99,14 @@ def test_failed_child_costs_time_only(vol, small_shares, monkeypatch):
 
     monkeypatch.setattr(parallel, "_child", dies_after_one_chunk)
     got = results(img, bnos)
+    assert len(forks) == 2
     monkeypatch.setattr(parallel, "workers", lambda: 1)
     assert got == results(img, bnos)
 
 
-def test_left_early_ends_the_children(vol, small_shares, monkeypatch):
+def test_left_early_ends_the_children(vol, small_shares, forks):
     img, _man = vol
     bnos = dinode_blocks(img)
-    forks = []
-    real_fork = os.fork
-
-    def fork():
-        pid = real_fork()
-        if pid:
-            forks.append(pid)
-        return pid
-
-    monkeypatch.setattr(parallel.os, "fork", fork)
     dev = BlockDevice(img, direct=False, readonly=True)
     try:
         gen = parallel.decoded_dinodes(dev, bnos, Dinode)
