@@ -561,7 +561,6 @@ class Dinode(MetaObject):
         return cls(bno, gen, mode, uid, gid, nlink, size, blocks, atime, mtime, ctime,
                    btime, rdev, flags, xblock, parent, entries, root, xattrs, seq)
 
-
     def as_tuple(self) -> tuple:
         """The decoded dinode as plain values (ints, bytes, tuples and lists), for
         ``marshal``: how fsck's reader processes hand back what they decoded."""
