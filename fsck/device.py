@@ -138,6 +138,15 @@ def read_blocks(dev, bnos, *, max_gap: int = 0, max_run: int = 256):
             announced = stop
         return None
 
+    def read(first: int, count: int):
+        if direct:
+            return dev.read(first, count)
+        # a buffered image file: plain pread (BlockDevice.read checks and counts)
+        data = os.pread(fd, count * BLOCK_SIZE, first * BLOCK_SIZE)
+        if len(data) != count * BLOCK_SIZE:
+            raise OSError(5, f"short read at block {first}")
+        return data
+
     i = 0
     while i < n:
         first = bnos[i]
@@ -147,28 +156,17 @@ def read_blocks(dev, bnos, *, max_gap: int = 0, max_run: int = 256):
         last = bnos[j - 1]
         count = last - first + 1
         try:
-            if direct:
-                data = dev.read(first, count)
-            else:
-                # a buffered image file: plain pread (BlockDevice.read checks and counts)
-                data = cached(i, first, count * BLOCK_SIZE) \
-                    if nowait is not None and i >= announced else None
-                if data is None:
-                    data = os.pread(fd, count * BLOCK_SIZE, first * BLOCK_SIZE)
-                    if len(data) != count * BLOCK_SIZE:
-                        raise OSError(5, f"short read at block {first}")
+            data = cached(i, first, count * BLOCK_SIZE) \
+                if nowait is not None and i >= announced else None
+            if data is None:
+                data = read(first, count)
         except OSError:
             for k in range(i, j):
                 try:
-                    if direct:
-                        one = dev.read(bnos[k], 1)
-                    else:
-                        one = os.pread(fd, BLOCK_SIZE, bnos[k] * BLOCK_SIZE)
-                        if len(one) != BLOCK_SIZE:
-                            raise OSError(5, f"short read at block {bnos[k]}")
-                    yield bnos[k], one
+                    one = read(bnos[k], 1)
                 except OSError:
-                    yield bnos[k], None
+                    one = None
+                yield bnos[k], one
         else:
             if j - i == 1:
                 yield first, data
