@@ -23,9 +23,12 @@ size and mtime, for groups the free counts.  A node keeps its cached objects whi
 it holds the lock at least in NL and reuses them when the version it finds on the
 next grant is unchanged.
 
-The kernel's caches are not used in a cluster (attribute and entry timeouts 0,
-``direct_io``): invalidating them from a lock callback can deadlock against a FUSE
-request that waits for the same lock.
+The kernel caches an inode's attributes only while this node holds the inode's lock
+in PR or better (``kernel_cacheable``); before the lock goes below PR they are dropped
+(``forget_kernel_attrs``: attributes only, which takes no lock in the kernel that a
+FUSE request could hold).  Directory entries are not cached (entry timeout 0) and
+files are opened ``direct_io``: dropping an entry or cached pages from a lock
+callback can deadlock against a FUSE request that waits for the same lock.
 """
 
 from __future__ import annotations
@@ -146,6 +149,8 @@ class Coherence:
         self.ex_groups: set[int] = set()
         self.write_handles: dict[int, int] = {}     # inode -> handles open for writing
         self.serial = KeyedLocks()     # one change of an O or W lock at a time
+        # fn(ino): drop the kernel's cached attributes of an inode (set once mounted)
+        self.forget_kernel_attrs = None
         self.stats = {"attempts": 0, "retries": 0}
         vol.cluster = self
 
@@ -172,6 +177,14 @@ class Coherence:
             raise TypeError(f"no lock covers {obj.__class__.__name__}")
         self._require(name, EX, obj.bno if obj.__class__ is Dinode else None)
         self.glocks.glocks[name].dirty = True
+
+    def kernel_cacheable(self, ino: int) -> bool:
+        """Whether the kernel may cache the attributes of ``ino`` now: this node holds
+        the inode's lock in PR or better and no other node has asked for it (its
+        demote invalidates them in the kernel, ``forget_kernel_attrs``)."""
+        g = self.glocks.glocks.get(inode_lock(ino))
+        return g is not None and g.mode is not None and covers(g.mode, PR) and \
+            g.demote is None and not g.busy
 
     def cache_valid(self, obj) -> bool:
         """Whether this node holds the lock covering a cached object (PR or better).
@@ -246,6 +259,10 @@ class Coherence:
     def before_demote(self, g, target: Mode) -> bytes | None:
         kind = g.name[:1]
         num = int.from_bytes(g.name[1:], "big")
+        if kind == b"I" and not covers(target, PR) and self.forget_kernel_attrs:
+            # the kernel may cache an inode's attributes only while this node can
+            # read it: once another node may change the inode, they are stale
+            self.forget_kernel_attrs(num)
         if kind == b"R" and not covers(target, EX):
             self.ex_groups.discard(num)
             self.vol.alloc.drop_group_reservations(num)

@@ -78,8 +78,12 @@ class Operations(pyfuse3.Operations):
     Args:
         fs: the ``Filesystem`` (lookup counts and generations are kept there).
         front: the frontend to call (default: ``DirectFrontend(fs)``).
-        attr_timeout: seconds the kernel may cache attributes and entries (0 in a
-            cluster, where only locks say how long something stays true).
+        attr_timeout: seconds the kernel may cache attributes.
+        entry_timeout: seconds the kernel may cache directory entries (default:
+            ``attr_timeout``; 0 in a cluster, see ``clusterfs.cluster``).
+        cacheable: ``fn(ino) -> bool``: whether the kernel may cache the attributes of
+            this inode now (a cluster: while this node holds the inode's lock); a reply
+            for which it is false carries an attribute timeout of 0.
         direct_io: bypass the kernel's page cache (a cluster does).
     """
 
@@ -88,12 +92,15 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, fs, front=None, *, attr_timeout: float = 300.0,
+                 entry_timeout: float | None = None, cacheable=None,
                  direct_io: bool = False):
         super().__init__()
         self.fs = fs
         self.front = front if front is not None else DirectFrontend(fs)
         self.root = fs.root_ino
         self.timeout = attr_timeout
+        self.entry_timeout = attr_timeout if entry_timeout is None else entry_timeout
+        self.cacheable = cacheable
         self.direct_io = direct_io
         self.after_init: list = []      # callables run once FUSE INIT is answered
 
@@ -134,8 +141,9 @@ class Operations(pyfuse3.Operations):
         e.st_mtime_ns = di.mtime
         e.st_ctime_ns = di.ctime
         e.st_birthtime_ns = di.btime
-        e.attr_timeout = self.timeout
-        e.entry_timeout = self.timeout
+        cacheable = self.cacheable
+        e.attr_timeout = self.timeout if cacheable is None or cacheable(di.bno) else 0
+        e.entry_timeout = self.entry_timeout
         return e
 
     def entry(self, di) -> pyfuse3.EntryAttributes:

@@ -271,7 +271,7 @@ class GlockTable:
         if g.mode is not None:
             g.busy = True
             try:
-                lvb = self.owner.before_demote(g, NL) if g.mode in (PW, EX) else None
+                lvb = self.owner.before_demote(g, NL)
                 await self.client.unlock(name, lvb=lvb)
             except LockError as e:
                 log.warning("unlock of %r failed: %s", name, e)

@@ -11,6 +11,7 @@ unmounts cleanly: the journal is checkpointed and marked clean.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -30,6 +31,10 @@ DEFAULT_KEY_DIR = "/etc/clusterfs"
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL = 5.0
+# a cluster member lets the kernel cache an inode's attributes while it holds the
+# inode's lock (invalidated when the lock goes, see clusterfs/cluster.py); the
+# timeout only bounds how long a reply stays cached without a new one
+CLUSTER_ATTR_TIMEOUT = 1.0
 READAHEAD_KB = 1024      # kernel readahead of a single-node mount: one 1 MiB FUSE read
 KNOWN_OPTIONS = {"ro", "rw", "noatime", "atime", "direct", "nodirect", "allow_other",
                  "debug", "nolock"}
@@ -133,6 +138,18 @@ def set_readahead(mountpoint: str, kb: int) -> None:
         log.debug("readahead of %s not set: %s", mountpoint, e)
 
 
+def forget_attrs(ops: Operations, ino: int) -> None:
+    """Drop the kernel's cached attributes of ``ino`` (not its page cache: taking
+    page locks here could wait for a request that waits for us).  Only spinlocks are
+    taken in the kernel, so this never blocks on a pending request; it also makes
+    the kernel ignore replies to requests sent before it (attribute versions)."""
+    try:
+        pyfuse3.invalidate_inode(ops._out(ino), attr_only=True)
+    except OSError as e:
+        if e.errno != errno.ENOENT:       # ENOENT: the kernel does not know it
+            log.warning("attributes of inode %d not invalidated: %s", ino, e)
+
+
 def _notify_ready(ready_fd: int) -> None:
     if ready_fd >= 0:
         os.write(ready_fd, b"ok\n")
@@ -154,13 +171,17 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
     async def main():
         async with trio.open_nursery() as nursery:
             front = await session.start(nursery)
-            ops = Operations(session.fs, front, attr_timeout=0, direct_io=True)
+            coh = front.coh
+            ops = Operations(session.fs, front, attr_timeout=CLUSTER_ATTR_TIMEOUT,
+                             entry_timeout=0, cacheable=coh.kernel_cacheable,
+                             direct_io=True)
             try:
                 pyfuse3.init(ops, mountpoint, _fuse_options(volume, opts))
             except RuntimeError as e:
                 await session.stop()
                 raise QuietError(f"cannot mount on {mountpoint}: {e}", 32) from None
             state["mounted"] = True
+            coh.forget_kernel_attrs = lambda ino: forget_attrs(ops, ino)
             log.info("%s mounted on %s (slot %d, node %s, cluster)", volume, mountpoint,
                      session.slot, session.node)
             _notify_ready(ready_fd)

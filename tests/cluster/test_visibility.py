@@ -93,6 +93,34 @@ def test_reads_through_an_open_descriptor_see_other_nodes_writes(d):
         assert os.fstat(fb.fileno()).st_size == 6
 
 
+def test_cached_attributes_dropped_when_another_node_changes_the_inode(d):
+    """fstat on an open descriptor and stat of the mount's root need no lookup: the
+    kernel answers them from attributes it cached while this node held the inode's
+    lock, and must have dropped them once another node changed the inode."""
+    write(d.on("a", "f"), b"")
+    fd = os.open(d.on("a", "f"), os.O_RDONLY)
+    try:
+        for _ in range(2):      # the second one is served from the kernel's cache
+            st = os.fstat(fd)
+            assert (st.st_size, stat.S_IMODE(st.st_mode)) == (0, 0o644)
+        write(d.on("b", "f"), b"x" * 5000)
+        assert os.fstat(fd).st_size == 5000
+        os.chmod(d.on("c", "f"), 0o600)
+        os.utime(d.on("c", "f"), ns=(3_000_000_000, 4_000_000_000))
+        st = os.fstat(fd)
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o600, 4_000_000_000)
+    finally:
+        os.close(fd)
+    root_a = d.on("a", "..")
+    before = os.stat(root_a).st_mtime_ns
+    assert os.stat(root_a).st_mtime_ns == before
+    os.mkdir(d.on("b", "..", d.name + "-sibling"))
+    try:
+        assert os.stat(root_a).st_mtime_ns > before
+    finally:
+        os.rmdir(d.on("c", "..", d.name + "-sibling"))
+
+
 def test_sizes(d):
     write(d.on("a", "f"), b"x" * 10_000)
     assert os.stat(d.on("b", "f")).st_size == 10_000
