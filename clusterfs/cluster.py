@@ -4,7 +4,8 @@ Lock names (ordered by name: the global lock order; see docs/CLUSTER.md)::
 
     I<ino:8>   inode: its dinode, extent/directory tree blocks and xattr block
     N          rename: cross-directory renames (no directory loops)
-    O<ino:8>   open: held PR by every node that has the inode open (iopen)
+    O<ino:8>   open: PR by every node that has the inode open (iopen); EX by one
+               node when no other has it open (its creator or remover, cached)
     R<rg:4>    resource group: its header and bitmap blocks
     S<slot:2>  a mounted node's slot (held EX while mounted)
     J<slot:2>  recovery of a slot's journal
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+from collections import OrderedDict
 import logging
 import os
 import random
@@ -55,6 +57,7 @@ RENAME_LOCK = b"N"
 MULTIWRITER_XATTR = b"user.clusterfs.multiwriter"
 MAX_ATTEMPTS = 2000
 OPEN_RETRY_S = 1.0
+OPEN_CACHE = 4096      # open locks kept in EX for inodes not open here
 
 _ILVB = struct.Struct("<QQqQ")        # version, size, mtime_ns, generation
 _RLVB = struct.Struct("<QIII12x")     # version, free, dinodes, unlinked
@@ -127,10 +130,11 @@ class Coherence:
         fs: the ``Filesystem``.
         client: the lock client.
         slot: this node's slot; groups are preferred by affinity to it.
+        nursery: runs background work (giving up cached open locks).
         min_hold: seconds a granted lock is kept before it is given up.
     """
 
-    def __init__(self, vol, fs, client, *, slot: int, min_hold: float = 0.01):
+    def __init__(self, vol, fs, client, *, slot: int, nursery, min_hold: float = 0.01):
         self.vol = vol
         self.fs = fs
         self.client = client
@@ -149,6 +153,9 @@ class Coherence:
         self.ex_groups: set[int] = set()
         self.write_handles: dict[int, int] = {}     # inode -> handles open for writing
         self.serial = KeyedLocks()     # one change of an O or W lock at a time
+        # inodes not open here whose open lock this node keeps in EX (oldest first)
+        self.idle_open: OrderedDict[int, None] = OrderedDict()
+        self.nursery = nursery
         # fn(ino): drop the kernel's cached attributes of an inode (set once mounted)
         self.forget_kernel_attrs = None
         self.stats = {"attempts": 0, "retries": 0}
@@ -373,33 +380,58 @@ class Coherence:
 
     # -- open modes and deletion --------------------------------------------------------
 
-    async def try_lock(self, name: bytes, mode: Mode) -> bool:
+    async def try_lock(self, name: bytes, mode: Mode, **kw) -> bool:
         try:
-            await self.until_fenced(self.client.lock, name, mode, try_lock=True)
+            await self.until_fenced(self.client.lock, name, mode, try_lock=True, **kw)
             return True
         except (TryAgain, NotRecovered):
             return False
 
+    # The open lock O<ino> says who may have an inode open.  A node holds it in PR
+    # while it has the inode open, or in EX: then no other node has it open.  EX is
+    # taken by the node that creates the inode and by the one that frees it, and
+    # kept after the last close as a cache (up to OPEN_CACHE of them): the node that
+    # made a file opens, closes and removes it again without asking the lock
+    # manager.  Another node's request calls the holder back (``_open_wanted``).
+
+    async def _lock_open(self, ino: int, mode: Mode, *, try_lock: bool = False) -> bool:
+        """Take O<ino> in ``mode`` (a held stronger mode is kept); a try-lock that
+        fails (False) calls back the nodes in its way."""
+        kw = {"try_lock": True, "notify": True} if try_lock else {}
+        try:
+            await self.until_fenced(self.client.lock, open_lock(ino), mode,
+                                    on_blocking=self._open_wanted, **kw)
+            return True
+        except (TryAgain, NotRecovered):
+            return False
+        except (LeaseLost, LockError) as e:
+            raise FSError(errno.EIO, f"lock manager: {e}") from None
+
     async def purge_if_unused(self, ino: int | None) -> bool:
         """Free an unlinked inode unless a node still has it open (then that node's
-        last close frees it).  Returns whether it was freed here."""
+        last close frees it; a node that only caches the open lock frees it when
+        called back).  Returns whether it was freed here."""
         if ino is None:
             return False
         async with self.serial.hold(open_lock(ino)):
             if self.fs.in_use(ino):
                 return False
-            if not await self.try_lock(open_lock(ino), EX):
+            if not await self._lock_open(ino, EX, try_lock=True):
                 return False
             try:
                 await self.purge(ino)
             finally:
-                await self._unlock_if_held(open_lock(ino))
+                await self._cache_open(ino)
         return True
 
     async def purge(self, ino: int) -> None:
         """Free an unlinked inode step by step, letting the event loop (lease
         renewals, other requests) run between the steps of a big file."""
-        while not await self.run(self.fs.purge_step, ino, want={inode_lock(ino): EX}):
+        want = {inode_lock(ino): EX}
+        rg = self.vol.sb.rgrp_of(ino)
+        if rg >= 0:
+            want[group_lock(rg)] = EX
+        while not await self.run(self.fs.purge_step, ino, want=want):
             await trio.sleep(0)
 
     async def _unlock_if_held(self, name: bytes) -> None:
@@ -409,19 +441,19 @@ class Coherence:
     async def hold_open(self, ino: int) -> None:
         """Take the open lock for a new handle (the first one on this node)."""
         async with self.serial.hold(open_lock(ino)):
-            if self.fs.in_use(ino) and self.client.held(open_lock(ino)) is None:
-                try:
-                    await self.until_fenced(self.client.lock, open_lock(ino), PR)
-                except (LeaseLost, LockError) as e:
-                    raise FSError(errno.EIO, f"lock manager: {e}") from None
+            if self.fs.in_use(ino):
+                self.idle_open.pop(ino, None)
+                if self.client.held(open_lock(ino)) is None:
+                    await self._lock_open(ino, PR)
 
     async def pre_open(self, ino: int, writable: bool) -> None:
-        """Take the open lock (and, for writing, the write-open mode) of an inode a
-        create is about to make: held before the new name is visible, no other node
-        can free the file (or open it for writing) before the creator has it open."""
+        """Take the open lock (in EX: nobody else can have a new inode open) and, for
+        writing, the write-open mode of an inode a create is about to make: held
+        before the new name is visible, no other node can free the file (or open it
+        for writing) before the creator has it open."""
         async with self.serial.hold(open_lock(ino)):
-            if self.client.held(open_lock(ino)) is None:
-                await self.until_fenced(self.client.lock, open_lock(ino), PR)
+            self.idle_open.pop(ino, None)
+            await self._lock_open(ino, EX)
         if writable:
             async with self.serial.hold(write_lock(ino)):
                 if not self.write_handles.get(ino):
@@ -435,10 +467,70 @@ class Coherence:
         await self.drop_open(ino)
 
     async def drop_open(self, ino: int) -> None:
-        """Give the open lock up once no handle on this node has the inode open."""
+        """Once no handle on this node has the inode open: keep the open lock as a
+        cache when held in EX, else give it up."""
         async with self.serial.hold(open_lock(ino)):
             if not self.fs.in_use(ino):
+                held = self.client.held(open_lock(ino))
+                if held is not None and held.mode == EX:
+                    await self._cache_open(ino)
+                else:
+                    await self._unlock_if_held(open_lock(ino))
+
+    async def _cache_open(self, ino: int) -> None:
+        """Keep O<ino> (EX, inode not open here) cached; give up the oldest cached
+        ones beyond OPEN_CACHE.  Called under ``serial`` for ``ino``."""
+        held = self.client.held(open_lock(ino))
+        if held is None or held.mode != EX:
+            await self._unlock_if_held(open_lock(ino))
+            return
+        idle = self.idle_open
+        idle[ino] = None
+        idle.move_to_end(ino)
+        while len(idle) > OPEN_CACHE:
+            old = next(iter(idle))
+            del idle[old]
+            if old != ino:
+                self.nursery.start_soon(self._uncache_open, old)
+
+    async def _uncache_open(self, ino: int) -> None:
+        async with self.serial.hold(open_lock(ino)):
+            if not self.fs.in_use(ino) and ino not in self.idle_open:
                 await self._unlock_if_held(open_lock(ino))
+
+    async def _open_wanted(self, name: bytes, mode: Mode) -> None:
+        """Another node asked for O<ino> in ``mode``: to open the inode (PR) or to
+        free it (EX, a try-lock).  While the inode is open here the lock stays, at
+        most converted down to PR so that the other node can open it too (the last
+        close here frees an unlinked inode).  A lock kept only as a cache goes, and
+        an unlinked inode it covers is freed here first (this node holds it EX, so
+        nobody has it open)."""
+        ino = int.from_bytes(name[1:], "big")
+        try:
+            async with self.serial.hold(name):
+                held = self.client.held(name)
+                if held is None:
+                    return
+                if self.fs.in_use(ino):
+                    if held.mode == EX and mode != EX:
+                        await self.client.convert(name, PR)
+                    return
+                self.idle_open.pop(ino, None)
+                if held.mode == EX and await self._unlinked(ino):
+                    await self.purge(ino)
+                await self.client.unlock(name)
+        except (FSError, CorruptBlock, LockError) as e:
+            log.warning("open lock of inode %d not given up: %s", ino, e)
+
+    async def _unlinked(self, ino: int) -> bool:
+        """Whether ``ino`` is an inode whose last link went (read under its lock)."""
+        try:
+            di = await self.run(self.vol.dinode, ino, want={inode_lock(ino): PR})
+        except FSError as e:
+            if e.errno == errno.ESTALE:
+                return False
+            raise
+        return di.nlink == 0
 
     async def take_write_mode(self, ino: int, new: bool = False) -> None:
         """Count one more handle open for writing on this node; the first takes the

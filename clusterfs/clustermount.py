@@ -160,7 +160,7 @@ class ClusterMount:
         vol.journal = self.journal
         self.fs = Filesystem(vol, noatime=self.noatime)
         self.coh = Coherence(vol, self.fs, self.client, slot=self.slot,
-                             min_hold=self.min_hold)
+                             nursery=self.nursery, min_hold=self.min_hold)
         self.front = ClusterFrontend(self.coh)
         vol.dev.write_guard = self._guard
         self._refresh_free()

@@ -348,6 +348,10 @@ class Filesystem:
     def purge_step(self, ino: int) -> bool:
         """One bounded step of ``purge`` (one operation); True when the inode is gone
         (or was not to be freed)."""
+        if self.vol.sb.rgrp_of(ino) < 0 or self.vol.alloc.state(ino) != UNLINKED:
+            # freed already (the block, free or reused, may still hold the old
+            # dinode's image), or linked again: nothing to free here
+            return True
         try:
             di = self.vol.dinode(ino)
         except FSError as e:

@@ -168,7 +168,8 @@ class LockClient:
     # ---- the API -------------------------------------------------------------------
 
     async def lock(self, name: bytes, mode: Mode, *, try_lock: bool = False,
-                   timeout: float | None = None, on_blocking=None) -> Grant:
+                   notify: bool = False, timeout: float | None = None,
+                   on_blocking=None) -> Grant:
         """Get ``name`` in at least ``mode``.
 
         When the lock is already held in a mode that covers ``mode`` this returns at
@@ -178,6 +179,9 @@ class LockClient:
         Args:
             try_lock: fail with TryAgain (NotRecovered when a dead node's lock is in the
                 way) instead of queueing.
+            notify: with ``try_lock``, a failed try still sends the holders in the way
+                a blocking callback (one that holds the lock only as a cache can give
+                it up for the next try).
             timeout: fail with LockTimeout after this many seconds of waiting.
             on_blocking: ``async fn(name, requested_mode)`` run as a task when another
                 node asks for a conflicting mode; it should flush and then ``convert``
@@ -196,6 +200,7 @@ class LockClient:
         if type(name) is not bytes:
             raise TypeError("lock names are bytes")
         mode = Mode(mode)
+        flags = (wire.F_TRY | (wire.F_NOTIFY if notify else 0)) if try_lock else 0
         rec = await self._acquire(name)
         try:
             if on_blocking is not None:
@@ -205,9 +210,9 @@ class LockClient:
                     self._release(rec)
                     return rec.grant
                 target = supremum(rec.mode, mode)
-                op = self._start(wire.CONVERT, rec, target, try_lock, timeout, None)
+                op = self._start(wire.CONVERT, rec, target, flags, timeout, None)
             else:
-                op = self._start(wire.LOCK, rec, mode, try_lock, timeout, None)
+                op = self._start(wire.LOCK, rec, mode, flags, timeout, None)
         except BaseException:
             if rec.busy:
                 self._release(rec)
@@ -244,7 +249,8 @@ class LockClient:
             if lvb is not None and rec.mode in LVB_WRITERS:
                 rec.lvb = lvb
                 rec.ver += 1
-            op = self._start(wire.CONVERT, rec, mode, try_lock, timeout, lvb)
+            op = self._start(wire.CONVERT, rec, mode, wire.F_TRY if try_lock else 0,
+                             timeout, lvb)
         except BaseException:
             if rec.busy:
                 self._release(rec)
@@ -320,7 +326,7 @@ class LockClient:
         The dead node's locks are released, its PW/EX value blocks marked invalid.
         Returns how many dead sessions were released.
         """
-        op = self._start(wire.RECOVERED, None, slot, False, None, None)
+        op = self._start(wire.RECOVERED, None, slot, 0, None, None)
         n = await self._wait(op, None)
         self._dead_nodes.pop(slot, None)
         return n
@@ -328,7 +334,7 @@ class LockClient:
     async def status(self) -> dict:
         """The server's view: nodes, slots, lease ages, lock counts, waiters,
         recovering nodes."""
-        op = self._start(wire.STATUS, None, None, False, None, None)
+        op = self._start(wire.STATUS, None, None, 0, None, None)
         return await self._wait(op, None)
 
     async def wait_connected(self) -> None:
@@ -441,11 +447,10 @@ class LockClient:
         if self._connected:
             self._chan.send_later(data)
 
-    def _start(self, kind, rec, mode, try_lock, timeout, lvb) -> _Op:
+    def _start(self, kind, rec, mode, flags, timeout, lvb) -> _Op:
         if self._closed:
             raise LockError("client closed")
         rid = self._next_rid()
-        flags = wire.F_TRY if try_lock else 0
         if kind == wire.LOCK:
             data = frame([wire.LOCK, rid, rec.name, mode, flags, timeout])
         elif kind == wire.CONVERT:

@@ -347,12 +347,13 @@ class LockServer:
             if op == wire.LOCK:
                 _, _, _, mode, flags, timeout = msg
                 table.request(s.id, name, wire_mode(mode), rid, try_lock=flags & wire.F_TRY,
-                              now=now)
+                              notify=flags & wire.F_NOTIFY, now=now)
             elif op == wire.CONVERT:
                 _, _, _, mode, flags, timeout, lvb = msg
                 self._check_lvb(lvb)
                 table.convert(s.id, name, wire_mode(mode), rid, lvb=lvb,
-                              try_lock=flags & wire.F_TRY, now=now)
+                              try_lock=flags & wire.F_TRY, notify=flags & wire.F_NOTIFY,
+                              now=now)
             else:
                 _, _, _, lvb = msg
                 self._check_lvb(lvb)

@@ -10,7 +10,8 @@ Rules (see docs/LOCKS.md):
 * One lock per (owner, resource).  An owner is opaque (the server uses session ids).
 * A new request is granted at once when nothing is queued on the resource and its mode
   is compatible with every granted lock; else it waits at the tail of the *waiting*
-  queue (or fails with ``tryagain`` when it is a try-lock).
+  queue (or fails with ``tryagain`` when it is a try-lock; with ``notify`` the
+  holders in its way still get a blocking callback, as DLM's NOQUEUEBAST).
 * A conversion down (to a mode the held one covers) is granted at once.  Any other
   conversion is granted at once when the *converting* queue is empty and the new mode is
   compatible with the other owners' granted locks; else it waits at the tail of the
@@ -149,8 +150,10 @@ class LockTable:
     # ---- operations ------------------------------------------------------------
 
     def request(self, owner, name: bytes, mode: Mode, rid: int, *, try_lock=False,
-                now: float = 0.0) -> None:
-        """A new lock request.
+                notify=False, now: float = 0.0) -> None:
+        """A new lock request (``notify``: a try-lock that fails still sends the
+        holders in its way a blocking callback, so that one holding the lock only as
+        a cache gives it up for the next try).
 
         Raises:
             TableError: the owner already has a lock (or request) on ``name``.
@@ -171,6 +174,8 @@ class LockTable:
             return
         if try_lock:
             self.out.append(Fail(owner, name, rid, self._try_code(res, lk)))
+            if notify:
+                self._notify_holders(res, owner, mode)
             if not locks:
                 del self._owners[owner]
             self._maybe_forget(res)
@@ -181,7 +186,7 @@ class LockTable:
         self._send_basts(res)
 
     def convert(self, owner, name: bytes, mode: Mode, rid: int, *, lvb=None,
-                try_lock=False, now: float = 0.0) -> None:
+                try_lock=False, notify=False, now: float = 0.0) -> None:
         """Convert a granted lock to ``mode`` (up, down or sideways).
 
         ``lvb`` is stored first when the held mode is PW or EX.
@@ -212,6 +217,8 @@ class LockTable:
             code = self._try_code(res, lk)
             lk.requested = None
             self.out.append(Fail(owner, name, rid, code))
+            if notify:
+                self._notify_holders(res, owner, mode)
             return
         res.converting.append(lk)
         self._contended.add(name)
@@ -557,6 +564,17 @@ class LockTable:
             self._send_basts(res)
         else:
             self._contended.discard(res.name)
+
+    def _notify_holders(self, res: Resource, owner, mode: Mode) -> None:
+        """Blocking callbacks for a failed try-lock: once per (grant, mode), as for a
+        queued request."""
+        bit = 1 << mode
+        dead = self.dead
+        for g in res.granted.values():
+            if (g.owner != owner and not COMPAT[g.granted][mode]
+                    and not g.basted & bit and g.owner not in dead):
+                g.basted |= bit
+                self.out.append(Bast(g.owner, res.name, mode))
 
     def _send_basts(self, res: Resource) -> None:
         dead = self.dead

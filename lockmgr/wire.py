@@ -52,6 +52,7 @@ SEQUENCED = frozenset((GRANT, FAIL, BAST, NODE_DOWN, NODE_RECOVERED, REPLY))
 
 # LOCK / CONVERT flags
 F_TRY = 1
+F_NOTIFY = 2    # a failed try-lock still sends the holders in its way a BAST
 
 _LEN = struct.Struct(">I")
 _pack = msgpack.Packer(use_bin_type=True).pack

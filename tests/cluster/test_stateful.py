@@ -260,7 +260,11 @@ class ClusterMachine(RuleBasedStateMachine):
 
 
 def test_cluster_is_one_posix_file_system(topdir):
-    ref = tempfile.mkdtemp(prefix="cfs-model-", dir="/var/tmp")
+    # the model sits one level down in a directory of its own, as the cluster's
+    # test directory does on the mount: a symlink to "../b" then stays inside both
+    sandbox = tempfile.mkdtemp(prefix="cfs-model-", dir="/var/tmp")
+    ref = os.path.join(sandbox, "t")
+    os.mkdir(ref)
     try:
         probe = os.path.join(ref, "probe")
         open(probe, "w").close()
@@ -284,5 +288,5 @@ def test_cluster_is_one_posix_file_system(topdir):
             for n in NODES:
                 assert snapshot(c.nodes[n].p("t")) == final, f"node {n}"
     finally:
-        shutil.rmtree(ref, ignore_errors=True)
+        shutil.rmtree(sandbox, ignore_errors=True)
         ClusterMachine.tops, ClusterMachine.ref = {}, ""

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from tests.cluster.cluster_util import make_topdir, running_cluster
+from tests.cluster.cluster_util import make_topdir, running_cluster, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +209,27 @@ def test_unlinks(d):
     os.unlink(d.on("a", "sub2", "x"))
     os.rmdir(d.on("c", "sub2"))
     assert os.listdir(d.on("b")) == []
+
+
+def test_space_of_a_file_removed_on_another_node_comes_back(nodes, d):
+    """The creator keeps the new file's open lock as a cache after closing it; a
+    removal on another node calls it back, and the creator frees the file."""
+    def free_on_a() -> int:
+        return os.statvfs(d.on("a")).f_bfree
+
+    before = free_on_a()
+    for name in ("f", "g"):
+        write(d.on("a", name), os.urandom(4 << 20))
+    wait_for(lambda: free_on_a() <= before - 2 * 1024, 20, "the files' space in use")
+    with open(d.on("a", "g"), "rb") as g:        # g stays open on a meanwhile
+        os.unlink(d.on("b", "f"))
+        os.unlink(d.on("c", "g"))
+        wait_for(lambda: free_on_a() >= before - 1024 - 16, 20,
+                 "the space of f (removed on b) freed")
+        assert free_on_a() < before - 1024      # g is open: not freed yet
+        assert g.read(16) and os.fstat(g.fileno()).st_nlink == 0
+    wait_for(lambda: free_on_a() >= before - 16, 20,
+             "the space of g freed at its last close")
 
 
 def test_renames(d):

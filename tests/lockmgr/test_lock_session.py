@@ -77,6 +77,32 @@ async def test_blocking_callback_carries_requested_mode():
 
 
 @autojump
+async def test_failed_try_lock_with_notify_calls_the_holder_back():
+    async with trio.open_nursery() as n:
+        c = MemCluster(n, grace=0)
+        await c.start_server()
+        a = await c.client("a", 0)
+        b = await c.client("b", 1)
+        seen = []
+
+        async def give_up(name, mode):         # a caches the lock: gives it up
+            seen.append(mode)
+            await a.unlock(name)
+
+        await a.lock(b"r", EX, on_blocking=give_up)
+        with pytest.raises(TryAgain):
+            await b.lock(b"r", PR, try_lock=True)
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == [] and a.held(b"r").mode == EX      # a plain try tells nobody
+        with pytest.raises(TryAgain):
+            await b.lock(b"r", EX, try_lock=True, notify=True)
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == [EX] and a.held(b"r") is None
+        assert (await b.lock(b"r", EX, try_lock=True, notify=True)).mode == EX
+        n.cancel_scope.cancel()
+
+
+@autojump
 async def test_slow_holder_gets_the_callback_again():
     async with trio.open_nursery() as n:
         c = MemCluster(n, grace=0, bast_repeat=2.0)

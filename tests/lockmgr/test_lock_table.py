@@ -108,6 +108,38 @@ def test_try_lock_and_cancel_and_timeout():
     t.check()
 
 
+def test_failed_try_lock_with_notify_basts_the_holders_once():
+    t = LockTable()
+    t.request("a", b"r", PR, 1)
+    t.request("b", b"r", PR, 2)
+    t.request("c", b"r", CR, 3)
+    t.drain()
+    t.request("d", b"r", EX, 4, try_lock=True)               # plain try: no callbacks
+    assert t.drain() == [Fail("d", b"r", 4, "tryagain")]
+    t.request("d", b"r", EX, 5, try_lock=True, notify=True)
+    out = t.drain()
+    assert out[0] == Fail("d", b"r", 5, "tryagain")
+    assert sorted(out[1:]) == [Bast("a", b"r", EX), Bast("b", b"r", EX),
+                               Bast("c", b"r", EX)]
+    t.request("d", b"r", EX, 6, try_lock=True, notify=True)  # told already
+    assert t.drain() == [Fail("d", b"r", 6, "tryagain")]
+    assert t.lock_of("d", b"r") is None
+    # a holder converting up by try with notify: only the others are told, and
+    # only of what they were not told yet
+    t.convert("a", b"r", EX, 7, try_lock=True, notify=True)
+    assert t.drain() == [Fail("a", b"r", 7, "tryagain")]    # b, c know of EX
+    t.convert("a", b"r", PW, 8, try_lock=True, notify=True)
+    out = t.drain()
+    assert out[0] == Fail("a", b"r", 8, "tryagain")
+    assert sorted(out[1:]) == [Bast("b", b"r", PW)]         # CR is compatible with PW
+    t.unlock("b", b"r")
+    t.unlock("c", b"r")
+    t.drain()
+    t.convert("a", b"r", EX, 9, try_lock=True, notify=True)
+    assert t.drain() == [Grant("a", b"r", 9, EX, None, 0)]
+    t.check()
+
+
 def test_value_block_rules():
     t = LockTable()
     t.request("a", b"r", EX, 1)
