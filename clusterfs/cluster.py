@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from collections import OrderedDict
 import logging
 import os
 import random
 import struct
+from collections import OrderedDict
 
 import trio
 
@@ -132,9 +132,11 @@ class Coherence:
         slot: this node's slot; groups are preferred by affinity to it.
         nursery: runs background work (giving up cached open locks).
         min_hold: seconds a granted lock is kept before it is given up.
+        open_cache: open locks kept in EX for inodes not open here (0: none).
     """
 
-    def __init__(self, vol, fs, client, *, slot: int, nursery, min_hold: float = 0.01):
+    def __init__(self, vol, fs, client, *, slot: int, nursery, min_hold: float = 0.01,
+                 open_cache: int = OPEN_CACHE):
         self.vol = vol
         self.fs = fs
         self.client = client
@@ -155,6 +157,7 @@ class Coherence:
         self.serial = KeyedLocks()     # one change of an O or W lock at a time
         # inodes not open here whose open lock this node keeps in EX (oldest first)
         self.idle_open: OrderedDict[int, None] = OrderedDict()
+        self.open_cache = open_cache
         self.nursery = nursery
         # fn(ino): drop the kernel's cached attributes of an inode (set once mounted)
         self.forget_kernel_attrs = None
@@ -398,14 +401,19 @@ class Coherence:
         """Take O<ino> in ``mode`` (a held stronger mode is kept); a try-lock that
         fails (False) calls back the nodes in its way."""
         kw = {"try_lock": True, "notify": True} if try_lock else {}
-        try:
-            await self.until_fenced(self.client.lock, open_lock(ino), mode,
-                                    on_blocking=self._open_wanted, **kw)
-            return True
-        except (TryAgain, NotRecovered):
-            return False
-        except (LeaseLost, LockError) as e:
-            raise FSError(errno.EIO, f"lock manager: {e}") from None
+        while True:
+            try:
+                await self.until_fenced(self.client.lock, open_lock(ino), mode,
+                                        on_blocking=self._open_wanted, **kw)
+                return True
+            except (TryAgain, NotRecovered):
+                return False
+            except Deadlock:
+                # the holder, called back, may need a lock this node caches: that
+                # lock goes on its own callback, so the wait ends; ask again
+                await trio.sleep(random.uniform(0.002, 0.05))
+            except (LeaseLost, LockError) as e:
+                raise FSError(errno.EIO, f"lock manager: {e}") from None
 
     async def purge_if_unused(self, ino: int | None) -> bool:
         """Free an unlinked inode unless a node still has it open (then that node's
@@ -479,15 +487,15 @@ class Coherence:
 
     async def _cache_open(self, ino: int) -> None:
         """Keep O<ino> (EX, inode not open here) cached; give up the oldest cached
-        ones beyond OPEN_CACHE.  Called under ``serial`` for ``ino``."""
+        ones beyond ``open_cache``.  Called under ``serial`` for ``ino``."""
         held = self.client.held(open_lock(ino))
-        if held is None or held.mode != EX:
+        if held is None or held.mode != EX or not self.open_cache:
             await self._unlock_if_held(open_lock(ino))
             return
         idle = self.idle_open
         idle[ino] = None
         idle.move_to_end(ino)
-        while len(idle) > OPEN_CACHE:
+        while len(idle) > self.open_cache:
             old = next(iter(idle))
             del idle[old]
             if old != ino:
@@ -516,10 +524,15 @@ class Coherence:
                         await self.client.convert(name, PR)
                     return
                 self.idle_open.pop(ino, None)
-                if held.mode == EX and await self._unlinked(ino):
-                    await self.purge(ino)
+                try:
+                    if held.mode == EX and await self._unlinked(ino):
+                        await self.purge(ino)
+                except (FSError, CorruptBlock) as e:
+                    # given up all the same: the other node must not wait for an
+                    # inode that cannot be read here
+                    log.warning("inode %d (open lock called back) not freed: %s", ino, e)
                 await self.client.unlock(name)
-        except (FSError, CorruptBlock, LockError) as e:
+        except LockError as e:
             log.warning("open lock of inode %d not given up: %s", ino, e)
 
     async def _unlinked(self, ino: int) -> bool:

@@ -38,7 +38,8 @@ from lockmgr import EX, PR, LockClient, LockError, LockTimeout, NodeBusy, NotRec
 from lockmgr.errors import AuthError, ConnectError
 
 from . import slots as slotmod
-from .cluster import ClusterFrontend, Coherence, group_lock, recovery_lock, slot_lock
+from .cluster import (OPEN_CACHE, ClusterFrontend, Coherence, group_lock, recovery_lock,
+                      slot_lock)
 from .errors import CorruptBlock, Fenced, QuietError
 from .format import (BLOCKS_PER_BITMAP, HB_CLUSTER, HB_FREE, HB_NOLOCK, UNLINKED,
                      Heartbeat, RgrpHeader)
@@ -64,12 +65,14 @@ class ClusterMount:
         lease, renew: lock manager lease and heartbeat period (seconds).
         heartbeat_interval: disk heartbeat period (seconds).
         min_hold: minimum seconds a lock is kept once granted.
+        open_cache: open locks kept cached for inodes not open here.
     """
 
     def __init__(self, path: str, *, lockd: str, key: bytes, node: str | None = None,
                  slot: int | None = None, direct: bool | None = None, lease: float = 5.0,
                  renew: float = 1.0, heartbeat_interval: float = 1.0,
-                 min_hold: float = 0.01, noatime: bool = False):
+                 min_hold: float = 0.01, noatime: bool = False,
+                 open_cache: int = OPEN_CACHE):
         self.path = path
         self.lockd = lockd
         self.key = key
@@ -81,6 +84,7 @@ class ClusterMount:
         self.interval = heartbeat_interval
         self.min_hold = min_hold
         self.noatime = noatime
+        self.open_cache = open_cache
         self.readonly = False
         self.slot: int | None = None
         self.vol: Volume | None = None
@@ -160,7 +164,8 @@ class ClusterMount:
         vol.journal = self.journal
         self.fs = Filesystem(vol, noatime=self.noatime)
         self.coh = Coherence(vol, self.fs, self.client, slot=self.slot,
-                             nursery=self.nursery, min_hold=self.min_hold)
+                             nursery=self.nursery, min_hold=self.min_hold,
+                             open_cache=self.open_cache)
         self.front = ClusterFrontend(self.coh)
         vol.dev.write_guard = self._guard
         self._refresh_free()

@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 
 from .errors import QuietError
+from .cluster import OPEN_CACHE
 from .fuseops import Operations
 from .session import SingleNodeMount
 from .volume import Volume
@@ -37,7 +38,7 @@ COMMIT_INTERVAL = 5.0
 CLUSTER_ATTR_TIMEOUT = 1.0
 READAHEAD_KB = 1024      # kernel readahead of a single-node mount: one 1 MiB FUSE read
 KNOWN_OPTIONS = {"ro", "rw", "noatime", "atime", "direct", "nodirect", "allow_other",
-                 "debug", "nolock"}
+                 "debug", "nolock", "open_cache"}
 
 
 def parse_options(items: list[str]) -> dict[str, str | bool]:
@@ -53,6 +54,12 @@ def parse_options(items: list[str]) -> dict[str, str | bool]:
                 raise QuietError(f"unknown mount option '{key}' (known: "
                                  f"{', '.join(sorted(KNOWN_OPTIONS))})", 2)
             opts[key] = value or True
+    if "open_cache" in opts:
+        value = opts["open_cache"]
+        if value is True or not str(value).isdigit():
+            raise QuietError(f"mount option open_cache wants a number of locks "
+                             f"(0 or more), not '{'' if value is True else value}'", 2)
+        opts["open_cache"] = int(value)
     return opts
 
 
@@ -165,7 +172,8 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
     session = ClusterMount(volume, lockd=lockd, key=key, node=node, slot=slot,
                            direct=direct, lease=lease, renew=max(0.2, lease / 5),
                            heartbeat_interval=heartbeat_interval,
-                           noatime=bool(opts.get("noatime")))
+                           noatime=bool(opts.get("noatime")),
+                           open_cache=opts.get("open_cache", OPEN_CACHE))
     state = {"mounted": False, "terminated": False}
 
     async def main():
@@ -369,7 +377,8 @@ def register(sub) -> None:
                    help="stay in the foreground (log to stderr)")
     p.add_argument("-o", dest="options", action="append", metavar="OPTS",
                    help="comma-separated options: ro, noatime, direct (O_DIRECT), "
-                        "nodirect, allow_other, debug")
+                        "nodirect, allow_other, debug, nolock, open_cache=N (open "
+                        "locks a cluster member keeps cached, default 4096)")
     p.add_argument("--lockd", metavar="ADDR",
                    help="lock manager (HOST:PORT or unix:PATH): mount as a cluster member")
     p.add_argument("--key", metavar="KEYFILE",

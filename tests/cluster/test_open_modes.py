@@ -12,6 +12,7 @@ import os
 import time
 
 import pytest
+import trio
 
 from tests.cluster.cluster_util import make_topdir, running_cluster, wait_for
 
@@ -211,3 +212,48 @@ def test_mode_released_when_the_holder_dies(topdir):
         # the dead node comes back (in its old slot) and sees the change
         a = c.mount("a")
         assert os.stat(a.p("disk.img")).st_size == 100_001
+
+
+def _open_locks_of(c, node: str) -> set[int]:
+    """The inodes whose open lock (``O``) the lock manager says ``node`` holds."""
+    from lockmgr import query_status
+    from lockmgr.keyfile import load_key
+    st = trio.run(lambda: query_status(c.lockd.addr, load_key(c.lockd.keyfile),
+                                       prefix=b"O"))
+    return {int.from_bytes(h["name"][1:], "big") for h in st["held"] if h["node"] == node}
+
+
+def test_open_lock_cache_is_bounded_and_called_back(topdir):
+    """A node keeps the open locks of files it made as a cache, at most ``open_cache``
+    of them (the newest); a file removed elsewhere is freed either way, and another
+    node opens any of them."""
+    with running_cluster(topdir, fast=False) as c:
+        a = c.mount("a", "-o", "open_cache=4")
+        b = c.mount("b", "-o", "open_cache=0")
+        inos = []
+        for i in range(12):
+            with open(a.p(f"f{i}"), "wb") as fh:
+                fh.write(b"%d" % i)
+            inos.append(os.stat(a.p(f"f{i}")).st_ino)
+        wait_for(lambda: _open_locks_of(c, "a") == set(inos[-4:]), 10,
+                 "a to keep the open locks of its newest 4 files only")
+        with open(b.p("f11"), "rb") as fh:        # a gives the cached lock up
+            assert fh.read() == b"11"
+            assert inos[-1] not in _open_locks_of(c, "a")
+        with open(b.p("g"), "wb") as fh:          # b keeps none (open_cache=0)
+            fh.write(b"g")
+        assert not _open_locks_of(c, "b")
+        for i in range(12):
+            os.unlink(b.p(f"f{i}"))
+        assert sorted(os.listdir(a.p())) == ["g"]
+    # leaving the cluster, fsck (running_cluster) finds no inode left unfreed
+
+
+def test_open_cache_option_checked(topdir):
+    from tests.helpers import run_cli
+    proc = run_cli("mount", os.path.join(topdir, "none.img"), topdir, "-o", "open_cache=x",
+                   check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "clusterfs mount: mount option open_cache wants a number of locks (0 or more), "
+        "not 'x'"]
