@@ -383,9 +383,9 @@ class Coherence:
 
     # -- open modes and deletion --------------------------------------------------------
 
-    async def try_lock(self, name: bytes, mode: Mode, **kw) -> bool:
+    async def try_lock(self, name: bytes, mode: Mode) -> bool:
         try:
-            await self.until_fenced(self.client.lock, name, mode, try_lock=True, **kw)
+            await self.until_fenced(self.client.lock, name, mode, try_lock=True)
             return True
         except (TryAgain, NotRecovered):
             return False
@@ -393,8 +393,8 @@ class Coherence:
     # The open lock O<ino> says who may have an inode open.  A node holds it in PR
     # while it has the inode open, or in EX: then no other node has it open.  EX is
     # taken by the node that creates the inode and by the one that frees it, and
-    # kept after the last close as a cache (up to OPEN_CACHE of them): the node that
-    # made a file opens, closes and removes it again without asking the lock
+    # kept after the last close as a cache (up to ``open_cache`` of them): the node
+    # that made a file opens, closes and removes it again without asking the lock
     # manager.  Another node's request calls the holder back (``_open_wanted``).
 
     async def _lock_open(self, ino: int, mode: Mode, *, try_lock: bool = False) -> bool:

@@ -156,6 +156,18 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
+    def forget_attrs(self, ino: int) -> None:
+        """Drop the kernel's cached attributes of ``ino`` (not its page cache: taking
+        page locks here could wait for a request that waits for us).  Only spinlocks
+        are taken in the kernel, so this never blocks on a pending request; it also
+        makes the kernel ignore replies to requests sent before it (attribute
+        versions)."""
+        try:
+            pyfuse3.invalidate_inode(self._out(ino), attr_only=True)
+        except OSError as e:
+            if e.errno != errno.ENOENT:       # ENOENT: the kernel does not know it
+                log.warning("attributes of inode %d not invalidated: %s", ino, e)
+
     # -- handlers ------------------------------------------------------------------------
 
     async def lookup(self, parent_inode, name, ctx=None):

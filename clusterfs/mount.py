@@ -11,7 +11,6 @@ unmounts cleanly: the journal is checkpointed and marked clean.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -145,18 +144,6 @@ def set_readahead(mountpoint: str, kb: int) -> None:
         log.debug("readahead of %s not set: %s", mountpoint, e)
 
 
-def forget_attrs(ops: Operations, ino: int) -> None:
-    """Drop the kernel's cached attributes of ``ino`` (not its page cache: taking
-    page locks here could wait for a request that waits for us).  Only spinlocks are
-    taken in the kernel, so this never blocks on a pending request; it also makes
-    the kernel ignore replies to requests sent before it (attribute versions)."""
-    try:
-        pyfuse3.invalidate_inode(ops._out(ino), attr_only=True)
-    except OSError as e:
-        if e.errno != errno.ENOENT:       # ENOENT: the kernel does not know it
-            log.warning("attributes of inode %d not invalidated: %s", ino, e)
-
-
 def _notify_ready(ready_fd: int) -> None:
     if ready_fd >= 0:
         os.write(ready_fd, b"ok\n")
@@ -189,7 +176,7 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
                 await session.stop()
                 raise QuietError(f"cannot mount on {mountpoint}: {e}", 32) from None
             state["mounted"] = True
-            coh.forget_kernel_attrs = lambda ino: forget_attrs(ops, ino)
+            coh.forget_kernel_attrs = ops.forget_attrs
             log.info("%s mounted on %s (slot %d, node %s, cluster)", volume, mountpoint,
                      session.slot, session.node)
             _notify_ready(ready_fd)
