@@ -502,9 +502,12 @@ class Coherence:
                 self.nursery.start_soon(self._uncache_open, old)
 
     async def _uncache_open(self, ino: int) -> None:
-        async with self.serial.hold(open_lock(ino)):
-            if not self.fs.in_use(ino) and ino not in self.idle_open:
-                await self._unlock_if_held(open_lock(ino))
+        try:
+            async with self.serial.hold(open_lock(ino)):
+                if not self.fs.in_use(ino) and ino not in self.idle_open:
+                    await self._unlock_if_held(open_lock(ino))
+        except LockError as e:      # the client closed meanwhile (unmount)
+            log.debug("cached open lock of inode %d not given up: %s", ino, e)
 
     async def _open_wanted(self, name: bytes, mode: Mode) -> None:
         """Another node asked for O<ino> in ``mode``: to open the inode (PR) or to

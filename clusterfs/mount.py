@@ -20,8 +20,8 @@ import sys
 import pyfuse3
 import trio
 
-from .errors import QuietError
 from .cluster import OPEN_CACHE
+from .errors import QuietError
 from .fuseops import Operations
 from .session import SingleNodeMount
 from .volume import Volume
