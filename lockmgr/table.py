@@ -566,8 +566,9 @@ class LockTable:
             self._contended.discard(res.name)
 
     def _notify_holders(self, res: Resource, owner, mode: Mode) -> None:
-        """Blocking callbacks for a failed try-lock: once per (grant, mode), as for a
-        queued request."""
+        """Blocking callbacks for a request of ``owner`` in ``mode`` (queued, or a
+        failed try-lock with notify): to every other live owner whose granted mode
+        conflicts, once per (grant, mode)."""
         bit = 1 << mode
         dead = self.dead
         for g in res.granted.values():
@@ -577,12 +578,5 @@ class LockTable:
                 self.out.append(Bast(g.owner, res.name, mode))
 
     def _send_basts(self, res: Resource) -> None:
-        dead = self.dead
         for lk in res.converting + res.waiting:
-            r = lk.requested
-            bit = 1 << r
-            for g in res.granted.values():
-                if (g.owner != lk.owner and not COMPAT[g.granted][r]
-                        and not g.basted & bit and g.owner not in dead):
-                    g.basted |= bit
-                    self.out.append(Bast(g.owner, res.name, r))
+            self._notify_holders(res, lk.owner, lk.requested)
