@@ -112,6 +112,38 @@ def block_crc(buf) -> int:
     return crc32c(mv[12:], c)
 
 
+def _field_tables() -> tuple[list[int], ...]:
+    """Four 256-entry tables: how each byte of the crc field moves a block's crc.
+
+    crc32c is linear over messages of one length: the crc of a 4096-byte block as
+    stored is its crc with the field taken as zero (the sealed value ``c``), xor a
+    term that depends only on the field's bytes, which hold ``c``.  So a block is
+    sealed right when ``crc32c(block) == c ^ term(c)``, and ``c ^ term(c)`` is one
+    lookup per byte of ``c`` here: one crc32c call per check instead of three (with
+    two slices), which is what every metadata read and fsck's scan pay per block.
+    """
+    zero = crc32c(bytes(BLOCK_SIZE))
+    tables = []
+    for i in range(4):
+        t = []
+        blk = bytearray(BLOCK_SIZE)
+        for v in range(256):
+            blk[8 + i] = v
+            t.append(crc32c(blk) ^ zero ^ (v << (8 * i)))
+        tables.append(t)
+    return tuple(tables)
+
+
+_T0, _T1, _T2, _T3 = _field_tables()
+
+
+def crc_ok(buf, crc: int) -> bool:
+    """Whether ``crc`` (the header's field) is the crc32c of the 4096-byte block
+    ``buf`` with the field taken as zero: ``block_crc(buf) == crc``, faster."""
+    return crc32c(buf) == (_T0[crc & 255] ^ _T1[(crc >> 8) & 255] ^
+                           _T2[(crc >> 16) & 255] ^ _T3[crc >> 24])
+
+
 def seal(buf: bytearray, btype: int, blkno: int, seq: int, flags: int = 0) -> bytearray:
     """Write the header into ``buf`` (4096 bytes) and set its crc32c."""
     HEADER.pack_into(buf, 0, MAGIC, btype, flags, 0, 0, blkno, seq)
@@ -158,7 +190,7 @@ def verify(buf, btype: int | None, blkno: int) -> int:
         raise CorruptBlock(blkno, f"type {name}, expected {BlockType(btype).name}")
     if own != blkno:
         raise CorruptBlock(blkno, f"header says block {own}")
-    if crc != block_crc(buf):
+    if not crc_ok(buf, crc):
         raise CorruptBlock(blkno, "crc32c mismatch")
     return seq
 

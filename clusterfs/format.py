@@ -527,6 +527,14 @@ class Dinode(MetaObject):
 
     @classmethod
     def decode(cls, buf, bno: int) -> "Dinode":
+        return cls.from_tuple(cls.decode_values(buf, bno))
+
+    @staticmethod
+    def decode_values(buf, bno: int) -> tuple:
+        """The dinode in ``buf`` as the plain values ``as_tuple`` gives (the parser:
+        ``decode`` builds the object from these).  fsck's reader processes hand the
+        values back as they are, so that only the process that keeps a dinode builds
+        it."""
         # the header and the fields in one unpack; ``blockhdr.verify`` says what is
         # wrong when the header does not check (fsck decodes every dinode of the
         # volume through here, so the common case is kept to a few calls)
@@ -536,7 +544,7 @@ class Dinode(MetaObject):
          blocks, atime, mtime, ctime, btime, rdev, flags, xlen, _res, xblock, parent,
          entries) = _HDR_DI.unpack_from(buf, 0)
         if magic != _MAGIC or btype != _T_DINODE or own != bno or \
-                crc != blockhdr.block_crc(buf):
+                not blockhdr.crc_ok(buf, crc):
             seq = blockhdr.verify(buf, BlockType.DINODE, bno)
         if not xlen:
             xattrs = []
@@ -553,17 +561,17 @@ class Dinode(MetaObject):
                 raise CorruptBlock(bno, f"inline file of size {size}")
             root = bytes(buf[DATA_OFF:DATA_OFF + size])
         elif kind == DF_EXTENTS:
-            root = TreeNode.decode_from(buf, DATA_OFF, DATA_SIZE, EXTENT, bno, root=True)
+            root = TreeNode.decode_values(buf, DATA_OFF, DATA_SIZE, EXTENT, bno)
         elif kind == DF_DIRTREE:
-            root = TreeNode.decode_from(buf, DATA_OFF, DATA_SIZE, DIRENT, bno, root=True)
+            root = TreeNode.decode_values(buf, DATA_OFF, DATA_SIZE, DIRENT, bno)
         else:
             raise CorruptBlock(bno, f"bad dinode flags {flags:#x}")
-        return cls(bno, gen, mode, uid, gid, nlink, size, blocks, atime, mtime, ctime,
-                   btime, rdev, flags, xblock, parent, entries, root, xattrs, seq)
+        return (bno, gen, mode, uid, gid, nlink, size, blocks, atime, mtime, ctime, btime,
+                rdev, flags, xblock, parent, entries, root, xattrs, seq)
 
     def as_tuple(self) -> tuple:
         """The decoded dinode as plain values (ints, bytes, tuples and lists), for
-        ``marshal``: how fsck's reader processes hand back what they decoded."""
+        ``marshal``: what ``decode_values`` gives."""
         root = self.root
         if not isinstance(root, bytes):
             root = (root.kind, root.level, root.owner, root.keys, root.vals)
@@ -574,12 +582,14 @@ class Dinode(MetaObject):
 
     @classmethod
     def from_tuple(cls, t: tuple) -> "Dinode":
-        """The dinode ``as_tuple`` gave (without decoding or checking it again)."""
-        root = t[17]
-        if not isinstance(root, bytes):
+        """The dinode of ``decode_values`` or ``as_tuple`` (without checking it again)."""
+        (bno, gen, mode, uid, gid, nlink, size, blocks, atime, mtime, ctime, btime, rdev,
+         flags, xblock, parent, entries, root, xattrs, seq) = t
+        if type(root) is tuple:        # a tree root; else inline bytes
             kind, level, owner, keys, vals = root
-            root = TreeNode(t[0], kind, level, owner, keys, vals, is_root=True)
-        return cls(*t[:17], root, *t[18:])
+            root = TreeNode(bno, kind, level, owner, keys, vals, True)
+        return cls(bno, gen, mode, uid, gid, nlink, size, blocks, atime, mtime, ctime,
+                   btime, rdev, flags, xblock, parent, entries, root, xattrs, seq)
 
 
 # =============================================================================
@@ -717,6 +727,12 @@ class TreeNode(MetaObject):
 
     @classmethod
     def decode_from(cls, buf, off: int, size: int, kind: int, bno: int, root: bool) -> "TreeNode":
+        _kind, level, owner, keys, vals = cls.decode_values(buf, off, size, kind, bno)
+        return cls(bno, kind, level, owner, keys, vals, is_root=root)
+
+    @staticmethod
+    def decode_values(buf, off: int, size: int, kind: int, bno: int) -> tuple:
+        """(kind, level, owner, keys, vals) of the node at ``buf[off:off + size]``."""
         level, nrecs, nkind, owner = _NODE.unpack_from(buf, off)
         if nkind != kind:
             raise CorruptBlock(bno, f"tree node kind {nkind}, expected {kind}")
@@ -763,7 +779,7 @@ class TreeNode(MetaObject):
         for a, b in zip(keys, keys[1:]):
             if a >= b:
                 raise CorruptBlock(bno, "tree node keys out of order")
-        return cls(bno, kind, level, owner, keys, vals, is_root=root)
+        return kind, level, owner, keys, vals
 
 
 # =============================================================================

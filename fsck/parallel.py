@@ -3,8 +3,8 @@
 Reading and decoding every dinode of the volume is the largest part of a check (more
 than half of it on 100,000 files), and it needs nothing but the device.  Where the
 machine has more than one CPU, forked children take the upper part of the block list:
-each reads and decodes its share (``Dinode.decode``, the one parser) and hands the
-dinodes back as plain values (``Dinode.as_tuple``, ``marshal``), a chunk at a time:
+each reads and decodes its share (``Dinode.decode_values``, the one parser, short of
+building the object) and hands the values back (``marshal``), a chunk at a time:
 the chunk's bytes in a memfd, its place in the memfd on a pipe.  Meanwhile this
 process reads and decodes its own (smaller) share, then takes the children's chunks
 as they come and rebuilds their dinodes (``Dinode.from_tuple``, a fraction of a
@@ -31,10 +31,12 @@ from .device import read_blocks
 
 MIN_SHARE = 8192        # fewer dinodes than this per process: not worth a fork
 MAX_WORKERS = 4
-# This process's share.  Per dinode it spends about 14 us on its own (read, decode,
-# record, claims) and 7 us on a child's (rebuild, record, claims); a child about 12 us
-# (read, decode, pack): with one child, a quarter here ends both at about the same time.
-OWN_SHARE = 0.25
+# This process's share.  Per dinode it spends about 7 us reading and decoding its own
+# and 3 us unpacking and building a child's, plus some 4 us on what the caller does
+# with each (the scan's records and claims); a child about 8 us (read, decode, pack).
+# Side by side both run slower than alone: with one child, a fifth here ends both at
+# about the same time (measured on 100,000 dinodes, 2 CPUs).
+OWN_SHARE = 0.2
 CHUNK = 2048            # dinodes per chunk a child hands back
 DECODE_ERRORS = (CorruptBlock, TypeError)    # TypeError: an unreadable block (None)
 _MSG = struct.Struct("<QQI")                 # offset, length, count of one chunk
@@ -60,7 +62,7 @@ def plan(n: int, nworkers: int) -> list[int]:
     return [0, own] + [own + rest * c // (k - 1) for c in range(1, k)]
 
 
-def _child(dev, bnos, decode, fd: int, pipe: int) -> None:
+def _child(dev, bnos, decode_values, fd: int, pipe: int) -> None:
     """Read and decode ``bnos``, handing back a chunk at a time; never returns."""
     code = 1
     try:
@@ -70,7 +72,7 @@ def _child(dev, bnos, decode, fd: int, pipe: int) -> None:
             add = out.append
             for bno, buf in read_blocks(dev, bnos[start:start + CHUNK]):
                 try:
-                    add(decode(buf, bno).as_tuple())
+                    add(decode_values(buf, bno))
                 except DECODE_ERRORS:
                     add(bno)        # damaged or unreadable: the parent looks again
             data = marshal.dumps(out)
@@ -110,7 +112,7 @@ def _chunks(pid: int, fd: int, pipe: int):
 def decoded_dinodes(dev, bnos: list[int], cls):
     """Yield (bno, dinode or None, the block's bytes or None) for sorted ``bnos``.
 
-    ``cls`` is the dinode class (``decode``, ``as_tuple``, ``from_tuple``).  Where the
+    ``cls`` is the dinode class (``decode``, ``decode_values``, ``from_tuple``).  Where the
     block did not decode the dinode is None and the bytes (None if unreadable) are
     given for the caller's salvage; else the bytes are not given.
     """
@@ -134,7 +136,7 @@ def decoded_dinodes(dev, bnos: list[int], cls):
             pid = os.fork()
             if pid == 0:
                 os.close(r)
-                _child(dev, share, decode, fd, w)
+                _child(dev, share, cls.decode_values, fd, w)
             os.close(w)
             children.append((pid, fd, r, share))
         yield from here(bnos[:cuts[1]])
