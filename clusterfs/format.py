@@ -871,8 +871,9 @@ READDIR_BASE = 3                # readdir offsets: 1 = ".", 2 = "..", key + 3 = 
 DT_UNKNOWN, DT_FIFO, DT_CHR, DT_DIR, DT_BLK, DT_REG, DT_LNK, DT_SOCK = 0, 1, 2, 4, 6, 8, 10, 12
 
 
-def name_hash(name: bytes) -> int:
-    return blockhdr.crc32c(name)
+# A directory entry's hash: crc32c of its name (the function itself, not a wrapper:
+# fsck hashes every name of the volume).
+name_hash = blockhdr.crc32c
 
 
 def dtype_of(mode: int) -> int:

@@ -1,0 +1,110 @@
+"""The namespace layer's whole-directory checks against the record-by-record rule.
+
+``Fsck._entries_plain`` passes a directory over when every record is one the
+record-by-record check of ``check_dir_entries`` has nothing to say about.  Here
+directories with random damage to their records (targets, types, keys, names) are
+given to both: the bulk check must never pass a directory that the rule would stop
+at, and must pass every one the rule passes whole.
+"""
+
+from __future__ import annotations
+
+import stat as S
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clusterfs.format import (DF_DIRTREE, DF_EXTENTS, HASH_SHIFT, NAME_MAX, Dinode,
+                              dtype_of, name_hash)
+from fsck.checker import Fsck, Rec
+
+ROOT, DIR = 100, 101
+FILES = list(range(200, 216))
+MODES = {ROOT: S.S_IFDIR | 0o755, DIR: S.S_IFDIR | 0o755,
+         **{ino: (S.S_IFLNK if ino % 5 == 0 else S.S_IFREG) | 0o644 for ino in FILES}}
+
+
+class _SB:
+    root_ino = ROOT
+
+
+def checker() -> Fsck:
+    f = Fsck.__new__(Fsck)
+    f.sb = _SB()
+    f.inodes = {}
+    for ino, mode in MODES.items():
+        flags = DF_DIRTREE if S.S_ISDIR(mode) else DF_EXTENTS
+        f.inodes[ino] = Rec(Dinode(ino, mode=mode, nlink=1, flags=flags), ())
+    return f
+
+
+def rule(f: Fsck, ino: int, items) -> bool:
+    """The common-case test of ``check_dir_entries``, one record at a time."""
+    names = set()
+    for key, (child, dtype, name) in items:
+        target = f.inodes.get(child)
+        if not (target is not None and key >> HASH_SHIFT == name_hash(name) and
+                child != f.sb.root_ino and child != ino and
+                dtype == (target.di.mode >> 12) & 0xF and name not in names and
+                b"/" not in name and b"\0" not in name and len(name) <= NAME_MAX and
+                name != b"." and name != b".."):
+            return False
+        names.add(name)
+    return True
+
+
+BAD_NAMES = {"dot": b".", "dotdot": b"..", "slash": b"a/b", "nul": b"x\0y",
+             "too-long": b"n" * (NAME_MAX + 1), "longest": b"n" * NAME_MAX}
+DEFECTS = ["target-missing", "target-root", "target-self", "dtype", "key", "dup-name",
+           *BAD_NAMES]
+
+
+def _record(i: int, child: int, name: bytes, dtype: int | None = None):
+    key = (name_hash(name) << HASH_SHIFT) | i
+    return key, (child, dtype_of(MODES[child]) if dtype is None else dtype, name)
+
+
+@st.composite
+def directory(draw):
+    """A clean directory, then none, one or two defects of the kinds in DEFECTS."""
+    n = draw(st.integers(1, 12))
+    children = draw(st.lists(st.sampled_from(FILES), min_size=n, max_size=n))
+    recs = [list(_record(i, c, b"f%d" % i)) for i, c in enumerate(children)]
+    for defect in draw(st.lists(st.sampled_from(DEFECTS), max_size=2)):
+        i = draw(st.integers(0, n - 1))
+        key, (child, dtype, name) = recs[i]
+        if defect == "target-missing":
+            child = draw(st.sampled_from([999, 0]))
+        elif defect == "target-root":
+            child = ROOT
+        elif defect == "target-self":
+            child = DIR
+        elif defect == "dtype":
+            dtype = draw(st.sampled_from([d for d in (0, 1, 2, 4, 6, 8, 10, 12)
+                                          if d != dtype]))
+        elif defect == "key":
+            key ^= 1 << draw(st.integers(HASH_SHIFT, HASH_SHIFT + 31))
+        elif defect == "dup-name":
+            name = recs[(i + 1) % n][1][2]
+            key = (name_hash(name) << HASH_SHIFT) | (n + i)
+        else:                               # a name (the longest one is legal)
+            name = BAD_NAMES[defect]
+            key = (name_hash(name) << HASH_SHIFT) | i
+        recs[i] = [key, (child, dtype, name)]
+    items = sorted({r[0]: (r[0], r[1]) for r in recs}.values())
+    return items
+
+
+@settings(max_examples=600, deadline=None)
+@given(items=directory())
+def test_bulk_check_agrees_with_the_record_rule(items):
+    f = checker()
+    assert f._entries_plain(DIR, items) == rule(f, DIR, items)
+
+
+def test_a_clean_directory_is_passed_whole():
+    f = checker()
+    items = sorted(((name_hash(b"f%d" % c) << HASH_SHIFT, (c, dtype_of(MODES[c]), b"f%d" % c))
+                    for c in FILES))
+    assert f._entries_plain(DIR, items)
+    assert f._entries_plain(DIR, [])
