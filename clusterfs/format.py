@@ -603,6 +603,7 @@ NODE_HDR = _NODE.size                   # 16
 _EXT = struct.Struct("<QQII")           # lblk, pblk, len, flags  (24 bytes)
 _IDX = struct.Struct("<QQ")             # key, child              (16 bytes)
 _DIRREC = struct.Struct("<QQBB")        # key, ino, dtype, namelen (18 bytes + name)
+_IDX_SIZE, _EXT_SIZE = _IDX.size, _EXT.size
 NODE_CAPACITY = BLOCK_SIZE - HEADER_SIZE - NODE_HDR   # 4048 payload bytes in a block
 ROOT_CAPACITY = DATA_SIZE - NODE_HDR                  # 3440 in the dinode
 
@@ -626,10 +627,12 @@ class TreeNode(MetaObject):
         self.kind = kind
         self.level = level
         self.owner = owner
-        self.keys = keys if keys is not None else []
+        self.keys = keys = keys if keys is not None else []
         self.vals = vals if vals is not None else []
         self.is_root = is_root
-        self.nbytes = self._size()
+        # _size(), inline for the common nodes (fsck builds one per dinode)
+        self.nbytes = _IDX_SIZE * len(keys) if level else \
+            _EXT_SIZE * len(keys) if kind == EXTENT else self._size()
 
     def clone(self):
         c = TreeNode.__new__(TreeNode)

@@ -121,7 +121,8 @@ class Rec:
     scan of 100,000 inodes does not build 100,000 sets of empty lists.
     """
 
-    items = ()              # tree records (key, value) in key order
+    items = ()              # tree records (key, value) in key order (for a file of
+                            # one extent that the scan settles at once, only ``ext``)
     nodes = ()              # tree node blocks (valid, in this tree)
     deferred = ()           # damaged node / xattr blocks to free
     tree_issues = ()        # (kind, message) found in the trees
@@ -839,7 +840,8 @@ class Fsck:
         step = rep.progress.step
         inodes, dups, dir_inos = self.inodes, self.dups, self.dir_inos
         self._suspicious = suspicious = []
-        plan = self._plan_extents
+        plan, in_data = self._plan_extents, self._in_data
+        is_dir = S.S_IFDIR
         slow = []           # dinodes whose trees have nodes, damaged ones, xattr blocks
         for i, (bno, di, buf) in enumerate(decoded_dinodes(self.dev, todo, Dinode)):
             if not i & 1023:
@@ -854,14 +856,24 @@ class Fsck:
                 dups.add(bno)
             claims[bno] = C_DINODE if di.nlink else C_UNLINKED
             flags = di.flags
-            if flags & DF_DIRTREE or di.mode & 0o170000 == S.S_IFDIR:
+            if flags & DF_DIRTREE or di.mode & 0o170000 == is_dir:
                 dir_inos.add(bno)
             if flags & (DF_EXTENTS | DF_DIRTREE):
                 root = di.root
                 if root.level or di.xattr_block:
                     slow.append(rec)
                     continue
-                rec.items = list(zip(root.keys, root.vals))   # decode checked the order
+                keys, vals = root.keys, root.vals
+                if flags & DF_EXTENTS and len(keys) == 1:
+                    # one extent, the common file: _plan_extents's first case, inline
+                    lblk = keys[0]
+                    pblk, n, eflags = vals[0]
+                    if n and not eflags and lblk + n <= -(-di.size // BLOCK_SIZE) and \
+                            in_data(pblk, n) and claims.count(0, pblk, pblk + n) == n:
+                        claims[pblk:pblk + n] = b"\x01" * n
+                        rec.ext = [[lblk, pblk, n]]
+                        continue
+                rec.items = list(zip(keys, vals))   # decode checked the order
                 if flags & DF_EXTENTS:
                     plan(rec, suspicious)
             elif di.xattr_block:
