@@ -756,6 +756,9 @@ class TreeNode(MetaObject):
             elif kind == EXTENT:
                 if p + nrecs * _EXT.size > end:
                     raise ValueError("extent records overflow")
+                if nrecs == 1:          # most files (fsck decodes every dinode)
+                    k, pblk, length, flags = _EXT.unpack_from(buf, p)
+                    return kind, level, owner, [k], [(pblk, length, flags)]
                 for k, pblk, length, flags in _EXT.iter_unpack(buf[p:p + nrecs * _EXT.size]):
                     keys.append(k)
                     vals.append((pblk, length, flags))
