@@ -18,6 +18,8 @@ Geometry (all in 4096-byte blocks)::
 from __future__ import annotations
 
 import bisect
+import itertools
+import operator
 import os
 import struct
 import time
@@ -767,7 +769,8 @@ class TreeNode(MetaObject):
                 # tight: a volume's every entry passes here when fsck runs
                 unpack, kadd, vadd, rsize = _DIRREC.unpack_from, keys.append, vals.append, \
                     _DIRREC.size
-                mv = memoryview(buf)
+                if type(buf) is not bytes:
+                    buf = bytes(buf)    # one copy: then each name is one slice
                 last = end - rsize
                 for _ in range(nrecs):
                     if p > last:
@@ -778,13 +781,12 @@ class TreeNode(MetaObject):
                     if nlen == 0 or q > end:
                         raise ValueError("directory record name overflows")
                     kadd(k)
-                    vadd((ino, dtype, bytes(mv[p:q])))
+                    vadd((ino, dtype, buf[p:q]))
                     p = q
         except (ValueError, struct.error) as e:
             raise CorruptBlock(bno, f"tree node: {e}") from None
-        for a, b in zip(keys, keys[1:]):
-            if a >= b:
-                raise CorruptBlock(bno, "tree node keys out of order")
+        if not all(map(operator.lt, keys, itertools.islice(keys, 1, None))):
+            raise CorruptBlock(bno, "tree node keys out of order")
         return kind, level, owner, keys, vals
 
 

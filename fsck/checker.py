@@ -23,6 +23,7 @@ node mounts the volume meanwhile (and an fsck that died is seen as an unclean st
 
 from __future__ import annotations
 
+import bisect
 import errno
 import fcntl
 import gc
@@ -1062,13 +1063,18 @@ class Fsck:
     def _walk_node(self, rec, node, kind, lo, hi, items, seen, what) -> None:
         issues = rec.tree_issues
         if node.level == 0:
-            for k in node.keys:
-                if (lo is not None and k < lo) or (hi is not None and k >= hi):
-                    issues.append(("tree", f"{what} node {node.bno}: key {k} outside the "
-                                           f"range of its parent"))
-                    rec.tree_bad = True
-                    break
-            items.extend(zip(node.keys, node.vals))
+            keys = node.keys            # in order (decoding checked): the ends suffice
+            if keys and lo is not None and keys[0] < lo:
+                k = keys[0]
+            elif keys and hi is not None and keys[-1] >= hi:
+                k = keys[bisect.bisect_left(keys, hi)]
+            else:
+                k = None
+            if k is not None:
+                issues.append(("tree", f"{what} node {node.bno}: key {k} outside the "
+                                       f"range of its parent"))
+                rec.tree_bad = True
+            items.extend(zip(keys, node.vals))
             return
         n = len(node.keys)
         for i in range(n):

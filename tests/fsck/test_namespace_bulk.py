@@ -4,7 +4,8 @@
 record-by-record check of ``check_dir_entries`` has nothing to say about.  Here
 directories with random damage to their records (targets, types, keys, names) are
 given to both: the bulk check must never pass a directory that the rule would stop
-at, and must pass every one the rule passes whole.
+at, and must pass every one the rule passes whole.  Likewise the tree walk, which
+checks only the ends of a leaf's (ordered) keys against its parent's range.
 """
 
 from __future__ import annotations
@@ -108,3 +109,34 @@ def test_a_clean_directory_is_passed_whole():
                     for c in FILES))
     assert f._entries_plain(DIR, items)
     assert f._entries_plain(DIR, [])
+
+
+def _first_out_of_range(keys, lo, hi):
+    """The rule: the first key (in order) below ``lo`` or at/above ``hi``."""
+    for k in keys:
+        if (lo is not None and k < lo) or (hi is not None and k >= hi):
+            return k
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(keys=st.lists(st.integers(0, 60), unique=True).map(sorted),
+       lo=st.one_of(st.none(), st.integers(0, 60)),
+       hi=st.one_of(st.none(), st.integers(0, 60)))
+def test_leaf_keys_against_the_parent_range(keys, lo, hi):
+    """A leaf's keys are in order, so the walk looks at its ends only: it must name
+    the same key as a look at every key would."""
+    from clusterfs.format import TreeNode
+    f = checker()
+    rec = Rec(f.inodes[DIR].di, ()).own_lists()
+    leaf = TreeNode(500, 2, 0, DIR, list(keys), [(200, 8, b"f%d" % k) for k in keys])
+    items: list = []
+    f._walk_node(rec, leaf, 2, lo, hi, items, set(), "directory tree")
+    want = _first_out_of_range(keys, lo, hi)
+    if want is None:
+        assert rec.tree_issues == [] and not rec.tree_bad
+    else:
+        assert rec.tree_issues == [("tree", f"directory tree node 500: key {want} "
+                                            f"outside the range of its parent")]
+        assert rec.tree_bad
+    assert [k for k, _v in items] == keys
