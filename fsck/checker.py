@@ -117,29 +117,34 @@ def expand_bits(bits, n: int) -> bytearray:
 class Rec:
     """What fsck knows about one dinode that it keeps.
 
-    Most inodes need nothing but their dinode: the other fields are class-level
-    defaults (tuples where a list is made on first use: ``own_lists``), so that a
-    scan of 100,000 inodes does not build 100,000 sets of empty lists.
+    Most inodes need nothing but their dinode: the list fields start as the empty
+    tuple (a list is made on first use: ``own_lists``), so that a scan of 100,000
+    inodes does not build 100,000 sets of empty lists.  Slots keep a record small and
+    in one piece: every pass over the inodes reads one or two fields of each, and
+    the time that takes is mostly the memory it touches.
     """
 
-    items = ()              # tree records (key, value) in key order (for a file of
-                            # one extent that the scan settles at once, only ``ext``)
-    nodes = ()              # tree node blocks (valid, in this tree)
-    deferred = ()           # damaged node / xattr blocks to free
-    tree_issues = ()        # (kind, message) found in the trees
-    ext_issues = ()         # messages about extent records
-    tree_bad = False        # the tree must be rebuilt from ``items``
-    ext = None              # extent files: final [lblk, pblk, n] list
-    ext_changed = False
-    xattr_ok = True
-    discovered = False      # found through a directory entry, not the bitmap
-    dirty = False           # the dinode must be written
-    reached = False
-    where = None            # (parent dir, name) of one entry
+    __slots__ = ("di", "notes", "items", "nodes", "deferred", "tree_issues", "ext_issues",
+                 "tree_bad", "ext", "ext_changed", "xattr_ok", "discovered", "dirty",
+                 "reached", "where")
 
     def __init__(self, di: Dinode, notes):
         self.di = di
-        self.notes = notes  # salvage notes (damage found in the dinode block)
+        self.notes = notes      # salvage notes (damage found in the dinode block)
+        self.items = ()         # tree records (key, value) in key order (for a file of
+                                # one extent that the scan settles at once, only ext)
+        self.nodes = ()         # tree node blocks (valid, in this tree)
+        self.deferred = ()      # damaged node / xattr blocks to free
+        self.tree_issues = ()   # (kind, message) found in the trees
+        self.ext_issues = ()    # messages about extent records
+        self.tree_bad = False   # the tree must be rebuilt from ``items``
+        self.ext = None         # extent files: final [lblk, pblk, n] list
+        self.ext_changed = False
+        self.xattr_ok = True
+        self.discovered = False  # found through a directory entry, not the bitmap
+        self.dirty = False      # the dinode must be written
+        self.reached = False
+        self.where = None       # (parent dir, name) of the entry it was reached by
 
     def own_lists(self) -> "Rec":
         """Make the list fields this record's own before appending to them."""
