@@ -84,7 +84,7 @@ _VALID_TYPES = {S.S_IFREG, S.S_IFDIR, S.S_IFLNK, S.S_IFIFO, S.S_IFSOCK, S.S_IFCH
 _TYPE_OF_DTYPE = {dtype_of(t): t for t in _VALID_TYPES}
 _SECOND, _THIRD = itemgetter(1), itemgetter(2)
 _FIRST = itemgetter(0)
-_MODE, _NLINK = attrgetter("di.mode"), attrgetter("di.nlink")
+_MODE, _NLINK, _BNO = attrgetter("di.mode"), attrgetter("di.nlink"), attrgetter("di.bno")
 
 
 def entry_columns(items) -> tuple[list, list, list, list]:
@@ -1584,12 +1584,23 @@ class Fsck:
         # salvaged or damaged-in-place dinodes and their fields
         files = dirs = 0
         rep.progress.start("Checking dinodes", len(self.inodes))
-        step = rep.progress.step
-        for i, ino in enumerate(sorted(self.inodes)):
-            if not i & 1023:
-                step(1024)
-            rec = self.inodes[ino]
+        fixing = self.fixing
+        look = []           # the records with more to look at than the common case
+        for rec in self.inodes.values():        # in memory order (about inode order)
             di = rec.di
+            mode = di.mode & 0o170000
+            if rec.notes or (rec.dirty and fixing) or not di.generation or di.rdev or (
+                    not (mode == S.S_IFDIR and not di.size) if di.flags & DF_DIRTREE
+                    else mode != S.S_IFREG):
+                look.append(rec)
+            elif mode == S.S_IFDIR:     # the common case (_check_fields's first test)
+                dirs += 1
+            else:
+                files += 1
+        rep.progress.step(len(self.inodes))
+        for rec in sorted(look, key=_BNO):
+            di = rec.di
+            ino = di.bno
             if rec.notes:
                 detail = "; ".join(rec.notes)
                 code = "dinode-checksum" if detail == "crc32c mismatch" else "dinode-damaged"
@@ -1663,14 +1674,16 @@ class Fsck:
         """Extent trees: structure, records, rebuilt where damaged."""
         rep = self.report
         n_ext = 0
-        for ino in sorted(self.inodes):
-            rec = self.inodes[ino]
-            di = rec.di
-            if not di.flags & DF_EXTENTS:
+        look = []
+        for rec in self.inodes.values():        # in memory order (about inode order)
+            if not rec.di.flags & DF_EXTENTS:
                 continue
             if not (rec.tree_issues or rec.ext_issues or rec.tree_bad):
                 n_ext += len(rec.ext)           # the common case: nothing to say
-                continue
+            else:
+                look.append(rec)
+        for rec in sorted(look, key=_BNO):
+            ino = rec.di.bno
             tree_msgs = [m for c, m in rec.tree_issues if c == "tree"]
             fix = False
             for m in tree_msgs:
@@ -1862,8 +1875,8 @@ class Fsck:
 
     def check_xattr_blocks(self) -> None:
         rep = self.report
-        for ino in sorted(self.inodes):
-            rec = self.inodes[ino]
+        for rec in sorted((r for r in self.inodes.values() if r.tree_issues), key=_BNO):
+            ino = rec.di.bno
             for code, m in rec.tree_issues:
                 if code != "xattr-block":
                     continue
@@ -1891,10 +1904,9 @@ class Fsck:
 
     def check_sizes(self) -> None:
         rep = self.report
-        inodes = self.inodes
         fixing = self.fixing
-        for ino in sorted(inodes):
-            rec = inodes[ino]
+        look = []
+        for rec in self.inodes.values():        # in memory order (about inode order)
             di = rec.di
             ext = rec.ext
             if len(ext or ()) == 1 and di.flags & DF_EXTENTS and not rec.nodes and \
@@ -1904,6 +1916,10 @@ class Fsck:
                 if di.blocks == n and lblk + n <= -(-di.size // BLOCK_SIZE) and \
                         di.size <= MAX_FILE_BLOCKS * BLOCK_SIZE:
                     continue
+            look.append(rec)
+        for rec in sorted(look, key=_BNO):
+            di = rec.di
+            ino = di.bno
             changed = False
             if di.flags & DF_EXTENTS and rec.ext is not None:
                 end = max((e[0] + e[2] for e in rec.ext), default=0)
