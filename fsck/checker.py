@@ -35,8 +35,8 @@ import threading
 import time
 import traceback
 from collections import Counter
-from itertools import compress, filterfalse, repeat
-from operator import and_, attrgetter, itemgetter, ne, rshift
+from itertools import compress, filterfalse, islice, repeat
+from operator import and_, attrgetter, itemgetter, lt, ne, rshift
 
 from journal import Journal, JournalCorrupt
 
@@ -85,6 +85,7 @@ _TYPE_OF_DTYPE = {dtype_of(t): t for t in _VALID_TYPES}
 _SECOND, _THIRD = itemgetter(1), itemgetter(2)
 _FIRST = itemgetter(0)
 _MODE, _NLINK, _BNO = attrgetter("di.mode"), attrgetter("di.nlink"), attrgetter("di.bno")
+_NODES, _GEN = attrgetter("nodes"), attrgetter("di.generation")
 
 
 def entry_columns(items) -> tuple[list, list, list, list]:
@@ -925,7 +926,7 @@ class Fsck:
         for ino in list(self.bad_inodes):
             if claims[ino] != C_DEFER:
                 del self.bad_inodes[ino]
-        self.stats["tree_nodes"] = sum(len(r.nodes) for r in self.inodes.values())
+        self.stats["tree_nodes"] = sum(map(len, map(_NODES, self.inodes.values())))
         self.stats["used_blocks"] = len(claims) - claims.count(0)
 
     def _load_inode(self, bno: int, buf, discovered: bool = False) -> Rec | None:
@@ -1950,15 +1951,16 @@ class Fsck:
     def check_generations(self) -> None:
         rep = self.report
         top: dict[int, int] = {}
-        sb = self.sb
-        first, per, last, end = sb.rgrp_start, sb.rgrp_blocks, sb.rgrp_count - 1, \
-            sb.total_blocks - 1
-        for ino, rec in self.inodes.items():
-            # sb.rgrp_of, inline
-            rg = min((ino - first) // per, last) if first <= ino < end else -1
-            g = rec.di.generation
-            if g > top.get(rg, -1):
-                top[rg] = g
+        inos = list(self.inodes)                # in memory order: inode order but for
+        gens = list(map(_GEN, self.inodes.values()))    # inodes found or made later
+        if not all(map(lt, inos, islice(inos, 1, None))):
+            inos, gens = map(list, zip(*sorted(zip(inos, gens))))
+        # each group's inodes are a slice of the sorted list: its largest generation
+        for rg in range(self.sb.rgrp_count):
+            lo = bisect.bisect_left(inos, self.gstart[rg])
+            hi = bisect.bisect_left(inos, self.gstart[rg] + self.glen[rg], lo)
+            if hi > lo:
+                top[rg] = max(gens[lo:hi])
         for rg, g in sorted(top.items()):
             hdr = self.hdrs[rg]
             if hdr.igeneration <= g:
@@ -2435,11 +2437,9 @@ class Fsck:
                 marked_unlinked.update(base + m.start() for m in _UNLINKED_STATE.finditer(st))
         # the inodes with something to look at below: directories, those the bitmaps
         # mark unlinked, and those whose link count is not the count of their entries
-        # (the rest, nearly all, are passed over whole, in inode order: memory order)
-        order = sorted(inodes)
-        counted = map(links.get, order, repeat(0))
-        look = set(compress(order, map(ne, map(_NLINK, map(inodes.__getitem__, order)),
-                                       counted)))
+        # (the rest, nearly all, are passed over whole, in memory order)
+        look = set(compress(inodes, map(ne, map(_NLINK, inodes.values()),
+                                        map(links.get, inodes, repeat(0)))))
         look.update(d for d in self.dir_inos if d in inodes)
         look.update(i for i in marked_unlinked if i in inodes)
         for ino in sorted(look):

@@ -277,6 +277,23 @@ def test_wrong_block_count(vol, tmp_path):
     check_case(img, man, tmp_path, 4, {"block-count"})
 
 
+def test_generation_counter_behind_its_inodes(vol, tmp_path):
+    """A group whose next inode generation is one its inodes already have: a new
+    inode there would reuse a live generation, so a stale file handle could name it."""
+    img, man = vol
+    sb = superblock(img)
+    from clusterfs.format import RgrpHeader
+    rg = sb.rgrp_of(sb.root_ino)
+    start, _ = sb.rgrp_range(rg)
+    hdr = RgrpHeader.decode(read_block(img, start), start)
+    assert hdr.igeneration > 1
+    hdr.igeneration = 1
+    hdr.seq -= 1
+    write_block(img, start, hdr.image())
+    check_case(img, man, tmp_path, 4, {"igeneration"})
+    assert RgrpHeader.decode(read_block(img, start), start).igeneration > 1
+
+
 def test_doubly_claimed_block(vol, tmp_path):
     img, man = vol
     a, b = man["/data/med5.bin"], man["/data/med6.bin"]
