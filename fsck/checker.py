@@ -82,8 +82,8 @@ _UNLINKED_STATE = re.compile(re.escape(bytes([UNLINKED])))
 _VALID_TYPES = {S.S_IFREG, S.S_IFDIR, S.S_IFLNK, S.S_IFIFO, S.S_IFSOCK, S.S_IFCHR,
                 S.S_IFBLK}
 _TYPE_OF_DTYPE = {dtype_of(t): t for t in _VALID_TYPES}
-_SECOND, _THIRD = itemgetter(1), itemgetter(2)
-_FIRST = itemgetter(0)
+_STATE_NAME = {FREE: "free", USED: "used", UNLINKED: "unlinked", DINODE: "dinode"}
+_FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)
 _MODE, _NLINK, _BNO = attrgetter("di.mode"), attrgetter("di.nlink"), attrgetter("di.bno")
 _NODES, _GEN = attrgetter("nodes"), attrgetter("di.generation")
 
@@ -103,7 +103,6 @@ def entry_columns(items) -> tuple[list, list, list, list]:
 def entry_inos(items) -> list[int]:
     """The inode numbers a directory's records point at, in record order."""
     return list(map(_FIRST, map(_SECOND, items)))
-_STATE_NAME = {FREE: "free", USED: "used", UNLINKED: "unlinked", DINODE: "dinode"}
 
 
 def expand_bits(bits, n: int) -> bytearray:
@@ -2186,12 +2185,13 @@ class Fsck:
             return True
         keys, inos, dtypes, names = entry_columns(items)
         n = len(names)
-        distinct = sorted(set(inos))    # looked up in inode order: the order in memory
+        pointed = set(inos)
+        if self.sb.root_ino in pointed or ino in pointed:
+            return False
+        distinct = sorted(pointed)      # looked up in inode order: the order in memory
         m = len(distinct)
         targets = list(map(self.inodes.get, distinct))
         if None in targets:
-            return False
-        if self.sb.root_ino in distinct or ino in distinct:
             return False
         if list(map(rshift, keys, repeat(HASH_SHIFT, n))) != list(map(name_hash, names)):
             return False
@@ -2616,9 +2616,9 @@ class Fsck:
         namespace layer, for the few paths reports name."""
         if getattr(self, "_where", None) is None:
             where: dict[int, tuple[int, bytes]] = {}
-            for d, drec in self.inodes.items():
-                if drec.reached and drec.di.flags & DF_DIRTREE:
+            for drec in self._dir_recs():
+                if drec.reached:
                     for _k, (c, _dt, name) in drec.items:
-                        where.setdefault(c, (d, name))
+                        where.setdefault(c, (drec.di.bno, name))
             self._where = where
         return self._where.get(ino)
