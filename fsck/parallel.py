@@ -32,7 +32,7 @@ from .device import read_blocks
 MIN_SHARE = 8192        # fewer dinodes than this per process: not worth a fork
 MAX_WORKERS = 4
 # This process's share.  Per dinode it spends about 7 us reading and decoding its own
-# and 3 us unpacking and building a child's, plus some 4 us on what the caller does
+# and 3 us unpacking and building a child's, plus some 2 to 4 us on what the caller does
 # with each (the scan's records and claims); a child about 8 us (read, decode, pack).
 # Side by side both run slower than alone: with one child, a fifth here ends both at
 # about the same time (measured on 100,000 dinodes, 2 CPUs).
