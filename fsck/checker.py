@@ -218,9 +218,11 @@ class Fsck:
         # fsck builds a few objects per inode and frees almost nothing until it ends:
         # the cyclic collector would walk the whole growing heap again and again (a
         # quarter of the run on 100,000 inodes) to find nothing.  It is off for the
-        # check and back on (as it was) after, with what exists then frozen (left out
-        # of collections; reference counting still frees it): else the first
-        # allocation after would walk that whole heap once more.
+        # check and back on (as it was) after, with what exists then moved to the
+        # oldest generation (frozen, then unfrozen): else the first young collection
+        # after would walk that whole heap once more.  Not left frozen: a process that
+        # goes on (a test suite, a tool using Fsck) would never collect the cycles
+        # that were alive then, its own included.
         gc_was = gc.isenabled()
         gc.disable()
         try:
@@ -264,6 +266,7 @@ class Fsck:
             self._close()
             if gc_was:
                 gc.freeze()
+                gc.unfreeze()
                 gc.enable()
         code = rep.exit_code()
         if not self.clean_skip and rep.operational_error is None:

@@ -245,3 +245,23 @@ def test_summary_line_per_layer(cli, small):
     assert [ln.split()[1] for ln in lines] == ["1", "2", "3", "4", "5"]
     assert all(ln.endswith("ok") for ln in lines)
 
+
+
+def test_a_check_leaves_earlier_cycles_collectable(vol):
+    """fsck turns the cyclic collector off while it runs; after, the cycles that were
+    alive then (the caller's own) must still be collected once dropped."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    gone = weakref.ref(a)
+    gc.enable()
+    code = Fsck(vol[0], mode="n", force=True).check()
+    assert code == 0
+    del a, b
+    gc.collect()
+    assert gone() is None
