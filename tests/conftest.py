@@ -8,6 +8,7 @@ failed, so a stale mount never breaks the next test.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -44,7 +45,6 @@ def _give_memory_back():
     """
     yield
     if _TRIM is not None:
-        import gc
         gc.collect()
         _TRIM(0)
 

@@ -246,7 +246,6 @@ def test_summary_line_per_layer(cli, small):
     assert all(ln.endswith("ok") for ln in lines)
 
 
-
 def test_a_check_leaves_earlier_cycles_collectable(vol):
     """fsck turns the cyclic collector off while it runs; after, the cycles that were
     alive then (the caller's own) must still be collected once dropped."""
