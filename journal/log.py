@@ -48,7 +48,7 @@ import threading
 import time
 from typing import NamedTuple, Protocol, Union
 
-from clusterfs.blockhdr import BLOCK_SIZE, HEADER, MAGIC, BlockType, block_crc, crc32c
+from clusterfs.blockhdr import BLOCK_SIZE, HEADER, MAGIC, BlockType, crc32c, crc_ok
 
 from .errors import JournalAborted, JournalCorrupt, JournalError
 from .format import (FORMAT_VERSION, LOG_TYPES, MIN_LENGTH, REVOKES_PER_BLOCK,
@@ -428,7 +428,7 @@ class Journal:
                 if (magic != MAGIC or btype not in LOG_TYPES or own != bno
                         or bseq <= max_seen and bseq <= seq):
                     continue
-                if crc != block_crc(buf) or log_block_journal_id(buf) != journal_id:
+                if not crc_ok(buf, crc) or log_block_journal_id(buf) != journal_id:
                     continue
                 max_seen = max(max_seen, bseq)
                 if bseq > seq and later is None:
@@ -904,7 +904,7 @@ def _check_log_block(buf, bno: int, seq: int, journal_id: int) -> tuple[int, str
         return btype, "no journal block", False
     if bseq != seq:
         return btype, f"block holds seq {bseq}, expected {seq}", False
-    if crc != block_crc(buf):
+    if not crc_ok(buf, crc):
         kind = BlockType(btype).name.removeprefix("JOURNAL_").lower()
         return btype, f"{kind} block: crc32c mismatch", True
     if log_block_journal_id(buf) != journal_id:

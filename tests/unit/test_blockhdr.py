@@ -44,3 +44,11 @@ def test_any_flipped_bit_is_caught(body, pos, bit):
     assert not crc_ok(buf, crc)
     with pytest.raises(CorruptBlock):
         verify(buf, BlockType.DINODE, 1234)
+
+
+@settings(max_examples=100, deadline=None)
+@given(body=st.binary(min_size=12, max_size=BLOCK_SIZE - 1), crc=st.integers(0, 2**32 - 1))
+def test_crc_ok_on_other_lengths_is_block_crc_equality(body, crc):
+    """The tables hold for 4096-byte blocks only: other lengths are summed as they are."""
+    assert crc_ok(body, crc) == (block_crc(body) == crc)
+    assert crc_ok(body, block_crc(body))
