@@ -195,6 +195,7 @@ class Fsck:
         self.modified = False
         self.host_busy = False
         self.n_reached = 0            # inodes marked reached by the namespace walk
+        self._where = None            # inode -> (directory, name): _entry_of
 
     # =================================================================================
     # driver
@@ -1596,7 +1597,7 @@ class Fsck:
                     not (mode == S.S_IFDIR and not di.size) if di.flags & DF_DIRTREE
                     else mode != S.S_IFREG):
                 look.append(rec)
-            elif mode == S.S_IFDIR:     # the common case (_check_fields's first test)
+            elif mode == S.S_IFDIR:     # the common case: nothing for _check_fields
                 dirs += 1
             else:
                 files += 1
@@ -1627,14 +1628,9 @@ class Fsck:
         self.stats["files"], self.stats["dirs"] = files, dirs
 
     def _check_fields(self, rec: Rec) -> str | None:
+        """A dinode's type, size, device number and generation (check_dinodes passes
+        the common case over before calling this)."""
         di = rec.di
-        mode = di.mode
-        if di.generation and not di.rdev:
-            if di.flags & DF_DIRTREE:
-                if mode & 0o170000 == S.S_IFDIR and not di.size:
-                    return None
-            elif mode & 0o170000 == S.S_IFREG:
-                return None
         rep = self.report
         ino = di.bno
         typ = S.S_IFMT(di.mode)
@@ -2617,7 +2613,7 @@ class Fsck:
         """(directory, name) of one entry in a reached directory pointing at ``ino``
         (None if there is none).  The map is made at the first question, after the
         namespace layer, for the few paths reports name."""
-        if getattr(self, "_where", None) is None:
+        if self._where is None:
             where: dict[int, tuple[int, bytes]] = {}
             for drec in self._dir_recs():
                 if drec.reached:
