@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml .ci/install-deps
 	touch $(STAMP)
 
 demo: deps
-	$(PY) -m clusterfs.demo
+	$(PY) -m clusterfs.commands.demo
 
 test: deps
 	$(PY) -m pytest -q -m "not slow" tests

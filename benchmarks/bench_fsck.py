@@ -63,9 +63,9 @@ def payload() -> bytes:
 
 
 def populate_clusterfs(img: str, tree, vol_bytes: int) -> None:
-    from clusterfs.fs import Ctx
-    from clusterfs.mkfs import make_volume
-    from clusterfs.session import SingleNodeMount
+    from clusterfs.commands.mkfs import make_volume
+    from clusterfs.fs.posix import Ctx
+    from clusterfs.fs.single_node import SingleNodeMount
     make_volume(img, vol_bytes, slots=2)
     m = SingleNodeMount(img)
     fs = m.start()

@@ -32,7 +32,7 @@ import trio
 
 log = logging.getLogger("passthrough")
 
-TIMEOUT = 300.0          # as clusterfs.fuseops.Operations (single node)
+TIMEOUT = 300.0          # as clusterfs.fuse.ops.Operations (single node)
 
 
 def _err(e: OSError) -> pyfuse3.FUSEError:

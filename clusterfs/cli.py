@@ -18,13 +18,13 @@ from .errors import QuietError
 # Only the module of the command being run is imported: the others add a stub
 # parser for the listing, so `clusterfs fsck` does not pay for pyfuse3 or trio.
 COMMANDS: list[tuple[str, str, str]] = [
-    ("mkfs", "clusterfs.mkfs", "make a new clusterfs volume"),
-    ("mount", "clusterfs.mount", "mount a volume through FUSE"),
-    ("status", "clusterfs.status", "show the slots, heartbeats and journals of a volume"),
+    ("mkfs", "clusterfs.commands.mkfs", "make a new clusterfs volume"),
+    ("mount", "clusterfs.fuse.mount", "mount a volume through FUSE"),
+    ("status", "clusterfs.commands.status", "show the slots, heartbeats and journals of a volume"),
     ("fsck", "fsck.cli", "check and repair a volume layer by layer"),
-    ("keygen", "lockmgr.cli", "create a shared-secret key file (mode 0600)"),
-    ("lockd", "lockmgr.cli", "run the lock manager server in the foreground"),
-    ("lockd-status", "lockmgr.cli", "show the lock manager's nodes and locks"),
+    ("keygen", "clusterfs.commands.lockd", "create a shared-secret key file (mode 0600)"),
+    ("lockd", "clusterfs.commands.lockd", "run the lock manager server in the foreground"),
+    ("lockd-status", "clusterfs.commands.lockd", "show the lock manager's nodes and locks"),
 ]
 
 # Set by ``main`` from the command's ``fast_exit`` default; read by ``run``.

@@ -3,7 +3,7 @@
 ``clusterfs fsck VOLUME [-n | -y | -p] [-f] [--scan-data] [--json FILE]`` checks a
 volume layer by layer (volume, cluster, allocation, inodes and extents, namespace,
 data surface) and repairs what it finds.  It reads the volume only through the format
-classes of ``clusterfs.format`` (one parser).
+classes of ``clusterfs.ondisk.format`` (one parser).
 
 Modules:
     checker  the ``Fsck`` class: ``check()`` runs every layer's passes in order

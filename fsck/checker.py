@@ -38,30 +38,29 @@ from collections import Counter
 from itertools import compress, filterfalse, islice, repeat
 from operator import and_, attrgetter, itemgetter, lt, ne, rshift
 
-from journal import Journal, JournalCorrupt
-
-from clusterfs import slots as slotmod
-from clusterfs.blockdev import BlockDevice
-from clusterfs import blockhdr
-from clusterfs.blockhdr import BLOCK_SIZE, HEADER_SIZE, BlockType, is_valid
 from clusterfs.errors import CorruptBlock, QuietError
-from clusterfs.format import (BLOCKS_PER_BITMAP, DF_DIRTREE, DF_EXTENTS, DF_INLINE,
-                              DINODE, DIRENT, EXTENT, FORMAT_REVISION, FREE, HASH_SHIFT,
-                              HB_FREE, HB_NOLOCK, NAME_MAX, NODE_CAPACITY,
-                              ROOT_CAPACITY, UNLINKED, USED, Bitmap, Dinode, Heartbeat,
-                              RgrpHeader, Superblock, TreeNode, XattrBlock, dtype_of,
-                              name_hash)
+from clusterfs.ondisk import blockhdr
+from clusterfs.ondisk import slots as slotmod
+from clusterfs.ondisk.blockdev import BlockDevice
+from clusterfs.ondisk.blockhdr import BLOCK_SIZE, HEADER_SIZE, BlockType, is_valid
+from clusterfs.ondisk.format import (BLOCKS_PER_BITMAP, DF_DIRTREE, DF_EXTENTS, DF_INLINE,
+                                     DINODE, DIRENT, EXTENT, FORMAT_REVISION, FREE,
+                                     HASH_SHIFT, HB_FREE, HB_NOLOCK, NAME_MAX,
+                                     NODE_CAPACITY, ROOT_CAPACITY, UNLINKED, USED, Bitmap,
+                                     Dinode, Heartbeat, RgrpHeader, Superblock, TreeNode,
+                                     XattrBlock, dtype_of, name_hash)
+from journal import Journal, JournalCorrupt
 
 from . import salvage
 from .device import OverlayDevice, read_blocks
 from .parallel import decoded_dinodes
-from .report import (EXIT_OPERATIONAL, Cancelled, Report, Unexpected)
+from .report import EXIT_OPERATIONAL, Cancelled, Report, Unexpected
 
 log = logging.getLogger(__name__)
 
-MAX_DEPTH = 8                   # clusterfs.btree.MAX_DEPTH
-MAX_FILE_BLOCKS = 1 << 40       # clusterfs.inode.MAX_FILE_BLOCKS
-LINK_MAX = 65000                # clusterfs.fs.LINK_MAX
+MAX_DEPTH = 8                   # clusterfs.fs.btree.MAX_DEPTH
+MAX_FILE_BLOCKS = 1 << 40       # clusterfs.fs.inode.MAX_FILE_BLOCKS
+LINK_MAX = 65000                # clusterfs.fs.posix.LINK_MAX
 SYMLINK_MAX = 4095
 
 # claim codes (one byte per block of the volume)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import os
 
-from clusterfs.blockhdr import BLOCK_SIZE
+from clusterfs.ondisk.blockhdr import BLOCK_SIZE
 
 _ZERO = bytes(BLOCK_SIZE)
 

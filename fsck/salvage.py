@@ -1,6 +1,6 @@
 """Tolerant decoding: get what can be trusted out of a damaged metadata block.
 
-Everything here still parses through the format classes of ``clusterfs.format``
+Everything here still parses through the format classes of ``clusterfs.ondisk.format``
 (there is no second parser).  When a block fails to decode, the salvage functions
 patch the *raw bytes* in a copy (a header field, a length, a record count) and
 decode the copy again with the same class, and they say what they patched:
@@ -13,7 +13,7 @@ decode the copy again with the same class, and they say what they patched:
   its longest decodable prefix of records (or becomes an empty root).
 * tree nodes: the longest decodable prefix of records is kept.
 
-Field offsets are computed from the ``struct`` formats of ``clusterfs.format``.
+Field offsets are computed from the ``struct`` formats of ``clusterfs.ondisk.format``.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import re
 import stat as S
 import struct
 
-from clusterfs import blockhdr
-from clusterfs import format as fmt
-from clusterfs.blockhdr import BLOCK_SIZE, HEADER, HEADER_SIZE, MAGIC, BlockType
 from clusterfs.errors import CorruptBlock
-from clusterfs.format import (DATA_OFF, DATA_SIZE, DF_DIRTREE, DF_EXTENTS, DF_INLINE,
-                              DIRENT, EXTENT, INLINE_MAX, XATTR_INLINE_OFF,
-                              XATTR_INLINE_SIZE, Dinode, Superblock, TreeNode)
+from clusterfs.ondisk import blockhdr
+from clusterfs.ondisk import format as fmt
+from clusterfs.ondisk.blockhdr import BLOCK_SIZE, HEADER, HEADER_SIZE, MAGIC, BlockType
+from clusterfs.ondisk.format import (DATA_OFF, DATA_SIZE, DF_DIRTREE, DF_EXTENTS, DF_INLINE,
+                                     DIRENT, EXTENT, INLINE_MAX, XATTR_INLINE_OFF,
+                                     XATTR_INLINE_SIZE, Dinode, Superblock, TreeNode)
 
 _TOKEN = re.compile(r"(\d*)([xcbB?hHiIlLqQnNefdspP])")
 
@@ -59,7 +59,7 @@ def field_offsets(st: struct.Struct, names: list[str], base: int = 0) -> dict[st
     return offs
 
 
-# clusterfs.format._DI, field by field (see its comment)
+# clusterfs.ondisk.format._DI, field by field (see its comment)
 DINODE_FIELDS = ["generation", "mode", "uid", "gid", "nlink", "size", "blocks", "atime",
                  "mtime", "ctime", "btime", "rdev", "flags", "xattr_len", "reserved",
                  "xattr_block", "parent", "entries"]

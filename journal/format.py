@@ -3,7 +3,7 @@
 The byte-level description is ``docs/JOURNAL-FORMAT.md``; this module holds only what
 the code needs and must match that document one to one (``tests/journal`` checks the
 field tables against it).  Every journal block starts with the common 32-byte header
-of ``clusterfs.blockhdr``; the tables below give the fields that follow it.
+of ``clusterfs.ondisk.blockhdr``; the tables below give the fields that follow it.
 
 Nothing here does I/O: these are pure functions from values to 4096-byte blocks and
 back, so that the log writer, the replayer and fsck share a single parser.
@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 import struct
 
-from clusterfs.blockhdr import (BLOCK_SIZE, HEADER, HEADER_SIZE, MAGIC, BlockType,
-                                block_crc, seal, verify)
 from clusterfs.errors import CorruptBlock
+from clusterfs.ondisk.blockhdr import (BLOCK_SIZE, HEADER, HEADER_SIZE, MAGIC, BlockType,
+                                       block_crc, seal, verify)
 
 from .errors import JournalCorrupt
 

@@ -48,13 +48,13 @@ import threading
 import time
 from typing import NamedTuple, Protocol, Union
 
-from clusterfs.blockhdr import BLOCK_SIZE, HEADER, MAGIC, BlockType, crc32c, crc_ok
+from clusterfs.ondisk.blockhdr import BLOCK_SIZE, HEADER, MAGIC, BlockType, crc32c, crc_ok
 
 from .errors import JournalAborted, JournalCorrupt, JournalError
 from .format import (FORMAT_VERSION, LOG_TYPES, MIN_LENGTH, REVOKES_PER_BLOCK,
-                     TAGS_PER_DESCRIPTOR, JournalHeader, log_block_journal_id,
-                     pack_commit, pack_descriptor, pack_revoke, transaction_blocks,
-                     unpack_commit, unpack_revokes, unpack_tags)
+                     TAGS_PER_DESCRIPTOR, JournalHeader, log_block_journal_id, pack_commit,
+                     pack_descriptor, pack_revoke, transaction_blocks, unpack_commit,
+                     unpack_revokes, unpack_tags)
 
 _SWEEP_CHUNK = 256      # blocks per read when sweeping the log region
 

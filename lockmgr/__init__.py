@@ -12,7 +12,6 @@ module                    job
 ``lockmgr.wire``          framing, message codes, HMAC-SHA256 handshake, addresses
 ``lockmgr.keyfile``       ``keygen`` / ``load_key``
 ``lockmgr.errors``        the exceptions
-``lockmgr.cli``           ``clusterfs keygen``, ``lockd``, ``lockd-status``
 ========================  ===========================================================
 
 Protocol and semantics: docs/LOCKS.md.

@@ -132,8 +132,8 @@ def power_loss_volume(size: int = 16 << 20, slots: int = 1):
     """
     import tempfile
 
-    from clusterfs.blockdev import BLOCK_SIZE, PowerLossDevice
-    from clusterfs.mkfs import make_volume
+    from clusterfs.commands.mkfs import make_volume
+    from clusterfs.ondisk.blockdev import BLOCK_SIZE, PowerLossDevice
     key = (size, slots)
     if key not in _BASE_IMAGES:
         with tempfile.TemporaryDirectory() as d:
@@ -167,17 +167,15 @@ class DeviceMount:
         self.journal = None
 
     def start(self):
-        from journal import Journal
-
-        from clusterfs.fs import Filesystem
-        from clusterfs.session import free_unlinked, replay_journal
-        from clusterfs.volume import Volume, read_superblock
+        from clusterfs.fs.posix import Filesystem
+        from clusterfs.fs.single_node import free_unlinked, replay_journal
+        from clusterfs.fs.volume import Volume, read_superblock
+        from clusterfs.ondisk.slots import slot_journal
         sb = read_superblock(self.dev)
         vol = Volume(self.dev, sb, slot=self.slot)
         for slot in range(sb.nslots):
             replay_journal(vol, slot)
-        start, length = sb.journal_range(self.slot)
-        self.journal = Journal(self.dev, start, length, slot=self.slot)
+        self.journal = slot_journal(self.dev, sb, self.slot)
         self.journal.open(owner="test")
         vol.journal = self.journal
         self.vol = vol
@@ -209,13 +207,14 @@ def check_consistency(dev, *, allow_unlinked: bool = False,
     import stat as S
     from collections import Counter
 
-    from clusterfs.btree import BTree
     from clusterfs.errors import FSError
-    from clusterfs.format import (BLOCK_SIZE, BLOCKS_PER_BITMAP, DF_DIRTREE, DF_EXTENTS,
-                                  DF_INLINE, DINODE, DIRENT, EXTENT, FREE, HASH_SHIFT,
-                                  UNLINKED, USED, dtype_of, name_hash)
-    from clusterfs.inode import InodeStore
-    from clusterfs.volume import Volume, read_superblock
+    from clusterfs.fs.btree import BTree
+    from clusterfs.fs.inode import InodeStore
+    from clusterfs.fs.volume import Volume, read_superblock
+    from clusterfs.ondisk.format import (BLOCKS_PER_BITMAP, BLOCK_SIZE, DF_DIRTREE,
+                                         DF_EXTENTS, DF_INLINE, DINODE, DIRENT, EXTENT,
+                                         FREE, HASH_SHIFT, UNLINKED, USED, dtype_of,
+                                         name_hash)
 
     problems: list[str] = []
     sb = read_superblock(dev)

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from clusterfs.blockdev import BLOCK_SIZE, BlockDevice, PowerCut, PowerLossDevice
+from clusterfs.ondisk.blockdev import BLOCK_SIZE, BlockDevice, PowerCut, PowerLossDevice
 
 
 def _blk(byte: int) -> bytes:

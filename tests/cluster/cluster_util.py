@@ -216,7 +216,7 @@ def check_volume(path: str, *, crashed: bool = False) -> None:
     """The walk of ``tests.helpers.check_consistency``, then fsck.  ``crashed``: a
     node died, so a file's last block may hold bytes past EOF (written before its
     size was committed; a later extension zeroes them)."""
-    from clusterfs.blockdev import BlockDevice
+    from clusterfs.ondisk.blockdev import BlockDevice
     dev = BlockDevice(path, readonly=True)
     try:
         problems = check_consistency(dev, tail_zero=not crashed)
@@ -400,7 +400,7 @@ def image_digest(path: str, skip: set[int] = frozenset()) -> str:
 
 
 def heartbeat_blocks(volume: str, slots) -> set[int]:
-    from clusterfs.volume import Volume
+    from clusterfs.fs.volume import Volume
     vol = Volume.open(volume, readonly=True)
     try:
         return {vol.sb.heartbeat_bno(s) for s in slots}

@@ -214,7 +214,7 @@ def test_network_partition_fences_the_node_cut_off(topdir, netns):
                 fd = os.open(mounts[n].p("w", n), os.O_RDONLY)
                 os.fsync(fd)
                 os.close(fd)
-            from clusterfs.status import gather
+            from clusterfs.commands.status import gather
             slots = {s["slot"] for s in gather(vol, watch=0)["slots"]
                      if s.get("node") in ("b", "c") and s["state"] != "free"}
             assert len(slots) == 2

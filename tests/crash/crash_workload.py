@@ -19,7 +19,7 @@ import random
 import stat as S
 
 from clusterfs.errors import FSError
-from clusterfs.fs import Ctx
+from clusterfs.fs.posix import Ctx
 
 SECTOR = 512
 CTX = Ctx(uid=0, gid=0)

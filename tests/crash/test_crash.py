@@ -24,7 +24,7 @@ import random
 
 import pytest
 
-from clusterfs.blockdev import PowerCut
+from clusterfs.ondisk.blockdev import PowerCut
 from tests.crash.crash_workload import CTX, Runner, check_recovered, read_tree
 from tests.helpers import DeviceMount, check_consistency, fsck_device, power_loss_volume
 

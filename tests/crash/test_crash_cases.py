@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from clusterfs.blockdev import PowerCut
-from clusterfs.format import BLOCK_SIZE
+from clusterfs.ondisk.blockdev import PowerCut
+from clusterfs.ondisk.format import BLOCK_SIZE
 from tests.crash.crash_workload import CTX
 from tests.helpers import DeviceMount, check_consistency, power_loss_volume
 

@@ -17,12 +17,12 @@ import shutil
 import stat as S
 import subprocess
 
-from clusterfs import blockhdr
-from clusterfs.blockhdr import BLOCK_SIZE, BlockType
-from clusterfs.format import BLOCKS_PER_BITMAP, Bitmap, Dinode, Superblock
-from clusterfs.fs import Ctx
-from clusterfs.mkfs import make_volume
-from clusterfs.session import SingleNodeMount
+from clusterfs.commands.mkfs import make_volume
+from clusterfs.fs.posix import Ctx
+from clusterfs.fs.single_node import SingleNodeMount
+from clusterfs.ondisk import blockhdr
+from clusterfs.ondisk.blockhdr import BLOCK_SIZE, BlockType
+from clusterfs.ondisk.format import BLOCKS_PER_BITMAP, Bitmap, Dinode, Superblock
 from fsck.checker import Fsck
 from fsck.report import Report
 
@@ -258,7 +258,7 @@ def lookup(fs, path: str) -> int:
 
 def dir_node_blocks(path: str, ino: int) -> list[int]:
     """Tree node blocks of a directory or extent file (through the API)."""
-    from clusterfs import inode as inode_mod
+    from clusterfs.fs import inode as inode_mod
     with Api(path) as fs:
         di = fs.vol.dinode(ino)
         return [n.bno for n in inode_mod.tree(fs.vol, di).nodes()]
@@ -343,7 +343,7 @@ def walk_all(fs) -> int:
                 elif S.S_ISREG(di.mode):
                     # the mapped ranges and the last block (a damaged size may
                     # make a legal but huge sparse file: holes are not read)
-                    from clusterfs import inode as inode_mod
+                    from clusterfs.fs import inode as inode_mod
                     fh = fs.open(di.bno, os.O_RDONLY)
                     try:
                         ranges = [(lb * BLOCK_SIZE, n * BLOCK_SIZE)

@@ -16,16 +16,15 @@ import os
 import stat as S
 
 import pytest
+from fsckutil import (CTX, Api, bitmap_state, crash_session, dinode, dir_node_blocks,
+                      findings, flip, fsck, lookup, put_dinode, read_block,
+                      set_bitmap_state, superblock, verify_tree, write_block)
 
-from clusterfs import directory
-from clusterfs.blockhdr import BLOCK_SIZE, BlockType
-from clusterfs.format import DIRENT, DT_REG, FREE, USED, Heartbeat, TreeNode
-from clusterfs.session import SingleNodeMount
-from fsckutil import (CTX, Api, bitmap_state, crash_session, dinode, dir_node_blocks, findings, flip,
-                      fsck, lookup, put_dinode, read_block, set_bitmap_state, superblock,
-                      verify_tree, write_block)
+from clusterfs.fs import directory
+from clusterfs.fs.single_node import SingleNodeMount
+from clusterfs.ondisk.blockhdr import BLOCK_SIZE, BlockType
+from clusterfs.ondisk.format import DIRENT, DT_REG, FREE, USED, Heartbeat, TreeNode
 from tests.helpers import Mount
-
 
 # -- the common check ------------------------------------------------------------------------
 
@@ -126,7 +125,7 @@ def test_corrupt_journal_middle(vol, tmp_path):
         fs.vol.commit()
     crash_session(img, work)
     # damage an image of the first transaction in the log (at the header's tail)
-    from clusterfs.blockdev import BlockDevice
+    from clusterfs.ondisk.blockdev import BlockDevice
     from journal import Journal
     sb = superblock(img)
     start, length = sb.journal_range(0)
@@ -186,7 +185,7 @@ def test_referenced_free_block(vol, tmp_path):
 def test_wrong_free_count(vol, tmp_path):
     img, man = vol
     sb = superblock(img)
-    from clusterfs.format import RgrpHeader
+    from clusterfs.ondisk.format import RgrpHeader
     start, _ = sb.rgrp_range(2)
     hdr = RgrpHeader.decode(read_block(img, start), start)
     hdr.free += 17
@@ -282,7 +281,7 @@ def test_generation_counter_behind_its_inodes(vol, tmp_path):
     inode there would reuse a live generation, so a stale file handle could name it."""
     img, man = vol
     sb = superblock(img)
-    from clusterfs.format import RgrpHeader
+    from clusterfs.ondisk.format import RgrpHeader
     rg = sb.rgrp_of(sb.root_ino)
     start, _ = sb.rgrp_range(rg)
     hdr = RgrpHeader.decode(read_block(img, start), start)
@@ -458,7 +457,7 @@ class FaultyReads:
 
 def test_unreadable_data_is_reported(vol):
     img, man = vol
-    from clusterfs.blockdev import BlockDevice
+    from clusterfs.ondisk.blockdev import BlockDevice
     e = man["/data/big.bin"]
     pblk = dinode(img, e["ino"]).root.vals[0][0]
     dev = FaultyReads(BlockDevice(img, readonly=True), {pblk + 100, pblk + 101})

@@ -7,14 +7,14 @@ import json
 import os
 
 import pytest
-
-from clusterfs import directory
-from clusterfs.format import DT_REG, FREE, USED
-from fsck.checker import Fsck
-from fsck.report import Report
 from fsckutil import (Api, bitmap_state, dinode, put_dinode, read_block, reseal,
                       set_bitmap_state, superblock, write_block)
-from clusterfs.mkfs import make_volume
+
+from clusterfs.commands.mkfs import make_volume
+from clusterfs.fs import directory
+from clusterfs.ondisk.format import DT_REG, FREE, USED
+from fsck.checker import Fsck
+from fsck.report import Report
 from tests.helpers import run_cli
 
 
@@ -46,7 +46,7 @@ def cli(capsys):
 
 def leak_a_block(img: str) -> int:
     """Mark a free block used (and count it in its group header): one finding."""
-    from clusterfs.format import RgrpHeader
+    from clusterfs.ondisk.format import RgrpHeader
     sb = superblock(img)
     start, length = sb.rgrp_range(sb.rgrp_count - 1)
     victim = start + length - 3
@@ -126,7 +126,7 @@ def test_clean_volume_is_skipped_unless_forced(cli, small):
 
 def test_skip_does_not_hide_a_crash(cli, small):
     """A slot left mounted makes the volume unclean: no skip without -f."""
-    from clusterfs.format import Heartbeat
+    from clusterfs.ondisk.format import Heartbeat
     sb = superblock(small)
     bno = sb.heartbeat_bno(0)
     write_block(small, bno, Heartbeat(slot=0, state=1, counter=3, node="x",

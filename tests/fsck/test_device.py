@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from clusterfs.blockdev import BlockDevice
+from clusterfs.ondisk.blockdev import BlockDevice
 from fsck import device as fdev
 from fsck.device import PREFETCH_MAX, PREFETCH_MIN, read_blocks
 

@@ -1,5 +1,5 @@
 """docs/FORMAT.md and the code agree: one heading per block type, field tables that
-match the struct formats of clusterfs.format, and the journal section identical to
+match the struct formats of clusterfs.ondisk.format, and the journal section identical to
 docs/JOURNAL-FORMAT.md."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import struct
 
 import pytest
 
-from clusterfs import blockhdr
-from clusterfs import format as fmt
-from clusterfs.blockhdr import BlockType
+from clusterfs.ondisk import blockhdr
+from clusterfs.ondisk import format as fmt
+from clusterfs.ondisk.blockhdr import BlockType
 from fsck.salvage import DINODE_FIELDS, field_offsets
 
 DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"

@@ -16,11 +16,11 @@ import os
 import random
 
 import pytest
-
-from clusterfs import blockhdr
-from clusterfs.blockhdr import BLOCK_SIZE
 from fsckutil import (CTX, Api, copy_image, crash_session, fsck, read_block, superblock,
                       walk_all, write_block)
+
+from clusterfs.ondisk import blockhdr
+from clusterfs.ondisk.blockhdr import BLOCK_SIZE
 from tests.helpers import Mount
 
 QUICK = 24

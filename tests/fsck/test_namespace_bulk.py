@@ -15,8 +15,8 @@ import stat as S
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clusterfs.format import (DF_DIRTREE, DF_EXTENTS, HASH_SHIFT, NAME_MAX, Dinode,
-                              dtype_of, name_hash)
+from clusterfs.ondisk.format import (DF_DIRTREE, DF_EXTENTS, HASH_SHIFT, NAME_MAX, Dinode,
+                                     dtype_of, name_hash)
 from fsck.checker import Fsck, Rec
 
 ROOT, DIR = 100, 101
@@ -126,7 +126,7 @@ def _first_out_of_range(keys, lo, hi):
 def test_leaf_keys_against_the_parent_range(keys, lo, hi):
     """A leaf's keys are in order, so the walk looks at its ends only: it must name
     the same key as a look at every key would."""
-    from clusterfs.format import TreeNode
+    from clusterfs.ondisk.format import TreeNode
     f = checker()
     rec = Rec(f.inodes[DIR].di, ()).own_lists()
     leaf = TreeNode(500, 2, 0, DIR, list(keys), [(200, 8, b"f%d" % k) for k in keys])

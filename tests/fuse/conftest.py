@@ -15,7 +15,7 @@ from tests.helpers import Mount, check_consistency, fsck_clean, mkfs
 def check_image(path: str, tail_zero: bool = True) -> None:
     """The unmounted volume is consistent (walk + fsck once it exists).  After a
     crash, bytes past EOF in a file's last block are allowed (``tail_zero``)."""
-    from clusterfs.blockdev import BlockDevice
+    from clusterfs.ondisk.blockdev import BlockDevice
     dev = BlockDevice(path, readonly=True)
     try:
         problems = check_consistency(dev, tail_zero=tail_zero)

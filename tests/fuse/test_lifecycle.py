@@ -10,10 +10,10 @@ import subprocess
 
 import pytest
 
-from clusterfs.blockdev import BlockDevice
 from clusterfs.errors import FSError
-from clusterfs.format import HB_FREE
-from clusterfs.volume import read_superblock
+from clusterfs.fs.volume import read_superblock
+from clusterfs.ondisk.blockdev import BlockDevice
+from clusterfs.ondisk.format import HB_FREE
 from tests.fuse.conftest import check_image
 from tests.helpers import Mount, mkfs
 
@@ -21,18 +21,16 @@ BS = 4096
 
 
 def _journal_clean(vol: str) -> bool:
-    from journal import Journal
+    from clusterfs.ondisk.slots import slot_journal
     dev = BlockDevice(vol, readonly=True)
     try:
-        sb = read_superblock(dev)
-        start, length = sb.journal_range(0)
-        return Journal(dev, start, length, slot=0).is_clean()
+        return slot_journal(dev, read_superblock(dev), 0).is_clean()
     finally:
         dev.close()
 
 
 def _heartbeat_state(vol: str) -> int:
-    from clusterfs.slots import read_heartbeat
+    from clusterfs.ondisk.slots import read_heartbeat
     dev = BlockDevice(vol, readonly=True)
     try:
         return read_heartbeat(dev, read_superblock(dev), 0).state
@@ -324,9 +322,9 @@ def test_directory_with_many_entries(tmp_path, n):
     """Lookups and creates stay one short descent: the hashed tree of a 100,000-entry
     directory is at most 3 levels (timing is left to the benchmarks; the default run
     uses 30,000 entries, the slow run 100,000)."""
-    from clusterfs import directory
-    from clusterfs.mkfs import make_volume
-    from clusterfs.session import SingleNodeMount
+    from clusterfs.commands.mkfs import make_volume
+    from clusterfs.fs import directory
+    from clusterfs.fs.single_node import SingleNodeMount
     from tests.crash.crash_workload import CTX
     vol = str(tmp_path / "big.img")
     make_volume(vol, 1 << 30, slots=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from clusterfs.blockdev import BLOCK_SIZE, PowerLossDevice
+from clusterfs.ondisk.blockdev import BLOCK_SIZE, PowerLossDevice
 from journal import Journal
 
 BS = BLOCK_SIZE

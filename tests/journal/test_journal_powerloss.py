@@ -18,13 +18,12 @@ import random
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
-                                 precondition, rule)
-
-from clusterfs.blockdev import PowerCut, PowerLossDevice
-from journal import Journal
-
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
+                                 rule)
 from jtools import LENGTH, START, ZERO, ImageObj, blk
+
+from clusterfs.ondisk.blockdev import PowerCut, PowerLossDevice
+from journal import Journal
 
 HOME = [0, 1, 2, 3, 4, 5, 128, 129]     # metadata / data blocks under test (few: collisions)
 META, FREE, DATA = "meta", "free", "data"

@@ -11,13 +11,12 @@ import random
 import struct
 
 import pytest
+from jtools import LENGTH, START, ZERO, FaultyDevice, again, blk, flip, log_bno, make
 
-from clusterfs.blockdev import PowerCut, PowerLossDevice
-from clusterfs.blockhdr import reseal
+from clusterfs.ondisk.blockdev import PowerCut, PowerLossDevice
+from clusterfs.ondisk.blockhdr import reseal
 from journal import Journal, JournalCorrupt, JournalError
 from journal.format import RECORDS_OFFSET
-
-from jtools import (LENGTH, START, ZERO, FaultyDevice, again, blk, flip, log_bno, make)
 
 
 def commit(j: Journal, blocks: dict[int, bytes], revokes=()) -> int:

@@ -6,13 +6,11 @@ import random
 import time
 
 import pytest
+from jtools import (LENGTH, START, ZERO, FaultyDevice, ImageObj, RecordingDevice, again,
+                    blk, make)
 
-from clusterfs.blockdev import PowerCut, PowerLossDevice
+from clusterfs.ondisk.blockdev import PowerCut, PowerLossDevice
 from journal import Journal, JournalAborted, JournalError
-
-from jtools import (LENGTH, START, ZERO, FaultyDevice, ImageObj, RecordingDevice,
-                    again, blk, make)
-
 
 # -- ordered mode -------------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clusterfs.blockhdr import BLOCK_SIZE, BlockType, block_crc, crc_ok, seal, verify
 from clusterfs.errors import CorruptBlock
+from clusterfs.ondisk.blockhdr import BLOCK_SIZE, BlockType, block_crc, crc_ok, seal, verify
 
 
 def _sealed(body: bytes) -> bytearray:

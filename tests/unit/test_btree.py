@@ -2,11 +2,12 @@
 
 import random
 
-from hypothesis import given, settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, initialize
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from clusterfs.btree import BTree
-from clusterfs.format import DIRENT, EXTENT, BLOCK_SIZE, TreeNode
+from clusterfs.fs.btree import BTree
+from clusterfs.ondisk.format import BLOCK_SIZE, DIRENT, EXTENT, TreeNode
 
 
 class MemStore:

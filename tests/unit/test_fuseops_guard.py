@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from clusterfs.errors import CorruptBlock, FSError
-from clusterfs.fuseops import Operations
+from clusterfs.fuse.ops import Operations
 
 
 class _FS:

@@ -17,8 +17,8 @@ import stat as S
 import pyfuse3
 import trio
 
-from .format import BLOCK_SIZE, DF_INLINE
-from .fs import Ctx
+from ..fs.posix import Ctx
+from ..ondisk.format import BLOCK_SIZE, DF_INLINE
 
 PREFERRED_IO = 1 << 20      # st_blksize of regular files
 
@@ -80,7 +80,7 @@ class Operations(pyfuse3.Operations):
         front: the frontend to call (default: ``DirectFrontend(fs)``).
         attr_timeout: seconds the kernel may cache attributes.
         entry_timeout: seconds the kernel may cache directory entries (default:
-            ``attr_timeout``; 0 in a cluster, see ``clusterfs.cluster``).
+            ``attr_timeout``; 0 in a cluster, see ``clusterfs.cluster.coherence``).
         cacheable: ``fn(ino) -> bool``: whether the kernel may cache the attributes of
             this inode now (a cluster: while this node holds the inode's lock); a reply
             for which it is false carries an attribute timeout of 0.

@@ -26,9 +26,9 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
 
+from ..errors import CorruptBlock, FormatMismatch
 from . import blockhdr
 from .blockhdr import BLOCK_SIZE, HEADER_SIZE, BlockType
-from .errors import CorruptBlock, FormatMismatch
 
 FORMAT_REVISION = 1
 

@@ -16,12 +16,12 @@ import contextlib
 import errno
 import logging
 
+from ..errors import CorruptBlock, FSError, FormatMismatch, QuietError
+from ..ondisk.blockdev import BlockDevice
+from ..ondisk.blockhdr import BLOCK_SIZE
+from ..ondisk.format import (BLOCKS_PER_BITMAP, DINODE, UNLINKED, Bitmap, Dinode,
+                             MetaObject, RgrpHeader, Superblock, TreeNode, XattrBlock)
 from .alloc import Allocator
-from .blockdev import BlockDevice
-from .blockhdr import BLOCK_SIZE
-from .errors import CorruptBlock, FormatMismatch, FSError, QuietError
-from .format import (BLOCKS_PER_BITMAP, DINODE, UNLINKED, Bitmap, Dinode, MetaObject,
-                     RgrpHeader, Superblock, TreeNode, XattrBlock)
 
 log = logging.getLogger(__name__)
 

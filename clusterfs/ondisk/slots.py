@@ -13,12 +13,20 @@ import os
 import socket
 import time
 
-from .errors import CorruptBlock, Fenced
+from journal import Journal
+
+from ..errors import CorruptBlock, Fenced
 from .format import HB_FREE, HB_STATE_NAMES, Heartbeat, Superblock, random_mount_id
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 1.0
+
+
+def slot_journal(dev, sb: Superblock, slot: int) -> Journal:
+    """The journal of ``slot`` (not opened: read, replay or open it)."""
+    start, length = sb.journal_range(slot)
+    return Journal(dev, start, length, slot=slot)
 
 
 def read_heartbeat(dev, sb: Superblock, slot: int) -> Heartbeat | None:

@@ -23,10 +23,10 @@ import socket
 
 from journal import Journal, JournalCorrupt
 
-from . import slots as slotmod
-from .errors import CorruptBlock, QuietError
-from .format import BLOCKS_PER_BITMAP, DINODE, HB_FREE, HB_NOLOCK, UNLINKED
-from .fs import Filesystem
+from ..errors import CorruptBlock, QuietError
+from ..ondisk import slots as slotmod
+from ..ondisk.format import BLOCKS_PER_BITMAP, DINODE, HB_FREE, HB_NOLOCK, UNLINKED
+from .posix import Filesystem
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,7 @@ log = logging.getLogger(__name__)
 
 def replay_journal(vol: Volume, slot: int) -> None:
     """Replay one slot's journal; a corrupt journal refuses the mount."""
-    start, length = vol.sb.journal_range(slot)
-    j = Journal(vol.dev, start, length, slot=slot)
+    j = slotmod.slot_journal(vol.dev, vol.sb, slot)
     try:
         if j.is_clean():
             return
@@ -131,9 +130,8 @@ class SingleNodeMount:
                              f"live heartbeat; single-node mount refused", 16)
         if self.readonly:
             for slot in range(sb.nslots):
-                start, length = sb.journal_range(slot)
                 try:
-                    clean = Journal(vol.dev, start, length, slot=slot).is_clean()
+                    clean = slotmod.slot_journal(vol.dev, sb, slot).is_clean()
                 except JournalCorrupt as e:
                     raise QuietError(f"journal of slot {slot} is corrupt at block {e.bno}",
                                      8) from None
@@ -147,8 +145,7 @@ class SingleNodeMount:
         self.heart.set_state(HB_NOLOCK)
         for slot in range(sb.nslots):
             replay_journal(vol, slot)
-        start, length = sb.journal_range(self.slot)
-        self.journal = Journal(vol.dev, start, length, slot=self.slot)
+        self.journal = slotmod.slot_journal(vol.dev, sb, self.slot)
         self.journal.open(owner=f"{self.node} (single-node)")
         vol.journal = self.journal
         self.fs = Filesystem(vol, noatime=self.noatime)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import errno
 import re
 
-from .errors import FSError
-from .format import BLOCKS_PER_BITMAP, DINODE, FREE, UNLINKED, USED
+from ..errors import FSError
+from ..ondisk.format import BLOCKS_PER_BITMAP, DINODE, FREE, UNLINKED, USED
 
 _ANY_FREE = bytes(0 if all((b >> (2 * k)) & 3 for k in range(4)) else 1 for b in range(256))
 # a bitmap byte holding at least one FREE entry (searched without copying the bitmap)

@@ -47,8 +47,8 @@ import trio
 from lockmgr import (CW, EX, PR, PW, Deadlock, LeaseLost, LockError, Mode, NotRecovered,
                      TryAgain, covers, supremum)
 
-from .errors import CorruptBlock, Fenced, FSError
-from .format import Bitmap, Dinode, RgrpHeader, TreeNode, XattrBlock
+from ..errors import CorruptBlock, FSError, Fenced
+from ..ondisk.format import Bitmap, Dinode, RgrpHeader, TreeNode, XattrBlock
 from .glock import GlockTable, Holds
 
 log = logging.getLogger(__name__)
@@ -577,7 +577,7 @@ class Coherence:
             await self._unlock_if_held(write_lock(ino))
 
     def _multiwriter(self, ino: int) -> bool:
-        from .inode import xattr_get
+        from ..fs.inode import xattr_get
         return xattr_get(self.vol, self.vol.dinode(ino), MULTIWRITER_XATTR) == b"1"
 
     async def close_mode(self, ino: int, generation: int, writable: bool) -> None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import errno
 
+from ..errors import FSError
+from ..ondisk.format import HASH_SHIFT, MAX_COLLISIONS, NAME_MAX, Dinode, name_hash
 from .btree import BTree
-from .errors import FSError
-from .format import (HASH_SHIFT, MAX_COLLISIONS, NAME_MAX, Dinode, name_hash)
 from .inode import InodeStore
 
 

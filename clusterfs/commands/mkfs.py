@@ -15,13 +15,13 @@ import struct
 
 from journal import Journal
 
-from . import blockhdr
-from .blockdev import BLOCK_SIZE, BlockDevice, device_size
-from .errors import QuietError
-from .format import (BLOCKS_PER_BITMAP, DINODE, DIRENT, DF_DIRTREE, FORMAT_REVISION, USED,
-                     Bitmap, Dinode, Heartbeat, RgrpHeader, Superblock, TreeNode, now_ns,
-                     plan_geometry)
-from .volume import Volume
+from ..errors import QuietError
+from ..fs.volume import Volume
+from ..ondisk import blockhdr
+from ..ondisk.blockdev import BLOCK_SIZE, BlockDevice, device_size
+from ..ondisk.format import (BLOCKS_PER_BITMAP, DF_DIRTREE, DINODE, DIRENT, FORMAT_REVISION,
+                             USED, Bitmap, Dinode, Heartbeat, RgrpHeader, Superblock,
+                             TreeNode, now_ns, plan_geometry)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?b?)\s*$", re.I)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,

@@ -22,7 +22,7 @@ import struct
 
 import crcmod.predefined
 
-from .errors import CorruptBlock
+from ..errors import CorruptBlock
 
 BLOCK_SIZE = 4096
 MAGIC = 0x31534643
@@ -40,9 +40,9 @@ def _crc32c_extension():
     package's layout falls back to the plain import.
     """
     try:
+        import os
         from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader
         from importlib.util import find_spec, module_from_spec, spec_from_loader
-        import os
         pkg = find_spec("crc32c")
         for where in (pkg.submodule_search_locations or []) if pkg else []:
             for suffix in EXTENSION_SUFFIXES:

@@ -16,12 +16,12 @@ import time
 
 import trio
 
-from journal import Journal, JournalCorrupt
+from journal import JournalCorrupt
 
-from . import slots as slotmod
-from .errors import QuietError
-from .format import HB_FREE, HB_STATE_NAMES
-from .volume import Volume
+from ..errors import QuietError
+from ..fs.volume import Volume
+from ..ondisk import slots as slotmod
+from ..ondisk.format import HB_FREE, HB_STATE_NAMES
 
 
 def gather(path: str, *, watch: float = 1.5, lockd: str | None = None,
@@ -37,9 +37,8 @@ def gather(path: str, *, watch: float = 1.5, lockd: str | None = None,
         now = time.time_ns()
         slots = []
         for i, hb in enumerate(hbs):
-            start, length = sb.journal_range(i)
             try:
-                hdr = Journal(vol.dev, start, length, slot=i).read_header()
+                hdr = slotmod.slot_journal(vol.dev, sb, i).read_header()
                 jstate = "clean" if hdr.clean else "dirty"
                 jowner = hdr.owner
             except JournalCorrupt as e:
@@ -75,7 +74,7 @@ async def _lockd_status(addr: str, key: bytes) -> dict:
     writers of a multi-writer file)."""
     from lockmgr import query_status
 
-    from .cluster import WRITE_PREFIX
+    from ..cluster.coherence import WRITE_PREFIX
     st = await query_status(addr, key, prefix=WRITE_PREFIX)
     st["open_modes"] = sorted(
         ({"node": h["node"], "slot": h["slot"], "inode": int.from_bytes(h["name"][1:], "big"),

@@ -37,14 +37,14 @@ from journal import Journal, JournalCorrupt
 from lockmgr import EX, PR, LockClient, LockError, LockTimeout, NodeBusy, NotRecovered
 from lockmgr.errors import AuthError, ConnectError
 
-from . import slots as slotmod
-from .cluster import (OPEN_CACHE, ClusterFrontend, Coherence, group_lock, recovery_lock,
-                      slot_lock)
-from .errors import CorruptBlock, Fenced, QuietError
-from .format import (BLOCKS_PER_BITMAP, HB_CLUSTER, HB_FREE, HB_NOLOCK, UNLINKED,
-                     Heartbeat, RgrpHeader)
-from .fs import Filesystem
-from .volume import Volume
+from ..errors import CorruptBlock, Fenced, QuietError
+from ..fs.posix import Filesystem
+from ..fs.volume import Volume
+from ..ondisk import slots as slotmod
+from ..ondisk.format import (BLOCKS_PER_BITMAP, HB_CLUSTER, HB_FREE, HB_NOLOCK, UNLINKED,
+                             Heartbeat, RgrpHeader)
+from .coherence import (OPEN_CACHE, ClusterFrontend, Coherence, group_lock, recovery_lock,
+                        slot_lock)
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,7 @@ class ClusterMount:
         log.info("joined the cluster at %s as node %s in slot %d", self.lockd, self.node,
                  self.slot)
         # our slot's journal: replay it if its last owner died unrecovered
-        start, length = sb.journal_range(self.slot)
-        self.journal = Journal(vol.dev, start, length, slot=self.slot)
+        self.journal = slotmod.slot_journal(vol.dev, sb, self.slot)
         await self.client.lock(recovery_lock(self.slot), EX)
         try:
             if not self.journal.is_clean():
@@ -336,8 +335,7 @@ class ClusterMount:
             log.info("recovering node %s (slot %d)", node, slot)
             vol = self.vol
             await self._wait_heartbeat_stopped(slot, node)
-            start, length = vol.sb.journal_range(slot)
-            j = Journal(vol.dev, start, length, slot=slot)
+            j = slotmod.slot_journal(vol.dev, vol.sb, slot)
             report = j.replay()
             log.info("slot %d journal replayed: %s", slot, report.summary())
             hb = slotmod.read_heartbeat(vol.dev, vol.sb, slot) or Heartbeat(slot=slot)

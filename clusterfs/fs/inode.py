@@ -13,11 +13,11 @@ from __future__ import annotations
 import bisect
 import errno
 
+from ..errors import CorruptBlock, FSError
+from ..ondisk.format import (BLOCK_SIZE, DF_EXTENTS, DF_INLINE, EXTENT, INLINE_MAX,
+                             XATTR_BLOCK_SIZE, XATTR_INLINE_SIZE, Dinode, TreeNode,
+                             XattrBlock, xattr_size)
 from .btree import BTree
-from .errors import CorruptBlock, FSError
-from .format import (BLOCK_SIZE, DF_EXTENTS, DF_INLINE, EXTENT, INLINE_MAX,
-                     XATTR_BLOCK_SIZE, XATTR_INLINE_SIZE, Dinode, TreeNode, XattrBlock,
-                     xattr_size)
 
 MAX_EXTENT = 1 << 31           # blocks in one extent record
 MAX_FILE_BLOCKS = 1 << 40      # 4 PiB: far past the 16 TiB the format promises

@@ -19,11 +19,11 @@ import stat as S
 import time
 from dataclasses import dataclass
 
+from ..errors import CorruptBlock, FSError
+from ..ondisk.format import (BLOCK_SIZE, DF_DIRTREE, DF_EXTENTS, DF_INLINE, DINODE, DIRENT,
+                             NAME_MAX, READDIR_BASE, UNLINKED, Dinode, TreeNode, dtype_of)
 from . import directory, inode
 from .alloc import NeedCommit
-from .errors import CorruptBlock, FSError
-from .format import (BLOCK_SIZE, DF_DIRTREE, DF_EXTENTS, DF_INLINE, DINODE, DIRENT,
-                     NAME_MAX, READDIR_BASE, UNLINKED, Dinode, TreeNode, dtype_of)
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ import sys
 import pyfuse3
 import trio
 
-from .cluster import OPEN_CACHE
-from .errors import QuietError
-from .fuseops import Operations
-from .session import SingleNodeMount
-from .volume import Volume
+from ..cluster.coherence import OPEN_CACHE
+from ..errors import QuietError
+from ..fs.single_node import SingleNodeMount
+from ..fs.volume import Volume
+from .ops import Operations
 
 DEFAULT_KEY_DIR = "/etc/clusterfs"
 
@@ -154,7 +154,7 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
                       lockd: str, key: bytes, slot: int | None, lease: float,
                       ready_fd: int = -1, heartbeat_interval: float = 1.0) -> int:
     """Join the volume's cluster and serve until unmounted (in this process)."""
-    from .clustermount import ClusterMount
+    from ..cluster.member import ClusterMount
     direct = True if opts.get("direct") else False if opts.get("nodirect") else None
     session = ClusterMount(volume, lockd=lockd, key=key, node=node, slot=slot,
                            direct=direct, lease=lease, renew=max(0.2, lease / 5),

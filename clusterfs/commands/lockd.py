@@ -7,15 +7,15 @@ import sys
 
 import trio
 
-from clusterfs.errors import QuietError
+from lockmgr.client import query_status
+from lockmgr.errors import AuthError, ConnectError, LockError
+from lockmgr.keyfile import KeyFileError, keygen, load_key
+from lockmgr.server import LockServer
+from lockmgr.wire import parse_addr
 
-from .client import query_status
-from .errors import AuthError, ConnectError, LockError
-from .keyfile import KeyFileError, keygen, load_key
-from .server import LockServer
-from .wire import parse_addr
+from ..errors import QuietError
 
-log = logging.getLogger("lockmgr.cli")
+log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:

@@ -1,0 +1,1 @@
+"""The ``clusterfs`` subcommands that are not libraries of their own: mkfs, status, the demo."""
