@@ -2,8 +2,9 @@
 
 Each tool module offers ``register(subparsers)``, which adds its parser and sets
 ``func`` (called with the parsed arguments; returns the exit status).  A
-``QuietError`` becomes one line on stderr and its exit code; a bad argument is one
-line and exit status 2 (``fsck`` uses e2fsck's 16).
+``ClusterfsError`` becomes one line on stderr and the exit status of its class
+(``exit_status``: the one place that maps errors to exit codes); a bad argument is
+one line and exit status 2 (``fsck`` uses e2fsck's 16).
 """
 
 import argparse
@@ -12,20 +13,43 @@ import logging
 import os
 import sys
 
-from .errors import QuietError
+from .errors import (AuthRefused, ClusterUnreachable, ClusterfsError, MountFailed,
+                     QuietError, UsageError, VolumeBusy, VolumeError)
 
 # (command, module that registers it, one line of help), in `clusterfs --help` order.
 # Only the module of the command being run is imported: the others add a stub
 # parser for the listing, so `clusterfs fsck` does not pay for pyfuse3 or trio.
 COMMANDS: list[tuple[str, str, str]] = [
     ("mkfs", "clusterfs.commands.mkfs", "make a new clusterfs volume"),
-    ("mount", "clusterfs.fuse.mount", "mount a volume through FUSE"),
+    ("mount", "clusterfs.commands.mount", "mount a volume through FUSE"),
     ("status", "clusterfs.commands.status", "show the slots, heartbeats and journals of a volume"),
     ("fsck", "fsck.cli", "check and repair a volume layer by layer"),
     ("keygen", "clusterfs.commands.lockd", "create a shared-secret key file (mode 0600)"),
     ("lockd", "clusterfs.commands.lockd", "run the lock manager server in the foreground"),
     ("lockd-status", "clusterfs.commands.lockd", "show the lock manager's nodes and locks"),
 ]
+
+# Exit status of each kind of user-facing error (the first class in this order that
+# the error is an instance of; any other ``ClusterfsError``: 1).
+EXIT_STATUS: list[tuple[type, int]] = [
+    (UsageError, 2),
+    (AuthRefused, 3),
+    (VolumeError, 8),            # FormatMismatch included
+    (ClusterUnreachable, 8),
+    (VolumeBusy, 16),
+    (MountFailed, 32),
+]
+
+
+def exit_status(e: ClusterfsError) -> int:
+    """The exit status of a command that failed with ``e``."""
+    if isinstance(e, QuietError):
+        return e.exitcode
+    for cls, status in EXIT_STATUS:
+        if isinstance(e, cls):
+            return status
+    return 1
+
 
 # Set by ``main`` from the command's ``fast_exit`` default; read by ``run``.
 _fast_exit = False
@@ -95,9 +119,9 @@ def main(argv=None, *, exiting: bool = False) -> int:
     args.exiting = exiting
     try:
         rc = args.func(args)
-    except QuietError as e:
+    except ClusterfsError as e:
         print(f"clusterfs {args.command}: {e}", file=sys.stderr)
-        return e.exitcode
+        return exit_status(e)
     except KeyboardInterrupt:
         print(f"clusterfs {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -8,14 +8,15 @@ a conflicting mode.  Then the blocking callback demotes it:
    its grant, until it has been idle here for a couple of milliseconds) and for
    local holders to finish (new local holders queue behind a due demote, so a busy
    node cannot starve the others);
-2. ``Owner.before_demote``: the file system commits and checkpoints the journal if
-   the lock's blocks are dirty, and computes the value block;
+2. its type's ``before_demote`` (``glops.py``): the file system commits and
+   checkpoints the journal if the lock's blocks are dirty, and computes the value
+   block;
 3. convert down to the mode the other node can live with (NL keeps the value block
    alive on the server so cached metadata can be validated later);
 4. wake local waiters.
 
-On every grant ``Owner.granted`` checks the value block's version against what the
-node cached, dropping the cache when someone else changed the object meanwhile.
+On every grant its type's ``granted`` checks the value block's version against what
+the node cached, dropping the cache when someone else changed the object meanwhile.
 
 Operations take glocks through ``take_cached`` (all of them at hand: nothing to wait
 for, the common case), else ``acquire`` (sorted by name: a global order, so two
@@ -27,11 +28,13 @@ it cannot be had at once).
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Protocol
+from typing import Iterable
 
 import trio
 
 from lockmgr import Deadlock, LockError, Mode, covers, downgrade_for
+
+from .glops import NO_OPS, LockOps
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +44,16 @@ IDLE_DEMOTE = 0.002      # ... unless it served an operation and has been idle t
 KEEP_LOCKS = 20000       # NL glocks kept (with their caches) before the oldest are dropped
 
 
-class Owner(Protocol):
-    """What the file system does around lock state changes."""
-
-    def granted(self, g: "Glock", lvb: bytes | None) -> None: ...
-    def before_demote(self, g: "Glock", target: Mode) -> bytes | None: ...
-    def dropped(self, g: "Glock") -> None: ...
-
-
 class Glock:
-    __slots__ = ("name", "mode", "holders", "busy", "demote", "demote_since", "granted_at",
-                 "changed", "version", "dirty", "keep", "used", "idle_since", "draining")
+    """One lock as this node holds it; ``ops``: its type's operations (``glops``)."""
 
-    def __init__(self, name: bytes):
+    __slots__ = ("name", "ops", "mode", "holders", "busy", "demote", "demote_since",
+                 "granted_at", "changed", "version", "dirty", "used", "idle_since",
+                 "draining")
+
+    def __init__(self, name: bytes, ops: LockOps):
         self.name = name
+        self.ops = ops
         self.mode: Mode | None = None     # mode granted by the lock manager
         self.holders = 0                  # local operations holding it now
         self.busy = False                 # a request / conversion / demote in progress
@@ -64,7 +63,6 @@ class Glock:
         self.changed = trio.Event()
         self.version: int | None = None   # version of the cached objects it covers
         self.dirty = False                # covered objects changed under EX since grant
-        self.keep = False                 # never dropped by the LRU (slot locks, open modes)
         self.used = False                 # an operation held it since the grant
         self.idle_since = 0.0             # when its last local holder let go
         self.draining = False             # a demote is under way: new holders wait
@@ -96,14 +94,15 @@ class GlockTable:
 
     Args:
         client: the lock client.
-        owner: the file system's callbacks.
+        types: the operations of each lock type (first byte of the name) that covers
+            cached objects; other types get ``glops.NO_OPS``.
         min_hold: minimum seconds a grant is kept before a demote is honoured.
     """
 
-    def __init__(self, client, owner: Owner, *, min_hold: float = MIN_HOLD,
+    def __init__(self, client, types: dict[bytes, LockOps], *, min_hold: float = MIN_HOLD,
                  idle: float = IDLE_DEMOTE, keep_locks: int = KEEP_LOCKS):
         self.client = client
-        self.owner = owner
+        self.types = types
         self.min_hold = min_hold
         self.idle = min(idle, min_hold)
         self.keep_locks = keep_locks
@@ -113,7 +112,7 @@ class GlockTable:
     def get(self, name: bytes) -> Glock:
         g = self.glocks.get(name)
         if g is None:
-            g = self.glocks[name] = Glock(name)
+            g = self.glocks[name] = Glock(name, self.types.get(name[:1], NO_OPS))
         return g
 
     # -- taking --------------------------------------------------------------------
@@ -180,7 +179,7 @@ class GlockTable:
                 g.granted_at = trio.current_time()
                 g.dirty = False
                 g.used = False
-                self.owner.granted(g, grant.lvb)
+                g.ops.granted(g, grant.lvb)
             except Deadlock:
                 self.stats["deadlocks"] += 1
                 raise
@@ -242,7 +241,7 @@ class GlockTable:
             g.busy = True
             try:
                 try:
-                    lvb = self.owner.before_demote(g, target)
+                    lvb = g.ops.before_demote(g, target)
                 except Exception as e:
                     # it could not write back what the lock covers (the node fenced
                     # itself): the lock stays until the node is recovered
@@ -271,14 +270,14 @@ class GlockTable:
         if g.mode is not None:
             g.busy = True
             try:
-                lvb = self.owner.before_demote(g, NL)
+                lvb = g.ops.before_demote(g, NL)
                 await self.client.unlock(name, lvb=lvb)
             except LockError as e:
                 log.warning("unlock of %r failed: %s", name, e)
             finally:
                 g.busy = False
         g.mode = None
-        self.owner.dropped(g)
+        g.ops.dropped(g)
         self.glocks.pop(name, None)
         g.notify()
 
@@ -287,7 +286,7 @@ class GlockTable:
         if len(self.glocks) <= self.keep_locks:
             return
         idle = [g for g in self.glocks.values()
-                if not g.keep and not g.holders and not g.busy and g.mode in (None, NL)]
+                if not g.holders and not g.busy and g.mode in (None, NL)]
         idle.sort(key=lambda g: g.granted_at)
         for g in idle[:len(self.glocks) - self.keep_locks]:
             await self.unlock(g.name)

@@ -13,7 +13,7 @@ from lockmgr.keyfile import KeyFileError, keygen, load_key
 from lockmgr.server import LockServer
 from lockmgr.wire import parse_addr
 
-from ..errors import QuietError
+from ..errors import AuthRefused, ClusterfsError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,14 @@ def _key(path: str) -> bytes:
     try:
         return load_key(path)
     except KeyFileError as e:
-        raise QuietError(str(e), 2) from None
+        raise UsageError(str(e)) from None
 
 
 def cmd_keygen(args) -> int:
     try:
         keygen(args.keyfile, force=args.force)
     except KeyFileError as e:
-        raise QuietError(str(e), 1) from None
+        raise ClusterfsError(str(e)) from None
     print(f"wrote key file {args.keyfile}", file=sys.stderr)
     return 0
 
@@ -90,7 +90,7 @@ def cmd_lockd(args) -> int:
         if parse_addr(args.listen)[0] != "tcp":
             raise ValueError("--listen wants HOST:PORT (use --unix for a socket)")
     except ValueError as e:
-        raise QuietError(str(e), 2) from None
+        raise UsageError(str(e)) from None
     server = LockServer(key, lease=args.lease, grace=args.grace,
                         deadlock_wait=args.deadlock_wait)
 
@@ -108,14 +108,14 @@ def cmd_lockd(args) -> int:
     try:
         trio.run(main)
     except OSError as e:
-        raise QuietError(f"cannot listen: {e.strerror or e}", 1) from None
+        raise ClusterfsError(f"cannot listen: {e.strerror or e}") from None
     except BaseExceptionGroup as eg:  # noqa: F821 (3.11 builtin)
         oserr = eg.subgroup(OSError)
         if oserr is not None:
             e = oserr.exceptions[0]
             while isinstance(e, BaseExceptionGroup):  # noqa: F821
                 e = e.exceptions[0]
-            raise QuietError(f"cannot listen: {e.strerror or e}", 1) from None
+            raise ClusterfsError(f"cannot listen: {e.strerror or e}") from None
         raise
     return 0
 
@@ -125,13 +125,13 @@ def cmd_status(args) -> int:
     try:
         parse_addr(args.addr)
     except ValueError as e:
-        raise QuietError(str(e), 2) from None
+        raise UsageError(str(e)) from None
     try:
         st = trio.run(query_status, args.addr, key)
     except AuthError as e:
-        raise QuietError(str(e), 3) from None
+        raise AuthRefused(str(e)) from None
     except (ConnectError, LockError) as e:
-        raise QuietError(str(e), 1) from None
+        raise ClusterfsError(str(e)) from None
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
         return 0

@@ -15,7 +15,7 @@ import struct
 
 from journal import Journal
 
-from ..errors import QuietError
+from ..errors import ClusterfsError, UsageError
 from ..fs.volume import Volume
 from ..ondisk import blockhdr
 from ..ondisk.blockdev import BLOCK_SIZE, BlockDevice, device_size
@@ -83,36 +83,37 @@ def make_volume(path: str, size: int | None = None, *, slots: int = 4, label: st
         The new superblock.
 
     Raises:
-        QuietError: on any user error (one line).
+        UsageError: a bad argument; ClusterfsError: the image cannot be created, or
+            the target holds a file system and ``force`` is not given.
     """
     if not 1 <= slots <= 256:
-        raise QuietError("--slots must be between 1 and 256", 2)
+        raise UsageError("--slots must be between 1 and 256")
     if len(label.encode()) > 64:
-        raise QuietError("--label is longer than 64 bytes", 2)
+        raise UsageError("--label is longer than 64 bytes")
     created = False
     if not os.path.exists(path):
         if size is None:
-            raise QuietError(f"{path} does not exist; give --size to create an image", 2)
+            raise UsageError(f"{path} does not exist; give --size to create an image")
         try:
             with open(path, "wb") as f:
                 f.truncate(size)
         except OSError as e:
-            raise QuietError(f"cannot create {path}: {e.strerror}", 1) from None
+            raise ClusterfsError(f"cannot create {path}: {e.strerror}") from None
         created = True
     else:
         st = os.stat(path)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise QuietError(f"{path} is neither an image file nor a block device", 2)
+            raise UsageError(f"{path} is neither an image file nor a block device")
         found = existing_filesystem(path)
         if found and not force:
-            raise QuietError(f"{path} already holds a {found} file system; "
-                             f"use --force to overwrite it", 1)
+            raise ClusterfsError(f"{path} already holds a {found} file system; "
+                             f"use --force to overwrite it")
         devsize = device_size(path)
         if size is None:
             size = devsize
         elif stat.S_ISBLK(st.st_mode):
             if size > devsize:
-                raise QuietError(f"--size is larger than the device ({devsize} bytes)", 2)
+                raise UsageError(f"--size is larger than the device ({devsize} bytes)")
         elif size != devsize:
             with open(path, "r+b") as f:
                 f.truncate(size)
@@ -122,7 +123,7 @@ def make_volume(path: str, size: int | None = None, *, slots: int = 4, label: st
     except ValueError as e:
         if created:
             os.unlink(path)
-        raise QuietError(f"{e} (size {size} bytes, {slots} slots)", 2) from None
+        raise UsageError(f"{e} (size {size} bytes, {slots} slots)") from None
     sb.label = label
     sb.cluster_name = cluster_name
     sb.lockd_addr = lockd_addr
@@ -208,7 +209,7 @@ def cmd_mkfs(args) -> int:
         size = parse_size(args.size) if args.size else None
         jblocks = parse_size(args.journal_size) // BLOCK_SIZE if args.journal_size else None
     except ValueError as e:
-        raise QuietError(str(e), 2) from None
+        raise UsageError(str(e)) from None
     sb = make_volume(args.volume, size, slots=args.slots, label=args.label or "",
                      force=args.force, journal_blocks=jblocks,
                      cluster_name=args.cluster or "", lockd_addr=args.lockd or "")

@@ -18,7 +18,7 @@ import trio
 
 from journal import JournalCorrupt
 
-from ..errors import QuietError
+from ..errors import ClusterfsError, UsageError
 from ..fs.volume import Volume
 from ..ondisk import slots as slotmod
 from ..ondisk.format import HB_FREE, HB_STATE_NAMES
@@ -74,10 +74,10 @@ async def _lockd_status(addr: str, key: bytes) -> dict:
     writers of a multi-writer file)."""
     from lockmgr import query_status
 
-    from ..cluster.coherence import WRITE_PREFIX
-    st = await query_status(addr, key, prefix=WRITE_PREFIX)
+    from ..cluster.locks import WRITE, lock_number
+    st = await query_status(addr, key, prefix=WRITE)
     st["open_modes"] = sorted(
-        ({"node": h["node"], "slot": h["slot"], "inode": int.from_bytes(h["name"][1:], "big"),
+        ({"node": h["node"], "slot": h["slot"], "inode": lock_number(h["name"]),
           "mode": h["mode"], "dead": h["dead"]} for h in st.pop("held", [])),
         key=lambda m: (m["inode"], m["node"]))
     return st
@@ -124,18 +124,18 @@ def cmd_status(args) -> int:
         try:
             key = load_key(args.key)
         except KeyFileError as e:
-            raise QuietError(str(e), 2) from None
+            raise UsageError(str(e)) from None
     if lockd is None and key is not None:
         vol = Volume.open(args.volume, readonly=True)
         lockd = vol.sb.lockd_addr or None
         vol.close()
     if not os.path.exists(args.volume):
-        raise QuietError(f"{args.volume} does not exist", 2)
+        raise UsageError(f"{args.volume} does not exist")
     from lockmgr import LockError
     try:
         st = gather(args.volume, watch=args.watch, lockd=lockd if key else None, key=key)
     except (OSError, LockError) as e:
-        raise QuietError(f"lock manager {lockd}: {e}", 1) from None
+        raise ClusterfsError(f"lock manager {lockd}: {e}") from None
     print(json.dumps(st, indent=2) if args.json else render(st))
     return 0
 

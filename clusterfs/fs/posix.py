@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from ..errors import CorruptBlock, FSError
 from ..ondisk.format import (BLOCK_SIZE, DF_DIRTREE, DF_EXTENTS, DF_INLINE, DINODE, DIRENT,
-                             NAME_MAX, READDIR_BASE, UNLINKED, Dinode, TreeNode, dtype_of)
+                             LINK_MAX, NAME_MAX, READDIR_BASE, SYMLINK_MAX, UNLINKED,
+                             Dinode, TreeNode, dtype_of)
 from . import directory, inode
 from .alloc import NeedCommit
 
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-LINK_MAX = 65000
 RELATIME_S = 24 * 3600
 # Timestamp granularity of writes: a write within this long after the last change of
 # mtime and ctime leaves them (as a kernel's coarse clock does), so that a stream of
@@ -249,7 +249,7 @@ class Filesystem:
         return self._link_new(parent, name, S.S_IFDIR | (mode & 0o7777), ctx)
 
     def symlink(self, parent: int, name: bytes, target: bytes, ctx: Ctx) -> Dinode:
-        if not target or len(target) > 4095:
+        if not target or len(target) > SYMLINK_MAX:
             raise FSError(errno.ENAMETOOLONG if target else errno.ENOENT, "bad target")
         return self._link_new(parent, name, S.S_IFLNK | 0o777, ctx, target=target)
 
@@ -606,17 +606,25 @@ class Filesystem:
             out.append((name, ino, k + READDIR_BASE))
         return out
 
+    def entry_inode(self, name: bytes, ino: int) -> Dinode | None:
+        """The dinode a directory entry names, for readdir; None for an entry to
+        leave out: its inode went meanwhile (a cluster: removed on another node), or
+        it cannot be read (logged)."""
+        try:
+            return self.vol.dinode(ino)
+        except (FSError, CorruptBlock) as e:
+            if e.errno not in (errno.ESTALE, errno.ENOENT):
+                log.error("directory entry %r -> inode %d unreadable: %s", name, ino, e)
+            return None
+
     def readdir(self, fh: int, start: int, limit: int = 1 << 62):
-        """(name, dinode, next offset) from offset ``start``; unreadable entries are
-        logged and skipped."""
+        """(name, dinode, next offset) from offset ``start``, without the entries
+        ``entry_inode`` leaves out."""
         out = []
         for name, ino, nxt in self.readdir_entries(fh, start, limit):
-            try:
-                child = self.vol.dinode(ino)
-            except (FSError, CorruptBlock) as e:
-                log.error("directory entry %r -> inode %d unreadable: %s", name, ino, e)
-                continue
-            out.append((name, child, nxt))
+            child = self.entry_inode(name, ino)
+            if child is not None:
+                out.append((name, child, nxt))
         return out
 
     def releasedir(self, fh: int) -> None:

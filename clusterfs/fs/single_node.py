@@ -21,57 +21,16 @@ import logging
 import os
 import socket
 
-from journal import Journal, JournalCorrupt
+from journal import Journal
 
-from ..errors import CorruptBlock, QuietError
+from ..errors import CorruptBlock, UsageError, VolumeBusy
 from ..ondisk import slots as slotmod
-from ..ondisk.format import BLOCKS_PER_BITMAP, DINODE, HB_FREE, HB_NOLOCK, UNLINKED
+from ..ondisk.format import HB_FREE, HB_NOLOCK
+from .orphans import free_unlinked
 from .posix import Filesystem
 from .volume import Volume
 
 log = logging.getLogger(__name__)
-
-
-def replay_journal(vol: Volume, slot: int) -> None:
-    """Replay one slot's journal; a corrupt journal refuses the mount."""
-    j = slotmod.slot_journal(vol.dev, vol.sb, slot)
-    try:
-        if j.is_clean():
-            return
-        report = j.replay()
-    except JournalCorrupt as e:
-        raise QuietError(f"journal of slot {slot} is corrupt at block {e.bno}: {e.reason}; "
-                         f"mount refused, run 'clusterfs fsck'", 8) from None
-    log.info("slot %d journal replayed: %s", slot, report.summary())
-
-
-def free_unlinked(vol: Volume, fs: Filesystem, groups=None) -> int:
-    """Free every inode left UNLINKED in the given groups; returns how many."""
-    freed = 0
-    for rg in groups if groups is not None else range(vol.sb.rgrp_count):
-        hdr = vol.rgrp(rg)
-        if not hdr.unlinked:
-            continue
-        start, length = vol.sb.rgrp_range(rg)
-        for j in range(vol.sb.bitmap_blocks):
-            bm = vol.bitmap(rg, j)
-            base = j * BLOCKS_PER_BITMAP
-            for i in range(min(BLOCKS_PER_BITMAP, length - base)):
-                if bm.get(i) != UNLINKED:
-                    continue
-                ino = start + base + i
-                if fs.in_use(ino):
-                    continue
-                di = vol.dinode(ino)
-                if di.nlink:
-                    # linked after all: the state was left behind; repair it
-                    fs._change(vol.alloc.set_state, ino, DINODE)
-                    continue
-                fs.purge(ino)
-                freed += 1
-    if freed:
-        log.info("freed %d inode(s) left unlinked by a crash", freed)
-    return freed
 
 
 class SingleNodeMount:
@@ -117,34 +76,27 @@ class SingleNodeMount:
     def _start(self, vol: Volume) -> None:
         sb = vol.sb
         if self.slot >= sb.nslots:
-            raise QuietError(f"slot {self.slot} does not exist (volume has {sb.nslots})", 2)
+            raise UsageError(f"slot {self.slot} does not exist (volume has {sb.nslots})")
         self._lockfd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise QuietError(f"{self.path} is already mounted on this host", 16) from None
+            raise VolumeBusy(f"{self.path} is already mounted on this host") from None
         live = slotmod.live_slots(vol.dev, sb)
         if live:
             hb = next(iter(live.values()))
-            raise QuietError(f"{self.path} is in use: {slotmod.describe(hb)} has a "
-                             f"live heartbeat; single-node mount refused", 16)
+            raise VolumeBusy(f"{self.path} is in use: {slotmod.describe(hb)} has a "
+                             f"live heartbeat; single-node mount refused")
         if self.readonly:
             for slot in range(sb.nslots):
-                try:
-                    clean = slotmod.slot_journal(vol.dev, sb, slot).is_clean()
-                except JournalCorrupt as e:
-                    raise QuietError(f"journal of slot {slot} is corrupt at block {e.bno}",
-                                     8) from None
-                if not clean:
-                    raise QuietError(f"journal of slot {slot} needs replay; mount "
-                                     f"read-write once or run 'clusterfs fsck'", 8)
+                slotmod.replay_slot(vol.dev, sb, slot, replay=False)
             self.fs = Filesystem(vol, noatime=True)
             return
         self.heart = slotmod.HeartbeatWriter(vol.dev, sb, self.slot, self.node, HB_NOLOCK,
                                              self.interval)
         self.heart.set_state(HB_NOLOCK)
         for slot in range(sb.nslots):
-            replay_journal(vol, slot)
+            slotmod.replay_slot(vol.dev, sb, slot)
         self.journal = slotmod.slot_journal(vol.dev, sb, self.slot)
         self.journal.open(owner=f"{self.node} (single-node)")
         vol.journal = self.journal
@@ -155,9 +107,20 @@ class SingleNodeMount:
             log.error("could not finish freeing unlinked inodes: %s", e)
         vol.commit()
 
-    def beat(self) -> None:
-        if self.heart is not None:
+    # the node's side of the serve loop (``fuse/serve.py``): a single node is never
+    # fenced (it has no lease) and its only periodic duty is its disk heartbeat
+
+    fenced = False
+
+    def fence(self, why: str) -> None:
+        raise AssertionError(f"a single-node mount cannot be fenced ({why})")
+
+    async def tick(self) -> None:
+        """The periodic duty: the disk heartbeat."""
+        try:
             self.heart.beat()
+        except OSError:
+            log.exception("heartbeat write failed")
 
     def stop(self) -> None:
         """Unmount: checkpoint, clean flag, heartbeat FREE, close."""

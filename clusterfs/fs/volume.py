@@ -16,9 +16,8 @@ import contextlib
 import errno
 import logging
 
-from ..errors import CorruptBlock, FSError, FormatMismatch, QuietError
+from ..errors import CorruptBlock, FSError, FormatMismatch, VolumeError, WrongBlockType
 from ..ondisk.blockdev import BlockDevice
-from ..ondisk.blockhdr import BLOCK_SIZE
 from ..ondisk.format import (BLOCKS_PER_BITMAP, DINODE, UNLINKED, Bitmap, Dinode,
                              MetaObject, RgrpHeader, Superblock, TreeNode, XattrBlock)
 from .alloc import Allocator
@@ -78,26 +77,32 @@ class Volume:
     @classmethod
     def open(cls, path: str, *, direct: bool | None = None, readonly: bool = False,
              slot: int = 0) -> "Volume":
-        """Open a volume file or device; a bad superblock is a one-line QuietError."""
+        """Open a volume file or device.
+
+        Raises:
+            VolumeError: the device cannot be opened, or its superblock is damaged or
+                does not fit the device (``FormatMismatch``: not a clusterfs volume of
+                this revision); the message names the volume.
+        """
         try:
             dev = BlockDevice(path, direct=direct, readonly=readonly)
         except OSError as e:
-            raise QuietError(f"cannot open {path}: {e.strerror or e}", 8) from None
+            raise VolumeError(f"cannot open {path}: {e.strerror or e}") from None
         try:
             if dev.nblocks < 2:
-                raise FormatMismatch(f"{path} is too small to hold a clusterfs volume")
+                raise FormatMismatch("too small to hold a clusterfs volume")
             sb = read_superblock(dev)
         except CorruptBlock as e:
             dev.close()
-            raise QuietError(f"{path}: superblock is damaged ({e.reason}); "
-                             f"run 'clusterfs fsck {path}'", 8) from None
+            raise VolumeError(f"{path}: superblock is damaged ({e.reason}); "
+                              f"run 'clusterfs fsck {path}'") from None
         except FormatMismatch as e:
             dev.close()
-            raise QuietError(f"{path}: {e}", 8) from None
+            raise FormatMismatch(f"{path}: {e}") from None
         if sb.total_blocks > dev.nblocks:
             dev.close()
-            raise QuietError(f"{path}: the superblock describes {sb.total_blocks} blocks "
-                             f"but the device has only {dev.nblocks}", 8)
+            raise VolumeError(f"{path}: the superblock describes {sb.total_blocks} blocks "
+                              f"but the device has only {dev.nblocks}")
         return cls(dev, sb, slot=slot, readonly=readonly)
 
     def close(self) -> None:
@@ -151,10 +156,8 @@ class Volume:
             return self._load(ino, Dinode.decode)
         try:
             return self._load(ino, Dinode.decode)
-        except CorruptBlock as e:
-            if "type" in e.reason or "magic" in e.reason or "zeros" in e.reason:
-                raise FSError(errno.ESTALE, f"block {ino} is not an inode") from None
-            raise
+        except WrongBlockType:
+            raise FSError(errno.ESTALE, f"block {ino} is not an inode") from None
 
     def _cached(self, bno: int) -> MetaObject | None:
         """The cached object at ``bno``.  In a cluster a cached object whose covering
@@ -344,10 +347,6 @@ class Volume:
             self.op.free_delta += n
             self.op.pending.append((rg, entry, n))
 
-    def alloc_meta_object(self, goal: int | None):
-        """Allocate one metadata block (returns its number)."""
-        return self.alloc.alloc_meta(goal)
-
     def free_meta(self, obj: MetaObject) -> None:
         self.alloc.free(obj.bno, 1, data=False)
         if self._free_total is not None:
@@ -427,11 +426,6 @@ class Volume:
             del self.objects[bno]
             drop -= 1
 
-    def drop_cached(self, bnos) -> None:
-        """Forget cached objects (their lock was given up); they must be clean."""
-        for bno in bnos:
-            self.objects.pop(bno, None)
-
     def inode_blocks(self, ino: int) -> list[int]:
         """Cached blocks covered by inode ``ino``'s lock: dinode, tree, xattr block."""
         out = [ino] if self.objects.get(ino).__class__ is Dinode else []
@@ -465,7 +459,3 @@ class Volume:
 
     def write_data(self, pblk: int, data) -> None:
         self.dev.write(pblk, data)
-
-
-def blocks_for(nbytes: int) -> int:
-    return -(-nbytes // BLOCK_SIZE)

@@ -22,7 +22,7 @@ import struct
 
 import crcmod.predefined
 
-from ..errors import CorruptBlock
+from ..errors import CorruptBlock, WrongBlockType
 
 BLOCK_SIZE = 4096
 MAGIC = 0x31534643
@@ -185,6 +185,8 @@ def verify(buf, btype: int | None, blkno: int) -> int:
         The header's ``seq``.
 
     Raises:
+        WrongBlockType: not a metadata block of type ``btype`` (zeros, no magic, or
+            another type).
         CorruptBlock: naming the block and what is wrong with it.
     """
     if len(buf) != BLOCK_SIZE:
@@ -192,14 +194,14 @@ def verify(buf, btype: int | None, blkno: int) -> int:
     magic, typ, _flags, crc, _res, own, seq = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
         if not any(buf):
-            raise CorruptBlock(blkno, "block is all zeros (never written)")
-        raise CorruptBlock(blkno, f"bad magic {magic:#010x}")
+            raise WrongBlockType(blkno, "block is all zeros (never written)")
+        raise WrongBlockType(blkno, f"bad magic {magic:#010x}")
     if btype is not None and typ != btype:
         try:
             name = BlockType(typ).name
         except ValueError:
             name = str(typ)
-        raise CorruptBlock(blkno, f"type {name}, expected {BlockType(btype).name}")
+        raise WrongBlockType(blkno, f"type {name}, expected {BlockType(btype).name}")
     if own != blkno:
         raise CorruptBlock(blkno, f"header says block {own}")
     if not crc_ok(buf, crc):

@@ -13,9 +13,9 @@ import os
 import socket
 import time
 
-from journal import Journal
+from journal import Journal, JournalCorrupt
 
-from ..errors import CorruptBlock, Fenced
+from ..errors import CorruptBlock, Fenced, VolumeError
 from .format import HB_FREE, HB_STATE_NAMES, Heartbeat, Superblock, random_mount_id
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,30 @@ def slot_journal(dev, sb: Superblock, slot: int) -> Journal:
     """The journal of ``slot`` (not opened: read, replay or open it)."""
     start, length = sb.journal_range(slot)
     return Journal(dev, start, length, slot=slot)
+
+
+def replay_slot(dev, sb: Superblock, slot: int, *, replay: bool = True) -> bool:
+    """Replay the journal of ``slot`` if it is dirty (its last owner died); returns
+    whether it was.  With ``replay=False`` a dirty journal is refused instead (a
+    read-only mount writes nothing).
+
+    Raises:
+        VolumeError: the journal is corrupt (naming the slot and the block), or it is
+            dirty and ``replay`` is False.
+    """
+    j = slot_journal(dev, sb, slot)
+    try:
+        if j.is_clean():
+            return False
+        if not replay:
+            raise VolumeError(f"journal of slot {slot} needs replay; mount read-write "
+                              f"once or run 'clusterfs fsck'")
+        report = j.replay()
+    except JournalCorrupt as e:
+        raise VolumeError(f"journal of slot {slot} is corrupt at block {e.bno}: "
+                          f"{e.reason}; run 'clusterfs fsck'") from None
+    log.info("slot %d journal replayed: %s", slot, report.summary())
+    return True
 
 
 def read_heartbeat(dev, sb: Superblock, slot: int) -> Heartbeat | None:
@@ -122,11 +146,3 @@ class HeartbeatWriter:
         self.dev.write(self.bno, self.hb.image(self.bno))
         if flush:
             self.dev.flush()
-
-    def still_ours(self) -> bool:
-        """False when another mount has overwritten our slot's heartbeat."""
-        try:
-            cur = Heartbeat.decode(self.dev.read(self.bno), self.bno)
-        except (CorruptBlock, OSError):
-            return False
-        return cur.mount_id == self.hb.mount_id

@@ -1,0 +1,226 @@
+"""The file-system operations of a cluster member, each with its lock plan.
+
+Each operation names the locks it starts with (``want``): the inode it reads (PR) or
+changes (EX), the parent directory of a name it adds or removes, the resource group
+it will allocate from first, the rename lock for a move between directories.  The
+body runs through ``Coherence.run``, which adds any other lock the body turns out to
+need and retries.  Opens and closes go through the open modes (``openmodes.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import trio
+
+from lockmgr import EX, PR
+
+from ..errors import FSError, Fenced
+from .coherence import Coherence
+from .locks import RENAME_LOCK, group_lock, inode_lock
+from .openmodes import OpenModes
+
+log = logging.getLogger(__name__)
+
+
+class ClusterFrontend:
+    """The file-system operations of a cluster member, each under its locks.
+
+    The same methods as ``fs.Filesystem`` (async), which the FUSE layer calls.
+    """
+
+    def __init__(self, coh: Coherence, modes: OpenModes):
+        self.coh = coh
+        self.modes = modes
+        self.fs = coh.fs
+        self.vol = coh.vol
+        self.run = coh.run
+
+    def _home(self) -> dict:
+        return {group_lock(self.coh.home_group()): EX}
+
+    async def lookup(self, parent, name):
+        return await self.run(self.fs.lookup, parent, name, want={inode_lock(parent): PR})
+
+    async def getattr(self, ino):
+        return await self.run(self.fs.getattr, ino, want={inode_lock(ino): PR})
+
+    async def setattr(self, ino, **kw):
+        if kw.get("size") is not None:
+            # a long truncation goes step by step, yielding in between
+            while not await self.run(self.fs.truncate_step, ino, kw["size"],
+                                     want={inode_lock(ino): EX}):
+                await trio.sleep(0)
+        return await self.run(self.fs.setattr, ino, want={inode_lock(ino): EX}, **kw)
+
+    async def mknod(self, parent, name, mode, rdev, ctx):
+        return await self.run(self.fs.mknod, parent, name, mode, rdev, ctx,
+                              want={inode_lock(parent): EX, **self._home()})
+
+    async def mkdir(self, parent, name, mode, ctx):
+        return await self.run(self.fs.mkdir, parent, name, mode, ctx,
+                              want={inode_lock(parent): EX, **self._home()})
+
+    async def symlink(self, parent, name, target, ctx):
+        return await self.run(self.fs.symlink, parent, name, target, ctx,
+                              want={inode_lock(parent): EX, **self._home()})
+
+    async def readlink(self, ino):
+        return await self.run(self.fs.readlink, ino, want={inode_lock(ino): PR})
+
+    async def link(self, ino, new_parent, new_name):
+        return await self.run(self.fs.link, ino, new_parent, new_name,
+                              want={inode_lock(ino): EX, inode_lock(new_parent): EX})
+
+    async def unlink(self, parent, name):
+        victim = await self.run(self.fs.remove, parent, name, False,
+                                want={inode_lock(parent): EX})
+        await self.modes.purge_if_unused(victim)
+
+    async def rmdir(self, parent, name):
+        victim = await self.run(self.fs.remove, parent, name, True,
+                                want={inode_lock(parent): EX})
+        await self.modes.purge_if_unused(victim)
+
+    async def rename(self, old_parent, old_name, new_parent, new_name, flags=0):
+        want = {inode_lock(old_parent): EX, inode_lock(new_parent): EX}
+        if old_parent != new_parent:
+            want[RENAME_LOCK] = EX
+        victim = await self.run(self.fs.rename_entry, old_parent, old_name, new_parent,
+                                new_name, flags, want=want)
+        await self.modes.purge_if_unused(victim)
+
+    async def open(self, ino, flags):
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        mode = EX if flags & os.O_TRUNC and writable else PR
+        if writable:
+            await self.modes.take_write_mode(ino)
+        try:
+            fh = await self.run(self.fs.open, ino, flags, want={inode_lock(ino): mode})
+            await self._opened(fh, ino)
+        except BaseException:
+            if writable:
+                with trio.CancelScope(shield=True):
+                    await self.modes.drop_write_mode(ino)
+            raise
+        return fh
+
+    async def _opened(self, fh, ino):
+        try:
+            await self.modes.hold_open(ino)
+        except BaseException:
+            self.fs.close_handle(fh)
+            with trio.CancelScope(shield=True):
+                await self.modes.drop_open(ino)
+            raise
+        return fh
+
+    async def create(self, parent, name, mode, flags, ctx):
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        taken: list[int] = []
+
+        async def pre_open(ino):
+            # the new file's open lock (and write-open mode) before its name shows
+            if ino != parent and ino not in taken:
+                taken.append(ino)
+                await self.modes.pre_open(ino, writable)
+        try:
+            fh, di = await self.run(self.fs.create, parent, name, mode, flags, ctx,
+                                    want={inode_lock(parent): EX, **self._home()},
+                                    new_inode=pre_open)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for ino in taken:
+                    await self.modes.unpre_open(ino)
+            raise
+        for ino in taken:
+            if ino != di.bno:
+                await self.modes.unpre_open(ino)
+        await self._opened(fh, di.bno)
+        if writable:
+            try:
+                await self.modes.take_write_mode(di.bno, new=True)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.release(fh, writable=False)
+                raise
+        return fh, di
+
+    async def read(self, fh, off, size):
+        h = self.fs.handles.get(fh)
+        want = {inode_lock(h.ino): PR} if h is not None else {}
+        return await self.run(self.fs.read, fh, off, size, want=want)
+
+    async def write(self, fh, off, data):
+        h = self.fs.handles.get(fh)
+        want = {inode_lock(h.ino): EX, **self._home()} if h is not None else {}
+        return await self.run(self.fs.write, fh, off, data, want=want)
+
+    async def flush(self, fh):
+        self.coh.check()
+        if fh not in self.fs.handles:
+            raise FSError(errno.EBADF, "bad file handle")
+
+    async def fsync(self, fh, datasync):
+        self.coh.check()
+        try:
+            self.fs.fsync(fh, datasync)
+        except Fenced:
+            self.coh.fence("fsync refused")
+            raise FSError(errno.EIO, "node is fenced") from None
+
+    async def release(self, fh, writable: bool | None = None):
+        h = self.fs.close_handle(fh)
+        if h is None or self.coh.fenced:
+            return
+        if writable is None:
+            writable = h.flags & os.O_ACCMODE != os.O_RDONLY and not h.is_dir
+        await self.modes.close_mode(h.ino, h.generation, writable)
+
+    async def opendir(self, ino):
+        fh = await self.run(self.fs.opendir, ino, want={inode_lock(ino): PR})
+        return await self._opened(fh, ino)
+
+    async def readdir(self, fh, start, limit=64):
+        h = self.fs.handles.get(fh)
+        want = {inode_lock(h.ino): PR} if h is not None else {}
+        entries = await self.run(self.fs.readdir_entries, fh, start, limit, want=want)
+        out = []
+        for name, ino, nxt in entries:
+            # each entry's inode under its own lock
+            di = await self.run(self.fs.entry_inode, name, ino, want={inode_lock(ino): PR})
+            if di is not None:
+                out.append((name, di, nxt))
+        return out
+
+    async def releasedir(self, fh):
+        await self.release(fh)
+
+    async def fsyncdir(self, fh, datasync):
+        await self.fsync(fh, datasync)
+
+    async def getxattr(self, ino, name):
+        return await self.run(self.fs.getxattr, ino, name, want={inode_lock(ino): PR})
+
+    async def listxattr(self, ino):
+        return await self.run(self.fs.listxattr, ino, want={inode_lock(ino): PR})
+
+    async def setxattr(self, ino, name, value):
+        await self.run(self.fs.setxattr, ino, name, value,
+                       want={inode_lock(ino): EX, **self._home()})
+
+    async def removexattr(self, ino, name):
+        await self.run(self.fs.removexattr, ino, name, want={inode_lock(ino): EX})
+
+    async def statfs(self):
+        self.coh.check()
+        st = self.fs.statfs_layout()
+        known = self.coh.known_free
+        free = sum(known.get(rg, 0) for rg in range(self.vol.sb.rgrp_count))
+        st.update(bfree=free, bavail=free, ffree=free)
+        return st
+
+    async def access(self, ino, mode, ctx):
+        return await self.run(self.fs.access, ino, mode, ctx, want={inode_lock(ino): PR})

@@ -1,0 +1,184 @@
+"""``clusterfs mount``: mount a volume through FUSE.
+
+Two modes: a cluster member (``--lockd ADDR --key KEYFILE``, or the lock manager
+address recorded by ``mkfs --lockd``) or a single node without a lock manager.
+
+Without ``--foreground`` the command returns once the file system is mounted (the
+server keeps running in the background, like mount helpers do) or prints why it
+could not mount.  ``fusermount3 -u MOUNTPOINT`` (or SIGTERM/SIGINT to the server)
+unmounts cleanly: the journal is checkpointed and marked clean.  The mount sequences
+are ``fuse/mount.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from ..cli import exit_status
+from ..errors import ClusterfsError, UsageError
+from ..fs.volume import Volume
+from ..fuse.mount import run_cluster_mount, run_mount
+
+DEFAULT_KEY_DIR = "/etc/clusterfs"
+
+log = logging.getLogger(__name__)
+
+KNOWN_OPTIONS = {"ro", "rw", "noatime", "atime", "direct", "nodirect", "allow_other",
+                 "debug", "nolock", "open_cache"}
+
+
+def parse_options(items: list[str]) -> dict[str, str | bool]:
+    """'-o a,b=c' items -> {'a': True, 'b': 'c'}; unknown options are an error."""
+    opts: dict[str, str | bool] = {}
+    for item in items:
+        for part in item.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            key, _, value = part.partition("=")
+            if key not in KNOWN_OPTIONS:
+                raise UsageError(f"unknown mount option '{key}' (known: "
+                                 f"{', '.join(sorted(KNOWN_OPTIONS))})")
+            opts[key] = value or True
+    if "open_cache" in opts:
+        value = opts["open_cache"]
+        if value is True or not str(value).isdigit():
+            raise UsageError(f"mount option open_cache wants a number of locks "
+                             f"(0 or more), not '{'' if value is True else value}'")
+        opts["open_cache"] = int(value)
+    return opts
+
+
+def _daemonize(fn) -> int:
+    """Fork; the child runs ``fn(ready_fd)``; the parent waits for 'mounted' or an error."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        msg = b""
+        while True:
+            chunk = os.read(rfd, 4096)
+            if not chunk:
+                break
+            msg += chunk
+        os.close(rfd)
+        if msg.startswith(b"ok"):
+            return 0
+        _, status = os.waitpid(pid, 0)
+        text = msg.decode(errors="replace").strip()
+        if text:
+            print(text, file=sys.stderr)
+        return os.waitstatus_to_exitcode(status) or 1
+    # child
+    os.close(rfd)
+    os.setsid()
+    rc = 1
+    try:
+        rc = fn(wfd)
+    except ClusterfsError as e:
+        try:
+            os.write(wfd, f"clusterfs mount: {e}\n".encode())
+        except OSError:
+            pass
+        rc = exit_status(e)
+    except BaseException as e:   # report anything to the waiting parent, then exit
+        log.exception("mount server failed")
+        try:
+            os.write(wfd, f"clusterfs mount: {type(e).__name__}: {e}\n".encode())
+        except OSError:
+            pass
+        rc = 1
+    os._exit(rc)
+
+
+def cluster_settings(args, opts) -> tuple[str, bytes] | None:
+    """(lock manager address, key) for a cluster mount, or None for single-node."""
+    if opts.get("nolock"):
+        if args.lockd:
+            raise UsageError("-o nolock and --lockd contradict each other")
+        return None
+    lockd = args.lockd
+    cluster = ""
+    if lockd is None:
+        vol = Volume.open(args.volume, readonly=True)
+        try:
+            lockd = vol.sb.lockd_addr or None
+            cluster = vol.sb.cluster_name
+        finally:
+            vol.close()
+        if lockd is None:
+            if args.key:
+                raise UsageError("--key needs --lockd (or a lock manager recorded by "
+                                 "mkfs --lockd)")
+            return None
+    from lockmgr import KeyFileError, load_key
+    keyfile = args.key or os.path.join(DEFAULT_KEY_DIR, f"{cluster or 'cluster'}.key")
+    try:
+        return lockd, load_key(keyfile)
+    except KeyFileError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_mount(args) -> int:
+    opts = parse_options(args.options or [])
+    if not os.path.isdir(args.mountpoint):
+        raise UsageError(f"mount point {args.mountpoint} is not a directory")
+    cluster = cluster_settings(args, opts)
+    if cluster is None and args.slot is not None:
+        raise UsageError("--slot is for cluster mounts (with --lockd)")
+
+    def go(ready_fd: int) -> int:
+        if not args.foreground:
+            # detach stdio; logging goes to --log (or nowhere)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            if args.log:
+                logfd = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(logfd, 1)
+                os.dup2(logfd, 2)
+                os.close(logfd)
+            else:
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+            os.close(devnull)
+        if cluster is not None:
+            return run_cluster_mount(args.volume, args.mountpoint, opts=opts,
+                                     node=args.node, lockd=cluster[0], key=cluster[1],
+                                     slot=args.slot, lease=args.lease, ready_fd=ready_fd,
+                                     heartbeat_interval=args.heartbeat)
+        return run_mount(args.volume, args.mountpoint, opts=opts, node=args.node,
+                         ready_fd=ready_fd, heartbeat_interval=args.heartbeat)
+
+    if args.foreground:
+        return go(-1)
+    return _daemonize(go)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("mount", help="mount a volume through FUSE",
+                       description="Mount a clusterfs volume.  Without --lockd it is a "
+                                   "single-node mount (no lock manager; refused while any "
+                                   "other node has the volume mounted).")
+    p.add_argument("volume", help="image file or block device")
+    p.add_argument("mountpoint", help="directory to mount on")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground (log to stderr)")
+    p.add_argument("-o", dest="options", action="append", metavar="OPTS",
+                   help="comma-separated options: ro, noatime, direct (O_DIRECT), "
+                        "nodirect, allow_other, debug, nolock, open_cache=N (open "
+                        "locks a cluster member keeps cached, default 4096)")
+    p.add_argument("--lockd", metavar="ADDR",
+                   help="lock manager (HOST:PORT or unix:PATH): mount as a cluster member")
+    p.add_argument("--key", metavar="KEYFILE",
+                   help="the cluster's key file (default /etc/clusterfs/CLUSTER.key)")
+    p.add_argument("--node", help="node name, unique in the cluster (default: host name)")
+    p.add_argument("--slot", type=int, help="node slot to take (default: the first free)")
+    p.add_argument("--lease", type=float, default=5.0,
+                   help="lock manager lease in seconds (default 5)")
+    p.add_argument("--heartbeat", type=float, default=1.0,
+                   help="disk heartbeat interval in seconds (default 1)")
+    p.add_argument("--log", help="log file when running in the background")
+    p.set_defaults(func=cmd_mount)
+

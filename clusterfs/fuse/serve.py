@@ -1,0 +1,76 @@
+"""The serve loop of a mounted node: FUSE, the node's periodic duties, periodic
+commits and the signals that unmount it.
+
+One loop for both kinds of mount.  A node (``fs.single_node.SingleNodeMount`` or
+``cluster.member.ClusterMount``) offers: ``vol``, ``interval`` (seconds between its
+duties), ``readonly``, ``fenced`` and ``fence(why)``, and ``async tick()`` (its
+periodic duties: the disk heartbeat, and for a cluster member the watch of the other
+slots and its caches).  ``terminated`` is set when a signal asked for the unmount.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import pyfuse3
+import trio
+
+from ..errors import Fenced
+
+log = logging.getLogger(__name__)
+
+COMMIT_INTERVAL = 5.0      # seconds between commits of a journal that has changes
+
+
+async def serve(node) -> None:
+    """Serve FUSE requests until the file system is unmounted (or a signal asks)."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_signals, node)
+        if not node.readonly:
+            nursery.start_soon(_duties, node)
+            nursery.start_soon(_committer, node)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _signals(node) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+        async for sig in sigs:
+            log.info("signal %d: unmounting", sig)
+            node.terminated = True
+            pyfuse3.terminate()
+            return
+
+
+async def _duties(node) -> None:
+    """``node.tick()`` every ``node.interval`` seconds (a tick that starts late says
+    so: the event loop was held up, and lease renewals waited meanwhile)."""
+    while True:
+        woke = trio.current_time() + node.interval
+        await trio.sleep(node.interval)
+        late = trio.current_time() - woke
+        if late > node.interval:
+            log.warning("the event loop was held up for %.1fs (slow device flush or "
+                        "CPU starvation); lease renewals wait meanwhile", late)
+        await node.tick()
+
+
+async def _committer(node) -> None:
+    """Commit the running transaction every ``COMMIT_INTERVAL`` seconds when it holds
+    changes; the device writes and flushes run on a worker thread, so requests are
+    served meanwhile (they fill the next transaction)."""
+    vol = node.vol
+    while True:
+        await trio.sleep(COMMIT_INTERVAL)
+        if node.fenced:
+            continue
+        try:
+            if vol.journal is not None and vol.op is None and vol.journal.running_blocks():
+                await vol.commit_in_thread(trio.to_thread.run_sync)
+        except Fenced:
+            node.fence("a volume write was refused")
+        except Exception:
+            # the journal aborts itself on a device error (later writes fail with
+            # EIO); the mount stays up so it can be unmounted
+            log.exception("periodic journal commit failed")
