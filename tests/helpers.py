@@ -167,14 +167,14 @@ class DeviceMount:
         self.journal = None
 
     def start(self):
+        from clusterfs.fs.orphans import free_unlinked
         from clusterfs.fs.posix import Filesystem
-        from clusterfs.fs.single_node import free_unlinked, replay_journal
         from clusterfs.fs.volume import Volume, read_superblock
-        from clusterfs.ondisk.slots import slot_journal
+        from clusterfs.ondisk.slots import replay_slot, slot_journal
         sb = read_superblock(self.dev)
         vol = Volume(self.dev, sb, slot=self.slot)
         for slot in range(sb.nslots):
-            replay_journal(vol, slot)
+            replay_slot(self.dev, sb, slot)
         self.journal = slot_journal(self.dev, sb, self.slot)
         self.journal.open(owner="test")
         vol.journal = self.journal
