@@ -14,7 +14,7 @@ import os
 import sys
 
 from .errors import (AuthRefused, ClusterUnreachable, ClusterfsError, MountFailed,
-                     QuietError, UsageError, VolumeBusy, VolumeError)
+                     UsageError, VolumeBusy, VolumeError)
 
 # (command, module that registers it, one line of help), in `clusterfs --help` order.
 # Only the module of the command being run is imported: the others add a stub
@@ -43,8 +43,6 @@ EXIT_STATUS: list[tuple[type, int]] = [
 
 def exit_status(e: ClusterfsError) -> int:
     """The exit status of a command that failed with ``e``."""
-    if isinstance(e, QuietError):
-        return e.exitcode
     for cls, status in EXIT_STATUS:
         if isinstance(e, cls):
             return status

@@ -49,20 +49,6 @@ class MountFailed(ClusterfsError):
     """The kernel refused the FUSE mount."""
 
 
-class QuietError(ClusterfsError):  # noqa: the last users are in fsck
-    """A user-facing failure that carries its own exit status (fsck's, until it has
-    exceptions of its own).
-
-    Args:
-        message: the line to print.
-        exitcode: the process exit status.
-    """
-
-    def __init__(self, message: str, exitcode: int = 1):
-        super().__init__(message)
-        self.exitcode = exitcode
-
-
 class FSError(OSError):
     """A file-system level error carrying an errno (ENOENT, ENOSPC, ...)."""
 

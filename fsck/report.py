@@ -39,6 +39,12 @@ LAYERS = {
 }
 
 
+class FsckError(Exception):
+    """An operational error: the volume cannot be opened or parsed, or a repair was
+    asked for while a node is alive.  The run ends there (exit status 8); the message
+    is its one line."""
+
+
 class Cancelled(Exception):
     """The user answered 'quit' (or the input ended) at a repair question."""
 
@@ -78,7 +84,7 @@ class LayerResult:
     fixed: int = 0
     warnings: int = 0
     seconds: float = 0.0
-    skipped: bool = False
+    skipped: bool = False         # a key of the JSON report; no layer is skipped alone
 
 
 class Progress:
@@ -135,7 +141,7 @@ class Report:
         err: stream for the progress bar and questions (stderr).
         progress: draw progress bars.
         ask_in: where answers are read from in "ask" mode.
-        verbose: also print each finding's detail lines.
+        quiet: print nothing (findings are still recorded).
     """
 
     def __init__(self, mode: str = "n", *, out=None, err=None, progress: bool = False,
@@ -175,11 +181,6 @@ class Report:
             tail = "ok"
         self.say(f"Layer {cur.layer} {cur.name}: {summary}; {tail}")
         self.current = None
-
-    def skip_layer(self, layer: int, why: str) -> None:
-        res = LayerResult(layer, LAYERS[layer], summary=why, skipped=True)
-        self.layers.append(res)
-        self.say(f"Layer {layer} {LAYERS[layer]}: skipped ({why})")
 
     def say(self, line: str) -> None:
         self.progress.clear()

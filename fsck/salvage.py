@@ -13,58 +13,21 @@ decode the copy again with the same class, and they say what they patched:
   its longest decodable prefix of records (or becomes an empty root).
 * tree nodes: the longest decodable prefix of records is kept.
 
-Field offsets are computed from the ``struct`` formats of ``clusterfs.ondisk.format``.
+Fields are read and patched by name through the format's field tables
+(``DINODE_LAYOUT``, ``NODE_LAYOUT``): no offset is written here.
 """
 
 from __future__ import annotations
 
-import re
 import stat as S
-import struct
 
 from clusterfs.errors import CorruptBlock
 from clusterfs.ondisk import blockhdr
-from clusterfs.ondisk import format as fmt
 from clusterfs.ondisk.blockhdr import BLOCK_SIZE, HEADER, HEADER_SIZE, MAGIC, BlockType
 from clusterfs.ondisk.format import (DATA_OFF, DATA_SIZE, DF_DIRTREE, DF_EXTENTS, DF_INLINE,
-                                     DIRENT, EXTENT, INLINE_MAX, XATTR_INLINE_OFF,
-                                     XATTR_INLINE_SIZE, Dinode, Superblock, TreeNode)
-
-_TOKEN = re.compile(r"(\d*)([xcbB?hHiIlLqQnNefdspP])")
-
-
-def field_offsets(st: struct.Struct, names: list[str], base: int = 0) -> dict[str, int]:
-    """Offsets of the named fields of a struct format (byte order prefix allowed)."""
-    f = st.format
-    if isinstance(f, bytes):
-        f = f.decode()
-    order = f[0] if f and f[0] in "<>=!@" else ""
-    body = f[1:] if order else f
-    offs: dict[str, int] = {}
-    prefix = order
-    i = 0
-    for count, code in _TOKEN.findall(body.replace(" ", "")):
-        n = int(count) if count else 1
-        if code in "sp" or code == "x":
-            offs_name = names[i] if code != "x" else None
-            if offs_name is not None:
-                offs[offs_name] = base + struct.calcsize(prefix)
-                i += 1
-            prefix += f"{count}{code}"
-            continue
-        for _ in range(n):
-            offs[names[i]] = base + struct.calcsize(prefix)
-            prefix += code
-            i += 1
-    return offs
-
-
-# clusterfs.ondisk.format._DI, field by field (see its comment)
-DINODE_FIELDS = ["generation", "mode", "uid", "gid", "nlink", "size", "blocks", "atime",
-                 "mtime", "ctime", "btime", "rdev", "flags", "xattr_len", "reserved",
-                 "xattr_block", "parent", "entries"]
-DI_OFF = field_offsets(fmt._DI, DINODE_FIELDS, HEADER_SIZE)
-NODE_OFF = field_offsets(fmt._NODE, ["level", "nrecs", "kind", "owner"])
+                                     DINODE_LAYOUT, DIRENT, EXTENT, INLINE_MAX, NODE_HDR,
+                                     NODE_LAYOUT, XATTR_INLINE_OFF, XATTR_INLINE_SIZE,
+                                     Dinode, Superblock, TreeNode, decode_xattrs)
 
 
 def repair_header(buf, btype: int, bno: int) -> tuple[bytearray, list[str]] | None:
@@ -116,12 +79,10 @@ def _salvage_records(buf: bytearray, off: int, size: int, kind: int, bno: int,
                      root: bool) -> str | None:
     """Keep the longest decodable prefix of a node's records (patching nrecs in
     place).  Returns what was done, or None when even an empty node fails."""
-    level, nrecs, nkind, owner = fmt._NODE.unpack_from(buf, off)
-    if nkind != kind or level > 16:
-        return None
+    nrecs = NODE_LAYOUT.get(buf, "nrecs", off)
 
     def ok(k: int) -> bool:
-        struct.pack_into("<H", buf, off + NODE_OFF["nrecs"], k)
+        NODE_LAYOUT.put(buf, "nrecs", k, off)
         try:
             TreeNode.decode_from(buf, off, size, kind, bno, root=root)
             return True
@@ -159,20 +120,20 @@ def decode_dinode(buf, bno: int) -> tuple[Dinode, list[str]]:
     if fixed is None:
         raise CorruptBlock(bno, first)
     b, notes = fixed
-    o = DI_OFF
+    fields = DINODE_LAYOUT
     # inline xattrs
-    xlen = struct.unpack_from("<H", b, o["xattr_len"])[0]
+    xlen = fields.get(b, "xattr_len")
     bad_x = xlen > XATTR_INLINE_SIZE
     if not bad_x:
         try:
-            fmt.decode_xattrs(bytes(b[XATTR_INLINE_OFF:XATTR_INLINE_OFF + xlen]))
+            decode_xattrs(bytes(b[XATTR_INLINE_OFF:XATTR_INLINE_OFF + xlen]))
         except ValueError:
             bad_x = True
     if bad_x:
-        struct.pack_into("<H", b, o["xattr_len"], 0)
+        fields.put(b, "xattr_len", 0)
         notes.append("inline xattrs damaged: dropped")
-    mode = struct.unpack_from("<I", b, o["mode"])[0]
-    flags = struct.unpack_from("<I", b, o["flags"])[0]
+    mode = fields.get(b, "mode")
+    flags = fields.get(b, "flags")
     kind = flags & (DF_INLINE | DF_EXTENTS | DF_DIRTREE)
     if kind not in (DF_INLINE, DF_EXTENTS, DF_DIRTREE):
         if S.S_ISDIR(mode):
@@ -183,20 +144,20 @@ def decode_dinode(buf, bno: int) -> tuple[Dinode, list[str]]:
             kind = DF_INLINE
         notes.append(f"bad data-area flags {flags:#x}: set to {kind:#x}")
         flags = (flags & ~(DF_INLINE | DF_EXTENTS | DF_DIRTREE)) | kind
-        struct.pack_into("<I", b, o["flags"], flags)
+        fields.put(b, "flags", flags)
     if kind == DF_INLINE:
-        size = struct.unpack_from("<Q", b, o["size"])[0]
+        size = fields.get(b, "size")
         if size > INLINE_MAX:
             area = bytes(b[DATA_OFF:DATA_OFF + DATA_SIZE]).rstrip(b"\0")
-            struct.pack_into("<Q", b, o["size"], len(area))
+            fields.put(b, "size", len(area))
             notes.append(f"inline size {size} impossible: set to {len(area)}")
     else:
         tkind = EXTENT if kind == DF_EXTENTS else DIRENT
         if not _root_ok(b, tkind, bno):
             done = _salvage_records(b, DATA_OFF, DATA_SIZE, tkind, bno, True)
             if done is None:
-                fmt._NODE.pack_into(b, DATA_OFF, 0, 0, tkind, bno)
-                b[DATA_OFF + fmt.NODE_HDR:] = bytes(DATA_SIZE - fmt.NODE_HDR)
+                NODE_LAYOUT.struct.pack_into(b, DATA_OFF, 0, 0, tkind, bno)
+                b[DATA_OFF + NODE_HDR:] = bytes(DATA_SIZE - NODE_HDR)
                 done = "emptied"
             notes.append(f"tree root damaged: {done}")
     blockhdr.reseal(b)

@@ -9,7 +9,10 @@ module                    job
 ``lockmgr.table``         ``LockTable``: the pure lock state machine (no I/O)
 ``lockmgr.server``        ``LockServer``: sessions, leases, recovery, grace, listeners
 ``lockmgr.client``        ``LockClient``: a node's session, locks, callbacks, lease
-``lockmgr.wire``          framing, message codes, HMAC-SHA256 handshake, addresses
+``lockmgr.handshake``     a new connection's first messages; ``query_status``
+``lockmgr.messages``      ``Op``: every message's code and fields, encoders, decoders
+``lockmgr.wire``          framing, HMAC-SHA256 proofs, addresses, the socket channel
+``lockmgr.election``      ``DeltaLease``: the master's election by a lease on shared storage
 ``lockmgr.keyfile``       ``keygen`` / ``load_key``
 ``lockmgr.errors``        the exceptions
 ========================  ===========================================================
@@ -17,12 +20,14 @@ module                    job
 Protocol and semantics: docs/LOCKS.md.
 """
 
-from .client import Grant, LockClient, query_status
-from .errors import (AuthError, LockCancelled, ConnectError, Deadlock, LeaseLost, LockError,
+from .client import Grant, LockClient
+from .election import FREE, DeltaLease, LeaseRecord, LeaseStore, LeaseTimings
+from .errors import (AuthError, ConnectError, Deadlock, LeaseLost, LockCancelled, LockError,
                      LockTimeout, NodeBusy, NotRecovered, ProtocolError, TryAgain)
+from .handshake import query_status
 from .keyfile import KeyFileError, keygen, load_key
-from .modes import (COMPAT, CR, CW, EX, NL, PR, PW, Mode, compatible, covers,
-                    downgrade_for, supremum)
+from .modes import (COMPAT, CR, CW, EX, NL, PR, PW, Mode, compatible, covers, downgrade_for,
+                    supremum)
 from .server import LockServer
 from .table import LVB_SIZE, LockTable
 
@@ -33,4 +38,5 @@ __all__ = [
     "LockError", "TryAgain", "NotRecovered", "LockTimeout", "Deadlock", "LockCancelled",
     "LeaseLost", "AuthError", "ProtocolError", "NodeBusy", "ConnectError",
     "keygen", "load_key", "KeyFileError",
+    "DeltaLease", "LeaseRecord", "LeaseStore", "LeaseTimings", "FREE",
 ]

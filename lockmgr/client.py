@@ -18,15 +18,15 @@ from collections import deque
 import trio
 
 from . import wire
-from .errors import (AuthError, LockCancelled, ConnectError, LeaseLost, LockError,
+from .errors import (AuthError, ConnectError, LeaseLost, LockCancelled, LockError,
                      LockTimeout, NodeBusy, ProtocolError, from_code)
-from .modes import COMPAT, LVB_WRITERS, Mode, covers, supremum, wire_mode
+from .handshake import connection_errors, exchange, query_status  # noqa: F401
+from .messages import (F_NOTIFY, F_TRY, Op, Reclaim, Recovering, Resume, dispatch_table,
+                       handles)
+from .modes import COMPAT, LVB_WRITERS, Mode, covers, supremum
 from .table import LVB_SIZE
-from .wire import frame
 
 log = logging.getLogger("lockmgr.client")
-
-CLIENT_MAX_FRAME = 64 << 20
 
 
 class Grant:
@@ -66,14 +66,12 @@ class _Rec:
 class _Op:
     """A request that waits for the server's answer."""
 
-    __slots__ = ("rid", "kind", "rec", "mode", "data", "event", "result", "error",
-                 "abandoned", "flags")
+    __slots__ = ("rid", "kind", "rec", "data", "event", "result", "error", "abandoned")
 
-    def __init__(self, rid, kind, rec, mode, data):
+    def __init__(self, rid: int, kind: Op, rec: _Rec | None, data: bytes):
         self.rid = rid
         self.kind = kind
         self.rec = rec
-        self.mode = mode
         self.data = data
         self.event = trio.Event()
         self.result = None
@@ -200,7 +198,7 @@ class LockClient:
         if type(name) is not bytes:
             raise TypeError("lock names are bytes")
         mode = Mode(mode)
-        flags = (wire.F_TRY | (wire.F_NOTIFY if notify else 0)) if try_lock else 0
+        flags = (F_TRY | (F_NOTIFY if notify else 0)) if try_lock else 0
         rec = await self._acquire(name)
         try:
             if on_blocking is not None:
@@ -209,10 +207,14 @@ class LockClient:
                 if covers(rec.mode, mode):
                     self._release(rec)
                     return rec.grant
-                target = supremum(rec.mode, mode)
-                op = self._start(wire.CONVERT, rec, target, flags, timeout, None)
+                rid = self._next_rid()
+                op = self._start(Op.CONVERT, rec, rid, Op.CONVERT.encode(
+                    rid=rid, name=rec.name, mode=supremum(rec.mode, mode), flags=flags,
+                    timeout=timeout, lvb=None))
             else:
-                op = self._start(wire.LOCK, rec, mode, flags, timeout, None)
+                rid = self._next_rid()
+                op = self._start(Op.LOCK, rec, rid, Op.LOCK.encode(
+                    rid=rid, name=rec.name, mode=mode, flags=flags, timeout=timeout))
         except BaseException:
             if rec.busy:
                 self._release(rec)
@@ -237,7 +239,9 @@ class LockClient:
                 raise LockError(f"convert of {name!r}: lock not held")
             if covers(rec.mode, mode):
                 if mode != rec.mode or (lvb is not None and rec.mode in LVB_WRITERS):
-                    self._post(wire.CONVERT, rec, mode, lvb)
+                    rid = self._next_rid()
+                    self._post(rid, Op.CONVERT.encode(rid=rid, name=rec.name, mode=mode,
+                                                      flags=0, timeout=None, lvb=lvb))
                     if lvb is not None and rec.mode in LVB_WRITERS:
                         rec.lvb = lvb
                         rec.ver += 1
@@ -249,8 +253,10 @@ class LockClient:
             if lvb is not None and rec.mode in LVB_WRITERS:
                 rec.lvb = lvb
                 rec.ver += 1
-            op = self._start(wire.CONVERT, rec, mode, wire.F_TRY if try_lock else 0,
-                             timeout, lvb)
+            rid = self._next_rid()
+            op = self._start(Op.CONVERT, rec, rid, Op.CONVERT.encode(
+                rid=rid, name=rec.name, mode=mode, flags=F_TRY if try_lock else 0,
+                timeout=timeout, lvb=lvb))
         except BaseException:
             if rec.busy:
                 self._release(rec)
@@ -271,7 +277,8 @@ class LockClient:
         try:
             if rec.mode is None:
                 raise LockError(f"unlock of {name!r}: lock not held")
-            self._post(wire.UNLOCK, rec, None, lvb)
+            rid = self._next_rid()
+            self._post(rid, Op.UNLOCK.encode(rid=rid, name=rec.name, lvb=lvb))
             rec.mode = None
             rec.grant = None
             rec.lvb = None
@@ -326,7 +333,8 @@ class LockClient:
         The dead node's locks are released, its PW/EX value blocks marked invalid.
         Returns how many dead sessions were released.
         """
-        op = self._start(wire.RECOVERED, None, slot, 0, None, None)
+        rid = self._next_rid()
+        op = self._start(Op.RECOVERED, None, rid, Op.RECOVERED.encode(rid=rid, slot=slot))
         n = await self._wait(op, None)
         self._dead_nodes.pop(slot, None)
         return n
@@ -334,7 +342,8 @@ class LockClient:
     async def status(self) -> dict:
         """The server's view: nodes, slots, lease ages, lock counts, waiters,
         recovering nodes."""
-        op = self._start(wire.STATUS, None, None, 0, None, None)
+        rid = self._next_rid()
+        op = self._start(Op.STATUS, None, rid, Op.STATUS.encode(rid=rid))
         return await self._wait(op, None)
 
     async def wait_connected(self) -> None:
@@ -369,7 +378,7 @@ class LockClient:
             return
         self._closed = True
         if self._connected and release:
-            self._chan.send(frame([wire.BYE]))
+            self._chan.send(Op.BYE.encode())
             with trio.move_on_after(1):
                 while self._chan.pending() and self._connected:
                     await trio.sleep(0.001)
@@ -385,12 +394,6 @@ class LockClient:
         if self._main_scope is not None:
             self._main_scope.cancel()
         await trio.lowlevel.checkpoint()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.close()
 
     # ---- operations in flight ------------------------------------------------------
 
@@ -436,34 +439,33 @@ class LockClient:
         self._rid += 1
         return self._rid
 
-    def _post(self, kind, rec: _Rec, mode, lvb) -> None:
-        """Send an operation that needs no answer (unlock, convert down)."""
-        rid = self._next_rid()
-        if kind == wire.UNLOCK:
-            data = frame([wire.UNLOCK, rid, rec.name, lvb])
-        else:
-            data = frame([wire.CONVERT, rid, rec.name, mode, 0, None, lvb])
+    def _post(self, rid: int, data: bytes, *, later: bool = True) -> None:
+        """Send request ``rid`` (its frame ``data``), kept to be sent again until the
+        server has processed it.
+
+        ``later``: leave in the same write as what follows in this scheduling pass
+        (for requests that need no answer: unlock, convert down).
+        """
         self._unacked.append((rid, data))
         if self._connected:
-            self._chan.send_later(data)
+            if later:
+                self._chan.send_later(data)
+            else:
+                self._chan.send(data)
 
-    def _start(self, kind, rec, mode, flags, timeout, lvb) -> _Op:
+    def _processed(self, last_rid: int) -> None:
+        """The server has processed the requests up to ``last_rid``: no resending."""
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= last_rid:
+            unacked.popleft()
+
+    def _start(self, kind: Op, rec: _Rec | None, rid: int, data: bytes) -> _Op:
+        """Send request ``rid`` (its frame ``data``), which is answered; returns its
+        record, to wait on."""
         if self._closed:
             raise LockError("client closed")
-        rid = self._next_rid()
-        if kind == wire.LOCK:
-            data = frame([wire.LOCK, rid, rec.name, mode, flags, timeout])
-        elif kind == wire.CONVERT:
-            data = frame([wire.CONVERT, rid, rec.name, mode, flags, timeout, lvb])
-        elif kind == wire.RECOVERED:
-            data = frame([wire.RECOVERED, rid, mode])
-        else:
-            data = frame([wire.STATUS, rid])
-        op = _Op(rid, kind, rec, mode, data)
-        self._pending[rid] = op
-        self._unacked.append((rid, data))
-        if self._connected:
-            self._chan.send(data)
+        op = self._pending[rid] = _Op(rid, kind, rec, data)
+        self._post(rid, data, later=False)
         return op
 
     async def _wait(self, op: _Op, timeout: float | None):
@@ -489,8 +491,8 @@ class LockClient:
         if op.event.is_set() or op.abandoned:
             return
         op.abandoned = True
-        if op.kind in (wire.LOCK, wire.CONVERT) and self._connected:
-            self._chan.send(frame([wire.CANCEL, op.rid, op.rec.name]))
+        if op.kind in (Op.LOCK, Op.CONVERT) and self._connected:
+            self._chan.send(Op.CANCEL.encode(rid=op.rid, name=op.rec.name))
 
     def _finish(self, op: _Op, result=None, error=None) -> None:
         if self._pending.pop(op.rid, None) is None:
@@ -503,81 +505,45 @@ class LockClient:
 
     # ---- the connection --------------------------------------------------------------
 
-    async def _establish(self, resume=None, reclaim=None, recovering=None):
+    async def _establish(self, resume: Resume | None = None,
+                         reclaim: list[Reclaim] | None = None,
+                         recovering: list[Recovering] | None = None):
         """Connect, authenticate, open a session.  Returns (stream, decoder, leftover
         messages)."""
         stream = await self._connector()
         ok = False
         try:
-            with trio.fail_after(self.handshake_timeout):
-                dec = wire.FrameDecoder(CLIENT_MAX_FRAME)
-                queue: deque = deque()
-
-                async def recv():
-                    while not queue:
-                        try:
-                            data = await stream.receive_some(65536)
-                        except (trio.BrokenResourceError, OSError) as e:
-                            raise ConnectError(f"lock server at {self.addr} closed the "
-                                               f"connection: {e}") from None
-                        if not data:
-                            raise ConnectError(f"lock server at {self.addr} closed "
-                                               "the connection")
-                        queue.extend(dec.feed(data))
-                    return queue.popleft()
-
-                msg = await recv()
-                if msg[0] != wire.CHALLENGE or len(msg) < 4:
-                    raise ProtocolError(f"{self.addr} is not a lock server")
-                if msg[1] != wire.PROTOCOL_VERSION:
-                    raise ProtocolError(f"lock server speaks protocol {msg[1]}, "
-                                        f"not {wire.PROTOCOL_VERSION}")
-                nonce_s = msg[2]
-                nonce_c = wire.new_nonce()
-                await stream.send_all(frame([wire.AUTH, nonce_c,
-                                             wire.client_mac(self.key, nonce_s, nonce_c)]))
-                msg = await recv()
-                if msg[0] == wire.AUTH_FAIL:
-                    raise AuthError(f"lock server at {self.addr} refused the key "
-                                    f"({msg[1]})")
-                if msg[0] != wire.AUTH_OK or not wire.hmac.compare_digest(
-                        msg[1], wire.server_mac(self.key, nonce_s, nonce_c)):
-                    raise AuthError(f"lock server at {self.addr} failed to prove the "
-                                    "shared key")
-                t_open = trio.current_time()
-                await stream.send_all(frame([wire.OPEN, self.node, self.slot,
-                                             self.requested_lease, resume, reclaim,
-                                             recovering]))
-                msg = await recv()
-                if msg[0] == wire.REFUSED:
-                    raise NodeBusy(f"lock server refused the session: {msg[2]}")
-                if msg[0] != wire.OPENED:
-                    raise ProtocolError(f"unexpected answer {msg[0]} to OPEN")
-                self._opened(msg, t_open)
-                ok = True
-                return stream, dec, list(queue)
-        except trio.TooSlowError:
-            raise ConnectError(f"lock server at {self.addr} did not answer") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            raise ConnectError(f"lock server at {self.addr}: {e}") from None
+            with connection_errors(self.addr, self.handshake_timeout):
+                answer = await exchange(stream, self.key, self.addr, Op.OPEN.encode(
+                    node=self.node, slot=self.slot, lease=self.requested_lease,
+                    resume=resume, reclaim=reclaim, recovering=recovering))
+            msg = answer.msg
+            if msg[0] == Op.REFUSED:
+                raise NodeBusy(f"lock server refused the session: "
+                               f"{Op.REFUSED.parse(msg).text}")
+            if msg[0] != Op.OPENED:
+                raise ProtocolError(f"unexpected answer {msg[0]} to OPEN")
+            self._opened(answer.sent_at, *Op.OPENED.decode(msg))
+            ok = True
+            return stream, answer.decoder, answer.leftover
         finally:
             if not ok:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
 
-    def _opened(self, msg, t_open: float) -> None:
-        _, state, sid, boot, lease, last_rid, refused, grace_left = msg
+    @handles(Op.OPENED, "self", "t_open")
+    def _opened(self, t_open: float, state: str, session: int, boot_id: bytes,
+                lease: float, last_rid: int, refused: list, grace_left: float) -> None:
         first = self.session_id is None
-        self.session_id = sid
-        self.boot_id = boot
+        self.session_id = session
+        self.boot_id = boot_id
         self.lease = lease
         if self._margin_arg is None:
             self.margin = lease / 5
         self.renew = min(self.renew, lease / 3)
         self._hb_sent.clear()
         if state == "resumed":
-            while self._unacked and self._unacked[0][0] <= last_rid:
-                self._unacked.popleft()
+            self._processed(last_rid)
             resend = [d for _, d in self._unacked]
         else:
             self._received = 0
@@ -664,12 +630,14 @@ class LockClient:
                 nursery.cancel_scope.cancel()
 
     async def _reconnect(self):
-        resume = [self.boot_id, self.session_id, self._received]
+        resume = Resume(boot_id=self.boot_id, session=self.session_id,
+                        received=self._received)
         reclaim = None
         if self.lease_valid():
-            reclaim = [[r.name, r.mode, r.lvb, r.ver] for r in self._recs.values()
-                       if r.mode is not None]
-        recovering = [[node, slot] for slot, node in self._dead_nodes.items()]
+            reclaim = [Reclaim(name=r.name, mode=r.mode, lvb=r.lvb, lvb_ver=r.ver)
+                       for r in self._recs.values() if r.mode is not None]
+        recovering = [Recovering(node=node, slot=slot)
+                      for slot, node in self._dead_nodes.items()]
         return await self._establish(resume, reclaim, recovering)
 
     async def _serve(self, stream, dec, leftover) -> None:
@@ -722,7 +690,7 @@ class LockClient:
             if self._connected:
                 self._hb_id += 1
                 self._hb_sent[self._hb_id] = trio.current_time()
-                self._chan.send(frame([wire.HB, self._hb_id, self._received]))
+                self._chan.send(Op.HB.encode(hb_id=self._hb_id, received=self._received))
             await trio.sleep(self.renew)
 
     async def _lease_watch(self) -> None:
@@ -739,63 +707,38 @@ class LockClient:
     # ---- messages from the server ----------------------------------------------------
 
     def _dispatch(self, msgs) -> None:
+        """Handle the server's messages in order (each by its ``_on_*`` handler)."""
         for msg in msgs:
-            op = msg[0]
-            if op == wire.GRANT:
+            handler = _HANDLERS.get(msg[0])
+            if handler is None:
+                raise ProtocolError(f"unexpected message {msg[0]!r} from the server")
+            decode, fn, numbered = handler
+            if numbered:
                 self._received += 1
-                self._on_grant(msg)
-            elif op == wire.FAIL:
-                self._received += 1
-                self._on_fail(msg)
-            elif op == wire.BAST:
-                self._received += 1
-                self._on_bast(msg[1], wire_mode(msg[2]))
-            elif op == wire.HB_ACK:
-                self._on_hb_ack(msg)
-            elif op == wire.REPLY:
-                self._received += 1
-                op_ = self._pending.get(msg[1])
-                if op_ is not None:
-                    self._finish(op_, result=msg[2])
-            elif op == wire.NODE_DOWN:
-                self._received += 1
-                node, slot = msg[1], msg[2]
-                if self._dead_nodes.get(slot) != node:
-                    self._dead_nodes[slot] = node
-                    log.warning("node %s (slot %d) declared dead; its locks wait for "
-                                "recovery", node, slot)
-                    for h in self._node_down_handlers:
-                        self._nursery.start_soon(self._run_handler, h, node, slot)
-            elif op == wire.NODE_RECOVERED:
-                self._received += 1
-                self._dead_nodes.pop(msg[1], None)
-            elif op == wire.ERROR:
-                log.warning("lock server: %s", msg[1])
-            else:
-                raise ProtocolError(f"unexpected message {op!r} from the server")
+            fn(self, *decode(msg))
 
-    def _on_grant(self, msg) -> None:
-        _, rid, mode, lvb, ver = msg
+    @handles(Op.GRANT, "self")
+    def _on_grant(self, rid: int, mode: Mode, lvb: bytes | None, lvb_ver: int) -> None:
         op = self._pending.get(rid)
         if op is None:
             return   # answer to an unlock or down-conversion we did not wait for
         rec = op.rec
-        mode = wire_mode(mode)
         rec.mode = mode
         rec.lvb = lvb
-        rec.ver = ver
+        rec.ver = lvb_ver
         rec.grant = g = Grant(rec.name, mode, lvb)
-        if op.abandoned and op.kind == wire.LOCK:
+        if op.abandoned and op.kind == Op.LOCK:
             # the caller gave up before the grant came: give the lock back
-            self._post(wire.UNLOCK, rec, None, None)
+            rid = self._next_rid()
+            self._post(rid, Op.UNLOCK.encode(rid=rid, name=rec.name, lvb=None))
             rec.mode = None
             rec.grant = None
             self._finish(op, error=LockCancelled("cancelled"))
             return
         self._finish(op, result=g)
 
-    def _on_fail(self, msg) -> None:
-        _, rid, code, text = msg
+    @handles(Op.FAIL, "self")
+    def _on_fail(self, rid: int, code: str, text: str) -> None:
         op = self._pending.get(rid)
         if op is None:
             log.warning("lock server refused request %d: %s %s", rid, code, text)
@@ -803,6 +746,30 @@ class LockClient:
         name = op.rec.name if op.rec is not None else b""
         self._finish(op, error=from_code(code, f"{name!r}: {text or code}"))
 
+    @handles(Op.REPLY, "self")
+    def _on_reply(self, rid: int, value) -> None:
+        op = self._pending.get(rid)
+        if op is not None:
+            self._finish(op, result=value)
+
+    @handles(Op.NODE_DOWN, "self")
+    def _on_node_down(self, node: str, slot: int) -> None:
+        if self._dead_nodes.get(slot) != node:
+            self._dead_nodes[slot] = node
+            log.warning("node %s (slot %d) declared dead; its locks wait for recovery",
+                        node, slot)
+            for h in self._node_down_handlers:
+                self._nursery.start_soon(self._run_handler, h, node, slot)
+
+    @handles(Op.NODE_RECOVERED, "self")
+    def _on_node_recovered(self, slot: int) -> None:
+        self._dead_nodes.pop(slot, None)
+
+    @handles(Op.ERROR, "self")
+    def _on_error(self, text: str) -> None:
+        log.warning("lock server: %s", text)
+
+    @handles(Op.BAST, "self")
     def _on_bast(self, name: bytes, mode: Mode) -> None:
         rec = self._recs.get(name)
         if rec is None or rec.mode is None or COMPAT[rec.mode][mode] or rec.handler is None:
@@ -839,64 +806,15 @@ class LockClient:
         except Exception:
             log.exception("node-down handler failed")
 
-    def _on_hb_ack(self, msg) -> None:
-        _, hb_id, last_rid = msg
+    @handles(Op.HB_ACK, "self")
+    def _on_hb_ack(self, hb_id: int, last_rid: int) -> None:
         sent = self._hb_sent.pop(hb_id, None)
         for k in [k for k in self._hb_sent if k < hb_id]:
             del self._hb_sent[k]
-        unacked = self._unacked
-        while unacked and unacked[0][0] <= last_rid:
-            unacked.popleft()
+        self._processed(last_rid)
         if sent is not None and self._session_ok:
             self._renew_lease(sent + self.lease - self.margin)
 
 
-async def query_status(addr: str, key: bytes, *, timeout: float = 10.0,
-                       prefix: bytes | None = None) -> dict:
-    """Authenticate and ask the server for its status without opening a session;
-    with ``prefix`` the answer lists the granted locks whose names start with it
-    (``held``: name, node, slot, mode, dead).
-
-    Raises:
-        ConnectError, AuthError, ProtocolError.
-    """
-    stream = await wire.open_stream(addr)
-    try:
-        with trio.fail_after(timeout):
-            dec = wire.FrameDecoder(CLIENT_MAX_FRAME)
-            queue: deque = deque()
-
-            async def recv():
-                while not queue:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        raise ConnectError(f"lock server at {addr} closed the connection")
-                    queue.extend(dec.feed(data))
-                return queue.popleft()
-
-            msg = await recv()
-            if msg[0] != wire.CHALLENGE:
-                raise ProtocolError(f"{addr} is not a lock server")
-            nonce_c = wire.new_nonce()
-            await stream.send_all(frame([wire.AUTH, nonce_c,
-                                         wire.client_mac(key, msg[2], nonce_c)]))
-            reply = await recv()
-            if reply[0] == wire.AUTH_FAIL:
-                raise AuthError(f"lock server at {addr} refused the key ({reply[1]})")
-            if reply[0] != wire.AUTH_OK or not wire.hmac.compare_digest(
-                    reply[1], wire.server_mac(key, msg[2], nonce_c)):
-                raise AuthError(f"lock server at {addr} failed to prove the shared key")
-            msg = [wire.STATUS, 1] if prefix is None else [wire.STATUS, 1, prefix]
-            await stream.send_all(frame(msg))
-            reply = await recv()
-            if reply[0] != wire.REPLY:
-                raise ProtocolError(f"unexpected answer {reply[0]} to STATUS")
-            await stream.send_all(frame([wire.BYE]))
-            return reply[2]
-    except trio.TooSlowError:
-        raise ConnectError(f"lock server at {addr} did not answer") from None
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-        raise ConnectError(f"lock server at {addr}: {e}") from None
-    finally:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
+#: the client's handlers of the server's messages, by code
+_HANDLERS = dispatch_table(LockClient, "self")

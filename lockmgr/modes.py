@@ -47,17 +47,6 @@ LVB_WRITERS = frozenset((PW, EX))
 MODES: tuple[Mode, ...] = tuple(Mode)
 
 
-def wire_mode(value) -> Mode:
-    """The Mode for a number received from the wire.
-
-    Raises:
-        ValueError: not an integer from 0 to 5.
-    """
-    if type(value) is not int or not 0 <= value <= 5:
-        raise ValueError(f"bad lock mode {value!r}")
-    return MODES[value]
-
-
 def compatible(a: int, b: int) -> bool:
     """Whether locks in modes ``a`` and ``b`` held by two owners may coexist."""
     return COMPAT[a][b]
@@ -93,12 +82,3 @@ def downgrade_for(held: int, requested: int) -> Mode:
             best = m
     return best
 
-
-def parse_mode(value) -> Mode:
-    """A Mode from its name (``"PR"``) or number."""
-    if isinstance(value, str):
-        try:
-            return Mode[value.upper()]
-        except KeyError:
-            raise ValueError(f"unknown lock mode {value!r}") from None
-    return Mode(value)

@@ -7,6 +7,7 @@ expiry, request timeouts, deadlock detection, repeated blocking callbacks and th
 the grace period.  Protocol: docs/LOCKS.md.
 """
 
+import hmac
 import logging
 import os
 import socket
@@ -16,14 +17,17 @@ import trio
 
 from . import wire
 from .errors import ProtocolError
-from .modes import wire_mode
-from .table import LVB_SIZE, Bast, Fail, Grant, LockTable, TableError
-from .wire import frame
+from .messages import (F_NOTIFY, F_TRY, Op, Reclaim, Recovering, Resume, dispatch_table,
+                       handles)
+from .modes import Mode
+from .table import Bast, Fail, Grant, LockTable, TableError
 
 log = logging.getLogger("lockmgr.server")
 
-MAX_NAME = 1024
 LIVE, DEAD = "live", "dead"
+
+#: what a handler of a client's message gets before the message's fields
+CONTEXT = ("self", "conn", "s", "now")
 
 
 class Conn:
@@ -150,7 +154,8 @@ class LockServer:
                 for lst in await trio.open_tcp_listeners(kind[2], host=kind[1]):
                     listeners.append(lst)
                     host, port = lst.socket.getsockname()[:2]
-                    addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+                    addresses.append(f"[{host}]:{port}" if ":" in host
+                                     else f"{host}:{port}")
         if unix is not None:
             listeners.append(await self._unix_listener(unix))
             addresses.append(f"unix:{unix}")
@@ -192,7 +197,7 @@ class LockServer:
                 except ProtocolError as e:
                     log.warning("dropping connection from %s: protocol error: %s",
                                 conn.peer, e)
-                    conn.send(frame([wire.ERROR, f"protocol error: {e}"]))
+                    conn.send(Op.ERROR.encode(text=f"protocol error: {e}"))
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
                 except Exception:
@@ -255,7 +260,8 @@ class LockServer:
 
     async def _read_loop(self, conn: Conn) -> None:
         nonce = wire.new_nonce()
-        conn.send(frame([wire.CHALLENGE, wire.PROTOCOL_VERSION, nonce, self.boot_id]))
+        conn.send(Op.CHALLENGE.encode(version=wire.PROTOCOL_VERSION, nonce_s=nonce,
+                                      boot_id=self.boot_id))
         dec = wire.FrameDecoder(self.max_frame)
         chan = conn.chan
         with trio.move_on_after(self.auth_timeout) as auth_scope:
@@ -266,7 +272,9 @@ class LockServer:
                 msgs = dec.feed(data)
                 if not msgs:
                     continue
-                self._authenticate(conn, msgs[0], nonce)
+                if msgs[0][0] != Op.AUTH:
+                    raise ProtocolError(f"operation {msgs[0][0]} before authentication")
+                self._authenticate(conn, nonce, *Op.AUTH.decode(msgs[0]))
                 if not conn.authed:
                     return
                 self._dispatch(conn, msgs[1:])
@@ -280,51 +288,35 @@ class LockServer:
                 return
             self._dispatch(conn, dec.feed(data))
 
-    def _authenticate(self, conn: Conn, msg: list, nonce: bytes) -> None:
-        if msg[0] != wire.AUTH:
-            raise ProtocolError(f"operation {msg[0]} before authentication")
-        if (len(msg) != 3 or type(msg[1]) is not bytes or len(msg[1]) != wire.NONCE_SIZE
-                or type(msg[2]) is not bytes):
-            raise ProtocolError("malformed AUTH")
-        if not wire.hmac.compare_digest(msg[2], wire.client_mac(self.key, nonce, msg[1])):
+    @handles(Op.AUTH, "self", "conn", "nonce")
+    def _authenticate(self, conn: Conn, nonce: bytes, nonce_c: bytes, mac: bytes) -> None:
+        if not hmac.compare_digest(mac, wire.client_mac(self.key, nonce, nonce_c)):
             log.warning("authentication failed from %s: wrong key", conn.peer)
-            conn.send(frame([wire.AUTH_FAIL, "authentication failed: wrong key"]))
+            conn.send(Op.AUTH_FAIL.encode(text="authentication failed: wrong key"))
             conn.close()
             return
         conn.authed = True
-        conn.send(frame([wire.AUTH_OK, wire.server_mac(self.key, nonce, msg[1])]))
+        conn.send(Op.AUTH_OK.encode(mac=wire.server_mac(self.key, nonce, nonce_c)))
 
     def _dispatch(self, conn: Conn, msgs: list) -> None:
+        """Run a connection's messages, in order, each by its ``_op_*`` handler."""
         now = trio.current_time()
-        s = conn.session
         for msg in msgs:
             if conn.closed:
                 return
-            op = msg[0]
+            s = conn.session
             if s is not None:
                 if s.conn is not conn or s.state != LIVE:
                     raise ProtocolError("session no longer attached to this connection")
                 s.last_heard = now
+            handler = _HANDLERS.get(msg[0])
+            if handler is None:
+                raise ProtocolError(f"unknown operation {msg[0]!r}")
+            decode, fn, _ = handler
             try:
-                if op == wire.LOCK or op == wire.CONVERT or op == wire.UNLOCK:
-                    self._op_lock(s, msg, now)
-                elif op == wire.HB:
-                    self._op_hb(s, msg)
-                elif op == wire.CANCEL:
-                    self._op_cancel(s, msg)
-                elif op == wire.OPEN:
-                    s = self._op_open(conn, msg, now)
-                elif op == wire.RECOVERED:
-                    self._op_recovered(s, msg)
-                elif op == wire.STATUS:
-                    self._op_status(conn, s, msg)
-                elif op == wire.BYE:
-                    self._op_bye(conn, s)
-                    return
-                else:
-                    raise ProtocolError(f"unknown operation {op!r}")
+                fn(self, conn, s, now, *decode(msg))
             except (TypeError, ValueError, IndexError, AttributeError) as e:
-                raise ProtocolError(f"malformed operation {op!r}: {e}") from None
+                raise ProtocolError(f"malformed operation {msg[0]!r}: {e}") from None
             self._flush()
 
     # ---- operations ----------------------------------------------------------------
@@ -334,81 +326,93 @@ class LockServer:
             raise ProtocolError("operation needs an open session")
         return s
 
-    def _op_lock(self, s: Session, msg: list, now: float) -> None:
+    def _next_request(self, s: Session | None, rid: int) -> Session:
+        """The session of a lock request numbered ``rid`` (ids increase)."""
         s = self._need_session(s)
-        op, rid, name = msg[0], msg[1], msg[2]
-        if type(rid) is not int or type(name) is not bytes or len(name) > MAX_NAME:
-            raise ProtocolError("bad request id or resource name")
         if rid <= s.last_rid:
             raise ProtocolError("request ids must increase")
         s.last_rid = rid
-        table = self.table
+        return s
+
+    @handles(Op.LOCK, *CONTEXT)
+    def _op_lock(self, conn: Conn, s: Session | None, now: float, rid: int, name: bytes,
+                 mode: Mode, flags: int, timeout: float | None) -> None:
+        s = self._next_request(s, rid)
         try:
-            if op == wire.LOCK:
-                _, _, _, mode, flags, timeout = msg
-                table.request(s.id, name, wire_mode(mode), rid, try_lock=flags & wire.F_TRY,
-                              notify=flags & wire.F_NOTIFY, now=now)
-            elif op == wire.CONVERT:
-                _, _, _, mode, flags, timeout, lvb = msg
-                self._check_lvb(lvb)
-                table.convert(s.id, name, wire_mode(mode), rid, lvb=lvb,
-                              try_lock=flags & wire.F_TRY, notify=flags & wire.F_NOTIFY,
-                              now=now)
-            else:
-                _, _, _, lvb = msg
-                self._check_lvb(lvb)
-                timeout = None
-                table.unlock(s.id, name, lvb=lvb)
+            self.table.request(s.id, name, mode, rid, try_lock=flags & F_TRY,
+                               notify=flags & F_NOTIFY, now=now)
         except TableError as e:
-            s.emit(frame([wire.FAIL, rid, "error", str(e)]))
+            self._refuse(s, rid, e)
             return
         if timeout is not None:
-            if not isinstance(timeout, (int, float)):
-                raise ProtocolError("bad timeout")
-            lk = table.lock_of(s.id, name)
-            if lk is not None and lk.requested is not None and lk.rid == rid:
-                self.deadlines[(s.id, name, rid)] = now + timeout
+            self._time_limit(s, name, rid, now + timeout)
+
+    @handles(Op.CONVERT, *CONTEXT)
+    def _op_convert(self, conn: Conn, s: Session | None, now: float, rid: int,
+                    name: bytes, mode: Mode, flags: int, timeout: float | None,
+                    lvb: bytes | None) -> None:
+        s = self._next_request(s, rid)
+        try:
+            self.table.convert(s.id, name, mode, rid, lvb=lvb, try_lock=flags & F_TRY,
+                               notify=flags & F_NOTIFY, now=now)
+        except TableError as e:
+            self._refuse(s, rid, e)
+            return
+        if timeout is not None:
+            self._time_limit(s, name, rid, now + timeout)
+
+    @handles(Op.UNLOCK, *CONTEXT)
+    def _op_unlock(self, conn: Conn, s: Session | None, now: float, rid: int,
+                   name: bytes, lvb: bytes | None) -> None:
+        s = self._next_request(s, rid)
+        try:
+            self.table.unlock(s.id, name, lvb=lvb)
+        except TableError as e:
+            self._refuse(s, rid, e)
 
     @staticmethod
-    def _check_lvb(lvb) -> None:
-        if lvb is not None and (type(lvb) is not bytes or len(lvb) != LVB_SIZE):
-            raise ProtocolError(f"a value block is {LVB_SIZE} bytes")
+    def _refuse(s: Session, rid: int, e: TableError) -> None:
+        s.emit(Op.FAIL.encode(rid=rid, code="error", text=str(e)))
 
-    def _op_hb(self, s: Session, msg: list) -> None:
+    def _time_limit(self, s: Session, name: bytes, rid: int, deadline: float) -> None:
+        """Fail request ``rid`` with ``timeout`` at ``deadline``, if it waits."""
+        lk = self.table.lock_of(s.id, name)
+        if lk is not None and lk.requested is not None and lk.rid == rid:
+            self.deadlines[(s.id, name, rid)] = deadline
+
+    @handles(Op.HB, *CONTEXT)
+    def _op_hb(self, conn: Conn, s: Session | None, now: float, hb_id: int,
+               received: int) -> None:
         s = self._need_session(s)
-        _, hb_id, received = msg
-        if type(received) is not int or received > s.sent:
+        if received > s.sent:
             raise ProtocolError("bad heartbeat")
         s.ack(received)
-        s.conn.send(frame([wire.HB_ACK, hb_id, s.last_rid]))
+        s.conn.send(Op.HB_ACK.encode(hb_id=hb_id, last_rid=s.last_rid))
 
-    def _op_cancel(self, s: Session, msg: list) -> None:
+    @handles(Op.CANCEL, *CONTEXT)
+    def _op_cancel(self, conn: Conn, s: Session | None, now: float, rid: int,
+                   name: bytes) -> None:
         s = self._need_session(s)
-        _, rid, name = msg
-        if type(name) is not bytes:
-            raise ProtocolError("bad CANCEL")
         self.table.cancel(s.id, name, "cancelled", rid=rid)
 
-    def _op_recovered(self, s: Session, msg: list) -> None:
+    @handles(Op.RECOVERED, *CONTEXT)
+    def _op_recovered(self, conn: Conn, s: Session | None, now: float, rid: int,
+                      slot: int) -> None:
         s = self._need_session(s)
-        _, rid, slot = msg
-        if type(slot) is not int:
-            raise ProtocolError("bad RECOVERED")
         n = self.recovered(slot, by=s.node)
-        s.emit(frame([wire.REPLY, rid, n]))
+        s.emit(Op.REPLY.encode(rid=rid, value=n))
 
-    def _op_status(self, conn: Conn, s: Session | None, msg: list) -> None:
-        _, rid, *rest = msg
-        prefix = rest[0] if rest else None
-        if len(rest) > 1 or (prefix is not None and type(prefix) is not bytes):
-            raise ProtocolError("bad STATUS")
-        data = frame([wire.REPLY, rid, self.status(prefix)])
+    @handles(Op.STATUS, *CONTEXT)
+    def _op_status(self, conn: Conn, s: Session | None, now: float, rid: int,
+                   prefix: bytes | None) -> None:
+        data = Op.REPLY.encode(rid=rid, value=self.status(prefix))
         if s is not None:
             s.emit(data)
         else:
             conn.send(data)
 
-    def _op_bye(self, conn: Conn, s: Session | None) -> None:
+    @handles(Op.BYE, *CONTEXT)
+    def _op_bye(self, conn: Conn, s: Session | None, now: float) -> None:
         if s is not None:
             log.info("node %s (slot %d) left; releasing %d locks", s.node, s.slot,
                      len(self.table.locks_of(s.id)))
@@ -418,20 +422,21 @@ class LockServer:
             self._flush()
         conn.close()
 
-    def _op_open(self, conn: Conn, msg: list, now: float) -> Session:
-        if conn.session is not None:
+    @handles(Op.OPEN, *CONTEXT)
+    def _op_open(self, conn: Conn, s: Session | None, now: float, node: str, slot: int,
+                 lease: float, resume: Resume | None, reclaim: list[Reclaim] | None,
+                 recovering: list[Recovering] | None) -> None:
+        if s is not None:
             raise ProtocolError("session already open on this connection")
-        _, node, slot, lease, resume, reclaim, recovering = msg
-        if type(node) is not str or not node or type(slot) is not int or slot < 0:
+        if not node or slot < 0:
             raise ProtocolError("bad node name or slot")
         lease = float(lease) if lease else self.lease
         lease = min(lease, self.lease)
         # resumption of a live session on this server
         if resume is not None:
-            boot, sid, received = resume
-            s = self.sessions.get(sid)
-            if (boot == self.boot_id and s is not None and s.state == LIVE
-                    and s.node == node and s.buf_base <= received <= s.sent):
+            s = self.sessions.get(resume.session)
+            if (resume.boot_id == self.boot_id and s is not None and s.state == LIVE
+                    and s.node == node and s.buf_base <= resume.received <= s.sent):
                 old = s.conn
                 if old is not None:
                     old.session = None
@@ -439,22 +444,24 @@ class LockServer:
                 s.conn = conn
                 conn.session = s
                 s.last_heard = now
-                s.ack(received)
-                conn.send(frame([wire.OPENED, "resumed", s.id, self.boot_id, s.lease,
-                                 s.last_rid, [], self._grace_left(now)]))
+                s.ack(resume.received)
+                conn.send(Op.OPENED.encode(state="resumed", session=s.id,
+                                           boot_id=self.boot_id, lease=s.lease,
+                                           last_rid=s.last_rid, refused=[],
+                                           grace_left=self._grace_left(now)))
                 for data in s.buf:
                     conn.send(data)
                 log.info("node %s (slot %d) reconnected from %s", node, slot, conn.peer)
-                return s
+                return
         for other in self.sessions.values():
             if other.state == LIVE and (other.node == node or other.slot == slot):
                 left = other.lease - (now - other.last_heard)
                 what = (f"node {node} already has a live session" if other.node == node
                         else f"slot {slot} is in use by node {other.node}")
-                conn.send(frame([wire.REFUSED, "busy",
-                                 f"{what} (its lease ends in {max(left, 0):.1f}s)"]))
+                conn.send(Op.REFUSED.encode(
+                    code="busy", text=f"{what} (its lease ends in {max(left, 0):.1f}s)"))
                 log.info("refused session for node %s slot %d: %s", node, slot, what)
-                return None
+                return
         sid = self._next_sid
         self._next_sid += 1
         s = Session(sid, node, slot, lease, now)
@@ -464,35 +471,32 @@ class LockServer:
         refused = []
         if resume is None:
             state = "new"
-        elif resume[0] != self.boot_id and self._in_grace and reclaim is not None:
+        elif resume.boot_id != self.boot_id and self._in_grace and reclaim is not None:
             state = "reclaimed"
             for item in reclaim:
-                name, mode, lvb, ver = item
-                if type(name) is not bytes or type(ver) is not int:
-                    raise ProtocolError("bad reclaim entry")
-                self._check_lvb(lvb)
-                if not self.table.reclaim(sid, name, wire_mode(mode), lvb, ver):
-                    refused.append(name)
+                if not self.table.reclaim(sid, item.name, item.mode, item.lvb,
+                                          item.lvb_ver):
+                    refused.append(item.name)
             if refused:
                 log.error("node %s: %d reclaimed locks conflict and were refused",
                           node, len(refused))
         else:
             state = "expired"
-        conn.send(frame([wire.OPENED, state, sid, self.boot_id, lease, 0, refused,
-                         self._grace_left(now)]))
+        conn.send(Op.OPENED.encode(state=state, session=sid, boot_id=self.boot_id,
+                                   lease=lease, last_rid=0, refused=refused,
+                                   grace_left=self._grace_left(now)))
         log.info("node %s (slot %d) joined from %s: session %d, %s%s", node, slot,
                  conn.peer, sid, state,
                  f", {len(reclaim) - len(refused)} locks reclaimed"
                  if state == "reclaimed" else "")
         for d in self.sessions.values():
             if d.state == DEAD:
-                s.emit(frame([wire.NODE_DOWN, d.node, d.slot]))
-        if resume is not None and resume[0] != self.boot_id:
+                s.emit(Op.NODE_DOWN.encode(node=d.node, slot=d.slot))
+        if resume is not None and resume.boot_id != self.boot_id:
             # dead nodes announced by the previous server, maybe not yet recovered: their
             # locks are unknown here, so nothing new is granted until they are
             for item in recovering or ():
-                self._placeholder(str(item[0]), int(item[1]), now)
-        return s
+                self._placeholder(item.node, item.slot, now)
 
     def _placeholder(self, node: str, slot: int, now: float) -> None:
         for d in self.sessions.values():
@@ -506,7 +510,7 @@ class LockServer:
         self.sessions[sid] = d
         log.warning("node %s (slot %d) was dead before the restart and is not "
                     "recovered: nothing new is granted until it is", node, slot)
-        self._announce(wire.NODE_DOWN, node, slot)
+        self._announce(Op.NODE_DOWN.encode(node=node, slot=slot))
         self.table.set_frozen(True)
 
     # ---- membership ------------------------------------------------------------------
@@ -521,12 +525,12 @@ class LockServer:
         log.warning("node %s (slot %d) declared dead: lease expired; %d locks held "
                     "until its slot is recovered", s.node, s.slot, n)
         if s.conn is not None:
-            s.conn.send(frame([wire.ERROR, "session expired"]))
+            s.conn.send(Op.ERROR.encode(text="session expired"))
             s.conn.session = None
             s.conn.close()
             s.conn = None
         s.buf.clear()
-        self._announce(wire.NODE_DOWN, s.node, s.slot)
+        self._announce(Op.NODE_DOWN.encode(node=s.node, slot=s.slot))
 
     def recovered(self, slot: int, by: str = "?") -> int:
         """A member reports the slot recovered: release its dead nodes' locks.
@@ -540,12 +544,12 @@ class LockServer:
             log.info("slot %d (node %s) recovered by %s: %d locks released",
                      slot, d.node, by, n)
         if dead:
-            self._announce(wire.NODE_RECOVERED, slot)
+            self._announce(Op.NODE_RECOVERED.encode(slot=slot))
             self.table.set_frozen(self._frozen())
         return len(dead)
 
-    def _announce(self, op: int, *args) -> None:
-        data = frame([op, *args])
+    def _announce(self, data: bytes) -> None:
+        """Send the frame ``data`` in the numbered stream of every live session."""
         for s in self.sessions.values():
             if s.state == LIVE:
                 s.emit(data)
@@ -573,13 +577,14 @@ class LockServer:
             if t is Grant:
                 if deadlines:
                     deadlines.pop((e.owner, e.name, e.rid), None)
-                s.emit(frame([wire.GRANT, e.rid, e.mode, e.lvb, e.lvb_ver]))
+                s.emit(Op.GRANT.encode(rid=e.rid, mode=e.mode, lvb=e.lvb,
+                                       lvb_ver=e.lvb_ver))
             elif t is Fail:
                 if deadlines:
                     deadlines.pop((e.owner, e.name, e.rid), None)
-                s.emit(frame([wire.FAIL, e.rid, e.code, ""]))
+                s.emit(Op.FAIL.encode(rid=e.rid, code=e.code, text=""))
             elif t is Bast:
-                s.emit(frame([wire.BAST, e.name, e.mode]))
+                s.emit(Op.BAST.encode(name=e.name, mode=e.mode))
 
     async def _housekeeping(self) -> None:
         last_deadlock = last_bast = trio.current_time()
@@ -615,10 +620,6 @@ class LockServer:
         self._flush()
 
     # ---- status -----------------------------------------------------------------------
-
-    def statistics(self) -> dict:
-        """The same as ``status()``."""
-        return self.status()
 
     def status(self, prefix: bytes | None = None) -> dict:
         """Nodes, leases, lock counts.  With ``prefix``, also ``held``: every granted
@@ -658,3 +659,7 @@ class LockServer:
                                  "dead": s is None or s.state != LIVE})
             out["held"] = held
         return out
+
+
+#: the server's handlers of a client's messages (after authentication), by code
+_HANDLERS = dispatch_table(LockServer, *CONTEXT)

@@ -133,9 +133,6 @@ class LockTable:
         """The owner's locks by name (granted or pending); do not modify."""
         return self._owners.get(owner, {})
 
-    def owners(self):
-        return self._owners.keys()
-
     def names(self):
         return self._res.keys()
 

@@ -1,8 +1,8 @@
-"""The wire protocol: framing, message codes, authentication, addresses.
+"""The wire: framing, the handshake's HMACs, addresses, the socket channel.
 
 A frame is a 4-byte big-endian payload length followed by one msgpack array whose
-first item is the operation code.  docs/LOCKS.md has the message table; this module
-holds only the constants and the helpers both sides share.
+first item is the operation code; the messages themselves are defined in
+``lockmgr.messages``.  docs/LOCKS.md §3 is the protocol.
 """
 
 import hashlib
@@ -18,41 +18,6 @@ from .errors import ConnectError, ProtocolError
 PROTOCOL_VERSION = 1
 NONCE_SIZE = 32
 KEY_MIN = 16
-
-# client -> server
-AUTH = 1
-OPEN = 2
-LOCK = 3
-CONVERT = 4
-UNLOCK = 5
-CANCEL = 6
-HB = 7
-RECOVERED = 8
-STATUS = 9
-BYE = 10
-
-# server -> client
-CHALLENGE = 64
-AUTH_OK = 65
-AUTH_FAIL = 66
-OPENED = 67
-REFUSED = 68
-GRANT = 69
-FAIL = 70
-BAST = 71
-NODE_DOWN = 72
-NODE_RECOVERED = 73
-HB_ACK = 74
-REPLY = 75
-ERROR = 76
-
-#: server -> client messages that belong to a session's numbered stream (replayed
-#: after a reconnection); the others belong to one connection.
-SEQUENCED = frozenset((GRANT, FAIL, BAST, NODE_DOWN, NODE_RECOVERED, REPLY))
-
-# LOCK / CONVERT flags
-F_TRY = 1
-F_NOTIFY = 2    # a failed try-lock still sends the holders in its way a BAST
 
 _LEN = struct.Struct(">I")
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -91,7 +56,8 @@ class FrameDecoder:
         while end - pos >= 4:
             (ln,) = unpack_len(buf, pos)
             if ln > self.max_frame:
-                raise ProtocolError(f"frame of {ln} bytes exceeds the {self.max_frame} limit")
+                raise ProtocolError(f"frame of {ln} bytes exceeds the {self.max_frame} "
+                                    "limit")
             if end - pos - 4 < ln:
                 break
             try:

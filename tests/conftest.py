@@ -4,6 +4,13 @@ A mount runs ``clusterfs mount --foreground`` in its own process; the fixture po
 ``os.path.ismount`` (failing at once if the process died) and its teardown always
 unmounts (``fusermount3 -u``, then ``-z``) and stops the process, even when the test
 failed, so a stale mount never breaks the next test.
+
+Imports: one style for the whole suite.  pyproject's ``[tool.pytest.ini_options]
+pythonpath`` puts the repository first on pytest's path, and every helper module is
+imported by its package path (``tests.helpers``, ``tests.journal.jtools``, ...).
+``pytest_configure`` puts the same directory first on ``PYTHONPATH`` for the
+processes the tests start (mounts, lock managers, workloads), so that they run this
+checkout's code whatever their working directory.
 """
 
 from __future__ import annotations
@@ -11,15 +18,19 @@ from __future__ import annotations
 import gc
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from tests.helpers import Mount, mkfs, run_cli
 
-from tests.helpers import Mount, mkfs, run_cli  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    """The repository first on the started processes' ``PYTHONPATH``."""
+    path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = REPO + (os.pathsep + path if path else "")
 
 
 def _malloc_trim():

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from typing import Iterator, Protocol
 
-from ..ondisk.format import NODE_CAPACITY, TreeNode
+from ..ondisk.format import MAX_DEPTH, NODE_CAPACITY, TreeNode
 
-MAX_DEPTH = 8
 MERGE_THRESHOLD = NODE_CAPACITY // 4
 
 

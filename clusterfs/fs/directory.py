@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 
 from ..errors import FSError
-from ..ondisk.format import HASH_SHIFT, MAX_COLLISIONS, NAME_MAX, Dinode, name_hash
+from ..ondisk.format import MAX_COLLISIONS, NAME_MAX, Dinode, key_range
 from .btree import BTree
 from .inode import InodeStore
 
@@ -22,14 +22,9 @@ def tree(vol, di: Dinode) -> BTree:
     return BTree(InodeStore(vol, di), di.root)
 
 
-def _range(name: bytes) -> tuple[int, int]:
-    lo = name_hash(name) << HASH_SHIFT
-    return lo, lo + MAX_COLLISIONS - 1
-
-
 def lookup(vol, di: Dinode, name: bytes):
     """(key, ino, dtype) of ``name`` in directory ``di``, or None."""
-    lo, hi = _range(name)
+    lo, hi = key_range(name)
     for key, (ino, dtype, nm) in tree(vol, di).items_from(lo):
         if key > hi:
             break
@@ -42,7 +37,7 @@ def add(vol, di: Dinode, name: bytes, ino: int, dtype: int) -> int:
     """Add an entry (EEXIST if the name exists); returns its key."""
     if len(name) > NAME_MAX:
         raise FSError(errno.ENAMETOOLONG, "name too long")
-    lo, hi = _range(name)
+    lo, hi = key_range(name)
     t = tree(vol, di)
     used = set()
     for key, (_ino, _dt, nm) in t.items_from(lo):

@@ -15,12 +15,11 @@ import errno
 
 from ..errors import CorruptBlock, FSError
 from ..ondisk.format import (BLOCK_SIZE, DF_EXTENTS, DF_INLINE, EXTENT, INLINE_MAX,
-                             XATTR_BLOCK_SIZE, XATTR_INLINE_SIZE, Dinode, TreeNode,
-                             XattrBlock, xattr_size)
+                             MAX_FILE_BLOCKS, XATTR_BLOCK_SIZE, XATTR_INLINE_SIZE, Dinode,
+                             TreeNode, XattrBlock, xattr_size)
 from .btree import BTree
 
 MAX_EXTENT = 1 << 31           # blocks in one extent record
-MAX_FILE_BLOCKS = 1 << 40      # 4 PiB: far past the 16 TiB the format promises
 TRUNCATE_STEP = 64             # extent records freed per operation
 
 

@@ -6,6 +6,11 @@ and stops it by its PID.  ``Cluster`` hands out node mounts of one volume
 ``running_cluster`` unmounts every node that is still mounted on the way out (even
 when the test failed), stops the lock manager, then checks the volume.
 
+State to assert on, rather than log lines: ``Lockd.view()`` is the lock manager's
+own view (its status query with every granted lock), ``slot_state`` a node slot as
+the volume holds it (heartbeat, journal clean, digest of the journal's log blocks),
+and ``Cluster.wait_recovered`` checks both once a dead node is recovered.
+
 Short leases keep the failure tests fast: lock manager ``--lease 3``, mounts
 ``--lease 3 --heartbeat 0.3`` (``fast=False`` uses the defaults).  Not 2: a node's
 journal flushes run on its event loop, and on a busy shared host one can hold up
@@ -15,6 +20,9 @@ the lease renewal long enough (1.6 s) to fence a healthy node.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -24,11 +32,13 @@ import sys
 import tempfile
 import time
 
+from clusterfs.ondisk.format import HB_FREE, Heartbeat
 from tests.helpers import Mount, check_consistency, fsck_clean, mkfs, run_cli
 
 PY = sys.executable
 FAST_LEASE = "3"
 FAST_HEARTBEAT = "0.3"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -133,10 +143,41 @@ class Lockd:
                     raise
                 time.sleep(0.2)
 
-    def status(self) -> dict:
-        import json
-        proc = run_cli("lockd-status", self.addr, "--key", self.keyfile, "--json")
-        return json.loads(proc.stdout)
+    def view(self) -> dict:
+        """The lock manager's own view (``lock_view``: its status with every granted
+        lock), asked from inside its network namespace when it runs in one."""
+        host = "127.0.0.1" if self.listen_host == "0.0.0.0" else self.host
+        addr = f"{host}:{self.port}"
+        if not self.wrap:
+            return lock_view(addr, self.keyfile)
+        r = subprocess.run([*self.wrap, PY, "-c", _VIEW, addr, self.keyfile], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, f"lock manager status from its namespace:\n{r.stderr}"
+        st = json.loads(r.stdout)
+        for h in st["held"]:
+            h["name"] = bytes.fromhex(h["name"])
+        return st
+
+
+# prints lock_view(ADDR, KEYFILE) as JSON (lock names in hex)
+_VIEW = """import json, sys
+from tests.cluster.cluster_util import lock_view
+st = lock_view(*sys.argv[1:])
+for h in st["held"]:
+    h["name"] = h["name"].hex()
+print(json.dumps(st))
+"""
+
+
+def lock_view(addr: str, keyfile: str) -> dict:
+    """The status of the lock manager at ``addr`` (``lockmgr.query_status``) with
+    ``held``, every granted lock: name (bytes), node, slot, mode, dead (its owner is
+    not a live session: a dead node not yet recovered, or none at all)."""
+    import trio
+
+    from lockmgr import load_key, query_status
+    key = load_key(keyfile)
+    return trio.run(lambda: query_status(addr, key, prefix=b""))
 
 
 class Cluster:
@@ -189,7 +230,6 @@ class Cluster:
             raise AssertionError("\n".join(errors))
 
     def status(self, *extra: str) -> dict:
-        import json
         proc = run_cli("status", self.volume, "--lockd", self.lockd.addr, "--key",
                        self.lockd.keyfile, "--json", *extra)
         return json.loads(proc.stdout)
@@ -210,6 +250,39 @@ class Cluster:
     def check(self, *, crashed: bool = False) -> None:
         """The volume (every node unmounted) is consistent: the walk, then fsck."""
         check_volume(self.volume, crashed=crashed)
+
+    def slot_of(self, name: str) -> int:
+        """The slot node ``name`` has mounted, by the heartbeats on the volume."""
+        from clusterfs.fs.volume import read_superblock
+        from clusterfs.ondisk.blockdev import BlockDevice
+        from clusterfs.ondisk.slots import read_heartbeats
+        dev = BlockDevice(self.volume, readonly=True)
+        try:
+            hbs = read_heartbeats(dev, read_superblock(dev))
+        finally:
+            dev.close()
+        slots = [hb.slot for hb in hbs
+                 if hb is not None and hb.node == name and hb.state != HB_FREE]
+        assert len(slots) == 1, f"node {name} holds slots {slots}"
+        return slots[0]
+
+    def wait_recovered(self, name: str, slot: int, timeout: float = 60.0) -> None:
+        """Wait until the lock manager has let the dead node ``name`` go (its session
+        leaves only when a member reports its slot recovered), then check what the
+        recovery leaves: no lock of the node held any more, and on the volume its
+        slot's heartbeat FREE and its journal clean."""
+        def gone():
+            st = self.lockd.view()
+            listed = [n for n in st["nodes"] + st["recovering"] if n["node"] == name]
+            return None if listed else st
+        st = wait_for(gone, timeout, f"the recovery of node {name}")
+        left = [h for h in st["held"] if h["slot"] == slot or h["dead"]]
+        assert left == [], f"locks of the recovered node {name} are still held: {left}"
+        after = slot_state(self.volume, slot)
+        assert after.heartbeat is not None and after.heartbeat.state == HB_FREE, \
+            f"slot {slot} of the recovered node {name}: heartbeat {after.heartbeat}"
+        assert after.journal_clean, \
+            f"slot {slot} of the recovered node {name}: its journal was not replayed"
 
 
 def check_volume(path: str, *, crashed: bool = False) -> None:
@@ -285,9 +358,6 @@ def wait_for(cond, timeout: float = 60.0, what: str = "condition", interval=0.05
         time.sleep(interval)
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 class Workload:
     """A ``tests/cluster/workload.py`` process on one node's mount.
 
@@ -317,14 +387,11 @@ class Workload:
             cmd.append("--strict")
         if hold:
             cmd += ["--hold", hold]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         with open(self.errfile, "ab") as err:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL,
                                          stdout=err, stderr=subprocess.STDOUT)
 
     def events(self) -> list[dict]:
-        import json
         try:
             with open(self.log) as f:
                 lines = f.read().splitlines()
@@ -370,7 +437,6 @@ class Workload:
 
 
 def sha256_of(path: str) -> str:
-    import hashlib
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
@@ -382,7 +448,6 @@ def sha256_of(path: str) -> str:
 
 def image_digest(path: str, skip: set[int] = frozenset()) -> str:
     """A hash of a volume image's blocks, leaving out the block numbers in ``skip``."""
-    import hashlib
     h = hashlib.sha256()
     bs = 4096
     with open(path, "rb") as f:
@@ -397,6 +462,30 @@ def image_digest(path: str, skip: set[int] = frozenset()) -> str:
                 else:
                     h.update(b"skipped")
                 bno += 1
+
+
+@dataclasses.dataclass
+class SlotState:
+    """A node slot as the volume holds it."""
+
+    heartbeat: Heartbeat | None     #: None: unreadable
+    journal_clean: bool             #: its journal's header says clean
+    log_digest: str                 #: sha256 of its journal's log blocks (not the header)
+
+
+def slot_state(volume: str, slot: int) -> SlotState:
+    """Read ``slot``'s heartbeat and journal from the volume (no lock: a snapshot)."""
+    from clusterfs.fs.volume import read_superblock
+    from clusterfs.ondisk.blockdev import BlockDevice
+    from clusterfs.ondisk.slots import read_heartbeat, slot_journal
+    dev = BlockDevice(volume, readonly=True)
+    try:
+        sb = read_superblock(dev)
+        j = slot_journal(dev, sb, slot)
+        log = hashlib.sha256(dev.read(j.start + 1, j.length - 1)).hexdigest()
+        return SlotState(read_heartbeat(dev, sb, slot), j.is_clean(), log)
+    finally:
+        dev.close()
 
 
 def heartbeat_blocks(volume: str, slots) -> set[int]:

@@ -10,12 +10,17 @@
 * A network partition (each node in its own network namespace): the node cut off
   fences itself (EIO, not one more byte on the volume), the others recover its
   journal and carry on, and it rejoins after a remount.
+
+Every check reads state: the lock manager's own view (``Lockd.view``), the slots on
+the volume (``slot_state``), what the mounts answer; none reads a log line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import itertools
 import os
 import random
 import shutil
@@ -23,9 +28,10 @@ import time
 
 import pytest
 
+from clusterfs.ondisk.format import HB_FREE
 from tests.cluster.cluster_util import (Lockd, Netns, Workload, free_port, heartbeat_blocks,
                                         image_digest, make_key, running_cluster, sha256_of,
-                                        wait_for)
+                                        slot_state, wait_for)
 
 
 def check_fsynced(wl: Workload, mount, top: str = "w") -> int:
@@ -60,8 +66,38 @@ def wait_still(vol: str, skip: set, timeout: float = 30.0) -> str:
         prev = cur
 
 
-def recovered(mount, node: str) -> bool:
-    return f"node {node} (slot" in mount.read_log() and " recovered;" in mount.read_log()
+def fails_with_eio(path: str) -> bool:
+    """Whether a lookup of ``path`` (a name that does not exist) fails with EIO, as
+    every request to a fenced node does; False when it answers ENOENT."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.EIO:
+            return True
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    raise AssertionError(f"{path} exists")
+
+
+def locks_reclaimed(lockd: Lockd) -> dict[str, set]:
+    """Watch a lock manager that has just started until its grace period is over;
+    returns the locks (name, mode) each node held meanwhile.  The lock manager is
+    frozen while the grace period lasts (it grants nothing but reclaims), so these
+    are the locks the nodes reclaimed."""
+    held: dict[str, set] = {}
+
+    def over() -> bool:
+        st = lockd.view()
+        if st["grace_left"] == 0:
+            return True
+        assert st["frozen"], f"new locks granted in the grace period: {st}"
+        for h in st["held"]:
+            held.setdefault(h["node"], set()).add((h["name"], h["mode"]))
+        return False
+
+    wait_for(over, 60, "the end of the grace period", interval=0.02)
+    return held
 
 
 def kill_during_workload(topdir: str, seed: int) -> None:
@@ -72,6 +108,7 @@ def kill_during_workload(topdir: str, seed: int) -> None:
         mounts = {n: c.mount(n) for n in names}
         os.mkdir(mounts["a"].p("w"))
         victim = rng.choice(names)
+        slot = c.slot_of(victim)
         survivors = [n for n in names if n != victim]
         loads = {n: Workload(mounts[n], n, mounts[n].p("w"), topdir, seed=seed * 10 + i,
                              strict=n != victim, hold="held" if n == victim else None)
@@ -83,8 +120,7 @@ def kill_during_workload(topdir: str, seed: int) -> None:
             c.kill(victim)
             loads[victim].kill()
             # a survivor recovers it; the others' applications wait, never fail
-            wait_for(lambda: any(recovered(mounts[n], victim) for n in survivors), 60,
-                     f"recovery of {victim}")
+            c.wait_recovered(victim, slot)
             # and they carry on for a while after the recovery
             done = {n: len(loads[n].events()) for n in survivors}
             wait_for(lambda: all(len(loads[n].events()) > done[n] + 2 for n in survivors),
@@ -133,8 +169,12 @@ def test_lock_manager_restart_during_workload(topdir):
             for _ in range(2):
                 time.sleep(1.0)
                 c.lockd.restart()
-                wait_for(lambda: "grace period over" in c.lockd.read_log().split(
-                    "listening on")[-1], 60, "the end of the grace period")
+                # every node reclaims its locks before the grace period ends, in
+                # the modes it held them (each holds its slot lock in EX at least)
+                held = locks_reclaimed(c.lockd)
+                assert sorted(held) == ["a", "b", "c"], held
+                for n, locks in held.items():
+                    assert "EX" in {mode for _name, mode in locks}, (n, locks)
                 done = {n: len(wl.events()) for n, wl in loads.items()}
                 wait_for(lambda: all(len(wl.events()) > done[n] + 2
                                      for n, wl in loads.items()), 60,
@@ -144,12 +184,19 @@ def test_lock_manager_restart_during_workload(topdir):
         finally:
             for wl in loads.values():
                 wl.kill()
-        assert "reclaimed" in c.lockd.read_log()
+        other = {"a": mounts["b"], "b": mounts["c"], "c": mounts["a"]}
         for n, wl in loads.items():
-            other = mounts[{"a": "b", "b": "c", "c": "a"}[n]]
-            assert check_fsynced(wl, other) > 0
-        for m in mounts.values():
-            assert "self-fencing" not in m.read_log()
+            assert check_fsynced(wl, other[n]) > 0
+        # no node fenced itself: each is still a live member and still writes
+        st = c.lockd.view()
+        assert sorted(n["node"] for n in st["nodes"]) == ["a", "b", "c"], st
+        assert st["recovering"] == [], st
+        for n, m in mounts.items():
+            with open(m.p("w", f"after-{n}"), "wb") as f:
+                f.write(n.encode())
+        for n in mounts:
+            with open(other[n].p("w", f"after-{n}"), "rb") as f:
+                assert f.read() == n.encode()
 
 
 @pytest.fixture
@@ -182,6 +229,7 @@ def test_network_partition_fences_the_node_cut_off(topdir, netns):
         loads = {n: Workload(m, n, m.p("w"), topdir, seed=i, strict=n != "a",
                              hold="held" if n == "a" else None)
                  for i, (n, m) in enumerate(mounts.items())}
+        slot = {n: c.slot_of(n) for n in mounts}
         app = os.open(a.p("w", "app-file"), os.O_CREAT | os.O_RDWR, 0o644)
         try:
             os.write(app, b"before the cut")
@@ -189,14 +237,24 @@ def test_network_partition_fences_the_node_cut_off(topdir, netns):
             for wl in loads.values():
                 wl.wait_started()
             netns.cut("a")
-            # a fences itself: its applications get EIO
-            wait_for(lambda: "self-fencing" in a.read_log(), 30, "a to fence itself")
+            # a fences itself: every request gets EIO (each probe looks a new name
+            # up, so the kernel has no answer of its own)
+            probes = itertools.count()
+            wait_for(lambda: fails_with_eio(a.p("w", f"probe-{next(probes)}")), 30,
+                     "a to fence itself")
+            fenced = slot_state(vol, slot["a"])
             with pytest.raises(OSError) as e:
                 os.pwrite(app, b"after", 0)
             assert e.value.errno == errno.EIO
             # the others recover its journal and carry on
-            wait_for(lambda: recovered(mounts["b"], "a") or recovered(mounts["c"], "a"),
-                     60, "recovery of a")
+            c.wait_recovered("a", slot["a"])
+            # a has not written to its slot since it fenced: its heartbeat is as it
+            # left it but for the recovery's mark (FREE, counter + 1), its log blocks
+            # are unchanged
+            recovered = slot_state(vol, slot["a"])
+            assert recovered.heartbeat == dataclasses.replace(
+                fenced.heartbeat, state=HB_FREE, counter=fenced.heartbeat.counter + 1)
+            assert recovered.log_digest == fenced.log_digest
             done = {n: len(loads[n].events()) for n in ("b", "c")}
             wait_for(lambda: all(len(loads[n].events()) > done[n] + 2 for n in ("b", "c")),
                      60, "b and c to carry on")
@@ -214,11 +272,7 @@ def test_network_partition_fences_the_node_cut_off(topdir, netns):
                 fd = os.open(mounts[n].p("w", n), os.O_RDONLY)
                 os.fsync(fd)
                 os.close(fd)
-            from clusterfs.commands.status import gather
-            slots = {s["slot"] for s in gather(vol, watch=0)["slots"]
-                     if s.get("node") in ("b", "c") and s["state"] != "free"}
-            assert len(slots) == 2
-            skip = heartbeat_blocks(vol, slots)
+            skip = heartbeat_blocks(vol, {slot["b"], slot["c"]})
             before = wait_still(vol, skip)
             # the fenced node's applications try hard to write: EIO, nothing reaches
             # the volume
@@ -232,17 +286,24 @@ def test_network_partition_fences_the_node_cut_off(topdir, netns):
                 with pytest.raises(OSError) as e:
                     attempt()
                 assert e.value.errno == errno.EIO
-            time.sleep(1.0)
-            assert image_digest(vol, skip) == before, "a fenced node wrote to the volume"
-        finally:
             with contextlib.suppress(OSError):
                 os.close(app)       # (EIO: its last flush is refused too)
+            app = None
+            # once its process has ended, a has made or been refused every write it
+            # would ever try: the image must be as it was before the attempts, and
+            # a's slot as the recovery left it
+            c.unmount("a", check_log=False)
+            assert image_digest(vol, skip) == before, "a fenced node wrote to the volume"
+            assert slot_state(vol, slot["a"]) == recovered, "a fenced node wrote its slot"
+        finally:
+            if app is not None:
+                with contextlib.suppress(OSError):
+                    os.close(app)
             for wl in loads.values():
                 wl.kill()
         # back on the network, a remount rejoins
         netns.restore("a")
         wait_for(lambda: netns.reachable("a", port), 30, "the link to come back")
-        c.unmount("a", check_log=False)
         a = c.mount("a", wrap=netns.wrap("a"), lockd_addr=netns.lockd_addr("a", port))
         check_fsynced(loads["b"], a)
         with open(a.p("w", "a", "held"), "r+b") as f:

@@ -12,7 +12,6 @@ import os
 import time
 
 import pytest
-import trio
 
 from tests.cluster.cluster_util import make_topdir, running_cluster, wait_for
 
@@ -191,6 +190,7 @@ def test_mode_released_when_the_holder_dies(topdir):
     recovered it, the file can be opened for writing elsewhere."""
     with running_cluster(topdir, crashes=True) as c:
         a, b = c.mount("a"), c.mount("b")
+        slot = c.slot_of("a")
         with open(a.p("disk.img"), "wb") as w:
             w.write(b"x" * 100_000)
             os.fsync(w.fileno())
@@ -207,7 +207,7 @@ def test_mode_released_when_the_holder_dies(topdir):
         with open(b.p("disk.img"), "r+b") as w:
             assert w.read() == b"x" * 100_000
             w.write(b"y")
-        assert "recovered" in c.nodes["b"].read_log()
+        c.wait_recovered("a", slot)
         assert not c.status("--watch", "0")["lock_manager"]["open_modes"]
         # the dead node comes back (in its old slot) and sees the change
         a = c.mount("a")
@@ -216,11 +216,8 @@ def test_mode_released_when_the_holder_dies(topdir):
 
 def _open_locks_of(c, node: str) -> set[int]:
     """The inodes whose open lock (``O``) the lock manager says ``node`` holds."""
-    from lockmgr import query_status
-    from lockmgr.keyfile import load_key
-    st = trio.run(lambda: query_status(c.lockd.addr, load_key(c.lockd.keyfile),
-                                       prefix=b"O"))
-    return {int.from_bytes(h["name"][1:], "big") for h in st["held"] if h["node"] == node}
+    return {int.from_bytes(h["name"][1:], "big") for h in c.lockd.view()["held"]
+            if h["node"] == node and h["name"].startswith(b"O")}
 
 
 def test_open_lock_cache_is_bounded_and_called_back(topdir):

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-from fsckutil import copy_image, populate  # noqa: E402
+from tests.fsck.fsckutil import copy_image, populate
 
 
 @pytest.fixture(scope="session")

@@ -16,14 +16,15 @@ import os
 import stat as S
 
 import pytest
-from fsckutil import (CTX, Api, bitmap_state, crash_session, dinode, dir_node_blocks,
-                      findings, flip, fsck, lookup, put_dinode, read_block,
-                      set_bitmap_state, superblock, verify_tree, write_block)
 
 from clusterfs.fs import directory
 from clusterfs.fs.single_node import SingleNodeMount
 from clusterfs.ondisk.blockhdr import BLOCK_SIZE, BlockType
 from clusterfs.ondisk.format import DIRENT, DT_REG, FREE, USED, Heartbeat, TreeNode
+from tests.fsck.fsckutil import (CTX, Api, bitmap_state, crash_session, dinode,
+                                 dir_node_blocks, findings, flip, fsck, lookup, put_dinode,
+                                 read_block, set_bitmap_state, superblock, verify_tree,
+                                 write_block)
 from tests.helpers import Mount
 
 # -- the common check ------------------------------------------------------------------------
@@ -126,12 +127,11 @@ def test_corrupt_journal_middle(vol, tmp_path):
     crash_session(img, work)
     # damage an image of the first transaction in the log (at the header's tail)
     from clusterfs.ondisk.blockdev import BlockDevice
-    from journal import Journal
-    sb = superblock(img)
-    start, length = sb.journal_range(0)
+    from clusterfs.ondisk.slots import slot_journal
     with BlockDevice(img, readonly=True) as dev:
-        hdr = Journal(dev, start, length, slot=0).read_header()
-    first = start + 1 + hdr.tail_pos
+        j = slot_journal(dev, superblock(img), 0)
+        hdr = j.read_header()
+    first = j.start + 1 + hdr.tail_pos
     assert int.from_bytes(read_block(img, first)[4:6], "little") == \
         BlockType.JOURNAL_DESCRIPTOR
     flip(img, first + 1, 2000)

@@ -7,14 +7,14 @@ import json
 import os
 
 import pytest
-from fsckutil import (Api, bitmap_state, dinode, put_dinode, read_block, reseal,
-                      set_bitmap_state, superblock, write_block)
 
 from clusterfs.commands.mkfs import make_volume
 from clusterfs.fs import directory
 from clusterfs.ondisk.format import DT_REG, FREE, USED
 from fsck.checker import Fsck
 from fsck.report import Report
+from tests.fsck.fsckutil import (Api, bitmap_state, dinode, put_dinode, read_block, reseal,
+                                 set_bitmap_state, superblock, write_block)
 from tests.helpers import run_cli
 
 

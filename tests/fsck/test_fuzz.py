@@ -16,11 +16,11 @@ import os
 import random
 
 import pytest
-from fsckutil import (CTX, Api, copy_image, crash_session, fsck, read_block, superblock,
-                      walk_all, write_block)
 
 from clusterfs.ondisk import blockhdr
 from clusterfs.ondisk.blockhdr import BLOCK_SIZE
+from tests.fsck.fsckutil import (CTX, Api, copy_image, crash_session, fsck, read_block,
+                                 superblock, walk_all, write_block)
 from tests.helpers import Mount
 
 QUICK = 24
@@ -33,16 +33,17 @@ def meta_blocks(populated_master):
     img, _man = populated_master
     code, rep, ck = fsck(img, "n")
     assert code == 0, rep.text
-    sb = ck.sb
+    st = ck.state
+    sb = st.sb
     kinds = {
         "superblock": [0, sb.backup_bno],
         "heartbeat": [sb.heartbeat_bno(i) for i in range(sb.nslots)],
         "journal": [sb.journal_range(i)[0] for i in range(sb.nslots)],
-        "rgrp": list(ck.gstart),
-        "bitmap": [g + 1 + j for g in ck.gstart for j in range(sb.bitmap_blocks)],
-        "dinode": sorted(ck.inodes),
-        "node": sorted(b for r in ck.inodes.values() for b in r.nodes),
-        "xattr": sorted(r.di.xattr_block for r in ck.inodes.values() if r.di.xattr_block),
+        "rgrp": list(st.gstart),
+        "bitmap": [g + 1 + j for g in st.gstart for j in range(sb.bitmap_blocks)],
+        "dinode": sorted(st.inodes),
+        "node": sorted(b for r in st.inodes.values() for b in r.nodes),
+        "xattr": sorted(r.di.xattr_block for r in st.inodes.values() if r.di.xattr_block),
     }
     return kinds
 

@@ -1,6 +1,6 @@
 """The namespace layer's whole-directory checks against the record-by-record rule.
 
-``Fsck._entries_plain`` passes a directory over when every record is one the
+``namespace.entries_plain`` passes a directory over when every record is one the
 record-by-record check of ``check_dir_entries`` has nothing to say about.  Here
 directories with random damage to their records (targets, types, keys, names) are
 given to both: the bulk check must never pass a directory that the rule would stop
@@ -17,7 +17,11 @@ from hypothesis import strategies as st
 
 from clusterfs.ondisk.format import (DF_DIRTREE, DF_EXTENTS, HASH_SHIFT, NAME_MAX, Dinode,
                                      dtype_of, name_hash)
-from fsck.checker import Fsck, Rec
+from fsck.namespace import entries_plain
+from fsck.records import Rec
+from fsck.report import Report
+from fsck.state import State
+from fsck.treewalk import walk_node
 
 ROOT, DIR = 100, 101
 FILES = list(range(200, 216))
@@ -29,17 +33,16 @@ class _SB:
     root_ino = ROOT
 
 
-def checker() -> Fsck:
-    f = Fsck.__new__(Fsck)
+def checker() -> State:
+    f = State(path="", mode="n", report=Report("n", quiet=True))
     f.sb = _SB()
-    f.inodes = {}
     for ino, mode in MODES.items():
         flags = DF_DIRTREE if S.S_ISDIR(mode) else DF_EXTENTS
         f.inodes[ino] = Rec(Dinode(ino, mode=mode, nlink=1, flags=flags), ())
     return f
 
 
-def rule(f: Fsck, ino: int, items) -> bool:
+def rule(f: State, ino: int, items) -> bool:
     """The common-case test of ``check_dir_entries``, one record at a time."""
     names = set()
     for key, (child, dtype, name) in items:
@@ -100,15 +103,15 @@ def directory(draw):
 @given(items=directory())
 def test_bulk_check_agrees_with_the_record_rule(items):
     f = checker()
-    assert f._entries_plain(DIR, items) == rule(f, DIR, items)
+    assert entries_plain(f, DIR, items) == rule(f, DIR, items)
 
 
 def test_a_clean_directory_is_passed_whole():
     f = checker()
     items = sorted(((name_hash(b"f%d" % c) << HASH_SHIFT, (c, dtype_of(MODES[c]), b"f%d" % c))
                     for c in FILES))
-    assert f._entries_plain(DIR, items)
-    assert f._entries_plain(DIR, [])
+    assert entries_plain(f, DIR, items)
+    assert entries_plain(f, DIR, [])
 
 
 def _first_out_of_range(keys, lo, hi):
@@ -131,7 +134,7 @@ def test_leaf_keys_against_the_parent_range(keys, lo, hi):
     rec = Rec(f.inodes[DIR].di, ()).own_lists()
     leaf = TreeNode(500, 2, 0, DIR, list(keys), [(200, 8, b"f%d" % k) for k in keys])
     items: list = []
-    f._walk_node(rec, leaf, 2, lo, hi, items, set(), "directory tree")
+    walk_node(f, rec, leaf, 2, lo, hi, items, set(), "directory tree")
     want = _first_out_of_range(keys, lo, hi)
     if want is None:
         assert rec.tree_issues == [] and not rec.tree_bad

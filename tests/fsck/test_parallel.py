@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 
 import pytest
-from fsckutil import bitmap_state, findings, flip, fsck, superblock
 
 from clusterfs.ondisk.blockdev import BlockDevice
 from clusterfs.ondisk.format import DINODE, UNLINKED, Dinode
 from fsck import parallel
+from tests.fsck.fsckutil import bitmap_state, findings, flip, fsck, superblock
 
 
 def dinode_blocks(img: str) -> list[int]:

@@ -185,15 +185,34 @@ def test_full_volume_enospc_for_data_and_metadata(tmp_path):
                 n += 1
         assert exc.value.errno == errno.ENOSPC
         assert n > 100
+        full = os.statvfs(mnt).f_bfree
+        assert full < 16
+        # a new directory or symlink needs an inode block: ENOSPC, and nothing is made
         for op in (lambda: os.mkdir(m.p("d", "newdir")),
-                   lambda: os.symlink("t" * 4000, m.p("d", "newlink")),
-                   lambda: open(m.p("d", f"f{0:05d}"), "ab").write(os.urandom(1 << 20))):
-            try:
+                   lambda: os.symlink("t" * 4000, m.p("d", "newlink"))):
+            with pytest.raises(OSError) as exc:
                 op()
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
-        st = os.statvfs(mnt)
-        assert st.f_bfree < 16
+            assert exc.value.errno == errno.ENOSPC
+        assert not os.path.lexists(m.p("d", "newdir"))
+        assert not os.path.lexists(m.p("d", "newlink"))
+        # an append fills at most the file's last block (a short write), then ENOSPC;
+        # the bytes written read back after the old ones
+        f0 = m.p("d", "f00000")
+        room = os.stat(f0).st_blocks * 512 - 5000     # in the blocks it has
+        data = os.urandom(1 << 20)
+        fd = os.open(f0, os.O_WRONLY | os.O_APPEND)
+        written = 0
+        try:
+            with pytest.raises(OSError) as exc:
+                for _ in range(3):
+                    written += os.write(fd, data[written:])
+        finally:
+            os.close(fd)
+        assert exc.value.errno == errno.ENOSPC
+        assert 0 <= room < BS and written <= room
+        with open(f0, "rb") as f:
+            assert f.read() == b"x" * 5000 + data[:written]
+        assert os.statvfs(mnt).f_bfree == full
         # the volume stays usable: delete some, write again
         for i in range(0, n, 2):
             os.unlink(m.p("d", f"f{i:05d}"))

@@ -1,9 +1,13 @@
 """Real programs on the mount: tar x of a large tarball then diff -r (and tar --diff
-for modes, owners and times), git init/add/commit/gc/fsck, fio with crc32c verify."""
+for modes, owners and times), git init/add/commit/gc/fsck, fio with crc32c verify.
+
+The tarball is made from a tree the test builds (``build_tree``), not from a system
+directory: a package installed meanwhile would change the source under diff."""
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 
@@ -12,44 +16,126 @@ import pytest
 from tests.fuse.conftest import check_image
 from tests.helpers import Mount, mkfs
 
-SOURCES = ["/usr/lib/python3", "/usr/lib/python3.11"]
-SHARE = "/usr/share"
 MIN_BYTES = 100 << 20
 MIN_FILES = 3000
+FILE_MODES = [0o644, 0o644, 0o755, 0o600, 0o640, 0o444, 0o700, 0o4755, 0o2755, 0o1644]
+DIR_MODES = [0o755, 0o755, 0o700, 0o750, 0o1777, 0o2775]
+OWNERS = [(0, 0), (0, 0), (1000, 1000), (65534, 65534), (2, 4)]
 
 
-def _tree_size(top: str) -> tuple[int, int]:
-    size = files = 0
-    for dirpath, _dirs, names in os.walk(top):
-        for n in names:
-            try:
-                st = os.lstat(os.path.join(dirpath, n))
-            except OSError:
-                continue
-            size += st.st_size
-            files += 1
-    return size, files
+def _name(rng: random.Random, key: str, ext: str = "") -> str:
+    """A name unique by ``key``: plain mostly, else with spaces, UTF-8, a leading
+    dash, shell characters, or 255 bytes long."""
+    kind = rng.random()
+    if kind < 0.7:
+        return key + ext
+    if kind < 0.75:
+        return f"a name with spaces {key}{ext}"
+    if kind < 0.8:
+        return f"ünïcødé-{key}-名前{ext}"
+    if kind < 0.85:
+        return f"-{key}-dash{ext}"
+    if kind < 0.9:
+        return f"q'u\"o$t&e;({key})[*]{ext}"
+    prefix = f"{key}-long-"
+    return prefix + "L" * (255 - len(prefix) - len(ext)) + ext
 
 
-def _pick_sources() -> list[str]:
-    """Whole directories (so diff -r can compare them) adding up to >= 100 MB and
-    thousands of files."""
-    picked, size, files = [], 0, 0
-    cands = [d for d in SOURCES if os.path.isdir(d)]
-    if os.path.isdir(SHARE):
-        cands += sorted(os.path.join(SHARE, d) for d in os.listdir(SHARE))
-    for d in cands:
-        if not os.path.isdir(d) or os.path.islink(d):
-            continue
-        s, f = _tree_size(d)
-        if s > 200 << 20:
-            continue
-        picked.append(d)
-        size += s
-        files += f
-        if size >= MIN_BYTES and files >= MIN_FILES:
-            return picked
-    pytest.skip(f"not enough local files for a {MIN_BYTES >> 20} MB tarball")
+def _data(rng: random.Random, size: int) -> bytes:
+    kind = rng.random()
+    if kind < 0.5:
+        return rng.randbytes(size)
+    if kind < 0.9:
+        return (rng.randbytes(64) * (size // 64 + 1))[:size]       # compressible
+    return bytes(size)
+
+
+def _file_size(rng: random.Random) -> int:
+    kind = rng.random()
+    if kind < 0.04:
+        return 0
+    if kind < 0.65:
+        return rng.randrange(1, 4096)
+    if kind < 0.95:
+        return rng.randrange(4096, 48 << 10)
+    return rng.randrange(48 << 10, 512 << 10)
+
+
+def build_tree(top: str, seed: int = 14) -> tuple[int, int]:
+    """A tree of the shape of a system directory, made here so that nothing changes
+    it while the test runs: 3,500 files in nested directories (most small, some
+    large, at least 100 MB in all), empty files and directories, symlinks (relative,
+    absolute, to directories, dangling, with long targets), hard links (in one
+    directory and across), setuid / setgid / sticky and read-only modes, other
+    owners (when run as root), old mtimes, and odd or 255-byte names in paths far
+    longer than tar's 100-byte name field.
+
+    Returns:
+        (bytes in regular files, number of non-directory entries).
+    """
+    rng = random.Random(seed)
+    os.mkdir(top)
+    dirs = [top]
+    for i in range(240):
+        parent = rng.choice(dirs)
+        if len(parent) - len(top) > 1500:
+            parent = top
+        dirs.append(os.path.join(parent, _name(rng, f"d{i}")))
+        os.mkdir(dirs[-1])
+    files, size = [], 0
+    for i in range(3500):
+        path = os.path.join(rng.choice(dirs), _name(rng, f"f{i}", rng.choice(
+            ["", ".txt", ".py", ".gz", ".so", ".1"])))
+        n = _file_size(rng)
+        with open(path, "wb") as f:
+            f.write(_data(rng, n))
+        files.append(path)
+        size += n
+    i = 0
+    while size < MIN_BYTES + (4 << 20):      # a few big files make up the rest
+        n = rng.randrange(2 << 20, 12 << 20)
+        path = os.path.join(rng.choice(dirs), f"big-{i}.bin")
+        with open(path, "wb") as f:
+            f.write(_data(rng, n))
+        files.append(path)
+        size += n
+        i += 1
+    links = []
+    for i in range(120):
+        d = rng.choice(dirs)
+        target = rng.choice(files)
+        kind = rng.random()
+        if kind < 0.4:
+            dest = os.path.relpath(target, d)
+        elif kind < 0.6:
+            dest = target
+        elif kind < 0.75:
+            dest = os.path.relpath(rng.choice(dirs), d)
+        elif kind < 0.9:
+            dest = f"nowhere/{i}/dangling"
+        else:
+            dest = "/".join(["..", "long-target"] * 60) + f"/{i}"
+        links.append(os.path.join(d, f"link-{i}"))
+        os.symlink(dest, links[-1])
+    for i in range(100):
+        src = rng.choice(files)
+        d = os.path.dirname(src) if i % 3 == 0 else rng.choice(dirs)
+        os.link(src, os.path.join(d, f"hard-{i}"))
+    root = os.geteuid() == 0                 # (others cannot give files away)
+    for path in files + links:
+        if root:
+            os.lchown(path, *rng.choice(OWNERS))
+        if not os.path.islink(path):
+            os.chmod(path, rng.choice(FILE_MODES))      # after chown, which clears setuid
+        t = rng.randrange(946684800, 1700000000) * 10**9 + rng.randrange(10**9)
+        os.utime(path, ns=(t, t), follow_symlinks=False)
+    for d in reversed(dirs):                 # children first: their times stay put
+        if root:
+            os.lchown(d, *rng.choice(OWNERS))
+        os.chmod(d, rng.choice(DIR_MODES))
+        t = rng.randrange(946684800, 1700000000) * 10**9
+        os.utime(d, ns=(t, t))
+    return size, len(files) + len(links) + 100
 
 
 def _run(cmd, **kw):
@@ -72,17 +158,17 @@ def big_mount(tmp_path_factory):
 
 
 def test_tar_extract_then_diff(big_mount, tmp_path):
-    dirs = _pick_sources()
+    size, entries = build_tree(str(tmp_path / "tree"))
+    assert size >= MIN_BYTES and entries >= MIN_FILES
     tarball = str(tmp_path / "big.tar")
-    _run(["tar", "cf", tarball, "--warning=no-file-changed", "--ignore-failed-read",
-          *dirs])
+    _run(["tar", "cf", tarball, "-C", str(tmp_path), "tree"])
     assert os.path.getsize(tarball) >= MIN_BYTES
     dest = big_mount.p("extract")
     os.mkdir(dest)
     _run(["tar", "xf", tarball, "-C", dest])
-    for d in dirs:
-        _run(["diff", "-r", "--no-dereference", d, os.path.join(dest, d.lstrip("/"))])
-    # tar compares contents, sizes, modes, owners, mtimes and link targets
+    _run(["diff", "-r", "--no-dereference", str(tmp_path / "tree"),
+          os.path.join(dest, "tree")])
+    # tar compares contents, sizes, modes, owners, mtimes, link targets and hard links
     _run(["tar", "--diff", "-f", tarball, "-C", dest])
     n = sum(len(f) for _d, _s, f in os.walk(dest))
     assert n >= MIN_FILES

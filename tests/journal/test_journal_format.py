@@ -8,12 +8,12 @@ import re
 import struct
 
 import pytest
-from jtools import BS, LENGTH, START, FaultyDevice, again, flip, make
 
 from clusterfs.ondisk.blockdev import PowerLossDevice
 from clusterfs.ondisk.blockhdr import BlockType, reseal
 from journal import Journal, JournalCorrupt
 from journal import format as jf
+from tests.journal.jtools import BS, LENGTH, START, FaultyDevice, again, flip, make
 
 DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "JOURNAL-FORMAT.md"
 

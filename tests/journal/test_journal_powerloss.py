@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
-from jtools import LENGTH, START, ZERO, ImageObj, blk
 
 from clusterfs.ondisk.blockdev import PowerCut, PowerLossDevice
 from journal import Journal
+from tests.journal.jtools import LENGTH, START, ZERO, ImageObj, blk
 
 HOME = [0, 1, 2, 3, 4, 5, 128, 129]     # metadata / data blocks under test (few: collisions)
 META, FREE, DATA = "meta", "free", "data"

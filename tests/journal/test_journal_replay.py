@@ -11,12 +11,13 @@ import random
 import struct
 
 import pytest
-from jtools import LENGTH, START, ZERO, FaultyDevice, again, blk, flip, log_bno, make
 
 from clusterfs.ondisk.blockdev import PowerCut, PowerLossDevice
 from clusterfs.ondisk.blockhdr import reseal
 from journal import Journal, JournalCorrupt, JournalError
 from journal.format import RECORDS_OFFSET
+from tests.journal.jtools import (LENGTH, START, ZERO, FaultyDevice, again, blk, flip,
+                                  log_bno, make)
 
 
 def commit(j: Journal, blocks: dict[int, bytes], revokes=()) -> int:

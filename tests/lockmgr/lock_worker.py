@@ -1,6 +1,7 @@
 """A lock client in a process of its own, driven by JSON lines on stdin.
 
-Usage: python lock_worker.py ADDR KEYFILE NODE SLOT [LEASE]
+Usage: python -m tests.lockmgr.lock_worker ADDR KEYFILE NODE SLOT [LEASE]
+(from the repository's top directory)
 
 Each stdin line is a command ``{"id": N, "op": ..., ...}``; each runs as a task of its
 own and answers ``{"id": N, "ok": ...}`` or ``{"id": N, "error": "ExceptionName",
@@ -17,10 +18,7 @@ import sys
 
 import trio
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))))
-
-from lockmgr import LockClient, Mode, downgrade_for, load_key  # noqa: E402
+from lockmgr import LockClient, Mode, downgrade_for, load_key
 
 
 def out(obj) -> None:

@@ -1,17 +1,24 @@
 """Helpers for the lock manager tests: an in-process cluster over in-memory streams
-(safe under trio's autojump clock), trio runners, and subprocess helpers."""
+(safe under trio's autojump clock), trio runners, and a ``clusterfs lockd`` process
+with client processes (``lock_worker``) and its view of the locks."""
 
 import functools
+import json
 import os
+import queue
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from contextlib import asynccontextmanager
 
 import trio
 import trio.testing
 
-from lockmgr import LockClient, LockServer
+from lockmgr import LockClient, LockServer, load_key, query_status
 from lockmgr.errors import ConnectError
 
 KEY = b"test-key-0123456789abcdef-0123456"
@@ -49,6 +56,7 @@ class MemCluster:
         self.server: LockServer | None = None
         self._scope: trio.CancelScope | None = None
         self.refuse = False   # make connections fail (network down)
+        self.nodes: list[LockClient] = []   # the clients mem_cluster made
 
     async def start_server(self, **kw):
         opts = dict(self.server_kw)
@@ -87,6 +95,31 @@ class MemCluster:
         """The node dies: its tasks stop without a goodbye."""
         client._closed = True
         client._main_scope.cancel()
+
+
+@asynccontextmanager
+async def mem_cluster(*nodes: str, slots=None, first_grace: float | None = None,
+                      **server_kw):
+    """A running ``MemCluster`` with one client per name in ``nodes`` (``c.nodes``).
+
+    Args:
+        slots: the clients' slots (default 0, 1, ...).
+        first_grace: the grace period of the first server (the later ones, after
+            ``kill_server``, get ``server_kw``'s).
+        server_kw: ``LockServer`` arguments.
+
+    Yields the cluster (``c.server``: the server); everything stops at the end.
+    """
+    async with trio.open_nursery() as n:
+        c = MemCluster(n, **server_kw)
+        if first_grace is None:
+            await c.start_server()
+        else:
+            await c.start_server(grace=first_grace)
+        c.nodes = [await c.client(node, slot)
+                   for node, slot in zip(nodes, slots or range(len(nodes)))]
+        yield c
+        n.cancel_scope.cancel()
 
 
 def free_port() -> int:
@@ -143,17 +176,14 @@ class Worker:
     """A ``lock_worker.py`` process: send commands, read answers and events."""
 
     def __init__(self, addr: str, keyfile: str, node: str, slot: int, lease: float = 5.0):
-        import queue
-        import threading
         self.node = node
-        import tempfile
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(os.path.dirname(__file__), "lock_worker.py"),
-             addr, keyfile, node, str(slot), str(lease)],
+            [sys.executable, "-m", "tests.lockmgr.lock_worker", addr, keyfile, node,
+             str(slot), str(lease)],
             cwd=REPO, env=python_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self.log)
-        self.lines: "queue.Queue" = queue.Queue()
+        self.lines: queue.Queue = queue.Queue()
         self.results: dict = {}
         self.events: list = []
         self._id = 0
@@ -162,13 +192,11 @@ class Worker:
         self.wait_event("ready", timeout=30)
 
     def _read(self):
-        import json
         for line in self.proc.stdout:
             self.lines.put(json.loads(line))
         self.lines.put(None)
 
     def _pump(self, timeout: float) -> bool:
-        import queue
         try:
             msg = self.lines.get(timeout=timeout)
         except queue.Empty:
@@ -187,7 +215,6 @@ class Worker:
         return self.log.read().decode(errors="replace")
 
     def send(self, op: str, **kw) -> int:
-        import json
         self._id += 1
         kw.update(id=self._id, op=op)
         self.proc.stdin.write((json.dumps(kw) + "\n").encode())
@@ -227,7 +254,6 @@ class Worker:
             self._pump(left)
 
     def kill(self):
-        import signal
         stop(self.proc, signal.SIGKILL)
 
     def close(self):
@@ -244,3 +270,76 @@ class WorkerError(Exception):
     def __init__(self, name, msg):
         super().__init__(f"{name}: {msg}")
         self.name = name
+
+
+class Lockd:
+    """A ``clusterfs lockd`` process, its workers, and the lock manager's view.
+
+    Args:
+        keyfile: the key file.
+        extra: more ``lockd`` arguments.
+        lease, grace: the server's lease and grace period; workers get the same lease.
+    """
+
+    def __init__(self, keyfile: str, *extra: str, lease: float = 2.0, grace: float = 0):
+        self.keyfile = keyfile
+        self.key = load_key(keyfile)
+        self.extra = extra
+        self.lease = lease
+        self.grace = grace
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.workers: list[Worker] = []
+        self.proc = self._start()
+
+    def _start(self) -> subprocess.Popen:
+        return start_lockd(self.keyfile, self.port, *self.extra, lease=self.lease,
+                           grace=self.grace)
+
+    def __call__(self, node: str, slot: int) -> Worker:
+        """A new worker process with a session of its own."""
+        w = Worker(self.addr, self.keyfile, node, slot, lease=self.lease)
+        self.workers.append(w)
+        return w
+
+    def restart(self, pause: float = 0.3) -> None:
+        """Kill the server (SIGKILL: no state survives) and start a new one."""
+        stop(self.proc, signal.SIGKILL)
+        time.sleep(pause)
+        self.proc = self._start()
+
+    def view(self, prefix: bytes = b"") -> dict:
+        """The lock manager's status, with the granted locks whose names start with
+        ``prefix`` (``held``)."""
+        return trio.run(functools.partial(query_status, self.addr, self.key,
+                                          prefix=prefix))
+
+    def wait_for(self, what: str, pred, timeout: float = 20.0) -> dict:
+        """Poll ``view()`` until ``pred(view)`` holds; returns that view.
+
+        Raises:
+            AssertionError: not within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            v = self.view()
+            if pred(v):
+                return v
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the lock manager never showed {what}: {v}")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.close()
+        stop(self.proc)
+
+
+def holders(view: dict) -> set[tuple]:
+    """Who holds what in a ``Lockd.view``: {(name, node, mode, holder dead)}."""
+    return {(h["name"].decode(), h["node"], h["mode"], h["dead"]) for h in view["held"]}
+
+
+def waiting(view: dict) -> dict[str, int]:
+    """The requests each live node has waiting, in a ``Lockd.view``."""
+    return {n["node"]: n["waiting"] for n in view["nodes"]}

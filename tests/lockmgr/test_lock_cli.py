@@ -7,8 +7,8 @@ import stat
 import subprocess
 import sys
 
-
-from lockmgr_testutil import REPO, Worker, free_port, python_env, start_lockd, stop
+from tests.lockmgr.lockmgr_testutil import (REPO, Worker, free_port, python_env,
+                                            start_lockd, stop)
 
 
 def run(*args, timeout=30):

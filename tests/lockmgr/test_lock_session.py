@@ -8,9 +8,11 @@ import pytest
 import trio
 import trio.testing
 
-from lockmgr import (CR, EX, NL, PR, PW, AuthError, Deadlock, LeaseLost, LockError,
-                     LockTimeout, NodeBusy, NotRecovered, TryAgain, downgrade_for, wire)
-from lockmgr_testutil import KEY, MemCluster, autojump
+from lockmgr import (CR, EX, NL, PR, PW, AuthError, Deadlock, LeaseLost, LockClient,
+                     LockError, LockTimeout, NodeBusy, NotRecovered, ProtocolError,
+                     TryAgain, downgrade_for, query_status, wire)
+from lockmgr.messages import Op
+from tests.lockmgr.lockmgr_testutil import KEY, autojump, mem_cluster, realtime
 
 V1 = b"1" * 32
 V2 = b"2" * 32
@@ -18,11 +20,9 @@ V2 = b"2" * 32
 
 @autojump
 async def test_lock_convert_unlock_and_value_blocks():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, grace=0)
-        server = await c.start_server()
-        a = await c.client("a", 0)
-        b = await c.client("b", 1)
+    async with mem_cluster("a", "b", grace=0) as c:
+        server = c.server
+        a, b = c.nodes
         g = await a.lock(b"r", EX)
         assert g.mode == EX and g.lvb is None
         await a.convert(b"r", PR, lvb=V1)           # EX down: value block written
@@ -47,16 +47,12 @@ async def test_lock_convert_unlock_and_value_blocks():
         await b.close()
         await trio.testing.wait_all_tasks_blocked()
         assert not server.sessions and not list(server.table.names()) == [b"x"]
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_blocking_callback_carries_requested_mode():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, grace=0)
-        await c.start_server()
-        a = await c.client("a", 0)
-        b = await c.client("b", 1)
+    async with mem_cluster("a", "b", grace=0) as c:
+        a, b = c.nodes
         seen = []
 
         async def on_blocking(name, mode):
@@ -73,16 +69,12 @@ async def test_blocking_callback_carries_requested_mode():
         # now b wants EX: a gets EX and gives the lock up entirely
         await b.convert(b"r", EX)
         assert seen == [PR, EX] and a.held(b"r").mode == NL
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_failed_try_lock_with_notify_calls_the_holder_back():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, grace=0)
-        await c.start_server()
-        a = await c.client("a", 0)
-        b = await c.client("b", 1)
+    async with mem_cluster("a", "b", grace=0) as c:
+        a, b = c.nodes
         seen = []
 
         async def give_up(name, mode):         # a caches the lock: gives it up
@@ -99,16 +91,12 @@ async def test_failed_try_lock_with_notify_calls_the_holder_back():
         await trio.testing.wait_all_tasks_blocked()
         assert seen == [EX] and a.held(b"r") is None
         assert (await b.lock(b"r", EX, try_lock=True, notify=True)).mode == EX
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_slow_holder_gets_the_callback_again():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, grace=0, bast_repeat=2.0)
-        await c.start_server()
-        a = await c.client("a", 0)
-        b = await c.client("b", 1)
+    async with mem_cluster("a", "b", grace=0, bast_repeat=2.0) as c:
+        a, b = c.nodes
         calls = []
 
         async def stubborn(name, mode):
@@ -121,16 +109,13 @@ async def test_slow_holder_gets_the_callback_again():
         await b.lock(b"r", EX)
         assert len(calls) == 3
         assert 3.9 <= trio.current_time() - t0 <= 4.5   # repeated every 2 s
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_try_lock_timeout_and_cancellation():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, grace=0)
-        server = await c.start_server()
-        a = await c.client("a", 0)
-        b = await c.client("b", 1)
+    async with mem_cluster("a", "b", grace=0) as c:
+        server = c.server
+        a, b = c.nodes
         await a.lock(b"r", PW)
         with pytest.raises(TryAgain):
             await b.lock(b"r", PR, try_lock=True)
@@ -150,7 +135,6 @@ async def test_try_lock_timeout_and_cancellation():
         await a.unlock(b"q")
         await trio.testing.wait_all_tasks_blocked()
         assert b.held(b"q") is None and server.table.resource(b"q") is None
-        n.cancel_scope.cancel()
 
 
 async def _timeout_on_new_lock(a, b):
@@ -165,11 +149,8 @@ async def _wait_blocked(a, b):
 
 @autojump
 async def test_deadlock_between_nodes():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, grace=0, deadlock_wait=1.0)
-        await c.start_server()
-        a = await c.client("a", 0)
-        b = await c.client("b", 1)
+    async with mem_cluster("a", "b", grace=0, deadlock_wait=1.0) as c:
+        a, b = c.nodes
         await a.lock(b"x", EX)
         await b.lock(b"y", EX)
         results = {}
@@ -189,17 +170,13 @@ async def test_deadlock_between_nodes():
             w.start_soon(worker, b, b"x", b"y", "b")
         assert sorted(results.values()) == ["deadlock", "granted"]
         assert results["b"] == "deadlock"     # the younger request is the victim
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_lease_expiry_recovery_and_value_block_invalidation():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, grace=0, lease=5.0)
-        server = await c.start_server()
-        a = await c.client("a", 3)
-        b = await c.client("b", 1)
-        cc = await c.client("c", 2)
+    async with mem_cluster("a", "b", "c", slots=(3, 1, 2), grace=0, lease=5.0) as c:
+        server = c.server
+        a, b, cc = c.nodes
         downs = []
 
         async def node_down(node, slot):
@@ -215,7 +192,7 @@ async def test_lease_expiry_recovery_and_value_block_invalidation():
             box["g"] = await b.lock(b"r", PR)
             got.set()
 
-        n.start_soon(waiter)
+        c.nursery.start_soon(waiter)
         await trio.sleep(1)
         t_crash = trio.current_time()
         c.crash(a)
@@ -241,16 +218,12 @@ async def test_lease_expiry_recovery_and_value_block_invalidation():
         assert not (await cc.status())["recovering"]
         assert await b.report_recovered(3) == 0
         del server
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_client_fences_itself_before_the_server_declares_it_dead():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, grace=0, lease=5.0)
-        await c.start_server()
-        a = await c.client("a", 0, renew=1.0)
-        b = await c.client("b", 1)
+    async with mem_cluster("a", "b", grace=0, lease=5.0) as c:
+        a, b = c.nodes
         downs = []
 
         async def node_down(node, slot):
@@ -268,16 +241,13 @@ async def test_client_fences_itself_before_the_server_declares_it_dead():
             await trio.sleep(0.1)
         # fenced at least the margin (lease/5) before the server's verdict
         assert downs[0] - t_lost >= 1.0 - 0.01
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_dead_node_reconnecting_gets_a_new_session():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, grace=0, lease=5.0)
-        server = await c.start_server()
-        a = await c.client("a", 0)
-        await c.client("b", 1)
+    async with mem_cluster("a", "b", grace=0, lease=5.0) as c:
+        server = c.server
+        a = c.nodes[0]
         await a.lock(b"r", EX)
         old = a.session_id
         c.refuse = True
@@ -290,7 +260,7 @@ async def test_dead_node_reconnecting_gets_a_new_session():
                 await a.lock(b"s", EX)
             pending.set()
 
-        n.start_soon(later)
+        c.nursery.start_soon(later)
         await trio.sleep(6)                    # declared dead meanwhile
         c.refuse = False
         await pending.wait()                   # its waiting request failed
@@ -305,16 +275,13 @@ async def test_dead_node_reconnecting_gets_a_new_session():
         assert (await a.lock(b"r", EX, try_lock=True)).mode == EX
         assert a.lease_valid()
         assert [s.node for s in server.sessions.values()] == ["b", "a"]
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_dropped_connection_resumes_the_session():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, grace=0, lease=5.0)
-        server = await c.start_server()
-        a = await c.client("a", 0)
-        b = await c.client("b", 1)
+    async with mem_cluster("a", "b", grace=0, lease=5.0) as c:
+        server = c.server
+        a, b = c.nodes
         calls = []
 
         async def on_blocking(name, mode):
@@ -338,17 +305,12 @@ async def test_dropped_connection_resumes_the_session():
         assert a.session_id == sid and a.generation == 0 and a.lease_valid()
         assert a.held(b"s").mode == EX and b.held(b"r").mode == PR
         assert server.sessions[sid].state == "live"
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_server_restart_reclaim_and_grace():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, lease=5.0, grace=3.0)
-        await c.start_server(grace=0)
-        a = await c.client("a", 0)
-        b = await c.client("b", 1)
-        d = await c.client("d", 2)
+    async with mem_cluster("a", "b", "d", first_grace=0, lease=5.0, grace=3.0) as c:
+        a, b, d = c.nodes
         await a.lock(b"x", EX)
         await a.convert(b"x", EX, lvb=V1)
         await b.lock(b"y", PR)
@@ -358,7 +320,7 @@ async def test_server_restart_reclaim_and_grace():
         async def want(cl, name, mode, key):
             got[key] = await cl.lock(name, mode)
 
-        n.start_soon(want, b, b"x", PR, "b-x")     # waits for a's EX
+        c.nursery.start_soon(want, b, b"x", PR, "b-x")     # waits for a's EX
         await trio.sleep(0.5)
         c.kill_server()
         await trio.sleep(0.5)
@@ -372,7 +334,7 @@ async def test_server_restart_reclaim_and_grace():
         assert {server.sessions[s].node for s in server.table.resource(b"y").granted} \
             == {"b", "d"}
         # during the grace period nothing new is granted, even a free lock
-        n.start_soon(want, d, b"z", EX, "d-z")
+        c.nursery.start_soon(want, d, b"z", EX, "d-z")
         await trio.sleep(0.5)
         assert "d-z" not in got and "b-x" not in got
         while "d-z" not in got:
@@ -384,16 +346,12 @@ async def test_server_restart_reclaim_and_grace():
             await trio.sleep(0.05)
         assert got["b-x"].lvb == V1
         assert a.generation == b.generation == d.generation == 0
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_restart_while_a_dead_node_is_unrecovered():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, lease=5.0, grace=1.0)
-        await c.start_server(grace=0)
-        a = await c.client("a", 0)
-        b = await c.client("b", 1)
+    async with mem_cluster("a", "b", first_grace=0, lease=5.0, grace=1.0) as c:
+        a, b = c.nodes
         await a.lock(b"r", EX)
         c.crash(a)
         while not b.dead_nodes():
@@ -409,15 +367,12 @@ async def test_restart_while_a_dead_node_is_unrecovered():
         await b.report_recovered(0)
         assert (await b.lock(b"r", EX, try_lock=True)).mode == EX
         del server
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_late_reconnect_after_restart_loses_locks():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, lease=5.0, grace=2.0)
-        await c.start_server(grace=0)
-        a = await c.client("a", 0)
+    async with mem_cluster("a", first_grace=0, lease=5.0, grace=2.0) as c:
+        (a,) = c.nodes
         await a.lock(b"r", EX)
         c.kill_server()
         await trio.sleep(10)                     # server away longer than the lease
@@ -426,46 +381,39 @@ async def test_late_reconnect_after_restart_loses_locks():
         await a.wait_connected()
         await trio.testing.wait_all_tasks_blocked()
         assert a.generation == 1 and a.held(b"r") is None
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_node_busy_and_slot_conflict():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, grace=0)
-        await c.start_server()
-        await c.client("a", 0)
+    async with mem_cluster("a", grace=0) as c:
         with pytest.raises(NodeBusy, match="live session"):
             await c.client("a", 5, busy_wait=1.0)
         with pytest.raises(NodeBusy, match="slot 0"):
             await c.client("z", 0, busy_wait=0)
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_wrong_key_is_refused_on_both_sides(caplog):
     caplog.set_level(logging.WARNING, "lockmgr.server")
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, grace=0)
-        server = await c.start_server()
-        good = await c.client("good", 0)
+    async with mem_cluster("good", grace=0) as c:
+        server = c.server
+        (good,) = c.nodes
         with pytest.raises(AuthError, match="refused the key"):
             await c.client("bad", 1, key=b"another-key-0123456789abcdef012")
         assert "authentication failed" in caplog.text and "wrong key" in caplog.text
         assert (await good.lock(b"r", EX)).mode == EX
         assert [s.node for s in server.sessions.values()] == ["good"]
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_impostor_server_is_refused_by_the_client():
     async def fake_server(stream):
         dec = wire.FrameDecoder(1 << 20)
-        await stream.send_all(wire.frame([wire.CHALLENGE, wire.PROTOCOL_VERSION,
+        await stream.send_all(wire.frame([Op.CHALLENGE, wire.PROTOCOL_VERSION,
                                           b"n" * 32, b"boot"]))
         while not dec.feed(await stream.receive_some(4096)):
             pass
-        await stream.send_all(wire.frame([wire.AUTH_OK, b"x" * 32]))
+        await stream.send_all(wire.frame([Op.AUTH_OK, b"x" * 32]))
         await trio.sleep_forever()
 
     async with trio.open_nursery() as n:
@@ -473,21 +421,42 @@ async def test_impostor_server_is_refused_by_the_client():
             a, b = trio.testing.memory_stream_pair()
             n.start_soon(fake_server, b)
             return a
-        from lockmgr import LockClient
         with pytest.raises(AuthError, match="failed to prove"):
             await LockClient.connect("fake", KEY, "a", 0, nursery=n, connector=connector)
+        n.cancel_scope.cancel()
+
+
+@realtime
+async def test_another_protocol_version_is_refused_by_session_and_status_query():
+    """One handshake for both: a server speaking protocol 2 is refused before any key
+    is shown to it, by ``LockClient.connect`` and by ``query_status`` alike."""
+    seen = []
+
+    async def server_of_version_2(stream):
+        async with stream:
+            await stream.send_all(wire.frame([Op.CHALLENGE, 2, b"n" * 32, b"boot"]))
+            seen.append(await stream.receive_some(4096))
+
+    async with trio.open_nursery() as n:
+        (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        addr = "127.0.0.1:%d" % listener.socket.getsockname()[1]
+        await n.start(trio.serve_listeners, server_of_version_2, [listener])
+        with pytest.raises(ProtocolError, match="speaks protocol 2, not 1"):
+            await query_status(addr, KEY, timeout=5)
+        with pytest.raises(ProtocolError, match="speaks protocol 2, not 1"):
+            await LockClient.connect(addr, KEY, "a", 0, nursery=n)
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == [b"", b""]          # no AUTH sent: the connection just closed
         n.cancel_scope.cancel()
 
 
 @autojump
 async def test_operations_without_authentication_are_dropped(caplog):
     caplog.set_level(logging.WARNING, "lockmgr.server")
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, grace=0)
-        await c.start_server()
-        good = await c.client("good", 0)
+    async with mem_cluster("good", grace=0) as c:
+        (good,) = c.nodes
         raw = await c.raw()
-        await raw.send_all(wire.frame([wire.LOCK, 1, b"r", EX, 0, None]))
+        await raw.send_all(wire.frame([Op.LOCK, 1, b"r", EX, 0, None]))
         data = b""
         while True:
             chunk = await raw.receive_some(4096)
@@ -495,19 +464,15 @@ async def test_operations_without_authentication_are_dropped(caplog):
                 break
             data += chunk
         msgs = wire.FrameDecoder(1 << 20).feed(data)
-        assert msgs[0][0] == wire.CHALLENGE and msgs[-1][0] == wire.ERROR
+        assert msgs[0][0] == Op.CHALLENGE and msgs[-1][0] == Op.ERROR
         assert "before authentication" in caplog.text
         assert (await good.lock(b"r", EX)).mode == EX
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_close_releases_locks_without_recovery():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, grace=0)
-        await c.start_server()
-        a = await c.client("a", 0)
-        b = await c.client("b", 1)
+    async with mem_cluster("a", "b", grace=0) as c:
+        a, b = c.nodes
         await a.lock(b"r", EX)
         async with trio.open_nursery() as w:
             w.start_soon(b.lock, b"r", EX)
@@ -516,16 +481,12 @@ async def test_close_releases_locks_without_recovery():
         assert b.held(b"r").mode == EX and not b.dead_nodes()
         with pytest.raises(LockError):
             await a.lock(b"r", EX)
-        n.cancel_scope.cancel()
 
 
 @autojump
 async def test_close_without_release_leaves_locks_for_recovery():
-    async with trio.open_nursery() as n:
-        c = MemCluster(n, grace=0, lease=5.0)
-        await c.start_server()
-        a = await c.client("a", 0)
-        b = await c.client("b", 1)
+    async with mem_cluster("a", "b", grace=0, lease=5.0) as c:
+        a, b = c.nodes
         await a.lock(b"r", EX)
         await a.close(release=False)
         await trio.sleep(6)
@@ -535,4 +496,3 @@ async def test_close_without_release_leaves_locks_for_recovery():
         await b.report_recovered(0)
         assert (await b.lock(b"r", EX, try_lock=True)).mode == EX
         assert b.statistics()["held"] == 1
-        n.cancel_scope.cancel()

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from lockmgr_testutil import Worker, free_port, start_lockd, stop
+from tests.lockmgr.lockmgr_testutil import Worker, free_port, start_lockd, stop
 
 
 @pytest.mark.slow

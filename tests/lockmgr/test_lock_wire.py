@@ -11,11 +11,12 @@ import trio.testing
 
 from lockmgr import EX, PR, LockTable, wire
 from lockmgr.errors import ProtocolError
-from lockmgr_testutil import KEY, MemCluster, autojump
+from lockmgr.messages import F_TRY, Op
+from tests.lockmgr.lockmgr_testutil import KEY, MemCluster, autojump
 
 
 def test_frame_roundtrip_and_split_delivery():
-    msgs = [[wire.LOCK, 1, b"name", 5, 0, None], [wire.HB, 3, 7], [wire.BYE]]
+    msgs = [[Op.LOCK, 1, b"name", 5, 0, None], [Op.HB, 3, 7], [Op.BYE]]
     data = b"".join(wire.frame(m) for m in msgs)
     dec = wire.FrameDecoder(1024)
     got = []
@@ -48,16 +49,16 @@ def test_parse_addr():
 # ---- fuzz ------------------------------------------------------------------------------
 
 CORPUS = [
-    [wire.OPEN, "fz", 9, 5.0, None, None, None],
-    [wire.LOCK, 1, b"f1", EX, 0, None],
-    [wire.LOCK, 2, b"f2", PR, wire.F_TRY, 0.5],
-    [wire.CONVERT, 3, b"f1", PR, 0, None, b"v" * 32],
-    [wire.UNLOCK, 4, b"f1", None],
-    [wire.CANCEL, 2, b"f2"],
-    [wire.HB, 1, 0],
-    [wire.RECOVERED, 5, 9],
-    [wire.STATUS, 6],
-    [wire.BYE],
+    [Op.OPEN, "fz", 9, 5.0, None, None, None],
+    [Op.LOCK, 1, b"f1", EX, 0, None],
+    [Op.LOCK, 2, b"f2", PR, F_TRY, 0.5],
+    [Op.CONVERT, 3, b"f1", PR, 0, None, b"v" * 32],
+    [Op.UNLOCK, 4, b"f1", None],
+    [Op.CANCEL, 2, b"f2"],
+    [Op.HB, 1, 0],
+    [Op.RECOVERED, 5, 9],
+    [Op.STATUS, 6],
+    [Op.BYE],
 ]
 
 
@@ -66,8 +67,8 @@ def mutate(rnd: random.Random, msg: list) -> bytes:
     msg = list(msg)
     if choice == 0 and len(msg) > 1:          # a field of the wrong type
         i = rnd.randrange(1, len(msg))
-        msg[i] = rnd.choice([None, -1, 2**64 - 1, -2**63, "str", b"\xff" * 40, [1, 2], {"a": 1},
-                             1.5, True, b""])
+        msg[i] = rnd.choice([None, -1, 2**64 - 1, -2**63, "str", b"\xff" * 40, [1, 2],
+                             {"a": 1}, 1.5, True, b""])
     elif choice == 1:                         # missing or extra fields
         msg = msg[:rnd.randrange(len(msg) + 1)] + [0] * rnd.randrange(3)
     elif choice == 2:                         # unknown op
@@ -94,7 +95,7 @@ async def authenticate(stream) -> None:
         msgs = dec.feed(await stream.receive_some(65536))
     nonce_s = msgs[0][2]
     nonce_c = wire.new_nonce()
-    await stream.send_all(wire.frame([wire.AUTH, nonce_c,
+    await stream.send_all(wire.frame([Op.AUTH, nonce_c,
                                       wire.client_mac(KEY, nonce_s, nonce_c)]))
 
 
@@ -166,7 +167,7 @@ async def test_frame_limit_drops_only_that_connection(caplog):
         a = await c.client("a", 0)
         raw = await c.raw()
         await authenticate(raw)
-        await raw.send_all(wire.frame([wire.STATUS, b"x" * 2000]))
+        await raw.send_all(wire.frame([Op.STATUS, b"x" * 2000]))
         await drain(raw)
         assert "exceeds the 1024 limit" in caplog.text
         assert (await a.lock(b"r", EX)).mode == EX
