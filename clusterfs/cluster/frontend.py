@@ -165,8 +165,11 @@ class ClusterFrontend:
 
     async def fsync(self, fh, datasync):
         self.coh.check()
+        if fh not in self.fs.handles:
+            raise FSError(errno.EBADF, "bad file handle")
         try:
-            self.fs.fsync(fh, datasync)
+            # the flushes on a worker thread: lease renewals and other requests go on
+            await self.vol.commit_in_thread(trio.to_thread.run_sync)
         except Fenced:
             self.coh.fence("fsync refused")
             raise FSError(errno.EIO, "node is fenced") from None

@@ -145,8 +145,9 @@ class ClusterMount:
             await self.client.unlock(recovery_lock(self.slot))
         self.journal = slotmod.slot_journal(vol.dev, sb, self.slot)
         self.heart = slotmod.HeartbeatWriter(vol.dev, sb, self.slot, self.node, HB_CLUSTER,
-                                             self.interval)
+                                             self.interval, lease=True)
         self.heart.set_state(HB_CLUSTER)
+        self.heart.start()
         self.journal.open(owner=f"{self.node} (cluster)")
         vol.journal = self.journal
         self.fs = Filesystem(vol, noatime=self.noatime)
@@ -194,21 +195,31 @@ class ClusterMount:
         return None
 
     def _guard(self) -> None:
-        """Runs before every device write: no write once the lease may be gone."""
+        """Runs before every device write: no write once either lease may be gone
+        (the lock manager's, or the disk heartbeat's: ``slots.HeartbeatWriter``)."""
         if self.coh is not None and self.coh.fenced:
             raise Fenced()
+        heart = self.heart
         try:
             trio.lowlevel.current_task()
         except RuntimeError:
-            # a worker thread (a commit's flushes): trio's clock and the fence's
-            # cancel scopes belong to the event loop; the committer fences on Fenced
-            if not self.client.lease_valid_threadsafe():
+            # a worker thread (a commit's flushes, the heartbeat): trio's clock and
+            # the fence's cancel scopes belong to the event loop; the committer
+            # fences on Fenced
+            if not self.client.lease_valid_threadsafe() or \
+                    (heart is not None and heart.valid_until is not None
+                     and not heart.valid()):
                 raise Fenced() from None
             return
         if not self.client.lease_valid():
-            if self.coh is not None:
-                self.coh.fence("lease not renewed")
-            raise Fenced()
+            why = "lease not renewed"
+        elif heart is not None and heart.valid_until is not None and not heart.valid():
+            why = "disk heartbeat not renewed in time"
+        else:
+            return
+        if self.coh is not None:
+            self.coh.fence(why)
+        raise Fenced()
 
     def refresh_free(self) -> None:
         """Estimate every group's free blocks from its header (read without a lock)."""
@@ -246,12 +257,15 @@ class ClusterMount:
         self.coh.fence(why)
 
     async def tick(self) -> None:
-        """The periodic duties: the disk heartbeat, the watch of the other slots'
-        heartbeats (for recovery), the groups' free counts, the glock cache's size."""
+        """The periodic duties (the disk heartbeat has a thread of its own): the watch
+        of the other slots' heartbeats (for recovery), the groups' free counts, the
+        glock cache's size; the fence when the disk heartbeat lapsed."""
         if self.coh.fenced:
             return
+        if self.heart.stopped:
+            self.coh.fence("disk heartbeat not renewed in time")
+            return
         try:
-            self.heart.beat()
             self.recovery.watch_heartbeats()
             now = trio.current_time()
             if now - self._last_free >= FREE_REFRESH:
@@ -261,7 +275,7 @@ class ClusterMount:
         except Fenced:
             self.coh.fence("a volume write was refused")
         except Exception:
-            # a failed heartbeat must not end the mount: log it and keep the node's
+            # a failure here must not end the mount: log it and keep the node's
             # other duties up
             log.exception("background duties failed")
 
@@ -285,12 +299,11 @@ class ClusterMount:
                 vol.checkpoint()
                 await self.coh.glocks.unlock_all()
                 self.journal.close()
+                self.heart.stop()
                 self.heart.set_state(HB_FREE)
             elif self.coh is not None:
                 log.error("node was fenced: leaving the journal for recovery by another "
                           "member")
-                if self.heart is not None:
-                    self.heart.stopped = True
         except Fenced:
             log.error("fenced while unmounting: the journal is left for recovery")
         finally:
@@ -307,6 +320,9 @@ class ClusterMount:
                         await self.client.close(release=release)
                     except LockError:
                         pass
+            if self.heart is not None:
+                self.heart.stopped = True
+                self.heart.stop()
             vol.close()
             self.vol = None
 

@@ -5,13 +5,14 @@ dead node's locks stay held (its journal may hold changes others must not read p
 until a member reports the slot recovered.  Every member that hears the announcement
 tries; one does it.  The checklist (also in docs/CLUSTER.md):
 
-1. take ``J<slot>`` EX (try: the member that gets it recovers; the others skip);
+1. take ``J<slot>`` EX (every member queues; the first recovers, the others find the
+   slot recovered when their turn comes);
 2. check that the slot's disk heartbeat has stopped (wait while it still advances);
 3. replay the slot's journal; mark the slot's heartbeat FREE;
 4. report recovery: the lock manager releases the dead node's locks (waiters get
    them; its open modes are gone; value blocks it held PW/EX are invalid);
-5. free the inodes it left UNLINKED (open only there), under their open locks;
-6. release ``J<slot>``.
+5. release ``J<slot>``;
+6. free the inodes it left UNLINKED (open only there), under their open locks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 
 import trio
 
-from lockmgr import EX, PR
+from lockmgr import EX, PR, Deadlock
 
 from ..errors import CorruptBlock
 from ..fs.orphans import unlinked_inodes
@@ -59,8 +60,9 @@ class Recovery:
                 self.seen[slot] = (counter, now)
 
     async def _wait_heartbeat_stopped(self, slot: int, node: str) -> None:
-        """Return once ``slot``'s disk heartbeat has not advanced for 2.5 of its
-        intervals (at once when it was already quiet that long)."""
+        """Return once ``slot``'s disk heartbeat has not advanced for its
+        ``quiet_period`` (at once when it was already quiet that long): its node has
+        stopped writing by then (``slots.HeartbeatWriter``)."""
         vol = self.member.vol
         started = trio.current_time()
         warned = False
@@ -70,7 +72,7 @@ class Recovery:
             hb = slotmod.read_heartbeat(vol.dev, vol.sb, slot)
             if hb is None or hb.state == HB_FREE:
                 return
-            quiet = 2.5 * max(hb.interval_ms, 1) / 1000.0
+            quiet = slotmod.quiet_period(max(hb.interval_ms, 1) / 1000.0)
             now = trio.current_time()
             if now - since >= quiet:
                 return
@@ -95,13 +97,28 @@ class Recovery:
             self.recovering.discard(slot)
 
     async def recover(self, slot: int, node: str) -> bool:
-        """Recover a dead node's slot if no other member does (the module's
-        checklist); returns whether this member did."""
+        """Recover a dead node's slot unless another member did (the module's
+        checklist); returns whether this member did.
+
+        Every member that hears of the death queues for ``J<slot>``: the first one
+        recovers, the others find the slot recovered when their turn comes (the lock
+        manager announces the recovery before it grants the lock again).  A queue, not
+        a try-lock: a try fails while a new lock manager is in its grace period, and
+        the slot must still be recovered after it.
+        """
         m = self.member
-        if not await m.coh.try_lock(recovery_lock(slot), EX):
-            log.info("node %s (slot %d) is being recovered by another member", node, slot)
-            return False
+        while True:
+            try:
+                await m.coh.until_fenced(m.client.lock, recovery_lock(slot), EX)
+                break
+            except Deadlock:
+                # our wait closed a cycle with a lock a recovering member needs (its
+                # callback frees it): ask again
+                await trio.sleep(0.01)
         try:
+            if slot not in m.client.dead_nodes():
+                log.info("node %s (slot %d) was recovered by another member", node, slot)
+                return False
             log.info("recovering node %s (slot %d)", node, slot)
             vol = m.vol
             await self._wait_heartbeat_stopped(slot, node)
@@ -115,10 +132,10 @@ class Recovery:
             released = await m.client.report_recovered(slot)
             log.info("node %s (slot %d) recovered; %d session(s) released", node, slot,
                      released)
-            await self.free_orphans()
-            return True
         finally:
             await m.client.unlock(recovery_lock(slot))
+        await self.free_orphans()
+        return True
 
     async def free_orphans(self) -> int:
         """Free UNLINKED inodes that no node has open any more."""

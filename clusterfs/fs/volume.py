@@ -370,14 +370,19 @@ class Volume:
         self.stats["commits"] += 1
 
     async def commit_in_thread(self, run_sync) -> None:
-        """Commit with the device writes and flushes on a worker thread, so that
-        requests are served (filling the next transaction) while the device
-        flushes.  ``run_sync``: awaits a function on a thread
-        (``trio.to_thread.run_sync``)."""
+        """``commit`` with the device writes and flushes on a worker thread, so that
+        requests are served (filling the next transaction) and deadlines are kept
+        (lease renewals) while the device flushes.  ``run_sync``: awaits a function
+        on a thread (``trio.to_thread.run_sync``)."""
+        if self.journal is not None:
+            # a commit sealed before and still being written: finish it there too
+            await run_sync(self.journal.wait_sealed)
         token = self.commit_begin()
-        if token is not None:
-            await run_sync(token[0].write)
-            self.commit_end(token)
+        if token is None:
+            await run_sync(self.dev.flush)
+            return
+        await run_sync(token[0].write)
+        self.commit_end(token)
 
     def commit_begin(self):
         """Seal the running transaction for a commit whose writes run elsewhere

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 
 from journal import Journal, JournalCorrupt
@@ -21,6 +22,12 @@ from .format import HB_FREE, HB_STATE_NAMES, Heartbeat, Superblock, random_mount
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 1.0
+# the heartbeat as a delta lease on the slot (HeartbeatWriter; docs/CLUSTER.md)
+HB_VALID_BEATS = 2.0      # a node writes until this many intervals after its last beat
+HB_QUIET_BEATS = 2.5      # a slot is stopped once unchanged this many intervals
+HB_MIN_VALID = 1.2        # seconds, at least (short test intervals)
+HB_MIN_QUIET = 1.5        # seconds, at least
+HB_MARGIN = 0.3           # quiet_period exceeds valid_period by this much at least
 
 
 def slot_journal(dev, sb: Superblock, slot: int) -> Journal:
@@ -103,8 +110,33 @@ def describe(hb: Heartbeat) -> str:
             f"'{hb.node}' on {hb.host or '?'}, pid {hb.pid})")
 
 
+def valid_period(interval: float) -> float:
+    """How long after issuing a heartbeat write (that returned in time) a node may go
+    on writing to the volume: ``HB_VALID_BEATS`` intervals, at least ``HB_MIN_VALID``."""
+    return max(HB_VALID_BEATS * interval, HB_MIN_VALID)
+
+
+def quiet_period(interval: float) -> float:
+    """How long a slot's heartbeat must be seen unchanged before its node counts as
+    stopped (its journal may then be replayed): ``HB_QUIET_BEATS`` intervals, at least
+    ``HB_MIN_QUIET``; always ``HB_MARGIN`` or more beyond ``valid_period``."""
+    return max(HB_QUIET_BEATS * interval, HB_MIN_QUIET,
+               valid_period(interval) + HB_MARGIN)
+
+
 class HeartbeatWriter:
-    """Writes one slot's heartbeat block; ``beat()`` once per interval.
+    """Writes one slot's heartbeat block: ``beat()`` once per interval, from the
+    caller or from a thread of its own (``start``).
+
+    With ``lease`` (cluster members) the heartbeat is a delta lease on the slot (as
+    sanlock's host ids): a node may
+    write to the volume only while ``valid()``, that is until ``valid_period`` after
+    it issued its last heartbeat write, counting only a write that returned before
+    the previous such deadline.  Another node replays the slot's journal only after
+    seeing the heartbeat unchanged for ``quiet_period`` (longer): a node that stops
+    beating (dead, paused, its disk stalled) has stopped writing by then.  Once
+    validity lapses the writer stops for good (``stopped``): a paused node that wakes
+    writes no heartbeat over a slot that was recovered meanwhile.
 
     Args:
         dev: the volume's block device.
@@ -113,10 +145,12 @@ class HeartbeatWriter:
         node: our node name.
         state: HB_NOLOCK or HB_CLUSTER.
         interval: seconds between beats.
+        lease: the heartbeat is the node's right to write (above); without it the
+            heartbeat only tells others the slot is in use, and never lapses.
     """
 
     def __init__(self, dev, sb: Superblock, slot: int, node: str, state: int,
-                 interval: float = DEFAULT_INTERVAL):
+                 interval: float = DEFAULT_INTERVAL, *, lease: bool = False):
         self.dev = dev
         self.bno = sb.heartbeat_bno(slot)
         self.hb = Heartbeat(slot=slot, state=state, counter=0, mount_id=random_mount_id(),
@@ -126,23 +160,76 @@ class HeartbeatWriter:
         if old is not None:
             self.hb.counter = old.counter
         self.interval = interval
+        self.lease = lease
         self.stopped = False
+        self.valid_until: float | None = None     # time.monotonic deadline (lease)
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def beat(self) -> None:
-        """Advance the counter and write the block (skipped once fenced)."""
-        if self.stopped:
+    def valid(self) -> bool:
+        """Whether this node's heartbeat lease is valid now (see the class doc)."""
+        until = self.valid_until
+        return not self.stopped and until is not None and time.monotonic() < until
+
+    def _write(self) -> None:
+        """Write the block as it is now and extend validity (under ``_lock``)."""
+        issued = time.monotonic()
+        until = self.valid_until if self.lease else None
+        if until is not None and issued >= until:
+            self._lapse(issued - until)
             return
         self.hb.counter += 1
         self.hb.timestamp_ns = time.time_ns()
-        try:
-            self.dev.write(self.bno, self.hb.image(self.bno))
-        except Fenced:
-            self.stopped = True
+        self.dev.write(self.bno, self.hb.image(self.bno))
+        returned = time.monotonic()
+        if until is not None and returned >= until:
+            # it may have landed after another node saw the slot quiet: not counted
+            self._lapse(returned - until)
+            return
+        self.valid_until = issued + valid_period(self.interval)
+
+    def _lapse(self, late: float) -> None:
+        self.stopped = True
+        log.error("slot %d: disk heartbeat not renewed in time (%.1fs late): this node "
+                  "stops writing to the volume", self.hb.slot, late)
+
+    def beat(self) -> None:
+        """Advance the counter and write the block (skipped once stopped)."""
+        with self._lock:
+            if self.stopped:
+                return
+            try:
+                self._write()
+            except Fenced:
+                self.stopped = True
+
+    def start(self) -> None:
+        """Beat every ``interval`` from a thread of its own (until ``stop``), so that
+        the heartbeat never waits behind the caller's event loop or device flushes."""
+        self._halt.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"heartbeat-slot-{self.hb.slot}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._halt.wait(self.interval) and not self.stopped:
+            try:
+                self.beat()
+            except OSError:
+                log.exception("heartbeat write failed")
+
+    def stop(self) -> None:
+        """Stop the thread (the block is left as it is)."""
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
     def set_state(self, state: int, *, flush: bool = True) -> None:
-        self.hb.state = state
-        self.hb.counter += 1
-        self.hb.timestamp_ns = time.time_ns()
-        self.dev.write(self.bno, self.hb.image(self.bno))
+        """Write the heartbeat with a new state (and flush it)."""
+        with self._lock:
+            self.hb.state = state
+            self._write()
         if flush:
             self.dev.flush()
