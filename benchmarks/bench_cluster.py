@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
-"""Cluster benchmark (issue 4): scaling over two nodes, lock ping-pong, failover.
+"""Cluster benchmark (issues 4 and 13): scaling over two nodes, lock ping-pong, failovers.
 
-One run makes a volume, starts a lock manager (``clusterfs lockd``, default lease
-and grace) and mounts the volume as two nodes (default mount options), then
-measures:
+One run makes a volume and mounts it as two nodes (default mount options: each node
+runs a lock manager candidate, the volume elects the master), then measures:
 
 * ``create``: files created, stat'ed and unlinked per second (N empty files in a
   directory: create all, stat all, unlink all) by one node alone in its directory,
@@ -16,10 +15,16 @@ measures:
 * ``pingpong``: two nodes appending 100 bytes alternately to one file (marked
   ``user.clusterfs.multiwriter=1``, both kept open): appends per second, every
   append a hand-off of the file's lock;
-* ``failover``: seconds from SIGKILL of a node holding a file open for writing
-  until another node's open for writing of that file succeeds (the lock manager's
-  default 5 s lease: the dead node's locks are released once a survivor recovered
-  its journal).
+* ``failover``: seconds from SIGKILL of a node that is not the lock manager's master,
+  holding a file open for writing, until another node's open for writing of that
+  file succeeds (the default 8 s lease: the dead node's locks are released once a
+  survivor recovered its journal);
+* ``master_failover``: seconds from SIGKILL of the node that hosts the lock
+  manager's master (its mount and its lock manager) until the first create on the
+  survivor succeeds (a new inode needs new locks: a new master elected through the
+  volume, the survivor's locks reclaimed, the dead node recovered); the median of
+  several; and ``max_stall``: the longest any single operation (create, write,
+  fsync) of a writer running on the survivor meanwhile waited.
 
 Every workload runs in processes of its own (one per node, started together), so
 the benchmark's own Python does not serialise them.  The host has few cores: each
@@ -31,8 +36,8 @@ were busy on average).  ``--repeat N`` keeps each figure's
 best of N rounds.
 
 The LAST line is one JSON object with ``create_scaling_2n``, ``write_scaling_2n``,
-``pingpong_per_s`` and ``failover_s`` (targets: >= 1.5, >= 1.3, -, < 10) plus the
-raw rates.  ``--quick`` runs in under a minute.  Everything mounted is unmounted and
+``pingpong_per_s``, ``failover_s``, ``master_failover_s`` and ``max_stall_s``
+(targets: >= 1.5, >= 1.3, -, < 10, < 5, < 6) plus the raw rates.  ``--quick`` runs in under a minute.  Everything mounted is unmounted and
 every process started is stopped (by PID), also on failure.
 """
 
@@ -52,7 +57,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from tests.cluster.cluster_util import Cluster, Lockd, make_key, wait_for  # noqa: E402
+from tests.cluster.cluster_util import Cluster, make_key, wait_for  # noqa: E402
 from tests.helpers import mkfs  # noqa: E402
 
 PY = sys.executable
@@ -83,6 +88,28 @@ elif kind == "write":
 print(time.perf_counter() - t0, flush=True)
 """
 
+# A writer: creates, writes and fsyncs small files in DIR until STOP exists, then
+# prints the longest single operation (seconds).
+STALLS = r"""
+import os, sys, time
+top, stop = sys.argv[1], sys.argv[2]
+worst, i = 0.0, 0
+while not os.path.exists(stop):
+    t = time.perf_counter()
+    fd = os.open(os.path.join(top, "s%06d" % i), os.O_CREAT | os.O_WRONLY, 0o644)
+    worst = max(worst, time.perf_counter() - t)
+    t = time.perf_counter()
+    os.write(fd, b"x" * 4096)
+    worst = max(worst, time.perf_counter() - t)
+    t = time.perf_counter()
+    os.fsync(fd)
+    worst = max(worst, time.perf_counter() - t)
+    os.close(fd)
+    i += 1
+    time.sleep(0.01)
+print(worst, flush=True)
+"""
+
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far."""
@@ -97,30 +124,35 @@ class Bench:
         self.workdir = workdir
         self.quick = quick
         self.cluster: Cluster | None = None
-        self.lockd: Lockd | None = None
 
     # -- set up ---------------------------------------------------------------------
 
     def start(self) -> None:
         key = make_key(os.path.join(self.workdir, "cluster.key"))
-        self.lockd = Lockd(key, lease=None, log=os.path.join(self.workdir, "lockd.log"))
-        self.lockd.start()
         vol = os.path.join(self.workdir, "vol.img")
         mkfs(vol, "2G" if self.quick else "8G")
-        self.cluster = Cluster(self.workdir, vol, self.lockd, fast=False)
+        self.cluster = Cluster(self.workdir, vol, key, fast=False)
         self.cluster.mount("n1")
         self.cluster.mount("n2")
-        # a fresh lock manager grants nothing new during its grace period
-        wait_for(lambda: "grace period over" in self.lockd.read_log(), 60,
-                 "the lock manager's grace period to end")
+        self.wait_serving()
+
+    def wait_serving(self) -> None:
+        """Until a master serves both nodes, out of its grace period."""
+        def serving():
+            try:
+                st = self.cluster.view()
+            except Exception:
+                return False
+            return st["grace_left"] == 0 and not st["frozen"] and len(st["nodes"]) == 2
+        wait_for(serving, 60, "the lock manager to serve both nodes")
 
     def stop(self) -> None:
-        try:
-            if self.cluster is not None:
-                self.cluster.unmount_all(check_log=False)
-        finally:
-            if self.lockd is not None:
-                self.lockd.stop()
+        if self.cluster is not None:
+            self.cluster.unmount_all(check_log=False)
+
+    def lockd_pid(self) -> int:
+        """The pid of the master's lock manager process."""
+        return self.cluster.candidate_pid(self.cluster.master_node())
 
     def node(self, name: str):
         return self.cluster.nodes[name]
@@ -140,7 +172,8 @@ class Bench:
                                            stdout=subprocess.PIPE, text=True)
         time.sleep(0.3)       # let them start up and wait
         cpu0 = {node: cpu_seconds(self.node(node).proc.pid) for node in dirs}
-        lockd0 = cpu_seconds(self.lockd.proc.pid)
+        lockd = self.lockd_pid()
+        lockd0 = cpu_seconds(lockd)
         kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         open(go, "w").close()
         elapsed = {}
@@ -150,7 +183,7 @@ class Bench:
                 raise RuntimeError(f"{kind} worker on {node} failed")
             elapsed[node] = float(out.strip())
         cpu = {node: cpu_seconds(self.node(node).proc.pid) - cpu0[node] for node in dirs}
-        cpu["lockd"] = cpu_seconds(self.lockd.proc.pid) - lockd0
+        cpu["lockd"] = cpu_seconds(lockd) - lockd0
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu["workers"] = kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime
         os.unlink(go)
@@ -265,7 +298,41 @@ class Bench:
         except OSError:
             pass
         self.cluster.mount(victim)      # back for the next round
+        self.wait_serving()
         return took
+
+    def master_failover(self) -> tuple[float, float]:
+        """(seconds from SIGKILL of the master's node until a create on the survivor
+        succeeds, the longest single operation of a writer on the survivor)."""
+        victim = self.cluster.master_node()
+        survivor = "n2" if victim == "n1" else "n1"
+        d = self.fresh_dir(survivor, "stalls")
+        stop = os.path.join(self.workdir, "stalls.stop")
+        if os.path.exists(stop):
+            os.unlink(stop)
+        writer = subprocess.Popen([PY, "-c", STALLS, d, stop], stdout=subprocess.PIPE,
+                                  text=True)
+        time.sleep(1.0)
+        proc = self.node(victim).proc
+        probe = self.node(survivor).p(f"after-{time.monotonic_ns()}")
+        t0 = time.perf_counter()
+        os.kill(proc.pid, 9)            # its lock manager child dies with it
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o644))
+        took = time.perf_counter() - t0
+        time.sleep(1.0)
+        open(stop, "w").close()
+        out, _ = writer.communicate(timeout=120)
+        if writer.returncode != 0:
+            raise RuntimeError("the writer on the survivor failed")
+        proc.wait()
+        self.node(victim).proc = None
+        subprocess.run(["fusermount3", "-u", "-z", self.node(victim).path],
+                       capture_output=True)
+        os.unlink(probe)
+        shutil.rmtree(d)
+        self.cluster.mount(victim)
+        self.wait_serving()
+        return took, float(out.strip())
 
 
 def main(argv=None) -> int:
@@ -280,6 +347,7 @@ def main(argv=None) -> int:
     mib = 64 if args.quick else 512
     pp_seconds = 3.0 if args.quick else 10.0
     failovers = 1 if args.quick else 3
+    master_failovers = 1 if args.quick else 5
     workdir = tempfile.mkdtemp(prefix="cfs-bench-cluster-", dir=args.workdir or "/var/tmp")
     os.chmod(workdir, 0o755)
     bench = Bench(workdir, args.quick)
@@ -299,10 +367,16 @@ def main(argv=None) -> int:
         best["write_scaling_2n"] = best["write_2n_mib_s"] / best["write_1n_mib_s"]
         results.update(best)
         results.update(bench.pingpong(pp_seconds))
-        times = [bench.failover("n1" if i % 2 == 0 else "n2", "n2" if i % 2 == 0 else "n1")
-                 for i in range(failovers)]
+        times = []
+        for _ in range(failovers):
+            victim = "n2" if bench.cluster.master_node() == "n1" else "n1"
+            times.append(bench.failover(victim, "n1" if victim == "n2" else "n2"))
         results["failover_s"] = statistics.median(times)
         results["failover_all_s"] = times
+        masters = [bench.master_failover() for _ in range(master_failovers)]
+        results["master_failover_s"] = statistics.median(t for t, _ in masters)
+        results["max_stall_s"] = max(stall for _, stall in masters)
+        results["master_failover_all_s"] = [t for t, _ in masters]
     finally:
         bench.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -329,6 +403,9 @@ def main(argv=None) -> int:
     print(f"{'ping-pong appends':<22} {results['pingpong_per_s']:8.1f} /s")
     print(f"{'failover':<22} {results['failover_s']:8.2f} s  (all: "
           f"{', '.join(f'{t:.2f}' for t in results['failover_all_s'])}; target < 10)")
+    print(f"{'master failover':<22} {results['master_failover_s']:8.2f} s  (all: "
+          f"{', '.join(f'{t:.2f}' for t in results['master_failover_all_s'])}; target < 5); "
+          f"longest stall of a writer {results['max_stall_s']:.2f} s (target < 6)")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                       for k, v in results.items()}))
     return 0

@@ -49,6 +49,22 @@ class MountFailed(ClusterfsError):
     """The kernel refused the FUSE mount."""
 
 
+def run_surfacing(fn, *args):
+    """``trio.run(fn, *args)``, with a user-facing error that a nursery wrapped in an
+    exception group raised as itself (the first one, when there are several)."""
+    import trio
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:  # noqa: F821 (3.11 builtin)
+        user = group.subgroup(lambda e: isinstance(e, ClusterfsError))
+        if user is None:
+            raise
+        first = user
+        while isinstance(first, BaseExceptionGroup):  # noqa: F821
+            first = first.exceptions[0]
+        raise first from None
+
+
 class FSError(OSError):
     """A file-system level error carrying an errno (ENOENT, ENOSPC, ...)."""
 

@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 # (layer, its summary line, its passes in order)
 LAYERS = (
     (1, volume.summary, (volume.check_superblock, volume.check_geometry)),
-    (2, cluster.summary, (cluster.check_slot_heartbeats, cluster.check_journals,
+    (2, cluster.summary, (cluster.check_slot_heartbeats, cluster.check_lease,
+                          cluster.check_journals,
                           cluster.check_clean)),
     (3, allocation.summary, (allocation.check_rgrp_headers, allocation.scan_metadata,
                              allocation.check_bitmaps, allocation.check_rgrp_counts)),

@@ -1,4 +1,5 @@
-"""Layer 2, Cluster: slot heartbeats, journals of dead nodes, the clean-volume skip.
+"""Layer 2, Cluster: the lease area, slot heartbeats, journals of dead nodes, the
+clean-volume skip.
 
 A live node refuses every repair (only ``-n`` goes on, with a warning).  Journals of
 dead nodes are replayed (or, under ``-n`` or when a replay is declined, replayed into
@@ -13,11 +14,34 @@ import threading
 from clusterfs.errors import CorruptBlock
 from clusterfs.ondisk import slots as slotmod
 from clusterfs.ondisk.blockdev import BlockDevice
-from clusterfs.ondisk.format import HB_FREE, HB_NOLOCK, Heartbeat, RgrpHeader
+from clusterfs.ondisk.format import (FREE_LEASE, HB_FREE, HB_NOLOCK, Heartbeat, RgrpHeader,
+                                     decode_lease, encode_lease)
 from journal import Journal, JournalCorrupt
 
 from .device import OverlayDevice
 from .report import FsckError
+
+
+def check_lease(s) -> None:
+    """The lease block (the lock manager's master lease) must decode.  A held lease
+    is no finding: a master of a mounted volume holds it, and with nobody mounted
+    the next lock manager takes it over once it has expired.  A damaged one is
+    rewritten free when repairing (only with no live node, checked before: nothing
+    runs an election then)."""
+    rep, sb = s.report, s.sb
+    bno = sb.lease_bno
+    buf = s.read(bno)
+    try:
+        if buf is None:
+            raise CorruptBlock(bno, "unreadable")
+        lease = decode_lease(buf, bno)
+    except CorruptBlock as e:
+        if rep.problem("bad-lease", f"lease block {bno} is damaged ({e.reason})",
+                       "rewrite it free", safe=True, block=bno):
+            s.write(bno, encode_lease(FREE_LEASE, bno))
+            s.real.flush()
+        return
+    s.stats["master"] = lease.node if lease.owner != FREE_LEASE.owner else ""
 
 
 def check_slot_heartbeats(s) -> None:

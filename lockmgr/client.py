@@ -28,6 +28,10 @@ from .table import LVB_SIZE
 
 log = logging.getLogger("lockmgr.client")
 
+#: the longest wait between connection attempts when the server could not be reached
+#: (a stale address of a master that died: a new one is elected within seconds)
+RETRY_FAST = 0.25
+
 
 class Grant:
     """A lock as the client holds it: ``name``, granted ``mode``, value block ``lvb``
@@ -84,7 +88,8 @@ class LockClient:
 
     def __init__(self, addr: str, key: bytes, node: str, slot: int, *, lease: float,
                  renew: float, margin: float | None, connector=None,
-                 busy_wait: float | None = None, handshake_timeout: float = 10.0):
+                 busy_wait: float | None = None, handshake_timeout: float = 10.0,
+                 silence: float | None = None):
         self.addr = addr
         self.key = key
         self.node = node
@@ -96,7 +101,9 @@ class LockClient:
         self.margin = margin if margin is not None else lease / 5
         self.busy_wait = lease * 2 if busy_wait is None else busy_wait
         self.handshake_timeout = handshake_timeout
+        self.silence = silence
         self._connector = connector or (lambda: wire.open_stream(addr))
+        self._last_heard = 0.0        # trio time of the last bytes from the server
         self.session_id: int | None = None
         self.boot_id: bytes | None = None
         #: how many times the session was lost and replaced by a new one
@@ -104,6 +111,7 @@ class LockClient:
         self._recs: dict[bytes, _Rec] = {}
         self._pending: dict[int, _Op] = {}
         self._unacked: deque = deque()   # (rid, frame) not yet known processed
+        self._reclaim_rid = 0            # the last request reflected in a reclaim list
         self._rid = 0
         self._received = 0
         self._hb_id = 0
@@ -129,7 +137,9 @@ class LockClient:
     @classmethod
     async def connect(cls, addr: str, key: bytes, node: str, slot: int, *, nursery,
                       lease: float = 5.0, renew: float = 1.0, margin: float | None = None,
-                      connector=None, busy_wait: float | None = None) -> "LockClient":
+                      connector=None, busy_wait: float | None = None,
+                      join_wait: float = 0.0, silence: float | None = None,
+                      handshake_timeout: float = 10.0) -> "LockClient":
         """Authenticate, open a session and start the client's tasks in ``nursery``.
 
         Args:
@@ -139,9 +149,21 @@ class LockClient:
             lease: the lease wanted (the server may shorten it to its own).
             renew: seconds between heartbeats.
             margin: safety margin of ``lease_valid`` (default: a fifth of the lease).
-            connector: async callable returning a connected stream (tests).
+            connector: async callable returning a connected stream, called for every
+                connection and reconnection; it may reach a different server each
+                time (the current master).  If it has an attribute ``last``, that
+                names the address it connected to (used in messages).
             busy_wait: how long to retry while the server says the node still has a
                 live session (default: two leases).
+            join_wait: how long to keep trying while the server cannot be reached
+                (ConnectError), e.g. while no master is elected yet (default: no
+                retry).
+            silence: drop the connection and reconnect (through ``connector``) when
+                nothing at all came from the server for this many seconds: a server
+                that is paused or cut off keeps its TCP connection up.  None: wait
+                for the lease to run out instead.
+            handshake_timeout: a connection attempt (connect, authentication, the
+                session's opening) that takes longer fails and is retried.
 
         Raises:
             ConnectError: the server cannot be reached.
@@ -149,17 +171,23 @@ class LockClient:
             NodeBusy: the node or slot kept a live session for ``busy_wait``.
         """
         self = cls(addr, key, node, slot, lease=lease, renew=renew, margin=margin,
-                   connector=connector, busy_wait=busy_wait)
-        deadline = trio.current_time() + self.busy_wait
+                   connector=connector, busy_wait=busy_wait,
+                   handshake_timeout=handshake_timeout, silence=silence)
+        start = trio.current_time()
         while True:
             try:
                 stream, dec, leftover = await self._establish()
                 break
             except NodeBusy as e:
-                if trio.current_time() >= deadline:
+                if trio.current_time() >= start + self.busy_wait:
                     raise
                 log.info("%s; retrying", e)
                 await trio.sleep(min(0.5, self.lease / 4))
+            except ConnectError as e:
+                if trio.current_time() >= start + join_wait:
+                    raise
+                log.info("%s; retrying", e)
+                await trio.sleep(RETRY_FAST)
         await nursery.start(self._main, stream, dec, leftover)
         return self
 
@@ -510,7 +538,12 @@ class LockClient:
                          recovering: list[Recovering] | None = None):
         """Connect, authenticate, open a session.  Returns (stream, decoder, leftover
         messages)."""
-        stream = await self._connector()
+        with trio.move_on_after(self.handshake_timeout) as scope:
+            stream = await self._connector()
+        if scope.cancelled_caught:
+            raise ConnectError(f"lock server at {self._peer()}: no connection within "
+                               f"{self.handshake_timeout:g}s")
+        self.addr = self._peer()
         ok = False
         try:
             with connection_errors(self.addr, self.handshake_timeout):
@@ -530,6 +563,10 @@ class LockClient:
             if not ok:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
+
+    def _peer(self) -> str:
+        """The address of the last connection attempt (as the connector names it)."""
+        return getattr(self._connector, "last", None) or self.addr
 
     @handles(Op.OPENED, "self", "t_open")
     def _opened(self, t_open: float, state: str, session: int, boot_id: bytes,
@@ -560,15 +597,22 @@ class LockClient:
                 log.error("%d locks could not be reclaimed after the lock server "
                           "restarted", len(refused))
                 self._lose_session(None)
-            # what the server never saw: the requests still waiting for an answer
+            # what the server never saw: the requests still waiting for an answer, and
+            # (reclaimed) the unlocks and down-conversions posted after the reclaim
+            # list was made (it lists those locks as they were before)
+            later = {rid: data for rid, data in self._unacked
+                     if state == "reclaimed" and rid > self._reclaim_rid}
             self._unacked.clear()
             for rid in sorted(self._pending):
                 op = self._pending[rid]
                 if op.abandoned:
                     self._finish(op, error=LockCancelled("cancelled"))
+                    later.pop(rid, None)
                     continue
-                self._unacked.append((rid, op.data))
-                resend.append(op.data)
+                later[rid] = op.data
+            for rid in sorted(later):
+                self._unacked.append((rid, later[rid]))
+                resend.append(later[rid])
             if state == "reclaimed":
                 log.info("lock server restarted: %d locks reclaimed",
                          len(self.held_locks()))
@@ -610,6 +654,8 @@ class LockClient:
                 self._nursery = nursery
                 nursery.start_soon(self._lease_watch)
                 nursery.start_soon(self._heartbeat)
+                if self.silence is not None:
+                    nursery.start_soon(self._silence_watch)
                 task_status.started()
                 delay = 0.05
                 while not self._closed:
@@ -624,7 +670,10 @@ class LockClient:
                         except (ConnectError, AuthError, NodeBusy, ProtocolError,
                                 OSError, ValueError, TypeError, IndexError) as e:
                             log.warning("reconnecting to %s: %s", self.addr, e)
-                            await trio.sleep(delay)
+                            # unreachable: the address may be stale until a new
+                            # master is elected; try again promptly
+                            await trio.sleep(min(delay, RETRY_FAST)
+                                             if isinstance(e, ConnectError) else delay)
                             # well inside the grace period of a restarted server
                             delay = min(delay * 2, self.lease / 10)
                 nursery.cancel_scope.cancel()
@@ -636,6 +685,8 @@ class LockClient:
         if self.lease_valid():
             reclaim = [Reclaim(name=r.name, mode=r.mode, lvb=r.lvb, lvb_ver=r.ver)
                        for r in self._recs.values() if r.mode is not None]
+            # what is posted from now on (while connecting) is sent after the reclaim
+            self._reclaim_rid = self._rid
         recovering = [Recovering(node=node, slot=slot)
                       for slot, node in self._dead_nodes.items()]
         return await self._establish(resume, reclaim, recovering)
@@ -646,6 +697,7 @@ class LockClient:
             chan.send(data)
         self._resend = []
         self._connected = True
+        self._last_heard = trio.current_time()
         self._connected_event.set()
         self._connected_event = trio.Event()
         try:
@@ -660,6 +712,7 @@ class LockClient:
                             if not self._closed:
                                 log.warning("lock server closed the connection")
                             break
+                        self._last_heard = trio.current_time()
                         self._dispatch(dec.feed(data))
                 except (ValueError, TypeError, KeyError, IndexError) as e:
                     log.warning("dropping connection to lock server: bad message: %r", e)
@@ -692,6 +745,18 @@ class LockClient:
                 self._hb_sent[self._hb_id] = trio.current_time()
                 self._chan.send(Op.HB.encode(hb_id=self._hb_id, received=self._received))
             await trio.sleep(self.renew)
+
+    async def _silence_watch(self) -> None:
+        """Drop a connection on which the server has said nothing for ``silence``
+        seconds (its heartbeat acknowledgements come every ``renew``); the
+        reconnection goes through the connector, maybe to a new master."""
+        while True:
+            await trio.sleep(min(self.silence / 4, self.renew))
+            if (self._connected and self._conn_scope is not None
+                    and trio.current_time() - self._last_heard > self.silence):
+                log.warning("lock server at %s silent for %.1fs: reconnecting",
+                            self.addr, trio.current_time() - self._last_heard)
+                self._conn_scope.cancel()
 
     async def _lease_watch(self) -> None:
         while True:

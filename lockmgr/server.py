@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 from collections import deque
+from typing import Callable
 
 import trio
 
@@ -80,6 +81,7 @@ class Session:
         self.buf_base = 0        # number of the first message in buf
         self.last_rid = 0        # the last client request id processed
         self.placeholder = False  # a dead node announced by a reclaiming client
+        self.opened = "new"      # how it began: new, reclaimed, expired
 
     def emit(self, data: bytes) -> None:
         self.sent += 1
@@ -109,11 +111,24 @@ class LockServer:
         tick: housekeeping period in seconds.
         max_frame: the largest frame accepted from a client.
         auth_timeout: seconds a new connection has to authenticate.
+        may_act: asked before the server changes its state or sends anything (each
+            batch of a client's messages, each housekeeping tick, each call of the
+            public methods that announce); once it says False the server stops for
+            good: it sends nothing more, drops every connection, and ``run`` returns
+            (``stopped`` is then True).  A master passes its lease's ``valid``.
+        thaw_prefix: while the table is frozen only by dead nodes whose locks are
+            unknown (not by the grace period), names starting with it are granted
+            as usual: the locks that members take to recover those nodes.
+
+    ``info`` (a dict the caller may fill: the master's node, address, generation) is
+    part of ``status()``.
     """
 
     def __init__(self, key: bytes, *, lease: float = 5.0, grace: float | None = None,
                  deadlock_wait: float = 1.0, bast_repeat: float = 2.0,
-                 tick: float = 0.05, max_frame: int = 65536, auth_timeout: float = 10.0):
+                 tick: float = 0.05, max_frame: int = 65536, auth_timeout: float = 10.0,
+                 may_act: Callable[[], bool] | None = None,
+                 thaw_prefix: bytes | None = None):
         if len(key) < wire.KEY_MIN:
             raise ValueError("key too short")
         self.key = key
@@ -136,14 +151,25 @@ class LockServer:
         self._conns: set[Conn] = set()
         self._nursery: trio.Nursery | None = None
         self._unix_path: str | None = None
+        self.may_act = may_act
+        self.thaw_prefix = thaw_prefix
+        self.info: dict = {}
+        self.stopped = False
+        self._stop_event = trio.Event()
+        self._expected: set[int] | None = None
+        #: slot -> trio time its dead sessions were last released (``recovered``)
+        self.last_recovered: dict[int, float] = {}
+        #: slots whose locks from before this server (unknown here) were recovered
+        self._unknown_recovered: set[int] = set()
 
     # ---- running -----------------------------------------------------------------
 
     async def run(self, listen: str | None = None, unix: str | None = None, *,
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen on ``listen`` ("HOST:PORT", port 0 picks one) and/or a Unix socket
-        ``unix``, and serve until cancelled.  ``task_status.started`` gets the list of
-        addresses ("host:port", "unix:/path")."""
+        ``unix``, and serve until cancelled or until ``may_act`` says no.
+        ``task_status.started`` gets the list of addresses ("host:port",
+        "unix:/path")."""
         listeners = []
         addresses = []
         if listen is not None:
@@ -170,6 +196,8 @@ class LockServer:
                 log.info("lock server listening on %s (lease %.1fs, grace %.1fs)",
                          ", ".join(addresses) or "(no listener)", self.lease, self.grace)
                 task_status.started(addresses)
+                await self._stop_event.wait()
+                nursery.cancel_scope.cancel()
         finally:
             if self._unix_path is not None:
                 try:
@@ -182,7 +210,7 @@ class LockServer:
         self._start = trio.current_time()
         self._grace_until = self._start + self.grace
         self._in_grace = self.grace > 0
-        self.table.set_frozen(self._frozen())
+        self._set_frozen()
 
     async def serve_stream(self, stream, peer: str = "memory") -> None:
         """Serve one already-connected stream (tests use in-memory streams)."""
@@ -223,20 +251,8 @@ class LockServer:
                         pass
 
     async def _accept_loop(self, listener) -> None:
-        async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as e:
-                    log.error("accept failed: %s", e)
-                    await trio.sleep(0.1)
-                    continue
-                try:
-                    peer = stream.socket.getpeername()
-                    peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
-                except Exception:
-                    peer = "?"
-                self._nursery.start_soon(self.serve_stream, stream, peer)
+        await accept_streams(listener, lambda stream, peer: self._nursery.start_soon(
+            self.serve_stream, stream, peer))
 
     async def _unix_listener(self, path: str):
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -256,9 +272,38 @@ class LockServer:
         self._unix_path = path
         return trio.SocketListener(sock)
 
+    # ---- acting only while allowed ---------------------------------------------------
+
+    def acting(self) -> bool:
+        """Whether the server may change state and send now (``may_act``); the first
+        False stops it for good.  Callers check it with no wait between the check and
+        what it guards."""
+        if self.stopped:
+            return False
+        if self.may_act is None or self.may_act():
+            return True
+        self.stop("it may no longer act (its master lease is not valid)")
+        return False
+
+    def stop(self, why: str = "stopped") -> None:
+        """Stop for good: nothing more is sent, every connection is dropped, ``run``
+        returns."""
+        if self.stopped:
+            return
+        self.stopped = True
+        log.warning("lock server stops: %s", why)
+        for conn in list(self._conns):
+            conn.chan.closed = True          # Channel.send is a no-op from now on
+            del conn.chan.buf[:]
+            if conn.cancel_scope is not None:
+                conn.cancel_scope.cancel()
+        self._stop_event.set()
+
     # ---- reading -------------------------------------------------------------------
 
     async def _read_loop(self, conn: Conn) -> None:
+        if not self.acting():
+            return
         nonce = wire.new_nonce()
         conn.send(Op.CHALLENGE.encode(version=wire.PROTOCOL_VERSION, nonce_s=nonce,
                                       boot_id=self.boot_id))
@@ -272,6 +317,8 @@ class LockServer:
                 msgs = dec.feed(data)
                 if not msgs:
                     continue
+                if not self.acting():
+                    return
                 if msgs[0][0] != Op.AUTH:
                     raise ProtocolError(f"operation {msgs[0][0]} before authentication")
                 self._authenticate(conn, nonce, *Op.AUTH.decode(msgs[0]))
@@ -300,6 +347,8 @@ class LockServer:
 
     def _dispatch(self, conn: Conn, msgs: list) -> None:
         """Run a connection's messages, in order, each by its ``_op_*`` handler."""
+        if not msgs or not self.acting():
+            return
         now = trio.current_time()
         for msg in msgs:
             if conn.closed:
@@ -482,6 +531,7 @@ class LockServer:
                           node, len(refused))
         else:
             state = "expired"
+        s.opened = state
         conn.send(Op.OPENED.encode(state=state, session=sid, boot_id=self.boot_id,
                                    lease=lease, last_rid=0, refused=refused,
                                    grace_left=self._grace_left(now)))
@@ -496,9 +546,17 @@ class LockServer:
             # dead nodes announced by the previous server, maybe not yet recovered: their
             # locks are unknown here, so nothing new is granted until they are
             for item in recovering or ():
-                self._placeholder(item.node, item.slot, now)
+                self._placeholder(item.node, item.slot, now,
+                                  "was dead before the lock server restarted")
+            if state == "expired" and slot not in self._unknown_recovered:
+                # its lease ran out while no server could renew it: it held locks of
+                # the previous server's that nobody here knows, and stops writing
+                # with its journal unrecovered; so: dead, its locks unknown (unless
+                # its slot was declared dead and recovered here already)
+                self._placeholder(node, slot, now, "lost its lease while the lock "
+                                  "server changed")
 
-    def _placeholder(self, node: str, slot: int, now: float) -> None:
+    def _placeholder(self, node: str, slot: int, now: float, why: str) -> None:
         for d in self.sessions.values():
             if d.slot == slot and d.state == DEAD:
                 return
@@ -508,10 +566,42 @@ class LockServer:
         d.state = DEAD
         d.placeholder = True
         self.sessions[sid] = d
-        log.warning("node %s (slot %d) was dead before the restart and is not "
-                    "recovered: nothing new is granted until it is", node, slot)
+        log.warning("node %s (slot %d) %s and is not recovered: its locks are unknown, "
+                    "so nothing new is granted until it is", node, slot, why)
         self._announce(Op.NODE_DOWN.encode(node=node, slot=slot))
-        self.table.set_frozen(True)
+        self._set_frozen()
+
+    def declare_slot_dead(self, node: str, slot: int) -> None:
+        """Declare dead a member that has no session here (the master saw the slot's
+        disk heartbeat stop): its locks are unknown, so the table stays frozen (but
+        for ``thaw_prefix``) until the slot is reported recovered; every member,
+        and every member that joins later, is told ``NODE_DOWN``.
+
+        A no-op when the slot already has a dead session, or when the server may not
+        act.
+
+        Raises:
+            ValueError: the slot has a live session.
+        """
+        for d in self.sessions.values():
+            if d.slot == slot and d.state == LIVE:
+                raise ValueError(f"slot {slot} has a live session (node {d.node})")
+        if not self.acting():
+            return
+        self._placeholder(node, slot, trio.current_time(),
+                          "was declared dead (its disk heartbeat stopped)")
+        self._flush()
+
+    def expect_slots(self, slots) -> None:
+        """The members expected back after a restart: the grace period ends (at the
+        next tick) as soon as each of these slots has a live or a dead session.
+        ``grace`` stays the upper bound."""
+        self._expected = set(slots)
+
+    @property
+    def in_grace(self) -> bool:
+        """Whether the grace period (only reclaims are granted) is still on."""
+        return self._in_grace
 
     # ---- membership ------------------------------------------------------------------
 
@@ -543,9 +633,17 @@ class LockServer:
             del self.sessions[d.id]
             log.info("slot %d (node %s) recovered by %s: %d locks released",
                      slot, d.node, by, n)
+            if d.placeholder:
+                self._unknown_recovered.add(slot)
+                # its locks were unknown here, so were the value blocks it may have
+                # changed under PW/EX: a value reclaimed by another node may be older
+                v = self.table.invalidate_values()
+                log.info("slot %d's locks were unknown: %d value blocks marked invalid",
+                         slot, v)
         if dead:
+            self.last_recovered[slot] = trio.current_time()
             self._announce(Op.NODE_RECOVERED.encode(slot=slot))
-            self.table.set_frozen(self._frozen())
+            self._set_frozen()
         return len(dead)
 
     def _announce(self, data: bytes) -> None:
@@ -554,8 +652,21 @@ class LockServer:
             if s.state == LIVE:
                 s.emit(data)
 
-    def _frozen(self) -> bool:
-        return self._in_grace or any(d.placeholder for d in self.sessions.values())
+    def _set_frozen(self) -> None:
+        """Freeze the table during the grace period (nothing new granted) and while a
+        dead node's locks are unknown (then the thaw prefix's names are served)."""
+        if self._in_grace:
+            self.table.set_frozen(True)
+        elif any(d.placeholder for d in self.sessions.values()):
+            self.table.set_frozen(True, self.thaw_prefix)
+        else:
+            self.table.set_frozen(False)
+
+    def _all_expected_back(self) -> bool:
+        if self._expected is None:
+            return False
+        have = {s.slot for s in self.sessions.values()}
+        return self._expected <= have
 
     def _grace_left(self, now: float) -> float:
         return max(0.0, self._grace_until - now) if self._in_grace else 0.0
@@ -590,6 +701,8 @@ class LockServer:
         last_deadlock = last_bast = trio.current_time()
         while True:
             await trio.sleep(self.tick)
+            if not self.acting():
+                return
             now = trio.current_time()
             self.housekeep(now)
             if self.table.contended():
@@ -608,10 +721,13 @@ class LockServer:
 
     def housekeep(self, now: float) -> None:
         """Expire leases and timeouts, end the grace period (the tick's work)."""
-        if self._in_grace and now >= self._grace_until:
+        if self._in_grace and (now >= self._grace_until or self._all_expected_back()):
             self._in_grace = False
-            log.info("grace period over: normal service")
-            self.table.set_frozen(self._frozen())
+            log.info("grace period over%s: normal service",
+                     "" if now >= self._grace_until else
+                     f" after {now - self._start:.2f}s (every expected member is back "
+                     "or known dead)")
+            self._set_frozen()
         for s in list(self.sessions.values()):
             if s.state == LIVE and now - s.last_heard > s.lease:
                 self.declare_dead(s)
@@ -638,11 +754,13 @@ class LockServer:
                 nodes.append({"node": s.node, "slot": s.slot, "session": s.id,
                               "connected": s.conn is not None,
                               "lease_age": round(now - s.last_heard, 3),
-                              "lease": s.lease, "locks": held, "waiting": pend})
+                              "lease": s.lease, "locks": held, "waiting": pend,
+                              "opened": s.opened})
             else:
                 recovering.append({"node": s.node, "slot": s.slot, "session": s.id,
                                    "locks": held, "unknown_locks": s.placeholder})
-        out = {"boot_id": self.boot_id.hex(), "uptime": round(now - self._start, 3),
+        out = {**self.info,
+               "boot_id": self.boot_id.hex(), "uptime": round(now - self._start, 3),
                "lease": self.lease, "grace_left": round(self._grace_left(now), 3),
                "frozen": self.table.frozen, "nodes": nodes, "recovering": recovering,
                "resources": len(self.table.names()), "locks": locks,
@@ -659,6 +777,26 @@ class LockServer:
                                  "dead": s is None or s.state != LIVE})
             out["held"] = held
         return out
+
+
+async def accept_streams(listener, on_stream) -> None:
+    """Accept connections on ``listener`` until cancelled; each goes to
+    ``on_stream(stream, peer)`` (synchronous: it starts a task for it), ``peer``
+    naming the other end ("host:port", "unix" or "?")."""
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                log.error("accept failed: %s", e)
+                await trio.sleep(0.1)
+                continue
+            try:
+                peer = stream.socket.getpeername()
+                peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+            except Exception:
+                peer = "?"
+            on_stream(stream, peer)
 
 
 #: the server's handlers of a client's messages (after authentication), by code

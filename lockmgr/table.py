@@ -27,7 +27,10 @@ Rules (see docs/LOCKS.md):
   released.  A resource with a valid value block is remembered after its last lock goes
   (up to ``max_idle`` such resources, least recently used forgotten first).
 * ``frozen`` (the grace period after a server restart, or a recovery of unknown locks):
-  nothing new is granted, only down-conversions and ``reclaim``.
+  nothing new is granted, only down-conversions and ``reclaim`` -- except, when
+  frozen with a ``thaw_prefix``, requests and conversions of the names that start
+  with it, which are served as if the table were not frozen (the recovery locks a
+  member needs to recover the dead node whose unknown locks freeze the table).
 * Owners in ``dead`` keep their granted locks (recovering) but get no callbacks; a
   try-lock they block fails with ``notrecovered``.
 """
@@ -113,6 +116,7 @@ class LockTable:
     def __init__(self, max_idle: int = 65536):
         self.out: list = []
         self.frozen = False
+        self.thaw_prefix: bytes | None = None   # names served while frozen
         self.dead: set = set()
         self.max_idle = max_idle
         self._res: dict[bytes, Resource] = {}
@@ -164,8 +168,8 @@ class LockTable:
         res = self._get(name)
         self._seq += 1
         lk = Lock(owner, name, rid, mode, self._seq, now)
-        if (not self.frozen and not res.converting and not res.waiting
-                and self._compatible(res, mode, None)):
+        if ((not self.frozen or self._thawed(name)) and not res.converting
+                and not res.waiting and self._compatible(res, mode, None)):
             locks[name] = lk
             self._grant(res, lk)
             return
@@ -206,7 +210,7 @@ class LockTable:
             self._grant(res, lk)
             self._grant_pending(res)
             return
-        if (not self.frozen and not res.converting
+        if ((not self.frozen or self._thawed(name)) and not res.converting
                 and self._compatible(res, mode, lk)):
             self._grant(res, lk)
             return
@@ -294,6 +298,18 @@ class LockTable:
             self._maybe_forget(res)
         return n
 
+    def invalidate_values(self) -> int:
+        """Mark every value block invalid (a dead node whose locks were unknown is
+        released: it may have held any resource in PW or EX and changed what the
+        value describes).  Returns how many were valid."""
+        n = 0
+        for res in self._res.values():
+            if res.lvb is not None:
+                n += 1
+                res.lvb = None
+            res.lvb_ver += 1
+        return n
+
     def reclaim(self, owner, name: bytes, mode: Mode, lvb: bytes | None,
                 lvb_ver: int) -> bool:
         """Re-enter a lock an owner held before a server restart.
@@ -319,15 +335,25 @@ class LockTable:
         locks[name] = lk
         return True
 
-    def set_frozen(self, frozen: bool) -> None:
-        """Enter or leave the state where nothing new is granted."""
+    def set_frozen(self, frozen: bool, thaw_prefix: bytes | None = None) -> None:
+        """Enter or leave the state where nothing new is granted.
+
+        Args:
+            frozen: grant nothing new (only down-conversions and ``reclaim``).
+            thaw_prefix: while frozen, serve the requests and conversions of the names
+                that start with it as usual (ignored when not frozen).
+        """
         self.frozen = frozen
-        if not frozen:
-            for name in list(self._contended):
-                res = self._res.get(name)
-                if res is not None:
-                    self._grant_pending(res)
-                    self._maybe_forget(res)
+        self.thaw_prefix = thaw_prefix if frozen else None
+        if frozen and thaw_prefix is None:
+            return
+        for name in list(self._contended):
+            if not self._thawed(name):
+                continue
+            res = self._res.get(name)
+            if res is not None:
+                self._grant_pending(res)
+                self._maybe_forget(res)
 
     def mark_dead(self, owner) -> None:
         """The owner's node is dead: its pending requests go, its locks stay held."""
@@ -538,10 +564,18 @@ class LockTable:
         self.out.append(Fail(lk.owner, res.name, lk.rid, code))
         lk.requested = None
 
+    def _thawed(self, name: bytes) -> bool:
+        """Whether ``name`` is served now (the table is not frozen, or the name starts
+        with the thaw prefix)."""
+        if not self.frozen:
+            return True
+        thaw = self.thaw_prefix
+        return thaw is not None and name.startswith(thaw)
+
     def _grant_pending(self, res: Resource) -> None:
         if not (res.converting or res.waiting):
             return
-        if not self.frozen:
+        if not self.frozen or self._thawed(res.name):
             conv = res.converting
             while conv:
                 lk = conv[0]

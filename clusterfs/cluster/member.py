@@ -3,9 +3,11 @@
 Joining (``start``), in order:
 
 1. Open the device, read the superblock; refuse if a single-node mount is live.
-2. Connect to the lock manager for a slot: ``--slot`` or the first one whose session
-   the lock manager does not know, whose slot lock ``S<slot>`` we get (try-lock) and
-   whose disk heartbeat does not advance.
+2. Start this node's lock manager candidate (``master.Candidate``): when no master
+   is elected it becomes one.  Connect to the master, found in the volume's lease
+   block (``master.MasterLocator``), for a slot: ``--slot`` or the first one whose
+   session the lock manager does not know, whose slot lock ``S<slot>`` we get
+   (try-lock) and whose disk heartbeat does not advance.
 3. If the slot's journal is dirty (its last owner died and nobody recovered it),
    replay it under the slot's recovery lock ``J<slot>``.
 4. Write our heartbeat (state cluster) and keep it beating; open our journal.
@@ -13,7 +15,9 @@ Joining (``start``), in order:
 
 While mounted: a task waits for the lease to be lost and fences the node (every
 device write is refused from ``margin`` seconds before the lock manager could
-declare us dead); dead-node announcements start recovery (``recovery.py``).
+declare us dead); dead-node announcements start recovery (``recovery.py``).  When
+the master changes (it died, paused, or was cut off) the lock client finds the new
+one through the lease block and reclaims its locks there; the member goes on.
 The periodic duties (``tick``) and the journal's periodic commits run in the serve
 loop (``fuse/serve.py``).
 """
@@ -36,7 +40,9 @@ from ..ondisk import slots as slotmod
 from ..ondisk.format import HB_CLUSTER, HB_FREE, HB_NOLOCK, RgrpHeader
 from .coherence import Coherence
 from .frontend import ClusterFrontend
+from .lockd import DEFAULT_LEASE, default_listen
 from .locks import recovery_lock, slot_lock
+from .master import Candidate, MasterLocator
 from .openmodes import OPEN_CACHE, OpenModes
 from .recovery import Recovery
 
@@ -44,6 +50,9 @@ log = logging.getLogger(__name__)
 
 FREE_REFRESH = 5.0
 SLOT_WAIT = 15.0
+JOIN_WAIT = 30.0          # seconds to wait for a lock manager master at join
+SILENCE_RENEWALS = 2.5    # renew intervals without a word from the master: reconnect
+HANDSHAKE_TIMEOUT = 1.0   # a connection to a paused process is given up after this
 
 
 class ClusterMount:
@@ -51,8 +60,10 @@ class ClusterMount:
 
     Args:
         path: the volume.
-        lockd: lock manager address ("host:port" or "unix:/path").
         key: the shared secret.
+        keyfile: the key file (this node's lock manager candidate reads it); None:
+            run no candidate (the node only joins a master that exists).
+        listen: where this node's candidate serves when elected (``HOST:PORT``).
         node: this node's name (unique in the cluster).
         slot: the slot to take (default: the first free one).
         lease, renew: lock manager lease and heartbeat period (seconds).
@@ -61,14 +72,16 @@ class ClusterMount:
         open_cache: open locks kept cached for inodes not open here.
     """
 
-    def __init__(self, path: str, *, lockd: str, key: bytes, node: str | None = None,
-                 slot: int | None = None, direct: bool | None = None, lease: float = 5.0,
-                 renew: float = 1.0, heartbeat_interval: float = 1.0,
-                 min_hold: float = 0.01, noatime: bool = False,
-                 open_cache: int = OPEN_CACHE):
+    def __init__(self, path: str, *, key: bytes, keyfile: str | None = None,
+                 listen: str | None = None, node: str | None = None,
+                 slot: int | None = None, direct: bool | None = None,
+                 lease: float = DEFAULT_LEASE, renew: float = 1.0,
+                 heartbeat_interval: float = 1.0, min_hold: float = 0.01,
+                 noatime: bool = False, open_cache: int = OPEN_CACHE):
         self.path = path
-        self.lockd = lockd
         self.key = key
+        self.keyfile = keyfile
+        self.listen = listen
         self.node = node or socket.gethostname()
         self.want_slot = slot
         self.direct = direct
@@ -90,6 +103,8 @@ class ClusterMount:
         self.heart: slotmod.HeartbeatWriter | None = None
         self.journal: Journal | None = None
         self.nursery: trio.Nursery | None = None
+        self.locator: MasterLocator | None = None
+        self.candidate: Candidate | None = None
         self.leaving = False
         self._last_free = 0.0
 
@@ -100,11 +115,19 @@ class ClusterMount:
         vol = Volume.open(self.path, direct=self.direct)
         self.vol = vol
         try:
+            self.locator = MasterLocator(vol.dev, vol.sb)
+            if self.keyfile is not None:
+                self.candidate = Candidate(self.path, self.keyfile, node=self.node,
+                                           listen=self.listen or default_listen(),
+                                           lease=self.lease)
+                await nursery.start(self.candidate.run)
             await self._join(vol, nursery)
         except BaseException:
-            if self.client is not None:
-                with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True):
+                if self.client is not None:
                     await self.client.close()
+                if self.candidate is not None:
+                    await self.candidate.stop()
             vol.close()
             raise
         return self.front
@@ -135,8 +158,8 @@ class ClusterMount:
             reasons.append(f"slot {slot}: {why}")
         else:
             raise VolumeBusy("no slot available: " + "; ".join(reasons))
-        log.info("joined the cluster at %s as node %s in slot %d", self.lockd, self.node,
-                 self.slot)
+        log.info("joined the cluster (lock manager at %s) as node %s in slot %d",
+                 self.locator.last, self.node, self.slot)
         # our slot's journal: replay it if its last owner died unrecovered
         await self.client.lock(recovery_lock(self.slot), EX)
         try:
@@ -167,16 +190,21 @@ class ClusterMount:
     async def _try_slot(self, vol: Volume, slot: int, nursery) -> str | None:
         """Take ``slot`` or say why not."""
         try:
-            client = await LockClient.connect(self.lockd, self.key, self.node, slot,
-                                              nursery=nursery, lease=self.lease,
-                                              renew=self.renew, busy_wait=0)
+            client = await LockClient.connect(
+                "the volume's master", self.key, self.node, slot, nursery=nursery,
+                lease=self.lease, renew=self.renew, busy_wait=0,
+                connector=self.locator, join_wait=JOIN_WAIT,
+                silence=SILENCE_RENEWALS * self.renew,
+                handshake_timeout=HANDSHAKE_TIMEOUT)
         except NodeBusy as e:
             return f"in use ({e})"
         except AuthError as e:
-            raise ClusterUnreachable(f"lock manager {self.lockd} refused us: {e}") from None
+            raise ClusterUnreachable(f"the lock manager at {self.locator.last} refused "
+                                     f"us: {e}") from None
         except (ConnectError, OSError) as e:
-            raise ClusterUnreachable(f"cannot reach the lock manager at {self.lockd}: "
-                                     f"{e}") from None
+            raise ClusterUnreachable(f"no lock manager reachable within {JOIN_WAIT:g}s "
+                                     f"(last tried: {self.locator.last or 'none'}): {e}") \
+                from None
         try:
             # no live session has this slot (connect said so): a held slot lock is a
             # dead node's, released once a member recovered it (or a fresh lock
@@ -320,6 +348,9 @@ class ClusterMount:
                         await self.client.close(release=release)
                     except LockError:
                         pass
+            if self.candidate is not None:
+                with trio.CancelScope(shield=True):
+                    await self.candidate.stop()
             if self.heart is not None:
                 self.heart.stopped = True
                 self.heart.stop()

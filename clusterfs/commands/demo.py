@@ -1,13 +1,16 @@
 """``make demo``: a three-node cluster on one volume, end to end.
 
-1. make a key and start a lock manager on 127.0.0.1;
-2. make a volume (a sparse image file);
-3. mount it as three nodes (three ``clusterfs mount`` processes);
-4. write a large file on node1 and checksum it on node2 and node3;
-5. node2 opens it for writing; node3's open for writing gets EBUSY;
-6. kill node2 with SIGKILL: node3 recovers it (journal replay, locks released) and
-   then opens the file for writing;
-7. unmount everything, stop the lock manager, check the volume with fsck.
+1. make a key and a volume (a sparse image file);
+2. mount it as three nodes (three ``clusterfs mount`` processes, no lock manager
+   address: every node runs a lock manager candidate, one is elected master through
+   the volume);
+3. write a large file on node1 and checksum it on the two others;
+4. the node that hosts the lock manager opens it for writing; another node's open
+   for writing gets EBUSY;
+5. kill that node (the lock manager's host) with SIGKILL: the others elect a new
+   master, go on (a create succeeds on each), recover the dead node (journal replay,
+   locks released) and then open the file for writing;
+6. unmount everything, check the volume with fsck.
 
 Everything lives in a temporary directory and is cleaned up, also on Ctrl-C.
 """
@@ -65,11 +68,12 @@ class Demo:
         with open(os.path.join(self.work, f"{name}.log"), errors="replace") as f:
             return [ln.rstrip() for ln in f if any(n in ln for n in needles)]
 
-    def mount(self, node: str, volume: str, lockd: str, key: str) -> str:
+    def mount(self, node: str, volume: str, key: str) -> str:
         mnt = os.path.join(self.work, node)
         os.mkdir(mnt)
         proc = self.start(node, [PY, "-m", "clusterfs.cli", "mount", "--foreground", volume,
-                                 mnt, "--lockd", lockd, "--key", key, "--node", node])
+                                 mnt, "--key", key, "--node", node, "--listen",
+                                 f"127.0.0.1:{free_port()}"])
         deadline = time.monotonic() + 60
         while not os.path.ismount(mnt):
             if proc.poll() is not None:
@@ -107,105 +111,108 @@ class Demo:
                     proc.wait()
             self.procs.pop(name, None)
 
+    def master(self, volume: str) -> dict | None:
+        import json
+        return json.loads(cli("status", volume, "--watch", "0", "--json").stdout)["master"]
+
     def run(self) -> None:
         key = os.path.join(self.work, "cluster.key")
         volume = os.path.join(self.work, "volume.img")
-        lockd = f"127.0.0.1:{free_port()}"
 
-        say("1. a key and a lock manager")
+        say("1. a key and a volume")
         cli("keygen", key)
-        self.start("lockd", [PY, "-m", "clusterfs.cli", "lockd", "--listen", lockd,
-                             "--key", key, "--grace", "1"])
-        time.sleep(0.5)
-        print(f"clusterfs lockd listening on {lockd}")
-
-        say("2. a volume")
         print(cli("mkfs", volume, "--size", f"{max(1024, self.size_mib * 4)}M",
                   "--slots", "4", "--label", "demo").stdout.rstrip())
 
-        say("3. mount it as three nodes")
+        say("2. mount it as three nodes (no lock manager address: the volume elects one)")
         for node in ("node1", "node2", "node3"):
-            mnt = self.mount(node, volume, lockd, key)
+            mnt = self.mount(node, volume, key)
             print(f"{node}: {volume} mounted on {mnt}")
-        print(cli("status", volume, "--watch", "1.2").stdout.rstrip())
+        print(cli("status", volume, "--watch", "1.2", "--key", key).stdout.rstrip())
 
-        say(f"4. write {self.size_mib} MiB on node1, checksum it on every node")
-        n1, n2, n3 = (self.mounts[n] for n in ("node1", "node2", "node3"))
+        say(f"3. write {self.size_mib} MiB on node1, checksum it on every node")
         chunk = os.urandom(1 << 20)
         digest = hashlib.sha256()
         t = time.monotonic()
-        with open(os.path.join(n1, "disk.img"), "wb") as f:
+        with open(os.path.join(self.mounts["node1"], "disk.img"), "wb") as f:
             for i in range(self.size_mib):
                 block = bytes([i & 0xFF]) + chunk[1:]
                 f.write(block)
                 digest.update(block)
             os.fsync(f.fileno())
-        print(f"node1 wrote disk.img in {time.monotonic() - t:.1f}s, sha256 {digest.hexdigest()[:16]}...")
-        for node, mnt in (("node2", n2), ("node3", n3)):
+        print(f"node1 wrote disk.img in {time.monotonic() - t:.1f}s, sha256 "
+              f"{digest.hexdigest()[:16]}...")
+        for node in ("node2", "node3"):
             t = time.monotonic()
-            h = hashlib.sha256()
-            with open(os.path.join(mnt, "disk.img"), "rb") as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
-            ok = "same" if h.digest() == digest.digest() else "DIFFERENT"
-            print(f"{node} read it in {time.monotonic() - t:.1f}s, sha256 {h.hexdigest()[:16]}... ({ok})")
-            if h.digest() != digest.digest():
+            h = self.checksum(node)
+            ok = "same" if h == digest.digest() else "DIFFERENT"
+            print(f"{node} read it in {time.monotonic() - t:.1f}s ({ok})")
+            if h != digest.digest():
                 raise RuntimeError("checksums differ")
 
-        say("5. node2 opens disk.img for writing; node3 may not")
+        master = self.master(volume)["node"]
+        others = [n for n in ("node1", "node2", "node3") if n != master]
+        say(f"4. {master} (it hosts the lock manager) opens disk.img for writing; "
+            f"{others[0]} may not")
         holder = subprocess.Popen([PY, "-c",
                                    "import os,sys,time; fd=os.open(sys.argv[1], os.O_WRONLY); "
                                    "print('open', flush=True); time.sleep(3600)",
-                                   os.path.join(n2, "disk.img")],
+                                   os.path.join(self.mounts[master], "disk.img")],
                                   stdout=subprocess.PIPE, text=True, start_new_session=True)
         self.procs["writer"] = holder
         holder.stdout.readline()
-        print("node2: disk.img open for writing")
+        print(f"{master}: disk.img open for writing")
         try:
-            os.close(os.open(os.path.join(n3, "disk.img"), os.O_WRONLY))
-            raise RuntimeError("node3 could open the file for writing")
+            os.close(os.open(os.path.join(self.mounts[others[0]], "disk.img"), os.O_WRONLY))
+            raise RuntimeError(f"{others[0]} could open the file for writing")
         except OSError as e:
             if e.errno != errno.EBUSY:
                 raise
-            print("node3: open for writing -> EBUSY (the cluster open mode is node2's)")
+            print(f"{others[0]}: open for writing -> EBUSY (the cluster open mode is "
+                  f"{master}'s)")
 
-        say("6. kill node2 with SIGKILL; node3 recovers it")
-        node2 = self.procs.pop("node2")
+        say(f"5. kill {master}, the lock manager's host, with SIGKILL; the others go on")
+        proc = self.procs.pop(master)
         t0 = time.monotonic()
-        node2.kill()
-        node2.wait()
-        subprocess.run(["fusermount3", "-u", "-z", self.mounts.pop("node2")], capture_output=True)
+        os.killpg(proc.pid, signal.SIGKILL)      # the mount and its lock manager
+        proc.wait()
+        subprocess.run(["fusermount3", "-u", "-z", self.mounts.pop(master)],
+                       capture_output=True)
         holder.kill()
         holder.wait()
         self.procs.pop("writer")
-        print("node2 killed")
+        print(f"{master} killed")
+        for node in others:
+            with open(os.path.join(self.mounts[node], f"after-{node}"), "wb") as f:
+                f.write(b"still here\n")
+                os.fsync(f.fileno())
+            print(f"{node}: created and fsynced a file {time.monotonic() - t0:.1f}s after "
+                  f"the kill")
+        new = self.master(volume)
+        print(f"new lock manager master: {new['node']} (generation {new['generation']})")
         while True:
             try:
-                fd = os.open(os.path.join(n3, "disk.img"), os.O_WRONLY)
+                fd = os.open(os.path.join(self.mounts[others[0]], "disk.img"), os.O_WRONLY)
                 break
             except OSError as e:
                 if e.errno != errno.EBUSY:
                     raise
                 time.sleep(0.1)
         os.close(fd)
-        print(f"node3: open for writing succeeded {time.monotonic() - t0:.1f}s after the kill")
+        print(f"{others[0]}: open for writing succeeded {time.monotonic() - t0:.1f}s after "
+              f"the kill ({master} recovered)")
         time.sleep(0.3)
-        for line in self.log_lines("node1", "recover", "replayed", "declared dead") + \
-                self.log_lines("node3", "recover", "replayed", "declared dead"):
-            print("  " + line)
-        h = hashlib.sha256()
-        with open(os.path.join(n1, "disk.img"), "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        print("node1: disk.img still", "intact" if h.digest() == digest.digest() else "DAMAGED")
+        for node in others:
+            for line in self.log_lines(node, "recover", "replayed", "declared dead",
+                                       "elected", "reclaimed"):
+                print("  " + line)
+        h = self.checksum(others[1])
+        print(f"{others[1]}: disk.img still", "intact" if h == digest.digest() else "DAMAGED")
 
-        say("7. unmount, stop the lock manager, check the volume")
-        for node in ("node1", "node3"):
+        say("6. unmount, check the volume")
+        for node in others:
             self.unmount(node)
             print(f"{node} unmounted")
-        lockd_proc = self.procs.pop("lockd")
-        lockd_proc.send_signal(signal.SIGTERM)
-        lockd_proc.wait(timeout=20)
         print(cli("status", volume, "--watch", "0").stdout.rstrip())
         from clusterfs import cli as climod
         if "fsck.cli" in climod.SUBCOMMAND_MODULES:
@@ -214,7 +221,15 @@ class Demo:
             print(f"fsck exit status {proc.returncode}")
             if proc.returncode:
                 raise RuntimeError("fsck found problems")
-        say("done: the cluster wrote, shared, survived a killed node, and left a clean volume")
+        say("done: the cluster wrote, shared, survived the death of its lock manager's "
+            "node, and left a clean volume")
+
+    def checksum(self, node: str) -> bytes:
+        h = hashlib.sha256()
+        with open(os.path.join(self.mounts[node], "disk.img"), "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return h.digest()
 
 
 def main(argv=None) -> int:

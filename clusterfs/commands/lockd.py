@@ -1,8 +1,13 @@
-"""``clusterfs keygen``, ``clusterfs lockd`` and ``clusterfs lockd-status``."""
+"""``clusterfs keygen``, ``clusterfs lockd`` and ``clusterfs lockd-status``.
+
+``clusterfs lockd VOLUME`` runs a lock manager candidate in the foreground
+(``cluster/lockd.py``): what every cluster mount runs as its child, here on its own,
+for a node that serves the lock manager without mounting the volume.
+"""
 
 import json
 import logging
-import signal
+import os
 import sys
 
 import trio
@@ -10,7 +15,6 @@ import trio
 from lockmgr.client import query_status
 from lockmgr.errors import AuthError, ConnectError, LockError
 from lockmgr.keyfile import KeyFileError, keygen, load_key
-from lockmgr.server import LockServer
 from lockmgr.wire import parse_addr
 
 from ..errors import AuthRefused, ClusterfsError, UsageError
@@ -25,18 +29,21 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("lockd", help="run the lock manager server in the foreground")
-    p.add_argument("--listen", metavar="HOST:PORT", required=True,
-                   help="TCP address to listen on (port 0: any free port)")
-    p.add_argument("--unix", metavar="PATH", help="also listen on this Unix socket")
+    p = sub.add_parser("lockd", help="run a lock manager candidate in the foreground",
+                       description="Stand as a lock manager candidate of the volume's "
+                                   "cluster (what every cluster mount runs), without "
+                                   "mounting it: when elected through the volume's lease "
+                                   "block it serves the members.")
+    p.add_argument("volume", help="image file or block device")
     p.add_argument("--key", metavar="KEYFILE", required=True, help="shared-secret key file")
-    p.add_argument("--lease", metavar="S", type=_positive, default=5.0,
-                   help="seconds without heartbeat before a node is declared dead "
-                        "(default 5)")
-    p.add_argument("--grace", metavar="S", type=_nonneg, default=None,
-                   help="reclaim period after start, in seconds (default: the lease)")
-    p.add_argument("--deadlock-wait", metavar="S", type=_positive, default=1.0,
-                   help="seconds a request waits before deadlock detection (default 1)")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="where to serve when elected (port 0: any free port; default: "
+                        "the first non-loopback address, port 7789)")
+    p.add_argument("--node", help="node name written in the lease block (default: host "
+                                  "name)")
+    p.add_argument("--lease", metavar="S", type=_positive, default=None,
+                   help="the members' lease in seconds (default 8; every node must use "
+                        "the same)")
     p.set_defaults(func=cmd_lockd)
 
     p = sub.add_parser("lockd-status", help="show the lock manager's nodes and locks")
@@ -57,17 +64,6 @@ def _positive(text: str) -> float:
     return v
 
 
-def _nonneg(text: str) -> float:
-    import argparse
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return v
-
-
 def _key(path: str) -> bytes:
     try:
         return load_key(path)
@@ -85,39 +81,20 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_lockd(args) -> int:
+    import socket
+
+    from ..cluster.lockd import DEFAULT_LEASE, default_listen, run_lockd
     key = _key(args.key)
+    listen = args.listen or default_listen()
     try:
-        if parse_addr(args.listen)[0] != "tcp":
-            raise ValueError("--listen wants HOST:PORT (use --unix for a socket)")
+        if parse_addr(listen)[0] != "tcp":
+            raise ValueError(f"--listen wants HOST:PORT, not {listen}")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    server = LockServer(key, lease=args.lease, grace=args.grace,
-                        deadlock_wait=args.deadlock_wait)
-
-    async def main():
-        async with trio.open_nursery() as nursery:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                addrs = await nursery.start(server.run, args.listen, args.unix)
-                print("lockd listening on " + " ".join(addrs), file=sys.stderr,
-                      flush=True)
-                async for signum in signals:
-                    log.info("%s: shutting down", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
-
-    try:
-        trio.run(main)
-    except OSError as e:
-        raise ClusterfsError(f"cannot listen: {e.strerror or e}") from None
-    except BaseExceptionGroup as eg:  # noqa: F821 (3.11 builtin)
-        oserr = eg.subgroup(OSError)
-        if oserr is not None:
-            e = oserr.exceptions[0]
-            while isinstance(e, BaseExceptionGroup):  # noqa: F821
-                e = e.exceptions[0]
-            raise ClusterfsError(f"cannot listen: {e.strerror or e}") from None
-        raise
-    return 0
+    if not os.path.exists(args.volume):
+        raise UsageError(f"{args.volume} does not exist")
+    return run_lockd(args.volume, key, listen=listen, node=args.node or socket.gethostname(),
+                     lease=args.lease or DEFAULT_LEASE)
 
 
 def cmd_status(args) -> int:

@@ -20,8 +20,9 @@ from ..fs.volume import Volume
 from ..ondisk import blockhdr
 from ..ondisk.blockdev import BLOCK_SIZE, BlockDevice, device_size
 from ..ondisk.format import (BLOCKS_PER_BITMAP, DF_DIRTREE, DINODE, DIRENT, FORMAT_REVISION,
-                             USED, Bitmap, Dinode, Heartbeat, RgrpHeader, Superblock,
-                             TreeNode, now_ns, plan_geometry)
+                             SB_FLAG_CLUSTER_INFO, USED, Bitmap, Dinode, Heartbeat,
+                             RgrpHeader, Superblock, TreeNode, now_ns, plan_geometry)
+from ..ondisk.lease import FREE_LEASE, encode_lease
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?b?)\s*$", re.I)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
@@ -65,8 +66,7 @@ def existing_filesystem(path: str) -> str | None:
 
 def make_volume(path: str, size: int | None = None, *, slots: int = 4, label: str = "",
                 force: bool = False, journal_blocks: int | None = None,
-                rgrp_blocks: int | None = None, cluster_name: str = "",
-                lockd_addr: str = "") -> Superblock:
+                rgrp_blocks: int | None = None, cluster_name: str = "") -> Superblock:
     """Create a clusterfs volume on ``path`` (an image file is created if missing).
 
     Args:
@@ -77,7 +77,8 @@ def make_volume(path: str, size: int | None = None, *, slots: int = 4, label: st
         force: overwrite an existing file system.
         journal_blocks: journal size per slot in blocks (default: chosen by size).
         rgrp_blocks: resource group size in blocks (default: chosen by size).
-        cluster_name, lockd_addr: recorded so a plain mount can join the cluster.
+        cluster_name: recorded so that a plain mount joins the cluster (with the key
+            file /etc/clusterfs/NAME.key).
 
     Returns:
         The new superblock.
@@ -126,7 +127,8 @@ def make_volume(path: str, size: int | None = None, *, slots: int = 4, label: st
         raise UsageError(f"{e} (size {size} bytes, {slots} slots)") from None
     sb.label = label
     sb.cluster_name = cluster_name
-    sb.lockd_addr = lockd_addr
+    if cluster_name:
+        sb.flags |= SB_FLAG_CLUSTER_INFO
     dev = BlockDevice(path)
     try:
         _write_layout(dev, sb)
@@ -139,6 +141,7 @@ def _write_layout(dev, sb: Superblock) -> None:
     # wipe any old superblocks first, so a half-made volume is never mistaken for one
     dev.write(0, bytes(BLOCK_SIZE))
     dev.write(sb.backup_bno, bytes(BLOCK_SIZE))
+    dev.write(sb.lease_bno, encode_lease(FREE_LEASE, sb.lease_bno))
     for slot in range(sb.nslots):
         bno = sb.heartbeat_bno(slot)
         dev.write(bno, Heartbeat(slot=slot).image(bno))
@@ -200,8 +203,7 @@ def summary(path: str, sb: Superblock) -> str:
         f"  data space        {_fmt_size(data * BLOCK_SIZE)}",
         f"  root inode        {sb.root_ino}",
         f"  backup superblock block {sb.backup_bno}",
-    ] + ([f"  cluster           {sb.cluster_name or '-'} (lock manager {sb.lockd_addr or '-'})"]
-         if sb.cluster_name or sb.lockd_addr else []))
+    ] + ([f"  cluster           {sb.cluster_name}"] if sb.cluster_name else []))
 
 
 def cmd_mkfs(args) -> int:
@@ -212,7 +214,7 @@ def cmd_mkfs(args) -> int:
         raise UsageError(str(e)) from None
     sb = make_volume(args.volume, size, slots=args.slots, label=args.label or "",
                      force=args.force, journal_blocks=jblocks,
-                     cluster_name=args.cluster or "", lockd_addr=args.lockd or "")
+                     cluster_name=args.cluster or "")
     if not args.quiet:
         print(summary(args.volume, sb))
     return 0
@@ -227,8 +229,9 @@ def register(sub) -> None:
     p.add_argument("--slots", type=int, default=4, help="node slots (default 4)")
     p.add_argument("--label", help="volume label (up to 64 bytes)")
     p.add_argument("--journal-size", help="journal size per slot (default: by volume size)")
-    p.add_argument("--cluster", help="cluster name to record in the superblock")
-    p.add_argument("--lockd", help="lock manager address (HOST:PORT or unix:PATH) to record")
+    p.add_argument("--cluster", help="cluster name to record in the superblock (a plain "
+                                     "mount then joins the cluster with "
+                                     "/etc/clusterfs/NAME.key)")
     p.add_argument("-f", "--force", action="store_true",
                    help="overwrite an existing file system")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")

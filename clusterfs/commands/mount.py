@@ -1,7 +1,10 @@
 """``clusterfs mount``: mount a volume through FUSE.
 
-Two modes: a cluster member (``--lockd ADDR --key KEYFILE``, or the lock manager
-address recorded by ``mkfs --lockd``) or a single node without a lock manager.
+Two modes: a cluster member (``--key KEYFILE``, or a volume made with ``mkfs
+--cluster NAME``: the key is then /etc/clusterfs/NAME.key) or a single node without a
+lock manager (``-o nolock``, or no key and no cluster name).  A member needs no lock
+manager address: it finds the master on the volume, and its own lock manager
+candidate becomes the master when there is none.
 
 Without ``--foreground`` the command returns once the file system is mounted (the
 server keeps running in the background, like mount helpers do) or prints why it
@@ -17,6 +20,7 @@ import os
 import sys
 
 from ..cli import exit_status
+from ..cluster.lockd import DEFAULT_LEASE
 from ..errors import ClusterfsError, UsageError
 from ..fs.volume import Volume
 from ..fuse.mount import run_cluster_mount, run_mount
@@ -94,29 +98,26 @@ def _daemonize(fn) -> int:
 
 
 def cluster_settings(args, opts) -> tuple[str, bytes] | None:
-    """(lock manager address, key) for a cluster mount, or None for single-node."""
+    """(key file, key) for a cluster mount, or None for a single-node mount."""
     if opts.get("nolock"):
-        if args.lockd:
-            raise UsageError("-o nolock and --lockd contradict each other")
+        if args.key or args.listen:
+            raise UsageError("-o nolock is a single-node mount: no --key or --listen")
         return None
-    lockd = args.lockd
     cluster = ""
-    if lockd is None:
+    if args.key is None:
         vol = Volume.open(args.volume, readonly=True)
         try:
-            lockd = vol.sb.lockd_addr or None
             cluster = vol.sb.cluster_name
         finally:
             vol.close()
-        if lockd is None:
-            if args.key:
-                raise UsageError("--key needs --lockd (or a lock manager recorded by "
-                                 "mkfs --lockd)")
+        if not cluster:
+            if args.listen:
+                raise UsageError("--listen is for cluster mounts (with --key)")
             return None
     from lockmgr import KeyFileError, load_key
-    keyfile = args.key or os.path.join(DEFAULT_KEY_DIR, f"{cluster or 'cluster'}.key")
+    keyfile = args.key or os.path.join(DEFAULT_KEY_DIR, f"{cluster}.key")
     try:
-        return lockd, load_key(keyfile)
+        return keyfile, load_key(keyfile)
     except KeyFileError as e:
         raise UsageError(str(e)) from None
 
@@ -127,7 +128,10 @@ def cmd_mount(args) -> int:
         raise UsageError(f"mount point {args.mountpoint} is not a directory")
     cluster = cluster_settings(args, opts)
     if cluster is None and args.slot is not None:
-        raise UsageError("--slot is for cluster mounts (with --lockd)")
+        raise UsageError("--slot is for cluster mounts (with --key)")
+    if cluster is not None:
+        from ..cluster.lockd import check_member_lease
+        check_member_lease(args.lease)
 
     def go(ready_fd: int) -> int:
         if not args.foreground:
@@ -145,8 +149,9 @@ def cmd_mount(args) -> int:
             os.close(devnull)
         if cluster is not None:
             return run_cluster_mount(args.volume, args.mountpoint, opts=opts,
-                                     node=args.node, lockd=cluster[0], key=cluster[1],
-                                     slot=args.slot, lease=args.lease, ready_fd=ready_fd,
+                                     node=args.node, keyfile=os.path.abspath(cluster[0]),
+                                     key=cluster[1], listen=args.listen, slot=args.slot,
+                                     lease=args.lease, ready_fd=ready_fd,
                                      heartbeat_interval=args.heartbeat)
         return run_mount(args.volume, args.mountpoint, opts=opts, node=args.node,
                          ready_fd=ready_fd, heartbeat_interval=args.heartbeat)
@@ -158,9 +163,11 @@ def cmd_mount(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("mount", help="mount a volume through FUSE",
-                       description="Mount a clusterfs volume.  Without --lockd it is a "
-                                   "single-node mount (no lock manager; refused while any "
-                                   "other node has the volume mounted).")
+                       description="Mount a clusterfs volume.  With --key (or on a volume "
+                                   "made with mkfs --cluster) the node joins the volume's "
+                                   "cluster; otherwise it is a single-node mount (no lock "
+                                   "manager; refused while any other node has the volume "
+                                   "mounted).")
     p.add_argument("volume", help="image file or block device")
     p.add_argument("mountpoint", help="directory to mount on")
     p.add_argument("-f", "--foreground", action="store_true",
@@ -169,14 +176,17 @@ def register(sub) -> None:
                    help="comma-separated options: ro, noatime, direct (O_DIRECT), "
                         "nodirect, allow_other, debug, nolock, open_cache=N (open "
                         "locks a cluster member keeps cached, default 4096)")
-    p.add_argument("--lockd", metavar="ADDR",
-                   help="lock manager (HOST:PORT or unix:PATH): mount as a cluster member")
     p.add_argument("--key", metavar="KEYFILE",
-                   help="the cluster's key file (default /etc/clusterfs/CLUSTER.key)")
+                   help="the cluster's key file: mount as a cluster member (default "
+                        "/etc/clusterfs/CLUSTER.key on a volume made with --cluster)")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="where this node serves as the lock manager when elected "
+                        "(default: the first non-loopback address, port 7789)")
     p.add_argument("--node", help="node name, unique in the cluster (default: host name)")
     p.add_argument("--slot", type=int, help="node slot to take (default: the first free)")
-    p.add_argument("--lease", type=float, default=5.0,
-                   help="lock manager lease in seconds (default 5)")
+    p.add_argument("--lease", type=float, default=DEFAULT_LEASE,
+                   help=f"lease with the lock manager in seconds (default "
+                        f"{DEFAULT_LEASE:g}; it must outlast a lock manager failover)")
     p.add_argument("--heartbeat", type=float, default=1.0,
                    help="disk heartbeat interval in seconds (default 1)")
     p.add_argument("--log", help="log file when running in the background")

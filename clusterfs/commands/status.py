@@ -1,11 +1,12 @@
 """``clusterfs status VOLUME``: who has the volume mounted, and in what state.
 
-Reads the superblock, every slot's heartbeat and journal header (no lock needed,
-nothing written).  A heartbeat is "live" when its counter advances while watched
-(``--watch`` seconds; 0 skips watching and shows only the heartbeat age).  Given
-the lock manager (``--lockd``/``--key`` or the address recorded by mkfs) it adds
-each node's lease, lock counts, the nodes awaiting recovery and the cluster open
-modes (which node has which file open for writing).
+Reads the superblock, the lease block (the lock manager's master: node, slot,
+address, since when, election generation), every slot's heartbeat and journal header
+(no lock needed, nothing written).  A heartbeat is "live" when its counter advances
+while watched (``--watch`` seconds; 0 skips watching and shows only the heartbeat
+age).  With the cluster's key (``--key``) it asks the master too: each member's
+connection to it and lease, lock counts, the nodes awaiting recovery and the cluster
+open modes (which node has which file open for writing).
 """
 
 from __future__ import annotations
@@ -22,15 +23,33 @@ from ..errors import ClusterfsError, UsageError
 from ..fs.volume import Volume
 from ..ondisk import slots as slotmod
 from ..ondisk.format import HB_FREE, HB_STATE_NAMES
+from ..ondisk.lease import read_lease
 
 
-def gather(path: str, *, watch: float = 1.5, lockd: str | None = None,
-           key: bytes | None = None) -> dict:
+def master_of(lease, hbs) -> dict | None:
+    """The master as the lease block names it (None: no master was ever elected)."""
+    if lease is None:
+        return {"state": "unreadable"}
+    if lease.owner < 0:
+        return None
+    slot = next((i for i, hb in enumerate(hbs) if hb is not None and hb.state != HB_FREE
+                 and hb.node == lease.node), None)
+    now = time.time_ns()
+    return {"node": lease.node, "slot": slot, "address": lease.addr,
+            "generation": lease.generation, "renewals": lease.counter,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S",
+                                   time.localtime(lease.acquired_ns / 1e9)),
+            "since_s": round((now - lease.acquired_ns) / 1e9, 3),
+            "renewed_age": round((now - lease.renewed_ns) / 1e9, 3)}
+
+
+def gather(path: str, *, watch: float = 1.5, key: bytes | None = None) -> dict:
     """Everything ``status`` shows, as a dict (also what ``--json`` prints)."""
     vol = Volume.open(path, readonly=True)
     try:
         sb = vol.sb
         hbs = slotmod.read_heartbeats(vol.dev, sb)
+        master = master_of(read_lease(vol.dev, sb), hbs)
         live = {}
         if watch > 0:
             live = slotmod.live_slots(vol.dev, sb, watch=watch)
@@ -56,11 +75,11 @@ def gather(path: str, *, watch: float = 1.5, lockd: str | None = None,
             slots.append(entry)
         out = {"volume": path, "uuid": sb.uuid.hex(), "label": sb.label,
                "blocks": sb.total_blocks, "slots": slots,
-               "cluster": sb.cluster_name, "lockd": lockd or sb.lockd_addr}
+               "cluster": sb.cluster_name, "master": master}
     finally:
         vol.close()
-    if lockd and key is not None:
-        out["lock_manager"] = trio.run(_lockd_status, lockd, key)
+    if key is not None and master and master.get("address"):
+        out["lock_manager"] = trio.run(_lockd_status, master["address"], key)
         rec = {r["slot"] for r in out["lock_manager"].get("recovering", [])}
         for entry in out["slots"]:
             if entry["slot"] in rec:
@@ -85,8 +104,18 @@ async def _lockd_status(addr: str, key: bytes) -> dict:
 
 def render(st: dict) -> str:
     lines = [f"volume {st['volume']}  uuid {st['uuid']}  label {st['label'] or '-'}"]
-    if st.get("cluster") or st.get("lockd"):
-        lines.append(f"cluster {st.get('cluster') or '-'}  lock manager {st.get('lockd') or '-'}")
+    if st.get("cluster"):
+        lines.append(f"cluster {st['cluster']}")
+    m = st.get("master")
+    if m is None:
+        lines.append("lock manager: no master elected (no cluster mount yet)")
+    elif "node" not in m:
+        lines.append("lock manager: the lease block is unreadable")
+    else:
+        slot = f"slot {m['slot']}" if m["slot"] is not None else "no slot"
+        lines.append(f"lock manager master: node {m['node']} ({slot}) at {m['address']}, "
+                     f"since {m['since']}, generation {m['generation']}, lease renewed "
+                     f"{m['renewed_age']:.1f}s ago")
     lines.append(f"{'slot':>4}  {'node':<16} {'state':<12} {'heartbeat':<22} {'journal':<12}")
     for s in st["slots"]:
         if s["state"] in ("free",) and not s.get("node"):
@@ -104,8 +133,11 @@ def render(st: dict) -> str:
                      f"{lm.get('locks', 0)} locks held, {lm.get('waiters', 0)} waiting"
                      + (f", grace {lm['grace_left']:.1f}s left" if lm.get("grace_left") else ""))
         for n in lm.get("nodes", []):
-            lines.append(f"  node {n['node']} (slot {n['slot']}): lease renewed "
-                         f"{n['lease_age']:.1f}s ago, {n['locks']} locks, {n['waiting']} waiting")
+            conn = "connected" if n.get("connected") else "NOT CONNECTED"
+            how = f" ({n['opened']} session)" if n.get("opened") else ""
+            lines.append(f"  node {n['node']} (slot {n['slot']}): {conn}{how}, lease "
+                         f"renewed {n['lease_age']:.1f}s ago, {n['locks']} locks, "
+                         f"{n['waiting']} waiting")
         for n in lm.get("recovering", []):
             lines.append(f"  node {n['node']} (slot {n['slot']}): DEAD, {n['locks']} locks "
                          f"held until recovered")
@@ -117,7 +149,6 @@ def render(st: dict) -> str:
 
 
 def cmd_status(args) -> int:
-    lockd = args.lockd
     key = None
     if args.key:
         from lockmgr import KeyFileError, load_key
@@ -125,17 +156,13 @@ def cmd_status(args) -> int:
             key = load_key(args.key)
         except KeyFileError as e:
             raise UsageError(str(e)) from None
-    if lockd is None and key is not None:
-        vol = Volume.open(args.volume, readonly=True)
-        lockd = vol.sb.lockd_addr or None
-        vol.close()
     if not os.path.exists(args.volume):
         raise UsageError(f"{args.volume} does not exist")
     from lockmgr import LockError
     try:
-        st = gather(args.volume, watch=args.watch, lockd=lockd if key else None, key=key)
+        st = gather(args.volume, watch=args.watch, key=key)
     except (OSError, LockError) as e:
-        raise ClusterfsError(f"lock manager {lockd}: {e}") from None
+        raise ClusterfsError(f"lock manager: {e}") from None
     print(json.dumps(st, indent=2) if args.json else render(st))
     return 0
 
@@ -144,8 +171,8 @@ def register(sub) -> None:
     p = sub.add_parser("status", help="show the slots, heartbeats and journals of a volume",
                        description=__doc__.splitlines()[0])
     p.add_argument("volume", help="image file or block device")
-    p.add_argument("--lockd", metavar="ADDR", help="lock manager to ask as well")
-    p.add_argument("--key", metavar="KEYFILE", help="key file for the lock manager")
+    p.add_argument("--key", metavar="KEYFILE",
+                   help="the cluster's key file: ask the lock manager's master as well")
     p.add_argument("--watch", type=float, default=1.5,
                    help="seconds to watch heartbeats for liveness (0: don't)")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -20,7 +20,7 @@ import re
 import pyfuse3
 import trio
 
-from ..errors import ClusterfsError, MountFailed, UsageError
+from ..errors import MountFailed, UsageError, run_surfacing
 from ..fs.single_node import SingleNodeMount
 from .ops import Operations
 from .serve import serve
@@ -81,14 +81,15 @@ def _notify_ready(ready_fd: int) -> None:
 
 
 def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | None,
-                      lockd: str, key: bytes, slot: int | None, lease: float,
-                      ready_fd: int = -1, heartbeat_interval: float = 1.0) -> int:
+                      key: bytes, keyfile: str, listen: str | None, slot: int | None,
+                      lease: float, ready_fd: int = -1,
+                      heartbeat_interval: float = 1.0) -> int:
     """Join the volume's cluster and serve until unmounted (in this process)."""
     from ..cluster.member import ClusterMount
     from ..cluster.openmodes import OPEN_CACHE
     direct = True if opts.get("direct") else False if opts.get("nodirect") else None
-    member = ClusterMount(volume, lockd=lockd, key=key, node=node, slot=slot,
-                          direct=direct, lease=lease, renew=max(0.2, lease / 5),
+    member = ClusterMount(volume, key=key, keyfile=keyfile, listen=listen, node=node,
+                          slot=slot, direct=direct, lease=lease, renew=min(1.0, lease / 5),
                           heartbeat_interval=heartbeat_interval,
                           noatime=bool(opts.get("noatime")),
                           open_cache=opts.get("open_cache", OPEN_CACHE))
@@ -122,17 +123,8 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
 
     clean = False
     try:
-        trio.run(main)
+        run_surfacing(main)
         clean = True
-    except BaseExceptionGroup as group:
-        # trio wraps what a nursery raised: surface a user-facing error as itself
-        user = group.subgroup(lambda e: isinstance(e, ClusterfsError))
-        if user is not None:
-            first = user
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            raise first from None
-        raise
     finally:
         if mounted:
             pyfuse3.close(unmount=member.terminated or not clean)

@@ -98,6 +98,7 @@ class BlockType(enum.IntEnum):
     EXTENT_NODE = 6
     DIR_NODE = 7
     XATTR = 8
+    LEASE = 9
     JOURNAL_HEADER = 16
     JOURNAL_DESCRIPTOR = 17
     JOURNAL_REVOKE = 18

@@ -39,11 +39,14 @@ from .layout import (BITMAP_BYTES, BLOCKS_PER_BITMAP, DATA_OFF, DATA_SIZE,  # no
                      DF_DIRTREE, DF_EXTENTS, DF_INLINE, DINODE, DINODE_LAYOUT, DIRENT,
                      DIRENT_REC, EXTENT, EXTENT_REC, FORMAT_REVISION, FREE, HB_CLUSTER,
                      HB_FENCED, HB_FREE, HB_LAYOUT, HB_NOLOCK, HB_STATE_NAMES, INDEX_REC,
-                     INLINE_MAX, LINK_MAX, MAX_DEPTH, MAX_FILE_BLOCKS, NODE_CAPACITY,
-                     NODE_HDR, NODE_LAYOUT, RGRP_LAYOUT, ROOT_CAPACITY,
-                     SB_FLAG_CLUSTER_INFO, SB_LAYOUT, STATE_NAMES, SYMLINK_MAX, UNLINKED,
-                     USED, XATTR_BLOCK_LAYOUT, XATTR_BLOCK_OFF, XATTR_BLOCK_SIZE,
-                     XATTR_ENTRY, XATTR_INLINE_OFF, XATTR_INLINE_SIZE, Layout)
+                     INLINE_MAX, LEASE_BLOCKS, LEASE_FREE, LEASE_LAYOUT, LEASE_START,
+                     LINK_MAX, MAX_DEPTH, MAX_FILE_BLOCKS, NODE_CAPACITY, NODE_HDR,
+                     NODE_LAYOUT, RGRP_LAYOUT, ROOT_CAPACITY, SB_FLAG_CLUSTER_INFO,
+                     SB_LAYOUT, STATE_NAMES, SYMLINK_MAX, UNLINKED, USED,
+                     XATTR_BLOCK_LAYOUT, XATTR_BLOCK_OFF, XATTR_BLOCK_SIZE, XATTR_ENTRY,
+                     XATTR_INLINE_OFF, XATTR_INLINE_SIZE, Layout)
+from .lease import (FREE_LEASE, LeaseBlock, decode_lease, encode_lease,  # noqa: F401
+                    read_lease)
 from .meta import _COPIERS, MetaObject, _blank, _copier  # noqa: F401
 from .rgrp import (_COUNT_TABLE, _EXPAND, _RG, Bitmap, RgrpHeader,  # noqa: F401
                    _count_table, expand_bits)

@@ -15,7 +15,7 @@ import struct
 
 from .blockhdr import BLOCK_SIZE, HEADER_SIZE
 
-FORMAT_REVISION = 1
+FORMAT_REVISION = 2
 
 
 class Layout:
@@ -72,9 +72,22 @@ SB_LAYOUT = Layout(
     ("slot_start", "Q"), ("journal_start", "Q"), ("rgrp_start", "Q"),
     ("rgrp_blocks", "I"), ("rgrp_count", "I"), ("bitmap_blocks", "I"), ("flags", "I"),
     ("root_ino", "Q"), ("features", "Q"), ("backup_bno", "Q"), ("cluster_name", "32s"),
-    ("lockd_addr", "128s"), ("mkfs_seq", "Q"))
+    ("lease_start", "Q"), ("lease_blocks", "I"), ("reserved", "116s"), ("mkfs_seq", "Q"))
 
-SB_FLAG_CLUSTER_INFO = 1   # cluster_name / lockd_addr are set
+SB_FLAG_CLUSTER_INFO = 1   # cluster_name is set
+
+# =============================================================================
+# The lock manager's lease area (block 1): the master's delta lease
+# =============================================================================
+
+LEASE_START = 1             # the lease area: right after the superblock
+LEASE_BLOCKS = 1            # one block: the master lease
+LEASE_LAYOUT = Layout(
+    HEADER_SIZE,
+    ("owner", "q"), ("generation", "Q"), ("counter", "Q"), ("acquired_ns", "q"),
+    ("renewed_ns", "q"), ("expire_ms", "I"), ("reserved", "I"), ("node", "64s"),
+    ("addr", "128s"))
+LEASE_FREE = -1             # owner of a lease nobody holds (as mkfs writes it)
 
 # =============================================================================
 # Heartbeat (one block per node slot)

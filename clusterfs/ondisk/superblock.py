@@ -3,7 +3,8 @@
 Geometry (all in 4096-byte blocks)::
 
     0                       superblock
-    1 .. 1+nslots-1         heartbeat block of each node slot
+    1                       the lease area: the lock manager's master lease
+    2 .. 2+nslots-1         heartbeat block of each node slot
     journal_start ..        journal of slot i at journal_start + i * journal_blocks
     rgrp_start ..           resource groups, rgrp_blocks each (the last may be shorter)
     total_blocks - 1        backup superblock
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 from ..errors import CorruptBlock, FormatMismatch
 from . import blockhdr
 from .blockhdr import BLOCK_SIZE, HEADER_SIZE, BlockType
-from .layout import BLOCKS_PER_BITMAP, FORMAT_REVISION, HB_FREE, HB_LAYOUT, SB_LAYOUT
+from .layout import (BLOCKS_PER_BITMAP, FORMAT_REVISION, HB_FREE, HB_LAYOUT, LEASE_BLOCKS,
+                     LEASE_START, SB_LAYOUT)
 from .meta import _blank
 
 _SB = SB_LAYOUT.struct
@@ -42,7 +44,8 @@ def random_mount_id() -> int:
 class Superblock:
     """Block 0 (and a backup copy at ``total_blocks - 1``).
 
-    Invariants: ``journal_start = slot_start + nslots``; ``rgrp_start = journal_start +
+    Invariants: ``lease_start = 1``, ``lease_blocks = 1``, ``slot_start = lease_start +
+    lease_blocks``; ``journal_start = slot_start + nslots``; ``rgrp_start = journal_start +
     nslots * journal_blocks``; resource group i starts at ``rgrp_start + i *
     rgrp_blocks`` and the last one ends before the backup superblock.
     """
@@ -59,13 +62,14 @@ class Superblock:
     created_ns: int = field(default_factory=now_ns)
     format_rev: int = FORMAT_REVISION
     block_size: int = BLOCK_SIZE
-    slot_start: int = 1
+    lease_start: int = LEASE_START
+    lease_blocks: int = LEASE_BLOCKS
+    slot_start: int = LEASE_START + LEASE_BLOCKS
     journal_start: int = 0
     rgrp_start: int = 0
     flags: int = 0
     features: int = 0
     cluster_name: str = ""
-    lockd_addr: str = ""
     seq: int = 1
 
     @property
@@ -80,7 +84,7 @@ class Superblock:
             self.journal_blocks, self.slot_start, self.journal_start, self.rgrp_start,
             self.rgrp_blocks, self.rgrp_count, self.bitmap_blocks, self.flags,
             self.root_ino, self.features, self.backup_bno,
-            self.cluster_name.encode()[:32], self.lockd_addr.encode()[:128], 0)
+            self.cluster_name.encode()[:32], self.lease_start, self.lease_blocks, b"", 0)
         return bytes(blockhdr.seal(buf, BlockType.SUPERBLOCK, bno, self.seq))
 
     @classmethod
@@ -92,7 +96,7 @@ class Superblock:
         seq = blockhdr.verify(buf, BlockType.SUPERBLOCK, bno)
         (rev, bsize, total, uid, label, created, nslots, jblocks, slot_start,
          jstart, rstart, rblocks, rcount, bmblocks, flags, root, features, backup,
-         cname, laddr, _pad) = _SB.unpack_from(buf, HEADER_SIZE)
+         cname, lease_start, lease_blocks, _reserved, _pad) = _SB.unpack_from(buf, HEADER_SIZE)
         if rev != FORMAT_REVISION:
             raise FormatMismatch(
                 f"volume has format revision {rev}; this clusterfs reads revision "
@@ -106,7 +110,7 @@ class Superblock:
                  slot_start=slot_start, journal_start=jstart, rgrp_start=rstart,
                  flags=flags, features=features,
                  cluster_name=cname.rstrip(b"\0").decode(errors="replace"),
-                 lockd_addr=laddr.rstrip(b"\0").decode(errors="replace"), seq=seq)
+                 lease_start=lease_start, lease_blocks=lease_blocks, seq=seq)
         sb.check_geometry(bno)
         if backup != sb.backup_bno:
             raise CorruptBlock(bno, f"backup location {backup} != {sb.backup_bno}")
@@ -117,7 +121,9 @@ class Superblock:
         problems = []
         if not (1 <= self.nslots <= 256):
             problems.append(f"slot count {self.nslots}")
-        if self.slot_start != 1:
+        if self.lease_start != LEASE_START or self.lease_blocks != LEASE_BLOCKS:
+            problems.append(f"lease area at {self.lease_start} ({self.lease_blocks} blocks)")
+        if self.slot_start != self.lease_start + self.lease_blocks:
             problems.append(f"slot table at {self.slot_start}")
         if self.journal_start != self.slot_start + self.nslots:
             problems.append(f"journal start {self.journal_start}")
@@ -134,6 +140,11 @@ class Superblock:
             raise CorruptBlock(bno, "bad geometry: " + ", ".join(problems))
 
     # geometry helpers
+    @property
+    def lease_bno(self) -> int:
+        """The master lease's block."""
+        return self.lease_start
+
     def heartbeat_bno(self, slot: int) -> int:
         return self.slot_start + slot
 
@@ -177,7 +188,7 @@ def plan_geometry(total_blocks: int, nslots: int, journal_blocks: int | None = N
     """
     if journal_blocks is None:
         journal_blocks = max(256, min(32768, total_blocks // 64 // max(1, nslots)))
-    slot_start = 1
+    slot_start = LEASE_START + LEASE_BLOCKS
     journal_start = slot_start + nslots
     rgrp_start = journal_start + nslots * journal_blocks
     usable = total_blocks - 1 - rgrp_start

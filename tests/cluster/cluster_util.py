@@ -1,20 +1,19 @@
-"""Cluster test helpers: a lock manager process, cluster node mounts, the volume check.
+"""Cluster test helpers: cluster node mounts, the lock manager they elect, the volume check.
 
-``Lockd`` runs ``clusterfs lockd`` (a free port, a key made by ``clusterfs keygen``)
-and stops it by its PID.  ``Cluster`` hands out node mounts of one volume
-(``tests.helpers.Mount`` with ``--lockd``, ``--key``, ``--node``);
-``running_cluster`` unmounts every node that is still mounted on the way out (even
-when the test failed), stops the lock manager, then checks the volume.
+``Cluster`` hands out node mounts of one volume (``tests.helpers.Mount`` with
+``--key``, ``--node``, ``--listen``): every node runs a lock manager candidate as its
+child and one of them is the master, found in the volume's lease block
+(``Cluster.master``).  ``running_cluster`` unmounts every node that is still mounted
+on the way out (even when the test failed), then checks the volume.
 
-State to assert on, rather than log lines: ``Lockd.view()`` is the lock manager's
-own view (its status query with every granted lock), ``slot_state`` a node slot as
-the volume holds it (heartbeat, journal clean, digest of the journal's log blocks),
-and ``Cluster.wait_recovered`` checks both once a dead node is recovered.
+State to assert on, rather than log lines: ``Cluster.view()`` is the lock manager's
+own view (the master's status query with every granted lock), ``slot_state`` a node
+slot as the volume holds it (heartbeat, journal clean, digest of the journal's log
+blocks), and ``Cluster.wait_recovered`` checks both once a dead node is recovered.
 
-Short leases keep the failure tests fast: lock manager ``--lease 3``, mounts
-``--lease 3 --heartbeat 0.3`` (``fast=False`` uses the defaults).  Not 2: a node's
-journal flushes run on its event loop, and on a busy shared host one can hold up
-the lease renewal long enough (1.6 s) to fence a healthy node.
+Short leases keep the failure tests fast: mounts ``--lease 7 --heartbeat 0.3``
+(``fast=False`` uses the defaults).  Not shorter: a member's lease must outlast a
+lock manager failover (``clusterfs.cluster.lockd.check_member_lease``).
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +34,7 @@ from clusterfs.ondisk.format import HB_FREE, Heartbeat
 from tests.helpers import Mount, check_consistency, fsck_clean, mkfs, run_cli
 
 PY = sys.executable
-FAST_LEASE = "3"
+FAST_LEASE = "7"
 FAST_HEARTBEAT = "0.3"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,113 +48,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 def make_key(path: str) -> str:
     run_cli("keygen", path)
     return path
-
-
-class Lockd:
-    """A ``clusterfs lockd`` process we started (stopped only by its PID).
-
-    Args:
-        keyfile: the cluster's key file.
-        host, port: where to listen (port: a free one by default).
-        lease, grace: the server's ``--lease`` / ``--grace`` (None: its defaults).
-        wrap: a command prefix (``nsenter --net=...`` to run it in a namespace).
-        log: file the server logs to.
-    """
-
-    def __init__(self, keyfile: str, *, host: str = "127.0.0.1", port: int | None = None,
-                 lease: str | None = FAST_LEASE, grace: str | None = None,
-                 wrap: tuple = (), log: str | None = None, listen_host: str | None = None):
-        self.keyfile = keyfile
-        self.host = host
-        self.listen_host = listen_host or host
-        self.port = port or free_port()
-        self.lease = lease
-        self.grace = grace
-        self.wrap = tuple(wrap)
-        self.log = log or tempfile.mktemp(prefix="lockd-", suffix=".log")
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def addr(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def start(self, timeout: float = 20.0) -> "Lockd":
-        seen = len(self.read_log())
-        cmd = [*self.wrap, PY, "-m", "clusterfs.cli", "lockd", "--listen",
-               f"{self.listen_host}:{self.port}", "--key", self.keyfile]
-        if self.lease is not None:
-            cmd += ["--lease", self.lease]
-        if self.grace is not None:
-            cmd += ["--grace", self.grace]
-        logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
-                                     stderr=subprocess.STDOUT)
-        logf.close()
-        deadline = time.monotonic() + timeout
-        while "listening on" not in self.read_log()[seen:]:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"lockd exited with {self.proc.returncode}:\n"
-                                     + self.read_log())
-            if time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError("lockd did not start listening:\n" + self.read_log())
-            time.sleep(0.05)
-        return self
-
-    def read_log(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        """SIGTERM (by PID), then SIGKILL if it does not go."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def kill(self) -> None:
-        """SIGKILL (a crash of the lock manager)."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.kill()
-        proc.wait()
-
-    def restart(self) -> "Lockd":
-        """Kill it and start a new server on the same address."""
-        self.kill()
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                return self.start()
-            except AssertionError:
-                # the port may linger for a moment
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-
-    def view(self) -> dict:
-        """The lock manager's own view (``lock_view``: its status with every granted
-        lock), asked from inside its network namespace when it runs in one."""
-        host = "127.0.0.1" if self.listen_host == "0.0.0.0" else self.host
-        addr = f"{host}:{self.port}"
-        if not self.wrap:
-            return lock_view(addr, self.keyfile)
-        r = subprocess.run([*self.wrap, PY, "-c", _VIEW, addr, self.keyfile], cwd=REPO,
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, f"lock manager status from its namespace:\n{r.stderr}"
-        st = json.loads(r.stdout)
-        for h in st["held"]:
-            h["name"] = bytes.fromhex(h["name"])
-        return st
 
 
 # prints lock_view(ADDR, KEYFILE) as JSON (lock names in hex)
@@ -181,35 +72,35 @@ def lock_view(addr: str, keyfile: str) -> dict:
 
 
 class Cluster:
-    """One volume, one lock manager, and the nodes mounted on it.
+    """One volume and the nodes mounted on it (each with its lock manager candidate).
 
     Args:
         top: a directory for mount points and logs (world-traversable).
         volume: the volume image.
-        lockd: the lock manager.
+        keyfile: the cluster's key file.
         fast: short leases and heartbeats (else the defaults).
     """
 
-    def __init__(self, top: str, volume: str, lockd: Lockd, *, fast: bool = True):
+    def __init__(self, top: str, volume: str, keyfile: str, *, fast: bool = True):
         self.top = top
         self.volume = volume
-        self.lockd = lockd
+        self.keyfile = keyfile
         self.fast = fast
         self.nodes: dict[str, Mount] = {}
 
-    def node_args(self, name: str, *extra: str, lockd_addr: str | None = None) -> list:
-        args = ["--lockd", lockd_addr or self.lockd.addr, "--key", self.lockd.keyfile,
-                "--node", name]
+    def node_args(self, name: str, *extra: str, listen: str = "127.0.0.1:0") -> list:
+        args = ["--key", self.keyfile, "--node", name, "--listen", listen]
         if self.fast:
             args += ["--lease", FAST_LEASE, "--heartbeat", FAST_HEARTBEAT]
         return args + list(extra)
 
     def mount(self, name: str, *extra: str, wrap: tuple = (),
-              lockd_addr: str | None = None) -> Mount:
-        """Mount the volume as node ``name`` (at TOP/NAME) and wait for it."""
+              listen: str = "127.0.0.1:0", env: dict | None = None) -> Mount:
+        """Mount the volume as node ``name`` (at TOP/NAME) and wait for it (``env``:
+        the mount's environment, which its lock manager candidate inherits)."""
         path = os.path.join(self.top, name)
-        m = Mount(self.volume, path, *self.node_args(name, *extra, lockd_addr=lockd_addr),
-                  wrap=wrap)
+        m = Mount(self.volume, path, *self.node_args(name, *extra, listen=listen),
+                  wrap=wrap, env=env)
         self.nodes[name] = m
         return m.start()
 
@@ -217,6 +108,7 @@ class Cluster:
         self.nodes[name].stop(check_log=check_log)
 
     def kill(self, name: str) -> None:
+        """SIGKILL of node ``name``'s mount (its lock manager candidate dies with it)."""
         self.nodes[name].kill()
 
     def unmount_all(self, check_log: bool = True) -> None:
@@ -229,23 +121,63 @@ class Cluster:
         if errors:
             raise AssertionError("\n".join(errors))
 
+    def master(self):
+        """The lease block: ``LeaseBlock`` (owner < 0: no master yet)."""
+        from clusterfs.fs.volume import read_superblock
+        from clusterfs.ondisk.blockdev import BlockDevice
+        from clusterfs.ondisk.lease import read_lease
+        dev = BlockDevice(self.volume, readonly=True)
+        try:
+            return read_lease(dev, read_superblock(dev))
+        finally:
+            dev.close()
+
+    def master_node(self, timeout: float = 30.0) -> str:
+        """The name of the node whose candidate is the master (waits for one)."""
+        rec = wait_for(lambda: (m := self.master()) is not None and m.owner >= 0 and m,
+                       timeout, "a lock manager master")
+        return rec.node
+
+    def candidate_pid(self, name: str) -> int:
+        """The pid of node ``name``'s lock manager candidate (a child of its mount)."""
+        pid = self.nodes[name].proc.pid
+        kids = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+        for kid in kids:
+            with open(f"/proc/{kid}/cmdline", "rb") as f:
+                if b"lockd" in f.read().split(b"\0"):
+                    return kid
+        raise AssertionError(f"node {name} runs no lock manager candidate")
+
+    def view(self, wrap: tuple = ()) -> dict:
+        """The lock manager's own view (``lock_view`` of the master), asked from inside
+        a network namespace when ``wrap`` enters one."""
+        addr = self.master().addr
+        if not wrap:
+            return lock_view(addr, self.keyfile)
+        r = subprocess.run([*wrap, PY, "-c", _VIEW, addr, self.keyfile], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, f"lock manager status from a namespace:\n{r.stderr}"
+        st = json.loads(r.stdout)
+        for h in st["held"]:
+            h["name"] = bytes.fromhex(h["name"])
+        return st
+
     def status(self, *extra: str) -> dict:
-        proc = run_cli("status", self.volume, "--lockd", self.lockd.addr, "--key",
-                       self.lockd.keyfile, "--json", *extra)
+        proc = run_cli("status", self.volume, "--key", self.keyfile, "--json", *extra)
         return json.loads(proc.stdout)
 
     def dump_logs(self, lines: int = 60) -> None:
         """Print the tail of every log (pytest shows it with a failure)."""
-        logs = [("lockd", self.lockd.read_log())]
-        logs += [(name, m.read_log()) for name, m in self.nodes.items()]
-        for name, text in logs:
+        for name, m in self.nodes.items():
             print(f"----- {name} log (last {lines} lines) -----")
-            print("\n".join(text.splitlines()[-lines:]))
+            print("\n".join(m.read_log().splitlines()[-lines:]))
 
     def run_status(self, *extra: str) -> str:
         """``clusterfs status`` (text) with the lock manager."""
-        return run_cli("status", self.volume, "--lockd", self.lockd.addr, "--key",
-                       self.lockd.keyfile, *extra).stdout
+        return run_cli("status", self.volume, "--key", self.keyfile, *extra).stdout
 
     def check(self, *, crashed: bool = False) -> None:
         """The volume (every node unmounted) is consistent: the walk, then fsck."""
@@ -266,15 +198,19 @@ class Cluster:
         assert len(slots) == 1, f"node {name} holds slots {slots}"
         return slots[0]
 
-    def wait_recovered(self, name: str, slot: int, timeout: float = 60.0) -> None:
+    def wait_recovered(self, name: str, slot: int, timeout: float = 60.0,
+                       wrap: tuple = ()) -> None:
         """Wait until the lock manager has let the dead node ``name`` go (its session
         leaves only when a member reports its slot recovered), then check what the
         recovery leaves: no lock of the node held any more, and on the volume its
         slot's heartbeat FREE and its journal clean."""
         def gone():
-            st = self.lockd.view()
+            try:
+                st = self.view(wrap)
+            except Exception:        # no master reachable now (a failover under way)
+                return None
             listed = [n for n in st["nodes"] + st["recovering"] if n["node"] == name]
-            return None if listed else st
+            return None if listed or st["frozen"] else st
         st = wait_for(gone, timeout, f"the recovery of node {name}")
         left = [h for h in st["held"] if h["slot"] == slot or h["dead"]]
         assert left == [], f"locks of the recovered node {name} are still held: {left}"
@@ -316,33 +252,23 @@ def make_topdir():
 
 @contextlib.contextmanager
 def running_cluster(top: str, *, size: str = "256M", fast: bool = True,
-                    lockd_args: dict | None = None, mkfs_args: tuple = (),
-                    crashes: bool = False):
-    """A fresh volume and a lock manager in ``top``; on the way out every node is
-    unmounted (always), the lock manager stopped, and (after success) the volume
-    checked (``crashes``: the test kills nodes)."""
+                    mkfs_args: tuple = (), crashes: bool = False):
+    """A fresh volume and a key in ``top``; on the way out every node is unmounted
+    (always) and (after success) the volume checked (``crashes``: the test kills
+    nodes)."""
     key = make_key(os.path.join(top, "cluster.key"))
-    kw = {} if fast else {"lease": None}
-    kw.update(lockd_args or {})
-    srv = Lockd(key, log=os.path.join(top, "lockd.log"), **kw).start()
+    vol = os.path.join(top, "vol.img")
+    mkfs(vol, size, *mkfs_args)
+    c = Cluster(top, vol, key, fast=fast)
+    ok = False
     try:
-        vol = os.path.join(top, "vol.img")
-        mkfs(vol, size, *mkfs_args)
-        c = Cluster(top, vol, srv, fast=fast)
-        ok = False
-        try:
-            yield c
-            ok = True
-        except BaseException:
-            c.dump_logs()
-            raise
-        finally:
-            try:
-                c.unmount_all(check_log=ok)
-            finally:
-                srv.stop()
+        yield c
+        ok = True
+    except BaseException:
+        c.dump_logs()
+        raise
     finally:
-        srv.stop()
+        c.unmount_all(check_log=ok)
     c.check(crashed=crashes)
 
 
@@ -489,23 +415,26 @@ def slot_state(volume: str, slot: int) -> SlotState:
 
 
 def heartbeat_blocks(volume: str, slots) -> set[int]:
+    """The blocks live nodes keep rewriting: the slots' heartbeats, and the lease
+    block the lock manager's master renews."""
     from clusterfs.fs.volume import Volume
     vol = Volume.open(volume, readonly=True)
     try:
-        return {vol.sb.heartbeat_bno(s) for s in slots}
+        return {vol.sb.heartbeat_bno(s) for s in slots} | {vol.sb.lease_bno}
     finally:
         vol.close()
 
 
 class Netns:
-    """Network namespaces made (and deleted) by a test: one for the lock manager and
-    one per node, each node joined to the lock manager's by its own veth link
-    (10.200.I.2 on the node's side, 10.200.I.1 on the lock manager's)."""
+    """Network namespaces made (and deleted) by a test: one per node, each joined by
+    its own veth link to a hub namespace that routes between them (10.200.I.2 on
+    node I's side, 10.200.I.1 on the hub's; no bridge, so no kernel module).  Cutting
+    a node's link cuts it off from every other node; the volume stays reachable."""
 
     def __init__(self, nodes: list[str]):
         tag = f"{os.getpid() % 100000}"
         self.tag = tag
-        self.lockd_ns = f"cfs{tag}-lockd"
+        self.hub = f"cfs{tag}-hub"
         self.ns = {n: f"cfs{tag}-{n}" for n in nodes}
         self.index = {n: i for i, n in enumerate(nodes)}
         self.made: list[str] = []
@@ -516,45 +445,52 @@ class Netns:
         if r.returncode != 0:
             raise AssertionError(f"ip {' '.join(args)}: {r.stderr.strip()}")
 
-    def lockd_side(self, node: str) -> str:
-        return f"cv{self.tag}l{self.index[node]}"[:15]
+    def hub_side(self, node: str) -> str:
+        return f"cv{self.tag}h{self.index[node]}"[:15]
 
     def node_side(self, node: str) -> str:
         return f"cv{self.tag}n{self.index[node]}"[:15]
 
     def setup(self) -> "Netns":
-        for ns in [self.lockd_ns, *self.ns.values()]:
+        for ns in [self.hub, *self.ns.values()]:
             self.ip("netns", "add", ns)
             self.made.append(ns)
             self.ip("-n", ns, "link", "set", "lo", "up")
+        r = subprocess.run(["ip", "netns", "exec", self.hub, "sysctl", "-qw",
+                            "net.ipv4.ip_forward=1"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
         for node, ns in self.ns.items():
             i = self.index[node]
-            lside, nside = self.lockd_side(node), self.node_side(node)
-            self.ip("link", "add", lside, "netns", self.lockd_ns, "type", "veth", "peer",
+            hside, nside = self.hub_side(node), self.node_side(node)
+            self.ip("link", "add", hside, "netns", self.hub, "type", "veth", "peer",
                     "name", nside, "netns", ns)
-            self.ip("-n", self.lockd_ns, "addr", "add", f"10.200.{i}.1/24", "dev", lside)
+            self.ip("-n", self.hub, "addr", "add", f"10.200.{i}.1/24", "dev", hside)
             self.ip("-n", ns, "addr", "add", f"10.200.{i}.2/24", "dev", nside)
-            self.ip("-n", self.lockd_ns, "link", "set", lside, "up")
+            self.ip("-n", self.hub, "link", "set", hside, "up")
             self.ip("-n", ns, "link", "set", nside, "up")
+            self.ip("-n", ns, "route", "add", "default", "via", f"10.200.{i}.1")
         return self
 
-    def wrap(self, node: str | None = None) -> tuple:
-        ns = self.lockd_ns if node is None else self.ns[node]
-        return ("nsenter", f"--net=/var/run/netns/{ns}")
+    def wrap(self, node: str) -> tuple:
+        return ("nsenter", f"--net=/var/run/netns/{self.ns[node]}")
 
-    def lockd_addr(self, node: str, port: int) -> str:
-        return f"10.200.{self.index[node]}.1:{port}"
+    def addr(self, node: str) -> str:
+        """Node ``node``'s address in its namespace."""
+        return f"10.200.{self.index[node]}.2"
 
     def cut(self, node: str) -> None:
-        self.ip("-n", self.lockd_ns, "link", "set", self.lockd_side(node), "down")
+        self.ip("-n", self.hub, "link", "set", self.hub_side(node), "down")
 
     def restore(self, node: str) -> None:
-        self.ip("-n", self.lockd_ns, "link", "set", self.lockd_side(node), "up")
+        self.ip("-n", self.hub, "link", "set", self.hub_side(node), "up")
         self.ip("-n", self.ns[node], "link", "set", self.node_side(node), "up")
+        self.ip("-n", self.ns[node], "route", "replace", "default", "via",
+                f"10.200.{self.index[node]}.1")
 
-    def reachable(self, node: str, port: int) -> bool:
-        """Whether ``node``'s namespace reaches the lock manager's port."""
-        host = f"10.200.{self.index[node]}.1"
+    def reachable(self, node: str, addr: str) -> bool:
+        """Whether a TCP connection from ``node``'s namespace to ``addr`` (HOST:PORT)
+        succeeds."""
+        host, port = addr.rsplit(":", 1)
         r = subprocess.run([*self.wrap(node), PY, "-c",
                             f"import socket; socket.create_connection(({host!r}, {port}), 1)"],
                            capture_output=True)

@@ -157,12 +157,22 @@ def test_status_shows_who_holds_what(nodes, f):
     fd = os.open(f.on("b"), os.O_WRONLY)
     try:
         st = nodes.status("--watch", "0")
-        lm = st["lock_manager"]
+        # the master as the lease block names it, and as it answers itself
+        m, lm = st["master"], st["lock_manager"]
+        rec = nodes.master()
+        assert (m["node"], m["address"], m["generation"]) == \
+            (rec.node, rec.addr, rec.generation)
+        assert m["slot"] == nodes.slot_of(rec.node) and m["renewed_age"] < 5
+        assert (lm["master"], lm["address"], lm["generation"]) == \
+            (rec.node, rec.addr, rec.generation)
         assert {n["node"] for n in lm["nodes"]} >= {"a", "b", "c"}
+        assert all(n["connected"] and n["lease_age"] < 5 for n in lm["nodes"]), lm
         assert [(m["node"], m["mode"]) for m in lm["open_modes"] if m["inode"] == ino] \
             == [("b", "EX")], lm
         text = nodes.run_status("--watch", "0")
         assert f"node b has inode {ino} open for writing" in text
+        assert f"lock manager master: node {rec.node} (slot {m['slot']}) at " \
+               f"{rec.addr}" in text
     finally:
         os.close(fd)
     # (the kernel sends the release after close returns)
@@ -216,7 +226,7 @@ def test_mode_released_when_the_holder_dies(topdir):
 
 def _open_locks_of(c, node: str) -> set[int]:
     """The inodes whose open lock (``O``) the lock manager says ``node`` holds."""
-    return {int.from_bytes(h["name"][1:], "big") for h in c.lockd.view()["held"]
+    return {int.from_bytes(h["name"][1:], "big") for h in c.view()["held"]
             if h["node"] == node and h["name"].startswith(b"O")}
 
 

@@ -147,6 +147,27 @@ def test_stale_heartbeat_slot(vol, tmp_path):
     check_case(img, man, tmp_path, 2, {"stale-slot"})
 
 
+def test_damaged_lease_block(vol, tmp_path):
+    img, man = vol
+    sb = superblock(img)
+    flip(img, sb.lease_bno, 100)
+    check_case(img, man, tmp_path, 2, {"bad-lease"})
+    from clusterfs.ondisk.format import FREE_LEASE, decode_lease
+    assert decode_lease(read_block(img, sb.lease_bno), sb.lease_bno) == FREE_LEASE
+
+
+def test_held_lease_is_no_finding(vol, tmp_path):
+    """A lease left held by a lock manager that went is taken over by the next one:
+    nothing to repair."""
+    img, man = vol
+    sb = superblock(img)
+    from clusterfs.ondisk.format import LeaseBlock, encode_lease
+    write_block(img, sb.lease_bno, encode_lease(
+        LeaseBlock(2, 7, 99, "gone", "10.0.0.2:7789", 1, 2, 1600), sb.lease_bno))
+    code, rep, _ = fsck(img, "n")
+    assert code == 0, rep.text
+
+
 def test_live_node_refuses_repair(vol, tmp_path):
     img, man = vol
     m = Mount(img, str(tmp_path / "mnt")).start()

@@ -10,7 +10,7 @@ import pytest
 
 from clusterfs.commands.mkfs import make_volume
 from clusterfs.fs import directory
-from clusterfs.ondisk.format import DT_REG, FREE, USED
+from clusterfs.ondisk.format import DT_REG, FORMAT_REVISION, FREE, USED
 from fsck.checker import Fsck
 from fsck.report import Report
 from tests.fsck.fsckutil import (Api, bitmap_state, dinode, put_dinode, read_block, reseal,
@@ -95,11 +95,12 @@ def test_not_a_volume_is_one_line_exit_8(tmp_path):
 
 
 def test_other_revision_is_refused(cli, small):
+    other = FORMAT_REVISION + 1
     buf = read_block(small, 0)
-    buf[32] = 2                                # format_rev
+    buf[32] = other                            # format_rev
     write_block(small, 0, reseal(buf))
     proc = cli("-fy", small)
-    assert proc.returncode == 8 and "format revision 2" in proc.stdout
+    assert proc.returncode == 8 and f"format revision {other}" in proc.stdout
 
 
 def test_truncated_device_is_refused(cli, small):

@@ -15,9 +15,10 @@ from clusterfs.ondisk import blockhdr
 from clusterfs.ondisk import format as fmt
 from clusterfs.ondisk.blockhdr import HEADER_SIZE, BlockType
 from clusterfs.ondisk.format import (DINODE_LAYOUT, DIRENT, DIRENT_REC, EXTENT, EXTENT_REC,
-                                     HB_LAYOUT, INDEX_REC, NODE_HDR, NODE_LAYOUT,
-                                     RGRP_LAYOUT, SB_LAYOUT, XATTR_BLOCK_LAYOUT,
-                                     XATTR_ENTRY)
+                                     HB_LAYOUT, INDEX_REC, LEASE_LAYOUT, NODE_HDR,
+                                     NODE_LAYOUT, RGRP_LAYOUT, SB_LAYOUT,
+                                     XATTR_BLOCK_LAYOUT, XATTR_ENTRY)
+from lockmgr import LeaseRecord
 
 DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
 DOC = DOCS / "FORMAT.md"
@@ -77,6 +78,7 @@ BLOCK_TABLES = {
     "RGRP (type 3)": RGRP_LAYOUT,
     "DINODE (type 5)": DINODE_LAYOUT,
     "XATTR (type 8)": XATTR_BLOCK_LAYOUT,
+    "LEASE (type 9)": LEASE_LAYOUT,
 }
 
 
@@ -128,7 +130,8 @@ def test_layout_constants():
     assert (fmt.FREE, fmt.USED, fmt.UNLINKED, fmt.DINODE) == (0, 1, 2, 3)
     assert (fmt.DF_INLINE, fmt.DF_EXTENTS, fmt.DF_DIRTREE) == (1, 2, 4)
     assert fmt.HASH_SHIFT == 16 and fmt.READDIR_BASE == 3
-    assert fmt.FORMAT_REVISION == 1 and blockhdr.MAGIC == 0x31534643
+    assert fmt.FORMAT_REVISION == 2 and blockhdr.MAGIC == 0x31534643
+    assert (fmt.LEASE_START, fmt.LEASE_BLOCKS, fmt.LEASE_FREE) == (1, 1, -1)
     assert fmt.MAX_DEPTH == 8 and fmt.SYMLINK_MAX == 4095
     assert f"at most {fmt.MAX_DEPTH - 1} (depth {fmt.MAX_DEPTH})" in "\n".join(s["Trees"])
     assert f"1..{fmt.SYMLINK_MAX}" in "\n".join(s["DINODE (type 5)"])
@@ -148,12 +151,21 @@ def _fields(layout, buf, at=0) -> dict:
 def test_superblock_and_heartbeat_fields():
     sb = fmt.plan_geometry(1 << 16, 3)
     sb.root_ino, sb.label, sb.flags, sb.features = 4321, "vol", 1, 0
-    sb.cluster_name, sb.lockd_addr = "c1", "10.0.0.1:7000"
+    sb.cluster_name = "c1"
     got = _fields(SB_LAYOUT, sb.image(0))
     want = {k: getattr(sb, k) for k in got if hasattr(sb, k)}
     want.update(label=b"vol".ljust(64, b"\0"), cluster_name=b"c1".ljust(32, b"\0"),
-                lockd_addr=b"10.0.0.1:7000".ljust(128, b"\0"), mkfs_seq=0)
-    assert got == want
+                reserved=bytes(116), mkfs_seq=0)
+    assert got == want and (sb.lease_start, sb.lease_blocks, sb.slot_start) == (1, 1, 2)
+    rec = LeaseRecord(owner=3, generation=5, counter=9, node="n3", addr="10.0.0.3:7789",
+                      acquired_ns=-7, renewed_ns=11, expire_ms=1600)
+    buf = fmt.encode_lease(rec, 1)
+    got = _fields(LEASE_LAYOUT, buf)
+    assert got == dict(vars(rec), node=b"n3".ljust(64, b"\0"),
+                       addr=b"10.0.0.3:7789".ljust(128, b"\0"), reserved=0)
+    assert LeaseRecord(*fmt.decode_lease(buf, 1)) == rec
+    assert LeaseRecord(*fmt.decode_lease(fmt.encode_lease(LeaseRecord.free(), 1), 1)).is_free
+    assert fmt.decode_lease(fmt.encode_lease(fmt.FREE_LEASE, 1), 1) == fmt.FREE_LEASE
     hb = fmt.Heartbeat(slot=2, state=fmt.HB_CLUSTER, counter=77, timestamp_ns=-5,
                        mount_id=99, node="n2", interval_ms=1500, flags=0, pid=1234,
                        host="h")

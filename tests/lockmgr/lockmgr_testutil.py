@@ -1,6 +1,6 @@
 """Helpers for the lock manager tests: an in-process cluster over in-memory streams
-(safe under trio's autojump clock), trio runners, and a ``clusterfs lockd`` process
-with client processes (``lock_worker``) and its view of the locks."""
+(safe under trio's autojump clock), trio runners, and a lock server process
+(``lock_server``) with client processes (``lock_worker``) and its view of the locks."""
 
 import functools
 import json
@@ -136,9 +136,10 @@ def python_env() -> dict:
 
 def start_lockd(keyfile: str, port: int, *extra: str, unix: str | None = None,
                 lease: float = 5.0, grace: float | None = None) -> subprocess.Popen:
-    """Start ``clusterfs lockd`` and wait until it listens."""
-    cmd = [sys.executable, "-m", "clusterfs.cli", "lockd", "--listen",
-           f"127.0.0.1:{port}", "--key", keyfile, "--lease", str(lease), *extra]
+    """Start a plain lock server process (``lock_server.py``) and wait until it
+    listens."""
+    cmd = [sys.executable, "-m", "tests.lockmgr.lock_server", keyfile,
+           f"127.0.0.1:{port}", "--lease", str(lease), *extra]
     if grace is not None:
         cmd += ["--grace", str(grace)]
     if unix:
@@ -148,14 +149,14 @@ def start_lockd(keyfile: str, port: int, *extra: str, unix: str | None = None,
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"lockd died: {proc.stderr.read().decode()}")
+            raise RuntimeError(f"lock server died: {proc.stderr.read().decode()}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return proc
         except OSError:
             time.sleep(0.05)
     proc.kill()
-    raise RuntimeError("lockd did not start listening")
+    raise RuntimeError("lock server did not start listening")
 
 
 def stop(proc: subprocess.Popen, sig=None) -> None:
@@ -273,7 +274,7 @@ class WorkerError(Exception):
 
 
 class Lockd:
-    """A ``clusterfs lockd`` process, its workers, and the lock manager's view.
+    """A lock server process, its workers, and the lock manager's view.
 
     Args:
         keyfile: the key file.

@@ -1,4 +1,8 @@
-"""``clusterfs keygen``, ``lockd`` and ``lockd-status`` as a user runs them."""
+"""``clusterfs keygen``, ``lockd`` and ``lockd-status`` as a user runs them.
+
+``clusterfs lockd VOLUME`` is a lock manager candidate that mounts nothing: the same
+code every cluster mount runs as its child.  Two of them on one volume elect one master
+through the volume's lease block; killing it hands the lease to the other."""
 
 import json
 import os
@@ -6,7 +10,14 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 
+import pytest
+
+from clusterfs.fs.volume import read_superblock
+from clusterfs.ondisk.blockdev import BlockDevice
+from clusterfs.ondisk.lease import read_lease
+from tests.helpers import mkfs
 from tests.lockmgr.lockmgr_testutil import (REPO, Worker, free_port, python_env,
                                             start_lockd, stop)
 
@@ -38,22 +49,78 @@ def test_keygen(tmp_path):
     assert "cannot create" in one_line_error(run("keygen", str(tmp_path / "no/dir/k")))
 
 
-def test_lockd_user_errors(tmp_path):
-    line = one_line_error(run("lockd", "--listen", "127.0.0.1:0", "--key",
+def lease_of(volume: str):
+    """The volume's lease record (the lock manager's master), as on disk."""
+    dev = BlockDevice(volume)
+    try:
+        return read_lease(dev, read_superblock(dev))
+    finally:
+        dev.close()
+
+
+def candidate(volume: str, key: str, node: str, port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "clusterfs.cli", "lockd", volume, "--key", key,
+         "--node", node, "--listen", f"127.0.0.1:{port}"],
+        cwd=REPO, env=python_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+
+
+def wait_master(volume: str, node: str, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rec = lease_of(volume)
+        if rec is not None and rec.node == node:
+            return rec
+        time.sleep(0.05)
+    raise AssertionError(f"{node} never became master: {lease_of(volume)}")
+
+
+def serving(port: int, key: str, timeout: float = 10.0) -> dict:
+    """The status of the master at ``port``, once it answers (it writes its claim
+    to the volume before it serves)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = run("lockd-status", f"127.0.0.1:{port}", "--key", key, "--json")
+        if r.returncode == 0:
+            return json.loads(r.stdout)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no lock manager at port {port}: {r.stderr}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def volume(tmp_path):
+    path = str(tmp_path / "vol.img")
+    mkfs(path, "64M", "--slots", "4")
+    key = str(tmp_path / "k")
+    run("keygen", key)
+    return path, key
+
+
+def test_lockd_user_errors(tmp_path, volume):
+    vol, key = volume
+    line = one_line_error(run("lockd", vol, "--listen", "127.0.0.1:0", "--key",
                               str(tmp_path / "missing")), 2)
     assert "not found" in line and "keygen" in line
     (tmp_path / "short").write_text("abcd\n")
     os.chmod(tmp_path / "short", 0o600)
     assert "fewer than 16 bytes" in one_line_error(
-        run("lockd", "--listen", "127.0.0.1:0", "--key", str(tmp_path / "short")), 2)
-    run("keygen", str(tmp_path / "k"))
+        run("lockd", vol, "--listen", "127.0.0.1:0", "--key", str(tmp_path / "short")), 2)
     assert "HOST:PORT" in one_line_error(
-        run("lockd", "--listen", "nonsense", "--key", str(tmp_path / "k")), 2)
-    assert one_line_error(run("lockd", "--listen", "127.0.0.1:1", "--lease", "-3",
-                              "--key", str(tmp_path / "k")), 2)
+        run("lockd", vol, "--listen", "nonsense", "--key", key), 2)
+    assert one_line_error(run("lockd", vol, "--listen", "127.0.0.1:1", "--lease", "-3",
+                              "--key", key), 2)
+    assert "--lease" in one_line_error(run("lockd", vol, "--listen", "127.0.0.1:0",
+                                           "--lease", "2", "--key", key), 2)
+    assert "does not exist" in one_line_error(
+        run("lockd", str(tmp_path / "nothing.img"), "--key", key), 2)
+    (tmp_path / "junk.img").write_bytes(b"\0" * 65536)
+    assert one_line_error(run("lockd", str(tmp_path / "junk.img"), "--key", key,
+                              "--listen", "127.0.0.1:0"))
 
 
-def test_lockd_status_and_clean_exit(tmp_path):
+def test_lockd_status_of_a_lock_server(tmp_path):
     key = str(tmp_path / "k")
     run("keygen", key)
     port = free_port()
@@ -80,19 +147,40 @@ def test_lockd_status_and_clean_exit(tmp_path):
         if w is not None:
             w.close()
         stop(proc, signal.SIGTERM)
-    assert proc.returncode == 0
-    assert "Traceback" not in proc.stderr.read().decode()
-    assert not os.path.exists(sock)
 
 
-def test_lockd_exits_cleanly_on_sigint(tmp_path):
-    key = str(tmp_path / "k")
-    run("keygen", key)
-    proc = start_lockd(key, free_port())
-    stop(proc, signal.SIGINT)
-    assert proc.returncode == 0
-    err = proc.stderr.read().decode()
-    assert "SIGINT: shutting down" in err and "Traceback" not in err
+def test_two_candidates_elect_one_master_and_fail_over(volume):
+    vol, key = volume
+    assert lease_of(vol).owner < 0                   # mkfs: nobody holds it
+    pa, pb = free_port(), free_port()
+    a = candidate(vol, key, "cand-a", pa)
+    b = None
+    try:
+        rec = wait_master(vol, "cand-a")
+        assert rec.addr == f"127.0.0.1:{pa}"
+        b = candidate(vol, key, "cand-b", pb)
+        time.sleep(3.0)                              # b waits: a keeps renewing
+        now = lease_of(vol)
+        assert now.node == "cand-a" and now.generation == rec.generation
+        assert now.counter > rec.counter
+        st = serving(pa, key)
+        assert st["master"] == "cand-a" and st["generation"] == rec.generation
+        # b is no master: it answers no lock protocol
+        assert run("lockd-status", f"127.0.0.1:{pb}", "--key", key).returncode != 0
+        stop(a, signal.SIGKILL)
+        t0 = time.monotonic()
+        rec_b = wait_master(vol, "cand-b")
+        took = time.monotonic() - t0
+        assert rec_b.generation == rec.generation + 1 and took < 10, took
+        assert serving(pb, key)["master"] == "cand-b"
+        stop(b, signal.SIGINT)
+        assert b.returncode == 0
+        err = b.stderr.read().decode()
+        assert "Traceback" not in err and "elected lock manager master" in err
+    finally:
+        stop(a, signal.SIGKILL)
+        if b is not None:
+            stop(b, signal.SIGKILL)
 
 
 def test_lockd_status_unreachable(tmp_path):
@@ -105,13 +193,13 @@ def test_lockd_status_unreachable(tmp_path):
         run("lockd-status", "127.0.0.1:1", "--key", str(tmp_path / "nokey")), 2)
 
 
-def test_lockd_port_in_use(tmp_path):
-    key = str(tmp_path / "k")
-    run("keygen", key)
+def test_lockd_port_in_use(volume):
+    vol, key = volume
     port = free_port()
-    proc = start_lockd(key, port)
+    proc = candidate(vol, key, "cand-a", port)
     try:
+        wait_master(vol, "cand-a")
         assert "cannot listen" in one_line_error(
-            run("lockd", "--listen", f"127.0.0.1:{port}", "--key", key), 1)
+            run("lockd", vol, "--listen", f"127.0.0.1:{port}", "--key", key), 1)
     finally:
         stop(proc)

@@ -1,4 +1,4 @@
-"""The real thing: ``clusterfs lockd`` and clients in separate processes on loopback.
+"""The real thing: a lock server and clients in separate processes on loopback.
 
 Contention, blocking callbacks, try-locks, timeouts, deadlock detection, a client
 killed with SIGKILL, and a server killed and restarted in the middle of a workload.

@@ -238,6 +238,46 @@ def test_frozen_and_reclaim():
     t.check()
 
 
+def test_frozen_with_a_thaw_prefix_serves_only_those_names():
+    t = LockTable()
+    t.request("dead", b"I1", EX, 1)                 # a dead node's lock (unknown here)
+    t.request("dead", b"J0", CR, 2)
+    t.mark_dead("dead")
+    t.drain()
+    t.set_frozen(True, thaw_prefix=b"J")
+    assert t.frozen and t.thaw_prefix == b"J"
+    t.request("a", b"J1", EX, 3)                    # a recovery lock: granted
+    t.request("b", b"I2", PR, 4)                    # anything else: waits
+    t.request("b", b"J1", EX, 5)                    # queued behind a's J1
+    assert grants(t.drain()) == [("a", b"J1", EX)]
+    t.convert("a", b"J1", PR, 6)                    # down: always granted
+    t.request("a", b"J0", PR, 7)                    # compatible with the dead CR
+    t.convert("a", b"J0", EX, 8)                    # up: blocked by the dead CR
+    assert grants(t.drain()) == [("a", b"J1", PR), ("a", b"J0", PR)]
+    t.unlock("a", b"J1")                            # b's queued J1 follows at once
+    assert grants(t.drain()) == [("b", b"J1", EX)]
+    t.release_owner("dead")                         # J0 (thawed) is served at once
+    assert grants(t.drain()) == [("a", b"J0", EX)]
+    t.check()
+    # thawing a frozen table serves the prefix's queues, and only them
+    t2 = LockTable()
+    t2.request("x", b"J9", EX, 1)
+    t2.request("x", b"R9", EX, 2)
+    t2.drain()
+    t2.set_frozen(True)
+    t2.unlock("x", b"J9")
+    t2.unlock("x", b"R9")
+    t2.request("y", b"J9", EX, 3)
+    t2.request("y", b"R9", EX, 4)
+    assert not grants(t2.drain())
+    t2.set_frozen(True, thaw_prefix=b"J")
+    assert grants(t2.drain()) == [("y", b"J9", EX)]
+    t2.set_frozen(False)
+    assert grants(t2.drain()) == [("y", b"R9", EX)]
+    assert t2.thaw_prefix is None
+    t2.check()
+
+
 def test_rule_violations_raise():
     t = LockTable()
     t.request("a", b"r", PR, 1)
@@ -299,6 +339,10 @@ class LockTableMachine(RuleBasedStateMachine):
             if isinstance(e, Grant):
                 assert key in self.pending, f"grant without a request: {e}"
                 rid, mode, conv = self.pending.pop(key)
+                if self.t.frozen and not (self.t.thaw_prefix is not None
+                                          and e.name.startswith(self.t.thaw_prefix)):
+                    assert conv and covers(self.held[key], mode), \
+                        f"granted while frozen: {e}"
                 assert e.rid == rid and e.mode == mode
                 assert rid not in self.seen_rids, "granted twice"
                 self.seen_rids.add(rid)
@@ -409,10 +453,10 @@ class LockTableMachine(RuleBasedStateMachine):
         self.t.repeat_basts()
         self.apply("repeat_basts")
 
-    @rule(frozen=st.booleans())
-    def freeze(self, frozen):
-        self.t.set_frozen(frozen)
-        self.apply(f"set_frozen({frozen})")
+    @rule(frozen=st.booleans(), thaw=st.sampled_from([None, b"r0", b"r"]))
+    def freeze(self, frozen, thaw):
+        self.t.set_frozen(frozen, thaw_prefix=thaw)
+        self.apply(f"set_frozen({frozen}, thaw_prefix={thaw!r})")
 
     @rule()
     def everyone_releases(self):
@@ -455,11 +499,14 @@ class LockTableMachine(RuleBasedStateMachine):
 
     @invariant()
     def nobody_waits_for_nothing(self):
-        """A queued request at the head of an unfrozen queue is blocked by someone."""
-        if hasattr(self, "t") and not self.t.frozen:
+        """A queued request at the head of an unfrozen (or thawed) queue is blocked by
+        someone."""
+        if hasattr(self, "t"):
+            thaw = self.t.thaw_prefix
             for name in NAMES:
                 res = self.t.resource(name)
-                if res is None:
+                if res is None or (self.t.frozen and not (thaw is not None
+                                                          and name.startswith(thaw))):
                     continue
                 if res.converting:
                     head = res.converting[0]

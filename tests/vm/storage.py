@@ -55,9 +55,9 @@ class ClusterfsStorage(Storage):
     """One clusterfs volume mounted by two nodes; views = one directory in each mount.
 
     Inside ``views()``: a sparse volume image of SIZE_MIB (under WORKDIR, default a
-    temporary directory in /var/tmp) made with ``clusterfs mkfs``, a ``clusterfs
-    lockd`` on loopback, and two ``clusterfs mount VOLUME MOUNTPOINT --lockd ADDR
-    --key KEYFILE`` processes (node A, node B).  A directory created through A is
+    temporary directory in /var/tmp) made with ``clusterfs mkfs``, and two
+    ``clusterfs mount VOLUME MOUNTPOINT --key KEYFILE --listen 127.0.0.1:0``
+    processes (node A, node B; they elect the lock manager's master among them).  A directory created through A is
     yielded as (path through A, same path through B).  On exit both mounts are
     unmounted, the processes ended by PID, and fsck of the volume must be clean.
     """
@@ -76,7 +76,7 @@ class ClusterfsStorage(Storage):
         work = Path(tempfile.mkdtemp(prefix="cfsvm-cluster-", dir=base))
         try:
             with local_cluster(str(work), nodes=2, size=f"{self.size_mib}M") as (
-                    _volume, _lockd, (node_a, node_b)):
+                    _volume, _key, (node_a, node_b)):
                 d = Path(node_a.path) / "vms"
                 d.mkdir()
                 yield d, Path(node_b.path) / "vms"
