@@ -21,9 +21,9 @@ runs a lock manager candidate, the volume elects the master), then measures:
   survivor recovered its journal);
 * ``master_failover``: seconds from SIGKILL of the node that hosts the lock
   manager's master (its mount and its lock manager) until the first create on the
-  survivor succeeds (a new inode needs new locks: a new master elected through the
-  volume, the survivor's locks reclaimed, the dead node recovered); the median of
-  several; and ``max_stall``: the longest any single operation (create, write,
+  survivor succeeds in a directory the dead node wrote last (it needs that
+  directory's lock: a new master elected through the volume, the survivor's locks
+  reclaimed, the dead node recovered); the median of several; and ``max_stall``: the longest any single operation (create, write,
   fsync) of a writer running on the survivor meanwhile waited.
 
 Every workload runs in processes of its own (one per node, started together), so
@@ -37,8 +37,9 @@ best of N rounds.
 
 The LAST line is one JSON object with ``create_scaling_2n``, ``write_scaling_2n``,
 ``pingpong_per_s``, ``failover_s``, ``master_failover_s`` and ``max_stall_s``
-(targets: >= 1.5, >= 1.3, -, < 10, < 5, < 6) plus the raw rates.  ``--quick`` runs in under a minute.  Everything mounted is unmounted and
-every process started is stopped (by PID), also on failure.
+(targets: >= 1.5, >= 1.3, -, < 10, < 5, < 6) plus the raw rates.  ``--quick`` runs
+in under a minute.  Everything mounted is unmounted and every process started is
+stopped (by PID), also on failure.
 """
 
 from __future__ import annotations
@@ -306,6 +307,12 @@ class Bench:
         succeeds, the longest single operation of a writer on the survivor)."""
         victim = self.cluster.master_node()
         survivor = "n2" if victim == "n1" else "n1"
+        # the probe's directory was last written by the victim: its create needs the
+        # directory's lock, held by the dead master's node until it is recovered
+        # under a new master (a directory the survivor holds cached would not
+        # measure the lock manager at all)
+        shared = self.fresh_dir(victim, "master-failover")
+        open(os.path.join(shared, "by-victim"), "wb").close()
         d = self.fresh_dir(survivor, "stalls")
         stop = os.path.join(self.workdir, "stalls.stop")
         if os.path.exists(stop):
@@ -314,7 +321,7 @@ class Bench:
                                   text=True)
         time.sleep(1.0)
         proc = self.node(victim).proc
-        probe = self.node(survivor).p(f"after-{time.monotonic_ns()}")
+        probe = self.node(survivor).p("master-failover", f"after-{time.monotonic_ns()}")
         t0 = time.perf_counter()
         os.kill(proc.pid, 9)            # its lock manager child dies with it
         os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o644))
@@ -328,7 +335,7 @@ class Bench:
         self.node(victim).proc = None
         subprocess.run(["fusermount3", "-u", "-z", self.node(victim).path],
                        capture_output=True)
-        os.unlink(probe)
+        shutil.rmtree(self.node(survivor).p("master-failover"))
         shutil.rmtree(d)
         self.cluster.mount(victim)
         self.wait_serving()

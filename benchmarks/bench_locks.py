@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Lock manager benchmark, side by side with Redis (``SET key NX`` + ``DEL``).
 
-Measures, with every client in a process of its own and the servers on loopback:
+The lock manager runs as a cluster runs it: ``clusterfs lockd VOLUME`` (a candidate
+that mounts nothing) on a small volume made for the run, elected master through the
+volume's lease block.  Measures, with every client in a process of its own and the
+servers on loopback:
 
 * uncontended lock+unlock round trip (p50, p99), and Redis SET NX + DEL;
 * re-acquiring a cached lock (held already: no message to the server);
@@ -54,6 +57,24 @@ def wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
         except OSError:
             time.sleep(0.05)
     raise SystemExit(f"bench_locks: {what} did not start listening")
+
+
+def wait_master(addr: str, key: bytes, proc: subprocess.Popen) -> None:
+    """Wait until the candidate at ``addr`` is elected and answers."""
+    import trio
+
+    from lockmgr import LockError, query_status
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"bench_locks: clusterfs lockd exited at start "
+                             f"(status {proc.returncode})")
+        try:
+            trio.run(query_status, addr, key)
+            return
+        except (LockError, OSError):
+            time.sleep(0.1)
+    raise SystemExit("bench_locks: the lock manager was never elected master")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -269,8 +290,12 @@ def main() -> int:
     os.chmod(keyfile, 0o600)
     lport, rport = free_port(), free_port()
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    lockd = subprocess.Popen([sys.executable, "-m", "clusterfs.cli", "lockd", "--listen",
-                              f"127.0.0.1:{lport}", "--key", keyfile, "--grace", "0"],
+    volume = os.path.join(tmp, "volume.img")
+    subprocess.run([sys.executable, "-m", "clusterfs.cli", "mkfs", volume, "--size", "64M",
+                    "-q"], cwd=REPO, env=env, check=True)
+    lockd = subprocess.Popen([sys.executable, "-m", "clusterfs.cli", "lockd", volume,
+                              "--listen", f"127.0.0.1:{lport}", "--key", keyfile,
+                              "--node", "bench"],
                              cwd=REPO, env=env, stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     redis_srv = subprocess.Popen([redis_path, "--port", str(rport), "--bind", "127.0.0.1",
@@ -279,9 +304,9 @@ def main() -> int:
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
     try:
-        wait_port(lport, lockd, "clusterfs lockd")
-        wait_port(rport, redis_srv, "redis-server")
         addr = f"127.0.0.1:{lport}"
+        wait_master(addr, key, lockd)
+        wait_port(rport, redis_srv, "redis-server")
         base = {"addr": addr, "key": key.hex()}
 
         def spec(kind, i, **kw):
