@@ -392,6 +392,21 @@ class LockClient:
                 "pending": len(self._pending), "unacked": len(self._unacked),
                 "dead_nodes": len(self._dead_nodes)}
 
+    def dump(self) -> list[str]:
+        """Lines for a diagnostic dump: the requests waiting for an answer, and the
+        locks with an operation in progress or a blocking callback running."""
+        lines = [f"lock client: {self.statistics()}"]
+        for rid, op in sorted(self._pending.items()):
+            name = op.rec.name if op.rec is not None else b""
+            lines.append(f"  pending rid {rid} {op.kind.name} {name!r}"
+                         f"{' abandoned' if op.abandoned else ''}")
+        for rec in self._recs.values():
+            if rec.busy or rec.bast_running or rec.queue:
+                lines.append(f"  lock {rec.name!r} {rec.mode.name if rec.mode else '-'}"
+                             f" busy={rec.busy} queued={len(rec.queue)}"
+                             f" bast_running={rec.bast_running}")
+        return lines
+
     async def close(self, *, release: bool = True) -> None:
         """Leave the cluster and stop the client's tasks.
 

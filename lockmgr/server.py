@@ -161,6 +161,8 @@ class LockServer:
         self.last_recovered: dict[int, float] = {}
         #: slots whose locks from before this server (unknown here) were recovered
         self._unknown_recovered: set[int] = set()
+        #: try-locks held back while the table is frozen: (session, rid, name, call)
+        self._parked: list = []
 
     # ---- running -----------------------------------------------------------------
 
@@ -387,9 +389,15 @@ class LockServer:
     def _op_lock(self, conn: Conn, s: Session | None, now: float, rid: int, name: bytes,
                  mode: Mode, flags: int, timeout: float | None) -> None:
         s = self._next_request(s, rid)
-        try:
+
+        def call():
             self.table.request(s.id, name, mode, rid, try_lock=flags & F_TRY,
                                notify=flags & F_NOTIFY, now=now)
+        if flags & F_TRY and not self.table.serves(name):
+            self._parked.append((s.id, rid, name, call))
+            return
+        try:
+            call()
         except TableError as e:
             self._refuse(s, rid, e)
             return
@@ -401,9 +409,15 @@ class LockServer:
                     name: bytes, mode: Mode, flags: int, timeout: float | None,
                     lvb: bytes | None) -> None:
         s = self._next_request(s, rid)
-        try:
+
+        def call():
             self.table.convert(s.id, name, mode, rid, lvb=lvb, try_lock=flags & F_TRY,
                                notify=flags & F_NOTIFY, now=now)
+        if flags & F_TRY and not self.table.serves(name):
+            self._parked.append((s.id, rid, name, call))
+            return
+        try:
+            call()
         except TableError as e:
             self._refuse(s, rid, e)
             return
@@ -442,6 +456,11 @@ class LockServer:
     def _op_cancel(self, conn: Conn, s: Session | None, now: float, rid: int,
                    name: bytes) -> None:
         s = self._need_session(s)
+        for item in self._parked:
+            if item[0] == s.id and item[1] == rid:
+                self._parked.remove(item)
+                s.emit(Op.FAIL.encode(rid=rid, code="cancelled", text=""))
+                return
         self.table.cancel(s.id, name, "cancelled", rid=rid)
 
     @handles(Op.RECOVERED, *CONTEXT)
@@ -654,13 +673,31 @@ class LockServer:
 
     def _set_frozen(self) -> None:
         """Freeze the table during the grace period (nothing new granted) and while a
-        dead node's locks are unknown (then the thaw prefix's names are served)."""
+        dead node's locks are unknown (then the thaw prefix's names are served).
+
+        A try-lock cannot be answered while its name is frozen (a conflicting lock
+        may not be known yet): it is held back and decided once the name is served.
+        """
         if self._in_grace:
             self.table.set_frozen(True)
         elif any(d.placeholder for d in self.sessions.values()):
             self.table.set_frozen(True, self.thaw_prefix)
         else:
             self.table.set_frozen(False)
+        if self._parked:
+            parked, self._parked = self._parked, []
+            for item in parked:
+                sid, rid, name, call = item
+                s = self.sessions.get(sid)
+                if s is None or s.state != LIVE:
+                    continue
+                if not self.table.serves(name):
+                    self._parked.append(item)
+                    continue
+                try:
+                    call()
+                except TableError as e:
+                    self._refuse(s, rid, e)
 
     def _all_expected_back(self) -> bool:
         if self._expected is None:

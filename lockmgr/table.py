@@ -564,6 +564,10 @@ class LockTable:
         self.out.append(Fail(lk.owner, res.name, lk.rid, code))
         lk.requested = None
 
+    def serves(self, name: bytes) -> bool:
+        """Whether a request for ``name`` is decided now (not frozen, or thawed)."""
+        return self._thawed(name)
+
     def _thawed(self, name: bytes) -> bool:
         """Whether ``name`` is served now (the table is not frozen, or the name starts
         with the thaw prefix)."""

@@ -284,6 +284,20 @@ class ClusterMount:
     def fence(self, why: str) -> None:
         self.coh.fence(why)
 
+    def debug_dump(self) -> str:
+        """What this member waits for (``clusterfs.fuse.serve``'s SIGUSR1 dump): the
+        lock client's requests in flight, and every glock that is busy, being
+        demoted or held by operations."""
+        lines = self.client.dump() if self.client is not None else ["no lock client"]
+        if self.coh is not None:
+            for g in self.coh.glocks.glocks.values():
+                if g.busy or g.demote is not None or g.holders or g.draining:
+                    lines.append(f"  glock {g.name!r} "
+                                 f"{g.mode.name if g.mode is not None else '-'} "
+                                 f"holders={g.holders} busy={g.busy} demote={g.demote} "
+                                 f"draining={g.draining}")
+        return "\n".join(lines)
+
     async def tick(self) -> None:
         """The periodic duties (the disk heartbeat has a thread of its own): the watch
         of the other slots' heartbeats (for recovery), the groups' free counts, the

@@ -35,8 +35,14 @@ async def serve(node) -> None:
 
 
 async def _signals(node) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as sigs:
         async for sig in sigs:
+            if sig == signal.SIGUSR1:
+                # a diagnostic dump of what the node waits for (as GFS2's glock dump)
+                dump = getattr(node, "debug_dump", None)
+                log.warning("state dump (SIGUSR1):\n%s",
+                            dump() if dump is not None else "(none for this mount)")
+                continue
             log.info("signal %d: unmounting", sig)
             node.terminated = True
             pyfuse3.terminate()

@@ -270,8 +270,14 @@ def test_paused_master_node_wakes_up_to_find_itself_replaced(topdir):
             c.wait_recovered("a", slot)
             recovered = slot_state(c.volume, slot)
             done = {n: len(loads[n].events()) for n in ("b", "c")}
-            wait_for(lambda: all(len(loads[n].events()) > done[n] + 2 for n in ("b", "c")),
-                     60, "b and c to carry on")
+            try:
+                wait_for(lambda: all(len(loads[n].events()) > done[n] + 2
+                                     for n in ("b", "c")), 60, "b and c to carry on")
+            except AssertionError:
+                for n in ("b", "c"):          # (shown with the failure)
+                    print(f"workload {n}: exit {loads[n].proc.poll()}: "
+                          f"{loads[n].errors()[-3000:]}")
+                raise
             # well past every lease of a's: wake it up
             for pid in paused:
                 os.kill(pid, signal.SIGCONT)
