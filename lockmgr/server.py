@@ -389,19 +389,9 @@ class LockServer:
     def _op_lock(self, conn: Conn, s: Session | None, now: float, rid: int, name: bytes,
                  mode: Mode, flags: int, timeout: float | None) -> None:
         s = self._next_request(s, rid)
-
-        def call():
-            self.table.request(s.id, name, mode, rid, try_lock=flags & F_TRY,
-                               notify=flags & F_NOTIFY, now=now)
-        if flags & F_TRY and not self.table.serves(name):
-            self._parked.append((s.id, rid, name, call))
-            return
-        try:
-            call()
-        except TableError as e:
-            self._refuse(s, rid, e)
-            return
-        if timeout is not None:
+        if self._decide(s, rid, name, flags, lambda: self.table.request(
+                s.id, name, mode, rid, try_lock=flags & F_TRY,
+                notify=flags & F_NOTIFY, now=now)) and timeout is not None:
             self._time_limit(s, name, rid, now + timeout)
 
     @handles(Op.CONVERT, *CONTEXT)
@@ -409,20 +399,24 @@ class LockServer:
                     name: bytes, mode: Mode, flags: int, timeout: float | None,
                     lvb: bytes | None) -> None:
         s = self._next_request(s, rid)
+        if self._decide(s, rid, name, flags, lambda: self.table.convert(
+                s.id, name, mode, rid, lvb=lvb, try_lock=flags & F_TRY,
+                notify=flags & F_NOTIFY, now=now)) and timeout is not None:
+            self._time_limit(s, name, rid, now + timeout)
 
-        def call():
-            self.table.convert(s.id, name, mode, rid, lvb=lvb, try_lock=flags & F_TRY,
-                               notify=flags & F_NOTIFY, now=now)
+    def _decide(self, s: Session, rid: int, name: bytes, flags: int, call) -> bool:
+        """Run a lock request or conversion (``call``) in the table; a try-lock of a
+        frozen name is held back instead (``_set_frozen`` decides it later).  True
+        when the table took the request."""
         if flags & F_TRY and not self.table.serves(name):
             self._parked.append((s.id, rid, name, call))
-            return
+            return False
         try:
             call()
         except TableError as e:
             self._refuse(s, rid, e)
-            return
-        if timeout is not None:
-            self._time_limit(s, name, rid, now + timeout)
+            return False
+        return True
 
     @handles(Op.UNLOCK, *CONTEXT)
     def _op_unlock(self, conn: Conn, s: Session | None, now: float, rid: int,
@@ -686,18 +680,10 @@ class LockServer:
             self.table.set_frozen(False)
         if self._parked:
             parked, self._parked = self._parked, []
-            for item in parked:
-                sid, rid, name, call = item
+            for sid, rid, name, call in parked:
                 s = self.sessions.get(sid)
-                if s is None or s.state != LIVE:
-                    continue
-                if not self.table.serves(name):
-                    self._parked.append(item)
-                    continue
-                try:
-                    call()
-                except TableError as e:
-                    self._refuse(s, rid, e)
+                if s is not None and s.state == LIVE:
+                    self._decide(s, rid, name, F_TRY, call)     # (parked again if frozen)
 
     def _all_expected_back(self) -> bool:
         if self._expected is None:

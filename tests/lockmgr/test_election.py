@@ -10,30 +10,20 @@ slow I/O, step-downs, deaths), then calm, and checks that no two candidates are 
 ``valid()`` at the same instant and that someone holds the lease once things are calm.
 """
 
-import functools
 import math
 from dataclasses import dataclass, field, replace
 
 import pytest
 import trio
-import trio.testing
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from hypothesis import target
 
 from lockmgr.election import FREE, DeltaLease, LeaseRecord, LeaseTimings
+from tests.lockmgr.lockmgr_testutil import autojump
 
 T = LeaseTimings()
 GHOST = LeaseRecord(99, 5, 7, "ghost", "ghost:1", 0, 0, round(T.expire * 1000))
-
-
-def autojump(fn):
-    """Run an async test function under trio with the autojump mock clock."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        clock = trio.testing.MockClock(autojump_threshold=0)
-        return trio.run(functools.partial(fn, *args, **kwargs), clock=clock)
-    return wrapper
 
 
 def now() -> float:
