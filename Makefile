@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 
 deps: $(STAMP)
 
-$(STAMP): pyproject.toml .ci/install-deps
+$(STAMP): pyproject.toml .ci/install-deps binding/install binding/pyfuse3-3.5.0-clusterfs.patch
 	./.ci/install-deps
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	./binding/install $(PY)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 

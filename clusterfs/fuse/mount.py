@@ -35,6 +35,9 @@ READAHEAD_KB = 1024      # kernel readahead of a single-node mount: one 1 MiB FU
 
 
 def _fuse_options(volume: str, opts: dict) -> set:
+    if not hasattr(pyfuse3.Operations, "setlk"):
+        raise MountFailed("this pyfuse3 lacks clusterfs's handlers (locks, fallocate, "
+                          "lseek, copy_file_range): run `make deps` (binding/install)")
     fuse_opts = set(pyfuse3.default_options)
     fuse_opts.add(f"fsname={os.path.abspath(volume)}")
     fuse_opts.add("subtype=clusterfs")
