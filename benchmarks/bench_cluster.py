@@ -15,6 +15,10 @@ runs a lock manager candidate, the volume elects the master), then measures:
 * ``pingpong``: two nodes appending 100 bytes alternately to one file (marked
   ``user.clusterfs.multiwriter=1``, both kept open): appends per second, every
   append a hand-off of the file's lock;
+* ``shared_file``: a log followed from another host: node n1 appends 4 KiB records
+  to one file without pause (an fsync every 64), node n2 reads its last MiB again and
+  again (open, fstat, 1 MiB pread): the read's latency, p50 and p99 (each read waits
+  for n1 to hand the file's lock over, at most one batch of appends);
 * ``failover``: seconds from SIGKILL of a node that is not the lock manager's master,
   holding a file open for writing, until another node's open for writing of that
   file succeeds (the default 8 s lease: the dead node's locks are released once a
@@ -36,8 +40,9 @@ were busy on average).  ``--repeat N`` keeps each figure's
 best of N rounds.
 
 The LAST line is one JSON object with ``create_scaling_2n``, ``write_scaling_2n``,
-``pingpong_per_s``, ``failover_s``, ``master_failover_s`` and ``max_stall_s``
-(targets: >= 1.5, >= 1.3, -, < 10, < 5, < 6) plus the raw rates.  ``--quick`` runs
+``pingpong_per_s``, ``shared_file_read_ms_p50``, ``shared_file_read_ms_p99``,
+``failover_s``, ``master_failover_s`` and ``max_stall_s`` (targets: >= 1.5, >= 1.3, -,
+-, < 50, < 10, < 5, < 6) plus the raw rates.  ``--quick`` runs
 in under a minute.  Everything mounted is unmounted and every process started is
 stopped (by PID), also on failure.
 """
@@ -87,6 +92,37 @@ elif kind == "write":
     os.fsync(fd)
     os.close(fd)
 print(time.perf_counter() - t0, flush=True)
+"""
+
+# The appender of the shared-file workload: 4 KiB records to FILE until STOP exists.
+APPENDER = r"""
+import os, sys
+path, stop = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+rec, i = b"r" * 4095 + b"\n", 0
+while not os.path.exists(stop):
+    os.write(fd, rec)
+    i += 1
+    if i % 64 == 0:
+        os.fsync(fd)
+os.close(fd)
+"""
+
+# The follower: reads the last MiB of FILE for SECONDS; prints each read's seconds.
+FOLLOWER = r"""
+import json, os, sys, time
+path, seconds = sys.argv[1], float(sys.argv[2])
+lat = []
+end = time.perf_counter() + seconds
+while time.perf_counter() < end:
+    t = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, 1 << 20, max(0, size - (1 << 20)))
+    os.close(fd)
+    lat.append(time.perf_counter() - t)
+    assert len(data) == min(size, 1 << 20)
+print(json.dumps(lat), flush=True)
 """
 
 # A writer: creates, writes and fsyncs small files in DIR until STOP exists, then
@@ -264,6 +300,30 @@ class Bench:
         os.unlink(path1)
         return {"pingpong_per_s": n / elapsed}
 
+    def shared_file(self, seconds: float) -> dict:
+        path = self.node("n1").p("shared.log")
+        with open(path, "wb") as f:
+            f.write(b"r" * 4095 + b"\n")
+        os.setxattr(path, "user.clusterfs.multiwriter", b"1")
+        stop = os.path.join(self.workdir, "stop-appender")
+        appender = subprocess.Popen([PY, "-c", APPENDER, path, stop])
+        try:
+            time.sleep(0.5)
+            out = subprocess.run([PY, "-c", FOLLOWER, self.node("n2").p("shared.log"),
+                                  str(seconds)], capture_output=True, text=True,
+                                 check=True, timeout=seconds + 120).stdout
+        finally:
+            open(stop, "w").close()
+            appender.wait(timeout=120)
+            os.unlink(stop)
+        lat = sorted(1000 * x for x in json.loads(out))
+        os.unlink(path)
+
+        def pct(q):
+            return lat[min(len(lat) - 1, int(q / 100 * len(lat)))]
+        return {"shared_file_read_ms_p50": pct(50), "shared_file_read_ms_p99": pct(99),
+                "shared_file_reads": len(lat)}
+
     def failover(self, victim: str, survivor: str) -> float:
         path = self.node(victim).p(f"failover-{victim}")
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
@@ -374,6 +434,7 @@ def main(argv=None) -> int:
         best["write_scaling_2n"] = best["write_2n_mib_s"] / best["write_1n_mib_s"]
         results.update(best)
         results.update(bench.pingpong(pp_seconds))
+        results.update(bench.shared_file(pp_seconds))
         times = []
         for _ in range(failovers):
             victim = "n2" if bench.cluster.master_node() == "n1" else "n1"
@@ -408,6 +469,9 @@ def main(argv=None) -> int:
     print(f"{'cores busy (write)':<22} 1 node {results['write_cores_busy_1n']:8.2f}"
           f"           2 nodes {results['write_cores_busy_2n']:8.2f}   (of {os.cpu_count()})")
     print(f"{'ping-pong appends':<22} {results['pingpong_per_s']:8.1f} /s")
+    print(f"{'shared file 1 MiB read':<22} p50 {results['shared_file_read_ms_p50']:6.1f} ms"
+          f"   p99 {results['shared_file_read_ms_p99']:6.1f} ms   (target p99 < 50; "
+          f"{results['shared_file_reads']} reads while another node appends)")
     print(f"{'failover':<22} {results['failover_s']:8.2f} s  (all: "
           f"{', '.join(f'{t:.2f}' for t in results['failover_all_s'])}; target < 10)")
     print(f"{'master failover':<22} {results['master_failover_s']:8.2f} s  (all: "

@@ -11,13 +11,22 @@ servers on loopback:
 * EX ping-pong between two client processes (hand-offs per second, through blocking
   callbacks);
 * total lock operations per second with 4 client processes (lock + unlock on random
-  names out of 1000), and Redis with 4 processes doing SET NX + DEL.
+  names out of 1000), and Redis with 4 processes doing SET NX + DEL;
+* fcntl hand-offs: two processes taking turns on the bytes of one file with fcntl
+  locks (a ring of three one-byte locks: each takes the next byte, waiting with
+  F_SETLKW while the other holds it, then releases its current one, so every byte
+  goes from one process to the other), once on two clusterfs nodes (two mounts of
+  a volume made for the run, each process on its own node: every hand-off goes
+  through the lock manager's plock table) and once on ext4 (the machine's /var/tmp)
+  on one node, in the same run.
 
 ``redis-server`` (Debian) is installed with apt-get when missing, and redis-py with pip;
 both servers are started on loopback and stopped by PID.  The LAST line printed is one
 JSON object with the keys ``lock_unlock_us``, ``redis_us``, ``ratio`` (ours / Redis, p50),
-``cached_speedup`` (round trip / cached re-acquire) and ``pingpong_per_s`` (plus more).
-Targets: ratio <= 1.0, cached_speedup >= 50.  ``--quick`` finishes in under a minute.
+``cached_speedup`` (round trip / cached re-acquire), ``pingpong_per_s``,
+``fcntl_handoffs_per_s`` (two nodes) and ``fcntl_handoffs_ext4_per_s`` (plus more).
+Targets: ratio <= 1.0, cached_speedup >= 50, fcntl_handoffs_per_s >= 1000.  ``--quick``
+finishes in under a minute.
 """
 
 import argparse
@@ -38,6 +47,86 @@ if REPO not in sys.path:
 
 
 # ---- helpers --------------------------------------------------------------------------
+
+# Takes turns with the other process on bytes 0-2 of FILE (role 0 starts on byte 0,
+# role 1 on byte 1) from when GO exists for SECONDS; prints how many locks it took.
+FCNTL_RING = r'''
+import fcntl, os, struct, sys, time
+path, role, go, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+def arg(t, b):
+    return struct.pack("hh4xqqi4x", t, 0, b, 1, 0)
+fd = os.open(path, os.O_RDWR)
+cur = role
+fcntl.fcntl(fd, fcntl.F_SETLKW, arg(fcntl.F_WRLCK, cur))
+open(go + ".ready%d" % role, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+n = 0
+end = time.perf_counter() + seconds
+while time.perf_counter() < end:
+    nxt = (cur + 1) % 3
+    fcntl.fcntl(fd, fcntl.F_SETLKW, arg(fcntl.F_WRLCK, nxt))
+    fcntl.fcntl(fd, fcntl.F_SETLK, arg(fcntl.F_UNLCK, cur))
+    cur = nxt
+    n += 1
+os.close(fd)
+print(n, flush=True)
+'''
+
+
+def fcntl_ring(path_a: str, path_b: str, seconds: float) -> float:
+    """Locks taken per second by two FCNTL_RING processes, on PATH_A and PATH_B (the
+    same file, seen from two nodes or from one)."""
+    go = path_a + ".go"
+    procs = [subprocess.Popen([sys.executable, "-c", FCNTL_RING, path, str(role), go,
+                               str(seconds)], stdout=subprocess.PIPE, text=True)
+             for role, path in enumerate((path_a, path_b))]
+    try:
+        deadline = time.time() + 60
+        while not all(os.path.exists(f"{go}.ready{r}") for r in (0, 1)):
+            if time.time() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError("fcntl ring workers did not start")
+            time.sleep(0.01)
+        open(go, "w").close()
+        counts = [int(p.communicate(timeout=seconds + 120)[0]) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for name in (go, go + ".ready0", go + ".ready1"):
+            if os.path.exists(name):
+                os.unlink(name)
+    return sum(counts) / seconds
+
+
+def fcntl_handoffs(seconds: float) -> tuple[float, float]:
+    """(hand-offs per second across two clusterfs nodes, the same on ext4)."""
+    from tests.cluster.cluster_util import Cluster, make_key
+    from tests.helpers import mkfs
+    top = tempfile.mkdtemp(prefix="bench-fcntl-", dir="/var/tmp")
+    os.chmod(top, 0o755)
+    cluster = None
+    try:
+        local = os.path.join(top, "ext4-ring")
+        with open(local, "wb"):
+            pass
+        ext4 = fcntl_ring(local, local, seconds)
+        vol = os.path.join(top, "vol.img")
+        mkfs(vol, "256M")
+        cluster = Cluster(top, vol, make_key(os.path.join(top, "cluster.key")), fast=False)
+        a = cluster.mount("n1")
+        b = cluster.mount("n2")
+        ring = a.p("ring")
+        with open(ring, "wb"):
+            pass
+        os.setxattr(ring, "user.clusterfs.multiwriter", b"1")
+        ours = fcntl_ring(ring, b.p("ring"), seconds)
+    finally:
+        if cluster is not None:
+            cluster.unmount_all(check_log=False)
+        shutil.rmtree(top, ignore_errors=True)
+    return ours, ext4
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -356,6 +445,11 @@ def main() -> int:
         stop(redis_srv)
         shutil.rmtree(tmp, ignore_errors=True)
 
+    # 4. fcntl locks handed between two nodes, and on ext4
+    handoffs, handoffs_ext4 = fcntl_handoffs(seconds)
+    print(f"fcntl hand-offs, 2 nodes:           {handoffs:8.0f} /s   "
+          f"ext4 (1 node): {handoffs_ext4:8.0f} /s   ratio {handoffs / handoffs_ext4:.3f}")
+
     result = {
         "lock_unlock_us": round(p50, 1),
         "redis_us": round(rp50, 1),
@@ -367,6 +461,9 @@ def main() -> int:
         "cached_us": round(cached_us, 3),
         "ops_per_s_4proc": round(ops, 1),
         "redis_ops_per_s_4proc": round(rops, 1),
+        "fcntl_handoffs_per_s": round(handoffs, 1),
+        "fcntl_handoffs_ext4_per_s": round(handoffs_ext4, 1),
+        "fcntl_handoffs_ratio": round(handoffs / handoffs_ext4, 4),
     }
     print(json.dumps(result))
     return 0

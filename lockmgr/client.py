@@ -11,6 +11,7 @@ process); after a server restart it reclaims its locks during the grace period, 
 its lease is still valid by its own clock.  See docs/LOCKS.md.
 """
 
+import errno
 import logging
 import time
 from collections import deque
@@ -21,9 +22,12 @@ from . import wire
 from .errors import (AuthError, ConnectError, LeaseLost, LockCancelled, LockError,
                      LockTimeout, NodeBusy, ProtocolError, from_code)
 from .handshake import connection_errors, exchange, query_status  # noqa: F401
-from .messages import (F_NOTIFY, F_TRY, Op, Reclaim, Recovering, Resume, dispatch_table,
-                       handles)
+from .messages import (F_FLOCK, F_NOTIFY, F_TRY, Held, Op, Reclaim, Recovering, Resume,
+                       dispatch_table, handles)
 from .modes import COMPAT, LVB_WRITERS, Mode, covers, supremum
+from .plocks import Conflict as PlockConflict
+from .plocks import Deadlock as PlockDeadlock
+from .plocks import PlockError, PlockTable
 from .table import LVB_SIZE
 
 log = logging.getLogger("lockmgr.client")
@@ -70,7 +74,8 @@ class _Rec:
 class _Op:
     """A request that waits for the server's answer."""
 
-    __slots__ = ("rid", "kind", "rec", "data", "event", "result", "error", "abandoned")
+    __slots__ = ("rid", "kind", "rec", "data", "event", "result", "error", "abandoned",
+                 "plock")
 
     def __init__(self, rid: int, kind: Op, rec: _Rec | None, data: bytes):
         self.rid = rid
@@ -81,6 +86,7 @@ class _Op:
         self.result = None
         self.error: LockError | None = None
         self.abandoned = False
+        self.plock: tuple | None = None     # PLOCK: (name, owner, ltype, start, end, pid)
 
 
 class LockClient:
@@ -109,6 +115,9 @@ class LockClient:
         #: how many times the session was lost and replaced by a new one
         self.generation = 0
         self._recs: dict[bytes, _Rec] = {}
+        #: this node's granted fcntl/OFD/flock locks (owner = the kernel's lock owner),
+        #: as the server granted them: reclaimed from a new master after a failover
+        self._plocks = PlockTable()
         self._pending: dict[int, _Op] = {}
         self._unacked: deque = deque()   # (rid, frame) not yet known processed
         self._reclaim_rid = 0            # the last request reflected in a reclaim list
@@ -314,6 +323,72 @@ class LockClient:
             self._release(rec)
         await trio.lowlevel.checkpoint_if_cancelled()
 
+    # ---- fcntl, OFD and flock locks (plocks) ------------------------------------------
+
+    async def plock(self, name: bytes, owner: int, ltype: int, start: int, end: int,
+                    pid: int, *, wait: bool, flock: bool = False) -> None:
+        """Take a POSIX (or, with ``flock``, a flock) lock for the kernel's lock
+        ``owner`` on [start, end] (inclusive; ``plocks.OFFSET_MAX``: to the end),
+        cluster-wide.
+
+        With ``wait`` the request waits for conflicting locks to go; a cancelled wait
+        is withdrawn at the server (a grant that crossed the withdrawal is given back).
+
+        Raises:
+            PlockError: ``errno`` EAGAIN (a conflict and not ``wait``), EDEADLK (the
+                wait would close a cycle of owners, fcntl locks only).
+            LeaseLost, LockError.
+        """
+        rid = self._next_rid()
+        flags = (0 if wait else F_TRY) | (F_FLOCK if flock else 0)
+        op = self._start(Op.PLOCK, None, rid, Op.PLOCK.encode(
+            rid=rid, name=name, owner=owner, ltype=ltype, start=start, end=end, pid=pid,
+            flags=flags))
+        op.plock = (name, owner, ltype, start, end, pid)
+        err = await self._wait(op, None)
+        if err:
+            cls = {errno.EAGAIN: PlockConflict, errno.EDEADLK: PlockDeadlock}.get(err)
+            if cls is not None:
+                raise cls(f"{name!r}: {errno.errorcode.get(err, err)}")
+            e = PlockError(f"{name!r}: lock server answered errno {err}")
+            e.errno = err
+            raise e
+
+    async def pgetlk(self, name: bytes, owner: int, ltype: int, start: int,
+                     end: int) -> tuple | None:
+        """F_GETLK cluster-wide: ``(ltype, start, end, pid)`` of a lock of another
+        owner (on any node) that conflicts with the one described, or None."""
+        rid = self._next_rid()
+        op = self._start(Op.PGET, None, rid, Op.PGET.encode(
+            rid=rid, name=name, owner=owner, ltype=ltype, start=start, end=end))
+        value = await self._wait(op, None)
+        return None if value is None else tuple(value)
+
+    async def punlock(self, name: bytes, owner: int, start: int, end: int) -> bool:
+        """Release ``owner``'s locks on [start, end] of ``name`` and wait until the
+        server has (a lock released by a close is free for every node when close()
+        returns).  Nothing is sent when this node holds none there (every close of a
+        file asks).  Returns whether a request went."""
+        op = self._punlock_start(name, owner, start, end)
+        if op is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        await self._wait(op, None)
+        return True
+
+    def _punlock_start(self, name: bytes, owner: int, start: int, end: int):
+        if not any(lk.owner == owner and lk.start <= end and start <= lk.end
+                   for _, lk in self._plocks.locks(name)):
+            return None
+        self._plocks.unlock(name, owner, start, end)
+        rid = self._next_rid()
+        return self._start(Op.PUNLOCK, None, rid, Op.PUNLOCK.encode(
+            rid=rid, name=name, owner=owner, start=start, end=end))
+
+    def plocks_held(self, name: bytes | None = None) -> list:
+        """``[(name, Plock), ...]`` this node holds (of ``name``, or all)."""
+        return self._plocks.locks(name)
+
     def held(self, name: bytes) -> Grant | None:
         """The lock on ``name`` as held now, or None."""
         rec = self._recs.get(name)
@@ -389,6 +464,7 @@ class LockClient:
                 "generation": self.generation, "lease_valid": self.lease_valid(),
                 "lease_remaining": round(self.lease_remaining(), 3),
                 "held": sum(1 for r in self._recs.values() if r.mode is not None),
+                "plocks": len(self._plocks.locks()),
                 "pending": len(self._pending), "unacked": len(self._unacked),
                 "dead_nodes": len(self._dead_nodes)}
 
@@ -536,6 +612,8 @@ class LockClient:
         op.abandoned = True
         if op.kind in (Op.LOCK, Op.CONVERT) and self._connected:
             self._chan.send(Op.CANCEL.encode(rid=op.rid, name=op.rec.name))
+        elif op.kind == Op.PLOCK and self._connected:
+            self._chan.send(Op.CANCEL.encode(rid=op.rid, name=op.plock[0]))
 
     def _finish(self, op: _Op, result=None, error=None) -> None:
         if self._pending.pop(op.rid, None) is None:
@@ -550,7 +628,8 @@ class LockClient:
 
     async def _establish(self, resume: Resume | None = None,
                          reclaim: list[Reclaim] | None = None,
-                         recovering: list[Recovering] | None = None):
+                         recovering: list[Recovering] | None = None,
+                         plocks: list[Held] | None = None):
         """Connect, authenticate, open a session.  Returns (stream, decoder, leftover
         messages)."""
         with trio.move_on_after(self.handshake_timeout) as scope:
@@ -564,7 +643,8 @@ class LockClient:
             with connection_errors(self.addr, self.handshake_timeout):
                 answer = await exchange(stream, self.key, self.addr, Op.OPEN.encode(
                     node=self.node, slot=self.slot, lease=self.requested_lease,
-                    resume=resume, reclaim=reclaim, recovering=recovering))
+                    resume=resume, reclaim=reclaim, recovering=recovering,
+                    plocks=plocks))
             msg = answer.msg
             if msg[0] == Op.REFUSED:
                 raise NodeBusy(f"lock server refused the session: "
@@ -646,6 +726,7 @@ class LockClient:
                 rec.lvb = None
             for op in list(self._pending.values()):
                 self._finish(op, error=LeaseLost(why))
+            self._plocks = PlockTable()
             for rec in list(self._recs.values()):
                 if not rec.busy and not rec.bast_running:
                     del self._recs[rec.name]
@@ -696,15 +777,18 @@ class LockClient:
     async def _reconnect(self):
         resume = Resume(boot_id=self.boot_id, session=self.session_id,
                         received=self._received)
-        reclaim = None
+        reclaim = plocks = None
         if self.lease_valid():
             reclaim = [Reclaim(name=r.name, mode=r.mode, lvb=r.lvb, lvb_ver=r.ver)
                        for r in self._recs.values() if r.mode is not None]
+            plocks = [Held(name=name, owner=lk.owner, ltype=lk.ltype, start=lk.start,
+                           end=lk.end, pid=lk.pid)
+                      for name, lk in self._plocks.locks()] or None
             # what is posted from now on (while connecting) is sent after the reclaim
             self._reclaim_rid = self._rid
         recovering = [Recovering(node=node, slot=slot)
                       for slot, node in self._dead_nodes.items()]
-        return await self._establish(resume, reclaim, recovering)
+        return await self._establish(resume, reclaim, recovering, plocks)
 
     async def _serve(self, stream, dec, leftover) -> None:
         chan = self._chan = wire.Channel(stream)
@@ -829,8 +913,20 @@ class LockClient:
     @handles(Op.REPLY, "self")
     def _on_reply(self, rid: int, value) -> None:
         op = self._pending.get(rid)
-        if op is not None:
-            self._finish(op, result=value)
+        if op is None:
+            return
+        if op.kind == Op.PLOCK and value == 0:
+            name, owner, ltype, start, end, pid = op.plock
+            try:
+                self._plocks.lock(name, owner, ltype, start, end, pid, wait=False,
+                                  detect_deadlock=False)
+            except PlockError as e:     # the server's view and ours differ: a bug
+                log.error("plock %r granted by the server conflicts here: %s", name, e)
+            if op.abandoned:
+                # the caller was interrupted before the grant came: give it back
+                self._punlock_start(name, owner, start, end)
+                value = errno.EINTR
+        self._finish(op, result=value)
 
     @handles(Op.NODE_DOWN, "self")
     def _on_node_down(self, node: str, slot: int) -> None:

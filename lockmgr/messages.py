@@ -34,6 +34,8 @@ MAX_NAME = 1024
 # LOCK / CONVERT flags
 F_TRY = 1
 F_NOTIFY = 2    # a failed try-lock still sends the holders in its way a BAST
+# PLOCK flags (F_TRY: do not wait)
+F_FLOCK = 4     # a flock(2) lock: whole file, no deadlock detection (as Linux)
 
 
 #: what the generated code sees (the record types add themselves)
@@ -92,6 +94,11 @@ FIELDS: dict[str, Kind] = {
                         f"(type({{v}}) is bytes and len({{v}}) == {LVB_SIZE})")),
     "lease": _SECONDS, "grace_left": _SECONDS, "timeout": _or_nil(_SECONDS),
     "value": Kind("any", "True"),
+    "owner": Kind("int (0 to 2^64-1)", "(type({v}) is int and 0 <= {v} < 1 << 64)"),
+    "ltype": Kind("0 or 1", "(type({v}) is int and 0 <= {v} <= 1)"),
+    "start": Kind("int (0 to 2^63-1)", "(type({v}) is int and 0 <= {v} < 1 << 63)"),
+    "end": Kind("int (0 to 2^63-1)", "(type({v}) is int and 0 <= {v} < 1 << 63)"),
+    "pid": _INT,
 }
 FIELDS["refused"] = _list_of(FIELDS["name"])
 
@@ -99,10 +106,12 @@ FIELDS["refused"] = _list_of(FIELDS["name"])
 Resume = namedtuple("Resume", "boot_id session received")
 Reclaim = namedtuple("Reclaim", "name mode lvb lvb_ver")
 Recovering = namedtuple("Recovering", "node slot")
+Held = namedtuple("Held", "name owner ltype start end pid")
 
 FIELDS["resume"] = _or_nil(_record(Resume))
 FIELDS["reclaim"] = _or_nil(_list_of(_record(Reclaim)))
 FIELDS["recovering"] = _or_nil(_list_of(_record(Recovering)))
+FIELDS["plocks"] = _or_nil(_list_of(_record(Held)))
 
 
 class Op(IntEnum):
@@ -136,7 +145,7 @@ class Op(IntEnum):
 
     # client -> server
     AUTH = 1, "nonce_c mac"
-    OPEN = 2, "node slot lease resume reclaim recovering"
+    OPEN = 2, "node slot lease resume reclaim recovering plocks?"
     LOCK = 3, "rid name mode flags timeout"
     CONVERT = 4, "rid name mode flags timeout lvb"
     UNLOCK = 5, "rid name lvb"
@@ -145,6 +154,9 @@ class Op(IntEnum):
     RECOVERED = 8, "rid slot"
     STATUS = 9, "rid prefix?"
     BYE = 10, ""
+    PLOCK = 11, "rid name owner ltype start end pid flags"
+    PGET = 12, "rid name owner ltype start end"
+    PUNLOCK = 13, "rid name owner start end"
 
     # server -> client
     CHALLENGE = 64, "version nonce_s boot_id"

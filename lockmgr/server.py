@@ -18,9 +18,10 @@ import trio
 
 from . import wire
 from .errors import ProtocolError
-from .messages import (F_NOTIFY, F_TRY, Op, Reclaim, Recovering, Resume, dispatch_table,
-                       handles)
+from .messages import (F_NOTIFY, F_TRY, Held, Op, Reclaim, Recovering, Resume,
+                       dispatch_table, handles)
 from .modes import Mode
+from .plockserver import PlockService
 from .table import Bast, Fail, Grant, LockTable, TableError
 
 log = logging.getLogger("lockmgr.server")
@@ -163,6 +164,8 @@ class LockServer:
         self._unknown_recovered: set[int] = set()
         #: try-locks held back while the table is frozen: (session, rid, name, call)
         self._parked: list = []
+        #: fcntl, OFD and flock locks of the volume's files (lockmgr/plockserver.py)
+        self.plocks = PlockService(self.sessions)
 
     # ---- running -----------------------------------------------------------------
 
@@ -437,6 +440,25 @@ class LockServer:
         if lk is not None and lk.requested is not None and lk.rid == rid:
             self.deadlines[(s.id, name, rid)] = deadline
 
+    @handles(Op.PLOCK, *CONTEXT)
+    def _op_plock(self, conn: Conn, s: Session | None, now: float, rid: int, name: bytes,
+                  owner: int, ltype: int, start: int, end: int, pid: int,
+                  flags: int) -> None:
+        s = self._next_request(s, rid)
+        self.plocks.lock(s, rid, name, owner, ltype, start, end, pid, flags)
+
+    @handles(Op.PGET, *CONTEXT)
+    def _op_pget(self, conn: Conn, s: Session | None, now: float, rid: int, name: bytes,
+                 owner: int, ltype: int, start: int, end: int) -> None:
+        s = self._next_request(s, rid)
+        self.plocks.get(s, rid, name, owner, ltype, start, end)
+
+    @handles(Op.PUNLOCK, *CONTEXT)
+    def _op_punlock(self, conn: Conn, s: Session | None, now: float, rid: int,
+                    name: bytes, owner: int, start: int, end: int) -> None:
+        s = self._next_request(s, rid)
+        self.plocks.unlock(s, rid, name, owner, start, end)
+
     @handles(Op.HB, *CONTEXT)
     def _op_hb(self, conn: Conn, s: Session | None, now: float, hb_id: int,
                received: int) -> None:
@@ -450,6 +472,8 @@ class LockServer:
     def _op_cancel(self, conn: Conn, s: Session | None, now: float, rid: int,
                    name: bytes) -> None:
         s = self._need_session(s)
+        if self.plocks.cancel(s, rid):
+            return
         for item in self._parked:
             if item[0] == s.id and item[1] == rid:
                 self._parked.remove(item)
@@ -479,6 +503,7 @@ class LockServer:
             log.info("node %s (slot %d) left; releasing %d locks", s.node, s.slot,
                      len(self.table.locks_of(s.id)))
             self.table.release_owner(s.id, invalidate=False)
+            self.plocks.release_session(s.id)
             del self.sessions[s.id]
             s.conn = None
             self._flush()
@@ -487,7 +512,7 @@ class LockServer:
     @handles(Op.OPEN, *CONTEXT)
     def _op_open(self, conn: Conn, s: Session | None, now: float, node: str, slot: int,
                  lease: float, resume: Resume | None, reclaim: list[Reclaim] | None,
-                 recovering: list[Recovering] | None) -> None:
+                 recovering: list[Recovering] | None, plocks: list[Held] | None) -> None:
         if s is not None:
             raise ProtocolError("session already open on this connection")
         if not node or slot < 0:
@@ -542,6 +567,8 @@ class LockServer:
             if refused:
                 log.error("node %s: %d reclaimed locks conflict and were refused",
                           node, len(refused))
+            if plocks:
+                self.plocks.reclaim(s, plocks)
         else:
             state = "expired"
         s.opened = state
@@ -622,6 +649,7 @@ class LockServer:
         """The node's lease expired: keep its locks recovering, tell every member."""
         s.state = DEAD
         self.table.mark_dead(s.id)
+        self.plocks.session_dead(s)
         for key in [k for k in self.deadlines if k[0] == s.id]:
             del self.deadlines[key]
         n = len(self.table.locks_of(s.id))
@@ -643,6 +671,7 @@ class LockServer:
         dead = [d for d in self.sessions.values() if d.state == DEAD and d.slot == slot]
         for d in dead:
             n = self.table.release_owner(d.id, invalidate=True)
+            n += self.plocks.release_session(d.id)
             del self.sessions[d.id]
             log.info("slot %d (node %s) recovered by %s: %d locks released",
                      slot, d.node, by, n)
@@ -678,6 +707,9 @@ class LockServer:
             self.table.set_frozen(True, self.thaw_prefix)
         else:
             self.table.set_frozen(False)
+        # plocks: held back while anything is frozen (reclaims may be missing, a dead
+        # node's plocks are unknown until it is recovered)
+        self.plocks.set_frozen(bool(self.table.frozen))
         if self._parked:
             parked, self._parked = self._parked, []
             for sid, rid, name, call in parked:
@@ -774,10 +806,12 @@ class LockServer:
             locks += held
             waiters += pend
             if s.state == LIVE:
+                pheld, pwait = self.plocks.counts(s.id)
                 nodes.append({"node": s.node, "slot": s.slot, "session": s.id,
                               "connected": s.conn is not None,
                               "lease_age": round(now - s.last_heard, 3),
                               "lease": s.lease, "locks": held, "waiting": pend,
+                              "plocks": pheld, "plocks_waiting": pwait,
                               "opened": s.opened})
             else:
                 recovering.append({"node": s.node, "slot": s.slot, "session": s.id,

@@ -18,6 +18,7 @@ import trio
 from lockmgr import EX, PR
 
 from ..errors import FSError, Fenced
+from ..fs.posix import FALLOC_FL_PUNCH_HOLE
 from .coherence import Coherence
 from .locks import RENAME_LOCK, group_lock, inode_lock
 from .openmodes import OpenModes
@@ -153,10 +154,47 @@ class ClusterFrontend:
         want = {inode_lock(h.ino): PR} if h is not None else {}
         return await self.run(self.fs.read, fh, off, size, want=want)
 
-    async def write(self, fh, off, data):
+    async def write(self, fh, off, data, ctx=None):
         h = self.fs.handles.get(fh)
         want = {inode_lock(h.ino): EX, **self._home()} if h is not None else {}
-        return await self.run(self.fs.write, fh, off, data, want=want)
+        return await self.run(self.fs.write, fh, off, data, ctx, want=want)
+
+    async def fallocate(self, fh, mode, off, length):
+        """``Filesystem.fallocate`` step by step, each step an operation under the
+        inode's lock (EX) and, to allocate, a group's (the home group first, others
+        as the allocator asks for them), yielding in between as a long truncation
+        does.  Other nodes see each step's result as they see a write's: they take
+        the inode's lock, which makes this node checkpoint the journal (sizes, maps,
+        the groups' bitmaps with the freed blocks) and publish a new version; the
+        data blocks, zeroed or preallocated, were written to the device before."""
+        h = self.fs.handles.get(fh)
+        want = {inode_lock(h.ino): EX} if h is not None else {}
+        if not mode & FALLOC_FL_PUNCH_HOLE:
+            want.update(self._home())
+        size, _need = await self.run(self.fs.fallocate_begin, fh, mode, off, length,
+                                     want=want)
+        # no check of the free space first: this node knows the free counts of the
+        # groups it does not hold only from their value blocks (estimates)
+        pos = 0
+        try:
+            while True:
+                pos = await self.run(self.fs.fallocate_step, fh, mode, off, length, pos,
+                                     want=want)
+                if pos is None:
+                    return
+                await trio.sleep(0)
+        except FSError as e:
+            if e.errno == errno.ENOSPC:
+                # the size goes back to what it was (as Filesystem.fallocate)
+                while not await self.run(self.fs.fallocate_undo_step, fh, size,
+                                         want={inode_lock(h.ino): EX}):
+                    await trio.sleep(0)
+            raise
+
+    async def lseek(self, fh, off, whence):
+        h = self.fs.handles.get(fh)
+        want = {inode_lock(h.ino): PR} if h is not None else {}
+        return await self.run(self.fs.lseek, fh, off, whence, want=want)
 
     async def flush(self, fh):
         self.coh.check()

@@ -23,6 +23,21 @@ for, the common case), else ``acquire`` (sorted by name: a global order, so two
 nodes never wait on each other in a cycle) or, inside a synchronous operation body,
 through ``try_hold`` (never waits; the body is retried with the lock in its set when
 it cannot be had at once).
+
+Name order alone does not rule out a cycle on *one* lock: two nodes that both hold
+it in PR and both convert up to EX wait for each other (each keeps the PR the other
+waits for, and its callback cannot demote it while its own conversion is pending),
+a conversion deadlock.  So, as GFS2 does (``do_xmote``: ``LM_FLAG_TRY_1CB``, then
+"conversion fails, unlock and try again"), a conversion up from a mode other nodes
+can be waiting for is only *tried* (the holders in the way are called back); when
+it fails the glock goes down to NL first and then queues for the mode it wants.  A
+queued request of a node therefore never holds a mode that another node waits for.
+
+A callback that arrives while this node's own request for the lock is in flight is
+kept and honoured after the grant, once the minimum hold time counted from that
+grant is over (GFS2's pending demote, held until ``gl_tchange + gl_hold_time``): the
+node gets one batch of work out of each grant, and a waiting node waits for at
+most one such batch.
 """
 
 from __future__ import annotations
@@ -32,7 +47,7 @@ from typing import Iterable
 
 import trio
 
-from lockmgr import Deadlock, LockError, Mode, covers, downgrade_for
+from lockmgr import Deadlock, LockError, Mode, TryAgain, covers, downgrade_for
 
 from .glops import NO_OPS, LockOps
 
@@ -107,7 +122,8 @@ class GlockTable:
         self.idle = min(idle, min_hold)
         self.keep_locks = keep_locks
         self.glocks: dict[bytes, Glock] = {}
-        self.stats = {"requests": 0, "cached": 0, "demotes": 0, "deadlocks": 0}
+        self.stats = {"requests": 0, "cached": 0, "demotes": 0, "deadlocks": 0,
+                      "conversions_dropped": 0}
 
     def get(self, name: bytes) -> Glock:
         g = self.glocks.get(name)
@@ -174,7 +190,11 @@ class GlockTable:
             g.busy = True
             try:
                 self.stats["requests"] += 1
-                grant = await self.client.lock(name, mode, on_blocking=self._on_blocking)
+                if g.mode is not None and g.mode != NL:
+                    grant = await self._convert_up(g, mode, int(name in holds.modes))
+                else:
+                    grant = await self.client.lock(name, mode,
+                                                   on_blocking=self._on_blocking)
                 g.mode = grant.mode
                 g.granted_at = trio.current_time()
                 g.dirty = False
@@ -186,6 +206,36 @@ class GlockTable:
             finally:
                 g.busy = False
                 g.notify()
+
+    async def _convert_up(self, g: Glock, mode: Mode, mine: int):
+        """Convert ``g`` (held in a mode above NL, ``g.busy`` set) up to cover
+        ``mode`` without ever queueing while holding that mode: a try first (it calls
+        the holders in the way back); if it fails, down to NL (once this node's
+        other holders, all but ``mine``, are done with the lock), then queue.
+        Returns the grant."""
+        name = g.name
+        try:
+            return await self.client.lock(name, mode, try_lock=True, notify=True,
+                                          on_blocking=self._on_blocking)
+        except TryAgain:
+            pass
+        self.stats["conversions_dropped"] += 1
+        # queued while holding PR, this node would keep what the other node waits
+        # for (its callback cannot demote a lock whose conversion is pending): a
+        # conversion deadlock.  Holding NL, it is in nobody's way.
+        while g.holders > mine:
+            await g.changed.wait()
+        try:
+            lvb = g.ops.before_demote(g, NL)
+        except Exception as e:
+            # it could not write back what the lock covers (the node fenced itself):
+            # the lock stays as it is, the operation fails (EIO)
+            raise LockError(f"conversion of {name!r} abandoned: {e}") from e
+        await self.client.convert(name, NL, lvb=lvb)
+        g.mode = NL
+        g.dirty = False
+        g.demote = None      # any callback is answered: NL conflicts with no mode
+        return await self.client.lock(name, mode, on_blocking=self._on_blocking)
 
     def release(self, holds: Holds) -> None:
         for name in holds.modes:
@@ -202,7 +252,9 @@ class GlockTable:
 
     async def _on_blocking(self, name: bytes, requested: Mode) -> None:
         g = self.glocks.get(name)
-        if g is None or g.mode is None:
+        # a callback for a first grant can come before its requester has recorded
+        # the grant here (g.mode None, g.busy): keep it, the demote waits for it
+        if g is None or (g.mode is None and not g.busy):
             return
         if g.demote is None or covers(requested, g.demote):
             if g.demote is None:
@@ -211,6 +263,12 @@ class GlockTable:
         await self._demote(g)
 
     async def _demote(self, g: Glock) -> None:
+        # A request of this node for the lock is in flight: the callback is for the
+        # grant it brings (or one it replaces), and the hold time counts from there.
+        while g.busy and not g.draining:
+            await g.changed.wait()
+        if g.demote is None:
+            return       # answered meanwhile: the request went down to NL first
         # Keep the lock for the minimum hold time, so that a busy node gets work done
         # with each grant.  A lock that has served an operation since its grant and
         # has then stayed idle for ``idle`` seconds goes at once: nobody here wants it.

@@ -5,7 +5,9 @@ the data area holds the root of an extent tree mapping logical blocks to runs of
 physical blocks.  Unmapped blocks are holes and read as zeros.  Data blocks are
 written straight to the device (ordered mode: before the metadata that maps them
 commits); blocks past EOF inside the last block are kept zero on disk so a later
-extension never exposes old bytes.
+extension never exposes old bytes.  The format has no unwritten extents: a block
+that fallocate preallocates is an ordinary mapped block, zeroed on the device before
+the operation that maps it commits, and so is data to SEEK_DATA.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .btree import BTree
 
 MAX_EXTENT = 1 << 31           # blocks in one extent record
 TRUNCATE_STEP = 64             # extent records freed per operation
+FALLOC_STEP = 1024             # blocks preallocated or zeroed per operation (4 MiB)
 
 
 class InodeStore:
@@ -179,6 +182,27 @@ def convert_inline(vol, di: Dinode) -> None:
         di.blocks += 1
 
 
+def _allocate(vol, di: Dinode, t: BTree, lblk: int,
+              count: int) -> list[tuple[int, int, int]]:
+    """Allocate and map blocks for the hole [lblk, lblk+count); returns the runs as
+    (lblk, pblk, n).  Their contents are whatever the device holds: the caller
+    writes them before the operation ends."""
+    out = []
+    pos = lblk
+    remaining = count
+    while remaining:
+        goal = _goal_for(t, di, pos)
+        runs = vol.alloc.alloc_data(di.bno, goal, remaining, di.blocks)
+        for rpb, rn in runs:
+            _map_new(t, pos, rpb, rn)
+            out.append((pos, rpb, rn))
+            pos += rn
+            remaining -= rn
+            vol.touch(di)
+            di.blocks += rn
+    return out
+
+
 def write(vol, di: Dinode, off: int, data) -> int:
     """Write ``data`` at ``off`` (allocating as needed); returns the byte count."""
     n = len(data)
@@ -214,19 +238,9 @@ def write(vol, di: Dinode, off: int, data) -> int:
         if pb:
             mapped.append((lb, pb, cnt))
             continue
-        pos = lb
-        remaining = cnt
-        while remaining:
-            goal = _goal_for(t, di, pos)
-            runs = vol.alloc.alloc_data(di.bno, goal, remaining, di.blocks)
-            for rpb, rn in runs:
-                _map_new(t, pos, rpb, rn)
-                mapped.append((pos, rpb, rn))
-                fresh.append((pos, rn))
-                pos += rn
-                remaining -= rn
-                vol.touch(di)
-                di.blocks += rn
+        for rlb, rpb, rn in _allocate(vol, di, t, lb, cnt):
+            mapped.append((rlb, rpb, rn))
+            fresh.append((rlb, rn))
     mapped.sort()
     head = off - first * BLOCK_SIZE
     tail = end - last * BLOCK_SIZE       # bytes used of the last block
@@ -356,6 +370,227 @@ def _zero_tail(vol, di: Dinode, t: BTree, new_size: int) -> None:
     if any(blk[off:]):
         blk[off:] = bytes(BLOCK_SIZE - off)
         vol.write_data(p, blk)
+
+
+# -- preallocation, hole punching and zeroing (fallocate) ---------------------------------
+
+def fill_range(di: Dinode, off: int, end: int, keep_size: bool) -> tuple[int, int]:
+    """The logical blocks [first, stop) that preallocating bytes [off, end) maps.
+
+    With ``keep_size`` they stop at EOF: the format maps no block at or past
+    ⌈size / BLOCK_SIZE⌉ (fsck holds extents past EOF for damage) and has no
+    unwritten extents, so a preallocation past EOF has nowhere to live."""
+    first = off // BLOCK_SIZE
+    stop = -(-end // BLOCK_SIZE)
+    if keep_size:
+        stop = min(stop, -(-di.size // BLOCK_SIZE))
+    return first, max(first, stop)
+
+
+def stays_inline(di: Dinode, end: int, keep_size: bool) -> bool:
+    """Whether an inline file preallocated or zeroed up to ``end`` still fits the
+    dinode (then it needs no block: its bytes up to the size read as zero)."""
+    size = di.size if keep_size else max(di.size, end)
+    return bool(di.flags & DF_INLINE) and size <= INLINE_MAX
+
+
+def fill_need(vol, di: Dinode, off: int, end: int, keep_size: bool) -> int:
+    """Data blocks ``fill_step`` would allocate for [off, end): the holes there."""
+    if stays_inline(di, end, keep_size):
+        return 0
+    first, stop = fill_range(di, off, end, keep_size)
+    if stop <= first:
+        return 0
+    if di.flags & DF_INLINE:
+        # after the conversion block 0 is mapped when it holds a nonzero byte
+        return stop - first - int(first == 0 and any(di.root))
+    return sum(n for _lb, pb, n in map_range(vol, di, first, stop - first) if not pb)
+
+
+def fill_step(vol, di: Dinode, off: int, end: int, pos: int, *, zero: bool,
+              keep_size: bool) -> int | None:
+    """One bounded step of preallocating bytes [off, end) (fallocate mode 0; with
+    ``zero``, FALLOC_FL_ZERO_RANGE): at most FALLOC_STEP logical blocks of the range,
+    from block ``pos`` on.
+
+    Holes get new blocks, zeroed on the device: there are no unwritten extents, a
+    mapped block reads as what it holds, and a block freed by another file still
+    holds that file's bytes.  With ``zero`` the range's bytes in blocks mapped
+    before are zeroed in place.  Unless ``keep_size``, the size grows over the new
+    blocks (never to more than ``end``), so that every step leaves a consistent file
+    (no extent past EOF) and a long preallocation can span many transactions.
+    All metadata changes come before the first data write: a step that fails
+    (ENOSPC, a lock to gather) has then changed no byte of the file.
+
+    Returns the block the next step starts at, or None when the range is done (the
+    caller then sets the final size and the times in the same operation).
+    """
+    if di.flags & DF_INLINE:
+        if stays_inline(di, end, keep_size):
+            if zero and off < len(di.root):
+                vol.touch(di)
+                buf = bytearray(di.root)
+                stop_b = min(end, len(buf))
+                buf[off:stop_b] = bytes(stop_b - off)
+                di.root = bytes(buf)
+            return None
+        convert_inline(vol, di)
+    first, stop = fill_range(di, off, end, keep_size)
+    pos = max(pos, first)
+    if pos >= stop:
+        return None
+    wend = min(stop, pos + FALLOC_STEP)
+    t = tree(vol, di)
+    segs = map_range(vol, di, pos, wend - pos)
+    fresh = []
+    for lb, pb, n in segs:
+        if not pb:
+            fresh.extend(_allocate(vol, di, t, lb, n))
+    if not keep_size:
+        grown = min(end, wend * BLOCK_SIZE)
+        if grown > di.size:
+            _zero_tail(vol, di, t, di.size)     # see write()
+            vol.touch(di)
+            di.size = grown
+    # data: the new blocks, then (ZERO_RANGE) the old ones' bytes in the range
+    fresh.sort()
+    for _lb, pb, n in _coalesce(fresh):
+        vol.write_data(pb, bytes(n * BLOCK_SIZE))
+    if zero:
+        for lb, pb, n in segs:
+            if pb:
+                _zero_bytes(vol, lb, pb, n, off, end)
+    return wend if wend < stop else None
+
+
+def _zero_bytes(vol, lb: int, pb: int, n: int, off: int, end: int) -> None:
+    """Zero the bytes of [off, end) that the mapped run (lb, pb, n) holds, on disk
+    (whole blocks written, partial ones read, changed and written back)."""
+    a = max(off, lb * BLOCK_SIZE)
+    b = min(end, (lb + n) * BLOCK_SIZE)
+    if a >= b:
+        return
+    fa, la = a // BLOCK_SIZE, (b - 1) // BLOCK_SIZE      # first and last block touched
+    whole_a = fa if a % BLOCK_SIZE == 0 else fa + 1
+    whole_b = la + 1 if b % BLOCK_SIZE == 0 else la
+    for blk in {fa, la}:
+        if whole_a <= blk < whole_b:
+            continue
+        p = pb + blk - lb
+        buf = bytearray(vol.read_data(p, 1))
+        s = max(a, blk * BLOCK_SIZE) - blk * BLOCK_SIZE
+        e = min(b, (blk + 1) * BLOCK_SIZE) - blk * BLOCK_SIZE
+        if any(buf[s:e]):
+            buf[s:e] = bytes(e - s)
+            vol.write_data(p, buf)
+    blk = whole_a
+    while blk < whole_b:
+        cnt = min(whole_b - blk, FALLOC_STEP)
+        vol.write_data(pb + blk - lb, bytes(cnt * BLOCK_SIZE))
+        blk += cnt
+
+
+def punch_range(di: Dinode, off: int, end: int) -> tuple[int, int]:
+    """The logical blocks [first, stop) that punching bytes [off, end) frees: the
+    blocks wholly inside the range, the last block of the file too when the range
+    runs to EOF (its bytes past EOF are not the file's)."""
+    first = -(-off // BLOCK_SIZE)
+    stop = end // BLOCK_SIZE if end < di.size else -(-di.size // BLOCK_SIZE)
+    return first, max(first, stop)
+
+
+def punch_step(vol, di: Dinode, off: int, end: int, pos: int) -> int | None:
+    """One bounded step of punching a hole over bytes [off, end): frees the blocks
+    of at most TRUNCATE_STEP extents inside ``punch_range``, from block ``pos`` on.
+
+    Returns the block the next step starts at, or None when nothing is left to free
+    (the caller then zeroes the partial edges, ``punch_edges``).  An extent cut in
+    the middle becomes two records, which may need a tree block (ENOSPC then)."""
+    if not di.flags & DF_EXTENTS:
+        return None
+    first, stop = punch_range(di, off, end)
+    pos = max(pos, first)
+    t = tree(vol, di)
+    for _ in range(TRUNCATE_STEP):
+        if pos >= stop:
+            return None
+        rec = t.floor(pos)
+        if rec is None or rec[0] + rec[1][1] <= pos:
+            rec = next(t.items_from(pos), None)
+            if rec is None or rec[0] >= stop:
+                return None
+        lb, (pb, n, f) = rec
+        a, b = max(lb, pos), min(lb + n, stop)
+        if a == lb and b == lb + n:
+            t.delete(lb)
+        elif a == lb:
+            t.replace(lb, b, (pb + b - lb, lb + n - b, f))
+        else:
+            t.replace(lb, lb, (pb, a - lb, f))
+            if b < lb + n:
+                t.insert(b, (pb + b - lb, lb + n - b, f))
+        vol.alloc.free(pb + a - lb, b - a, data=True)
+        vol.touch(di)
+        di.blocks -= b - a
+        pos = b
+    return pos
+
+
+def punch_edges(vol, di: Dinode, off: int, end: int) -> None:
+    """Zero the bytes of [off, end) before EOF that the blocks a punch kept hold:
+    the partial blocks at the edges of the range (inline: the bytes in the dinode)."""
+    end = min(end, di.size)
+    if off >= end:
+        return
+    if di.flags & DF_INLINE:
+        if off < len(di.root):
+            vol.touch(di)
+            buf = bytearray(di.root)
+            e = min(end, len(buf))
+            buf[off:e] = bytes(e - off)
+            di.root = bytes(buf)
+        return
+    for blk in sorted({off // BLOCK_SIZE, (end - 1) // BLOCK_SIZE}):
+        for lb, pb, n in map_range(vol, di, blk, 1):
+            if pb:
+                _zero_bytes(vol, lb, pb, n, off, end)
+
+
+# -- SEEK_DATA and SEEK_HOLE ---------------------------------------------------------------
+
+def seek_data(vol, di: Dinode, off: int) -> int | None:
+    """The first offset at or after ``off`` (< size) inside a mapped block, or None
+    when no data follows before EOF.  An inline file is all data."""
+    if off >= di.size:
+        return None
+    if not di.flags & DF_EXTENTS:
+        return off
+    blk = off // BLOCK_SIZE
+    rec = _extent_at(vol, di, blk)
+    if rec is not None and rec[0] + rec[1][1] > blk:
+        return off
+    nxt = next(tree(vol, di).items_from(blk + 1), None)
+    if nxt is None or nxt[0] * BLOCK_SIZE >= di.size:
+        return None
+    return nxt[0] * BLOCK_SIZE
+
+
+def seek_hole(vol, di: Dinode, off: int) -> int:
+    """The first offset at or after ``off`` (< size) in a hole, EOF counting as one:
+    the size when the file is data from ``off`` to its end.  Granularity: blocks."""
+    if not di.flags & DF_EXTENTS:
+        return di.size
+    blk = off // BLOCK_SIZE
+    rec = _extent_at(vol, di, blk)
+    if rec is None or rec[0] + rec[1][1] <= blk:
+        return off
+    stop = rec[0] + rec[1][1]
+    # logically adjacent extents (physically apart) are one stretch of data
+    for lb, (_pb, n, _f) in tree(vol, di).items_from(stop):
+        if lb != stop:
+            break
+        stop += n
+    return min(stop * BLOCK_SIZE, di.size)
 
 
 # -- extended attributes ------------------------------------------------------------------

@@ -36,6 +36,11 @@ RELATIME_S = 24 * 3600
 # overwrites in place costs no metadata operation each.
 WRITE_TIME_NS = 1_000_000
 NOW = object()          # setattr: use the current time
+# fallocate(2) modes (linux/falloc.h)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_MODES = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
 
 
 @dataclass
@@ -528,13 +533,31 @@ class Filesystem:
                 di.atime = now
             self._change(change)
 
-    def write(self, fh: int, off: int, data) -> int:
+    @staticmethod
+    def privileges_to_drop(di: Dinode, ctx: Ctx | None) -> int:
+        """The set-user-ID and set-group-ID bits a write by ``ctx`` clears, as the
+        kernel's ``file_remove_privs`` does: set-user-ID always, set-group-ID when the
+        file is group-executable or the writer is not in its group; never for root
+        (CAP_FSETID) or when nobody says who writes (``ctx`` None).  The writer's
+        supplementary groups are not known here: only its primary group counts."""
+        if ctx is None or ctx.uid == 0 or not S.S_ISREG(di.mode):
+            return 0
+        kill = di.mode & S.S_ISUID
+        if di.mode & S.S_ISGID and (di.mode & S.S_IXGRP or ctx.gid != di.gid):
+            kill |= S.S_ISGID
+        return kill
+
+    def write(self, fh: int, off: int, data, ctx: Ctx | None = None) -> int:
+        """Write ``data`` at ``off`` (the end of file with O_APPEND).  ``ctx``: the
+        writer, when the kernel left clearing set-user-ID bits to us (direct I/O)."""
         h, di = self.handle(fh)
         if h.flags & os.O_APPEND:
             off = di.size        # the cluster's size, not the kernel's idea of it
+        kill = self.privileges_to_drop(di, ctx)
         now = time.time_ns()
-        if 0 <= now - di.mtime < WRITE_TIME_NS and 0 <= now - di.ctime < WRITE_TIME_NS \
-                and not self.vol.readonly and inode.overwrite(self.vol, di, off, data):
+        if not kill and 0 <= now - di.mtime < WRITE_TIME_NS and \
+                0 <= now - di.ctime < WRITE_TIME_NS and not self.vol.readonly and \
+                inode.overwrite(self.vol, di, off, data):
             # the times were set less than WRITE_TIME_NS ago: they stand for this
             # write too, and an overwrite in place changes nothing else
             h.written = True
@@ -545,10 +568,135 @@ class Filesystem:
             now = time.time_ns()
             self.vol.touch(di)
             di.mtime = di.ctime = now
+            di.mode &= ~kill
             return n
         n = self._change(change)
         h.written = True
         return n
+
+    def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        """fallocate(2) on an open file, ``mode`` 0 (preallocate, growing the size),
+        FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE or
+        FALLOC_FL_ZERO_RANGE (optionally | FALLOC_FL_KEEP_SIZE).
+
+        A big range takes several operations (``fallocate_step``), each a consistent
+        file, as a long truncation does.  ENOSPC leaves the size as it was (blocks
+        preallocated inside the old size may stay, as on ext4).  A cluster member
+        runs the same steps under its locks (``ClusterFrontend.fallocate``).
+        """
+        size, need = self.fallocate_begin(fh, mode, off, length)
+        if need > self.vol.alloc.free_blocks():
+            # refused before anything changes (a cluster member learns of the
+            # space in other groups only by asking for their locks: it relies on
+            # the undo below)
+            raise FSError(errno.ENOSPC, "not enough free space to preallocate")
+        pos = 0
+        try:
+            while pos is not None:
+                pos = self.fallocate_step(fh, mode, off, length, pos)
+        except FSError as e:
+            if e.errno == errno.ENOSPC:
+                while not self.fallocate_undo_step(fh, size):
+                    pass
+            raise
+
+    def fallocate_begin(self, fh: int, mode: int, off: int,
+                        length: int) -> tuple[int, int]:
+        """Check a fallocate request, with fallocate(2)'s errors in the kernel's
+        order (vfs_fallocate): the range (EINVAL), the mode (EOPNOTSUPP), the handle
+        (EBADF unless open for writing), the file type (EISDIR, ESPIPE, ENODEV), the
+        largest file (EFBIG).  Returns the size now (what a failed extension goes
+        back to, ``fallocate_undo_step``) and the blocks the request would allocate
+        (0 for a punch)."""
+        if off < 0 or length <= 0:
+            raise FSError(errno.EINVAL, "bad fallocate range")
+        if mode & ~FALLOC_MODES:
+            raise FSError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} not supported")
+        if mode & FALLOC_FL_PUNCH_HOLE and \
+                (mode & FALLOC_FL_ZERO_RANGE or not mode & FALLOC_FL_KEEP_SIZE):
+            # as Linux: a punch keeps the size, and is no zeroing
+            raise FSError(errno.EOPNOTSUPP, "punch hole needs FALLOC_FL_KEEP_SIZE alone")
+        h, di = self.handle(fh)
+        if h.flags & os.O_ACCMODE == os.O_RDONLY:
+            raise FSError(errno.EBADF, "file not open for writing")
+        if S.S_ISDIR(di.mode):
+            raise FSError(errno.EISDIR, "is a directory")
+        if S.S_ISFIFO(di.mode):
+            raise FSError(errno.ESPIPE, "is a FIFO")
+        if not S.S_ISREG(di.mode):
+            raise FSError(errno.ENODEV, "not a regular file")
+        end = off + length
+        if end > inode.MAX_FILE_BLOCKS * BLOCK_SIZE:
+            raise FSError(errno.EFBIG, "file too large")
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            return di.size, 0
+        return di.size, inode.fill_need(self.vol, di, off, end,
+                                        bool(mode & FALLOC_FL_KEEP_SIZE))
+
+    def fallocate_step(self, fh: int, mode: int, off: int, length: int,
+                       pos: int) -> int | None:
+        """One bounded operation of ``fallocate`` (checked by ``fallocate_begin``),
+        from logical block ``pos`` (0 for the first step); returns the ``pos`` of
+        the next step, or None once done.  The last step sets the final size.
+        The times change as on ext4: ctime always, mtime too when the bytes or the
+        size change (a punch or a zeroing; a preallocation that grows the file),
+        in the last step and in every step that grows the size; a punch wholly
+        past EOF changes nothing."""
+        _h, di = self.handle(fh)
+        end = off + length
+        keep = bool(mode & FALLOC_FL_KEEP_SIZE)
+
+        def change():
+            size = di.size
+            if mode & FALLOC_FL_PUNCH_HOLE:
+                nxt = inode.punch_step(self.vol, di, off, end, pos)
+                if nxt is None:
+                    if off >= di.size:
+                        return None
+                    inode.punch_edges(self.vol, di, off, end)
+                modified = True
+            else:
+                zero = bool(mode & FALLOC_FL_ZERO_RANGE)
+                nxt = inode.fill_step(self.vol, di, off, end, pos, zero=zero,
+                                      keep_size=keep)
+                if nxt is None and not keep and end > di.size:
+                    # (the steps grew the size over the blocks they mapped: this is
+                    # an inline file, or a range ending in a block mapped before)
+                    inode.truncate_step(self.vol, di, end)
+                modified = zero or di.size != size
+            if nxt is None or di.size != size:
+                now = time.time_ns()
+                self.vol.touch(di)
+                di.ctime = now
+                if modified:
+                    di.mtime = now
+            return nxt
+        return self._change(change)
+
+    def fallocate_undo_step(self, fh: int, size: int) -> bool:
+        """One bounded operation of taking a failed ``fallocate``'s growth back to
+        ``size``; True once the file is no bigger than that."""
+        _h, di = self.handle(fh)
+        if di.size <= size:
+            return True
+        return self._change(inode.truncate_step, self.vol, di, size)
+
+    def lseek(self, fh: int, off: int, whence: int) -> int:
+        """lseek(2) with SEEK_DATA or SEEK_HOLE (others are the kernel's job): from
+        the extent map, at block granularity; EOF counts as a hole.  ENXIO when
+        ``off`` is not inside the file, or (SEEK_DATA) no data follows it."""
+        h, di = self.handle(fh)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE) or h.is_dir or \
+                not S.S_ISREG(di.mode):
+            raise FSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE on a file")
+        if off < 0 or off >= di.size:
+            raise FSError(errno.ENXIO, "offset outside the file")
+        if whence == os.SEEK_HOLE:
+            return inode.seek_hole(self.vol, di, off)
+        found = inode.seek_data(self.vol, di, off)
+        if found is None:
+            raise FSError(errno.ENXIO, "no data after the offset")
+        return found
 
     def flush(self, fh: int) -> None:
         self.handle(fh)

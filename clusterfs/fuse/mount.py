@@ -88,6 +88,7 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
                       lease: float, ready_fd: int = -1,
                       heartbeat_interval: float = 1.0) -> int:
     """Join the volume's cluster and serve until unmounted (in this process)."""
+    from ..cluster.filelocks import FileLocks
     from ..cluster.member import ClusterMount
     from ..cluster.openmodes import OPEN_CACHE
     direct = True if opts.get("direct") else False if opts.get("nodirect") else None
@@ -106,7 +107,7 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
             coh = front.coh
             ops = Operations(member.fs, front, attr_timeout=CLUSTER_ATTR_TIMEOUT,
                              entry_timeout=0, cacheable=coh.kernel_cacheable,
-                             direct_io=True)
+                             direct_io=True, locks=FileLocks(coh))
             try:
                 pyfuse3.init(ops, mountpoint, _fuse_options(volume, opts))
             except RuntimeError as e:

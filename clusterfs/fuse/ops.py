@@ -10,12 +10,15 @@ the block's number).  Nothing else lives here.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import logging
 import stat as S
 
 import pyfuse3
 import trio
+
+from lockmgr.plocks import OFFSET_MAX
 
 from ..fs.posix import Ctx
 from ..ondisk.format import BLOCK_SIZE, DF_INLINE
@@ -56,6 +59,13 @@ def _ctx(ctx) -> Ctx:
     return Ctx(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid, umask=ctx.umask)
 
 
+def _lock_end(start: int, length: int) -> int:
+    """The inclusive end of a ``struct flock`` range (length 0: to the end of file)."""
+    if length <= 0 or start + length - 1 >= OFFSET_MAX:
+        return OFFSET_MAX
+    return start + length - 1
+
+
 class DirectFrontend:
     """The single-node frontend: ``Filesystem``'s methods, awaitable."""
 
@@ -85,15 +95,20 @@ class Operations(pyfuse3.Operations):
             this inode now (a cluster: while this node holds the inode's lock); a reply
             for which it is false carries an attribute timeout of 0.
         direct_io: bypass the kernel's page cache (a cluster does).
+        locks: the cluster's fcntl/OFD/flock locks (``cluster.filelocks.FileLocks``);
+            None on a single node: the lock handlers answer ENOSYS, and from then on
+            the kernel keeps the locks itself, which is exact on one node.
     """
 
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
+    pass_lock_owner = True      # flush(fh, lock_owner), release(fh, flock_owner)
+    write_ctx = True            # write(fh, off, buf, ctx)
 
     def __init__(self, fs, front=None, *, attr_timeout: float = 300.0,
                  entry_timeout: float | None = None, cacheable=None,
-                 direct_io: bool = False):
+                 direct_io: bool = False, locks=None):
         super().__init__()
         self.fs = fs
         self.front = front if front is not None else DirectFrontend(fs)
@@ -102,6 +117,7 @@ class Operations(pyfuse3.Operations):
         self.entry_timeout = attr_timeout if entry_timeout is None else entry_timeout
         self.cacheable = cacheable
         self.direct_io = direct_io
+        self.locks = locks
         self.after_init: list = []      # callables run once FUSE INIT is answered
 
     def init(self):
@@ -232,17 +248,56 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         return await self.front.read(fh, off, size)
 
-    async def write(self, fh, off, buf):
-        return await self.front.write(fh, off, buf)
+    async def write(self, fh, off, buf, ctx=None):
+        # the writer: with direct I/O (a cluster) the kernel leaves clearing the
+        # set-user-ID bits of a written file to the file system
+        return await self.front.write(fh, off, buf, _ctx(ctx) if ctx is not None else None)
 
-    async def flush(self, fh):
+    async def flush(self, fh, lock_owner=None):
+        if self.locks is not None and lock_owner is not None:
+            h = self.fs.handles.get(fh)
+            if h is not None:
+                await self.locks.close_owner(h.ino, lock_owner)
         await self.front.flush(fh)
 
     async def fsync(self, fh, datasync):
         await self.front.fsync(fh, datasync)
 
-    async def release(self, fh):
+    async def release(self, fh, flock_owner=None):
+        if self.locks is not None:
+            await self.locks.release(fh)
         await self.front.release(fh)
+
+    # -- fcntl, OFD and flock locks (a cluster's; ENOSYS leaves them to the kernel) --
+
+    async def getlk(self, inode, fh, owner, ltype, start, length, pid, ctx):
+        if self.locks is None:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        got = await self.locks.getlk(self._in(inode), owner, ltype, start,
+                                     _lock_end(start, length))
+        if got is None:
+            return fcntl.F_UNLCK, start, length, pid
+        t, s, e, p = got
+        return t, s, 0 if e == OFFSET_MAX else e - s + 1, p
+
+    async def setlk(self, inode, fh, owner, ltype, start, length, pid, sleep, ctx):
+        if self.locks is None:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        await self.locks.setlk(self._in(inode), fh, owner, ltype, start,
+                               _lock_end(start, length), pid, sleep)
+
+    async def flock(self, inode, fh, owner, op, ctx):
+        if self.locks is None:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        await self.locks.flock(self._in(inode), fh, owner, op)
+
+    # -- space and holes -----------------------------------------------------------------
+
+    async def fallocate(self, inode, fh, mode, offset, length):
+        await self.front.fallocate(fh, mode, offset, length)
+
+    async def lseek(self, inode, fh, offset, whence):
+        return await self.front.lseek(fh, offset, whence)
 
     async def opendir(self, inode, ctx):
         return await self.front.opendir(self._in(inode))
@@ -300,6 +355,6 @@ for _name in ("lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mk
               "symlink", "link", "unlink", "rmdir", "rename", "open", "create", "read",
               "write", "flush", "fsync", "release", "opendir", "readdir", "releasedir",
               "fsyncdir", "statfs", "getxattr", "setxattr", "listxattr", "removexattr",
-              "access"):
+              "access", "getlk", "setlk", "flock", "fallocate", "lseek"):
     setattr(Operations, _name, _guard(getattr(Operations, _name)))
 del _name

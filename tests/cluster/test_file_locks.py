@@ -1,0 +1,170 @@
+"""Cluster-wide fcntl, OFD and flock locks (clusterfs/cluster/filelocks.py, the lock
+manager's plock table) through real mounts: the same lock program gives the same
+transcript on ext4, on one clusterfs node and across two nodes; a killed node's
+locks are released only after its recovery; they survive a master failover.
+
+Files written from two nodes at once are marked multi-writer (the cluster open mode
+otherwise refuses a second node's write-open with EBUSY, docs/CLUSTER.md)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from tests.cluster.cluster_util import running_cluster, wait_for
+from tests.cluster.lockprog import Actor, Run, run_scenario
+
+MULTI = "user.clusterfs.multiwriter"
+
+
+def shared_file(path: str) -> None:
+    """Create ``path`` marked multi-writer (every node may open it for writing)."""
+    with open(path, "wb"):
+        pass
+    os.setxattr(path, MULTI, b"1")
+
+def test_same_answers_as_ext4_on_one_and_two_nodes(topdir):
+    # /tmp is ext4 here; the reference transcript comes from the kernel's own locks
+    ref_dir = tempfile.mkdtemp(prefix="cfs-lockprog-")
+    try:
+        reference = run_scenario({"a": ref_dir, "b": ref_dir, "c": ref_dir})
+    finally:
+        for name in os.listdir(ref_dir):
+            os.unlink(os.path.join(ref_dir, name))
+        os.rmdir(ref_dir)
+    assert any("EDEADLOCK" in line for line in reference)   # the scenario is not idle
+    with running_cluster(topdir) as c:
+        a = c.mount("n1")
+        b = c.mount("n2")
+        os.mkdir(a.p("one"))
+        os.mkdir(a.p("two"))
+        shared_file(a.p("two", "data"))
+        one = run_scenario({"a": a.p("one"), "b": a.p("one"), "c": a.p("one")})
+        assert one == reference
+        two = run_scenario({"a": a.p("two"), "b": b.p("two"), "c": b.p("two")})
+        assert two == reference
+
+
+def test_lock_is_seen_by_the_other_node_and_goes_with_close(topdir):
+    with running_cluster(topdir) as c:
+        a = c.mount("n1")
+        b = c.mount("n2")
+        shared_file(a.p("img"))
+        r = Run({"a": a.path, "b": b.path})
+        try:
+            r.do("a", "open", fd="f", file="img")
+            r.do("b", "open", fd="f", file="img")
+            assert r.do("a", "ofd_setlk", fd="f", type="w", start=0, len=0) == "ok"
+            assert r.do("b", "ofd_setlk", fd="f", type="r", start=0, len=1) == "EAGAIN"
+            assert r.do("b", "ofd_getlk", fd="f", type="r", start=0, len=1)[0] == "w"
+            assert r.do("b", "flock", fd="f", how="ex", nb=True) == "ok"  # independent
+            r.do("a", "close", fd="f")
+            assert r.do("b", "ofd_setlk", fd="f", type="w", start=0, len=0) == "ok"
+        finally:
+            r.close()
+
+
+def test_killed_node_keeps_its_locks_until_recovered(topdir):
+    with running_cluster(topdir, crashes=True) as c:
+        nodes = {n: c.mount(n) for n in ("n1", "n2")}
+        master = c.master_node()
+        (victim,) = [n for n in nodes if n != master]   # its locks are in the table
+        slot = c.slot_of(victim)
+        shared_file(nodes[master].p("data"))
+        holder = Actor("h", nodes[victim].path)
+        waiter = Actor("w", nodes[master].path)
+        try:
+            holder.call("open", fd="f", file="data")
+            assert holder.call("setlk", fd="f", type="w", start=0, len=0) == "ok"
+            waiter.call("open", fd="f", file="data")
+            assert waiter.call("setlk", fd="f", type="r", start=0, len=1) == "EAGAIN"
+            waiter.send("setlkw", fd="f", type="r", start=0, len=1)
+            assert waiter.answer(0.5) == "blocked"
+            c.kill(victim)
+            holder.kill()
+            # granted only once the victim's slot is recovered (its journal replayed):
+            # the lock of a dead node is not given away while its writes may be unseen
+            assert waiter.answer(60.0) == "ok"
+            c.wait_recovered(victim, slot, timeout=5.0)
+        finally:
+            holder.kill()
+            waiter.stop()
+
+
+def test_locks_survive_a_master_failover(topdir):
+    with running_cluster(topdir, crashes=True) as c:
+        nodes = {n: c.mount(n) for n in ("n1", "n2", "n3")}
+        master = c.master_node()
+        survivors = [n for n in nodes if n != master]
+        shared_file(nodes[survivors[0]].p("data"))
+        holder = Actor("h", nodes[survivors[0]].path)
+        other = Actor("o", nodes[survivors[1]].path)
+        try:
+            holder.call("open", fd="f", file="data")
+            other.call("open", fd="f", file="data")
+            assert holder.call("setlk", fd="f", type="w", start=10, len=10) == "ok"
+            assert holder.call("flock", fd="f", how="sh", nb=True) == "ok"
+            c.kill(master)
+            wait_for(lambda: c.master_node() != master, 60, "a new master")
+            # the holder's locks were reclaimed from the new master
+            assert other.call("setlk", fd="f", type="w", start=15, len=1,
+                              timeout=60) == "EAGAIN"
+            assert other.call("flock", fd="f", how="ex", nb=True) == "EAGAIN"
+            assert other.call("setlk", fd="f", type="w", start=0, len=10) == "ok"
+            holder.call("close", fd="f")
+            assert other.call("setlk", fd="f", type="w", start=15, len=1) == "ok"
+        finally:
+            holder.stop()
+            other.stop()
+
+
+def _qemu(path: str) -> subprocess.Popen:
+    """A paused QEMU with ``path`` as its virtio disk (it takes QEMU's image locks, OFD
+    locks on bytes of the image, as a running VM does)."""
+    return subprocess.Popen(
+        ["qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", "-machine", "pc",
+         "-accel", "tcg", "-monitor", "none", "-serial", "none",
+         "-drive", f"file={path},format=raw,if=none,id=d0",
+         "-device", "virtio-blk-pci,drive=d0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                    reason="QEMU is not installed")
+def test_qemu_image_lock_holds_across_nodes(topdir):
+    with running_cluster(topdir) as c:
+        a = c.mount("n1")
+        b = c.mount("n2")
+        shared_file(a.p("disk.img"))        # a shared disk: opens for writing everywhere
+        os.truncate(a.p("disk.img"), 64 << 20)
+        first = _qemu(a.p("disk.img"))
+        second = None
+        try:
+            # the first QEMU holds its write lock once its device is realized
+            probe = Actor("p", b.path)
+            try:
+                probe.call("open", fd="f", file="disk.img")
+                wait_for(lambda: probe.call("ofd_getlk", fd="f", type="w", start=0,
+                                            len=0) != "unlocked", 60, "QEMU's locks")
+            finally:
+                probe.stop()
+            second = _qemu(b.p("disk.img"))
+            out, _ = second.communicate(timeout=60)
+            assert second.returncode != 0
+            assert 'Failed to get "write" lock' in out, out
+            # the first QEMU gone, its locks are gone: the other node can start it
+            first.kill()
+            first.wait()
+            second = _qemu(b.p("disk.img"))
+            time.sleep(3)
+            assert second.poll() is None, second.communicate()[0]
+        finally:
+            for q in (first, second):
+                if q is not None and q.poll() is None:
+                    q.kill()
+                    q.wait()

@@ -1,0 +1,56 @@
+"""A write by another user clears the set-user-ID and set-group-ID bits of the file on a
+cluster mount as on ext4 (the kernel leaves that to the file system when it writes
+with direct I/O, as a cluster member does)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from tests.cluster.cluster_util import running_cluster
+
+NOBODY = 65534
+WRITE_AS = "import os, sys; os.setgid(int(sys.argv[2])); os.setuid(int(sys.argv[1]));" \
+           " fd = os.open(sys.argv[3], os.O_WRONLY); os.write(fd, b'x'); os.close(fd)"
+
+
+def write_as(uid: int, gid: int, path: str) -> None:
+    subprocess.run([sys.executable, "-c", WRITE_AS, str(uid), str(gid), path], check=True)
+
+
+def modes_after_writes(directory: str) -> list[str]:
+    """Files with set-ID bits written by nobody and by root: their modes after."""
+    out = []
+    for name, mode, uid in (("suid", 0o6777, NOBODY), ("sgid-noexec", 0o2666, NOBODY),
+                            ("root", 0o6777, 0)):
+        path = os.path.join(directory, name)
+        with open(path, "wb"):
+            pass
+        os.chmod(path, mode)
+        write_as(uid, NOBODY if uid else 0, path)
+        out.append(f"{name} {stat.S_IMODE(os.stat(path).st_mode):o}")
+    return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to write as another user")
+def test_setid_bits_cleared_by_another_users_write(topdir):
+    ref = tempfile.mkdtemp(prefix="cfs-priv-")
+    os.chmod(ref, 0o777)
+    try:
+        expected = modes_after_writes(ref)
+    finally:
+        subprocess.run(["rm", "-rf", ref])
+    assert expected == ["suid 777", "sgid-noexec 666", "root 6777"]
+    with running_cluster(topdir) as c:
+        a = c.mount("n1")
+        c.mount("n2")
+        os.mkdir(a.p("d"))
+        os.chmod(a.p("d"), 0o777)
+        assert modes_after_writes(a.p("d")) == expected
+        # and the other node sees the cleared bits
+        assert stat.S_IMODE(os.stat(c.nodes["n2"].p("d", "suid")).st_mode) == 0o777
