@@ -100,6 +100,10 @@ class PlockTable:
 
     def __init__(self):
         self._locks: dict = {}    # res -> [Plock], sorted by start
+        # res -> {owner: n}: when each owner took its first lock there (the order in
+        # which Linux lists an inode's locks, so F_GETLK picks the same one)
+        self._order: dict = {}
+        self._seq = 0
         self._queues: dict = {}   # res -> {token: _Waiter}, in arrival order
         self._waiters: dict = {}  # token -> _Waiter, in arrival order (all resources)
         self.woken: list = []     # tokens granted since the caller last drained it
@@ -110,12 +114,15 @@ class PlockTable:
         """F_GETLK: the lock that would block a request.
 
         Returns:
-            The lock of another owner on ``res`` that conflicts with the given one (the
-            one with the lowest start if several), or None.
+            The lock of another owner on ``res`` that conflicts with the given one, or
+            None.  Of several, the one Linux names: the owner that has held locks
+            there the longest, its lock with the lowest start.
         """
         _check_type(ltype)
         _check_range(start, end)
-        return next(self._blockers(res, owner, ltype, start, end), None)
+        order = self._order.get(res, {})
+        return min(self._blockers(res, owner, ltype, start, end),
+                   key=lambda lk: (order.get(lk.owner, 0), lk.start), default=None)
 
     def lock(self, res, owner, ltype: int, start: int, end: int, pid: int, *,
              wait: bool, token=None, detect_deadlock: bool = True) -> bool:
@@ -312,8 +319,19 @@ class PlockTable:
     def _store(self, res, locks: list) -> None:
         if locks:
             self._locks[res] = locks
+            old = self._order.get(res, {})
+            order = {}
+            for lk in locks:
+                if lk.owner not in order:
+                    n = old.get(lk.owner)
+                    if n is None:
+                        self._seq += 1
+                        n = self._seq
+                    order[lk.owner] = n
+            self._order[res] = order
         else:
             self._locks.pop(res, None)
+            self._order.pop(res, None)
 
     def _unqueue(self, token) -> _Waiter:
         w = self._waiters.pop(token)

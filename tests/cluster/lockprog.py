@@ -146,10 +146,14 @@ class Run:
             return out[:3] + [self.pids().get(out[3], f"pid{out[3]}")]
         return out
 
-    def do(self, actor: str, op: str, **kw):
+    def do(self, actor: str, op: str, wait: float | None = None, **kw):
+        """Run ``op`` on ``actor``; a waiting lock counts as ``blocked`` after
+        ``BLOCKED_S`` (or after ``wait`` seconds: a lock that must be granted, once a
+        release the kernel sends after close() reached the file system)."""
         a = self.actors[actor]
-        out = self._name(a.call(op, timeout=BLOCKED_S if op.endswith("w") or
-                                (op == "flock" and not kw.get("nb")) else 30.0, **kw))
+        blocking = op.endswith("w") or (op == "flock" and not kw.get("nb"))
+        out = self._name(a.call(op, timeout=wait or (BLOCKED_S if blocking else 30.0),
+                                **kw))
         self.lines.append(f"{actor} {op} {json.dumps(kw, sort_keys=True)} -> {out}")
         return out
 
@@ -222,7 +226,7 @@ def scenario(r: Run) -> None:
     r.do("a", "close", fd="o1")                                       # OFD lock goes
     # (a FUSE file system hears of the last close of an open file after close()
     # returned: the next lock waits for that release rather than racing it)
-    r.do("b", "ofd_setlkw", fd="f", type="r", start=0, len=1)
+    r.do("b", "ofd_setlkw", fd="f", type="r", start=0, len=1, wait=30.0)
     r.do("b", "ofd_setlk", fd="f", type="u", start=0, len=1)
     r.do("a", "close", fd="o2")
     # flock: independent of fcntl locks; shared, exclusive, conversion, wait
@@ -236,7 +240,7 @@ def scenario(r: Run) -> None:
     r.later("b")
     r.do("a", "setlk", fd="f", type="u", start=0, len=0)
     r.do("b", "close", fd="f")                                        # flock goes
-    r.do("a", "flock", fd="f", how="ex")
+    r.do("a", "flock", fd="f", how="ex", wait=30.0)
     r.do("a", "close", fd="f")
 
 

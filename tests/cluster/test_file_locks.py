@@ -64,7 +64,10 @@ def test_lock_is_seen_by_the_other_node_and_goes_with_close(topdir):
             assert r.do("b", "ofd_getlk", fd="f", type="r", start=0, len=1)[0] == "w"
             assert r.do("b", "flock", fd="f", how="ex", nb=True) == "ok"  # independent
             r.do("a", "close", fd="f")
-            assert r.do("b", "ofd_setlk", fd="f", type="w", start=0, len=0) == "ok"
+            # (the kernel sends the release of a's open file after close() returned:
+            # wait for it rather than race it)
+            assert r.do("b", "ofd_setlkw", fd="f", type="w", start=0, len=0,
+                        wait=30.0) == "ok"
         finally:
             r.close()
 

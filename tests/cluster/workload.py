@@ -5,7 +5,8 @@
 
 Works in ``TOP/NODE`` (private) and ``TOP/shared`` (names prefixed ``NODE-``, so
 nodes contend for the shared directory's lock): creates, appends, renames, links,
-unlinks, truncates, xattrs, mkdir/rmdir, readdir.  Every few steps it writes a file
+unlinks, truncates, fallocate (punch, zero range, preallocate), xattrs, mkdir/rmdir,
+readdir.  Every few steps it writes a file
 ``sync-N``, fsyncs it and then appends ``{"fsynced": path, "sha256": ..}`` to LOG
 (itself fsync'ed), so the test knows which files must survive a crash.  ``--hold``
 opens ``TOP/NODE/NAME`` for writing first and keeps it open (a cluster open mode).
@@ -19,11 +20,27 @@ killed) it exits 0 quietly.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
 import random
 import sys
+
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def fallocate(path: str, mode: int, off: int, length: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if _libc.fallocate(fd, mode, off, length) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), path)
+    finally:
+        os.close(fd)
 
 
 class Workload:
@@ -86,13 +103,15 @@ class Workload:
             new = self.name("l")
             os.link(path, new)
             self.files[new] = self.files[path]
-        elif r < 0.64:
+        elif r < 0.61:
             path = self.rng.choice(files)
             size = self.rng.choice([0, 10, 5000])
             os.truncate(path, size)
             iid = self.files[path]
             old = self.contents[iid]
             self.contents[iid] = old[:size] + bytes(max(0, size - len(old)))
+        elif r < 0.64:
+            self.fallocate(self.rng.choice(files))
         elif r < 0.7:
             path = self.rng.choice(files)
             os.setxattr(path, "user.wl", str(self.ops).encode())
@@ -112,6 +131,23 @@ class Workload:
             self.check_listing()
         else:
             self.sync_file()
+
+    def fallocate(self, path: str) -> None:
+        iid = self.files[path]
+        buf = bytearray(self.contents[iid])
+        mode = self.rng.choice([0, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                FALLOC_FL_ZERO_RANGE])
+        off = self.rng.randrange(len(buf) + 4096)
+        length = self.rng.choice([1, 4096, 10000])
+        fallocate(path, mode, off, length)
+        end = off + length
+        if mode & FALLOC_FL_KEEP_SIZE:
+            end = min(end, len(buf))
+        if end > len(buf):
+            buf += bytes(end - len(buf))
+        if mode and end > off:
+            buf[off:end] = bytes(end - off)
+        self.contents[iid] = bytes(buf)
 
     def new_inode(self, data: bytes) -> int:
         self.n += 1

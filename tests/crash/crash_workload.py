@@ -23,6 +23,7 @@ from clusterfs.fs.posix import Ctx
 
 SECTOR = 512
 CTX = Ctx(uid=0, gid=0)
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 
 
 class Model:
@@ -160,6 +161,39 @@ class Runner:
         self.fs.setattr(resolve(self.fs, path), size=size)
         self.model.data[iid] = old[:size] + bytes(max(0, size - len(old)))
         self._mark(inplace={iid})
+
+    def op_fallocate(self):
+        """fallocate in one of the modes a VM host uses: preallocate (growing the
+        file), preallocate within it, punch a hole, zero a range."""
+        files = self.model.files()
+        if not files:
+            return self.op_create()
+        path = self.rng.choice(files)
+        iid = self.model.paths[path][1]
+        old = self.model.data[iid]
+        mode = self.rng.choice([0, FALLOC_FL_KEEP_SIZE,
+                                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                FALLOC_FL_ZERO_RANGE])
+        off = self.rng.randrange(len(old) + 8192)
+        length = self.rng.choice([1, 100, 4096, 5000, 30000])
+        if off + length > self.max_file * 2:
+            off = self.rng.randrange(len(old) + 1)
+        self.log.append(f"fallocate {path} mode {mode} @{off} +{length}")
+        fh = self.fs.open(resolve(self.fs, path), os.O_RDWR)
+        self.fs.fallocate(fh, mode, off, length)
+        buf = bytearray(old)
+        end = off + length
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            stop = min(end, len(buf)) if mode & FALLOC_FL_KEEP_SIZE else end
+            if stop > len(buf):
+                buf += bytes(stop - len(buf))
+            if stop > off:
+                buf[off:stop] = bytes(stop - off)
+        elif not mode & FALLOC_FL_KEEP_SIZE and end > len(buf):
+            buf += bytes(end - len(buf))
+        self.model.data[iid] = bytes(buf)
+        self._mark(inplace={iid})
+        self.fs.release(fh)
 
     def op_mkdir(self):
         path = self._new_name("d")
@@ -344,9 +378,9 @@ class Runner:
             attrs[name] = value
         self._mark()
 
-    OPS = [("create", 5), ("write", 6), ("truncate", 2), ("mkdir", 2), ("symlink", 1),
-           ("link", 1), ("unlink", 2), ("rmdir", 1), ("rename", 3), ("fsync", 3),
-           ("hold", 1), ("xattr", 2)]
+    OPS = [("create", 5), ("write", 6), ("truncate", 2), ("fallocate", 2), ("mkdir", 2),
+           ("symlink", 1), ("link", 1), ("unlink", 2), ("rmdir", 1), ("rename", 3),
+           ("fsync", 3), ("hold", 1), ("xattr", 2)]
 
     # metadata-heavy with frequent fsyncs: the journal wraps and checkpoints
     SYNC_HEAVY = [("create", 4), ("write", 2), ("truncate", 1), ("mkdir", 2), ("symlink", 2),

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from lockmgr import CR, EX, PR, wire
 from lockmgr.errors import ProtocolError
-from lockmgr.messages import (FIELDS, F_NOTIFY, F_TRY, Op, Reclaim, Recovering, Resume,
-                              dispatch_table, handles)
+from lockmgr.messages import (FIELDS, F_FLOCK, F_NOTIFY, F_TRY, Held, Op, Reclaim,
+                              Recovering, Resume, dispatch_table, handles)
 
 NONCE = b"n" * 32
 LVB = b"v" * 32
@@ -21,8 +21,11 @@ SAMPLES = {
     Op.OPEN: ({"node": "a", "slot": 3, "lease": 5.0,
                "resume": Resume(boot_id=b"b" * 8, session=4, received=9),
                "reclaim": [Reclaim(name=b"r", mode=EX, lvb=LVB, lvb_ver=2)],
-               "recovering": [Recovering(node="x", slot=1)]},
-              [2, "a", 3, 5.0, [b"b" * 8, 4, 9], [[b"r", 5, LVB, 2]], [["x", 1]]]),
+               "recovering": [Recovering(node="x", slot=1)],
+               "plocks": [Held(name=b"P", owner=(1 << 64) - 1, ltype=1, start=0,
+                               end=(1 << 63) - 1, pid=77)]},
+              [2, "a", 3, 5.0, [b"b" * 8, 4, 9], [[b"r", 5, LVB, 2]], [["x", 1]],
+               [[b"P", (1 << 64) - 1, 1, 0, (1 << 63) - 1, 77]]]),
     Op.LOCK: ({"rid": 7, "name": b"r", "mode": PR, "flags": F_TRY | F_NOTIFY,
                "timeout": 0.5}, [3, 7, b"r", 3, 3, 0.5]),
     Op.CONVERT: ({"rid": 8, "name": b"r", "mode": CR, "flags": 0, "timeout": None,
@@ -33,6 +36,13 @@ SAMPLES = {
     Op.RECOVERED: ({"rid": 10, "slot": 4}, [8, 10, 4]),
     Op.STATUS: ({"rid": 11, "prefix": b"i/"}, [9, 11, b"i/"]),
     Op.BYE: ({}, [10]),
+    Op.PLOCK: ({"rid": 12, "name": b"P", "owner": 5, "ltype": 0, "start": 10, "end": 19,
+                "pid": 4242, "flags": F_TRY | F_FLOCK},
+               [11, 12, b"P", 5, 0, 10, 19, 4242, 5]),
+    Op.PGET: ({"rid": 13, "name": b"P", "owner": 5, "ltype": 1, "start": 0, "end": 9},
+              [12, 13, b"P", 5, 1, 0, 9]),
+    Op.PUNLOCK: ({"rid": 14, "name": b"P", "owner": 5, "start": 0, "end": (1 << 63) - 1},
+                 [13, 14, b"P", 5, 0, (1 << 63) - 1]),
     Op.CHALLENGE: ({"version": 1, "nonce_s": NONCE, "boot_id": b"b" * 8},
                    [64, 1, NONCE, b"b" * 8]),
     Op.AUTH_OK: ({"mac": b"m" * 32}, [65, b"m" * 32]),

@@ -382,12 +382,11 @@ def test_multiwriter_disk_opens_on_both_nodes(guest, dirs, rundir):
     never runs (two guests writing one qcow2 would corrupt it; a real shared disk needs
     a cluster-aware guest and a raw image).
 
-    QEMU's own image locks are OFD locks kept by each host's kernel; clusterfs does
-    not pass them between nodes. So across nodes QEMU needs no ``share-rw=on``: the
-    cluster open mode is the only guard there, and the mark lifts it. On ONE node
-    QEMU's locks still apply: a second QEMU on A's mount is refused ("Failed to get
-    "write" lock") even with ``share-rw=on``, because qcow2 never shares writes to
-    its file; only ``file.locking=off`` lets it open the image.
+    The mark lifts the cluster open mode (a second node's open for writing).  QEMU's
+    own image locks are OFD locks, which clusterfs keeps cluster-wide: a QEMU on B is
+    refused ("Failed to get "write" lock") exactly as a second QEMU on A is, even with
+    ``share-rw=on`` (qcow2 never shares writes to its file); ``file.locking=off``
+    lets it open the image, on either node.
     """
     dir_a, dir_b = dirs
     disk_a, disk_b = dir_a / "vm.qcow2", dir_b / "vm.qcow2"
@@ -396,7 +395,10 @@ def test_multiwriter_disk_opens_on_both_nodes(guest, dirs, rundir):
     assert os.getxattr(disk_b, MULTIWRITER) == b"1"
     with Machine(guest, disk_a, rundir, name="a") as a:
         boot(a, records=2)
-        with Machine(guest, disk_b, rundir, name="b", extra_args=("-S",)) as b:
+        err = start_refused(Machine(guest, disk_b, rundir, name="b0", extra_args=("-S",)))
+        assert 'Failed to get "write" lock' in err, err
+        with Machine(guest, disk_b, rundir, name="b", extra_args=("-S",),
+                     drive_opts=("file.locking=off",)) as b:
             b.start(timeout=60)
             assert "rw" in fd_modes(b), "B's QEMU has the multi-writer disk open for writing"
             assert b.qmp.execute("query-status")["status"] == "prelaunch"
