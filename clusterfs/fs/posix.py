@@ -23,7 +23,7 @@ from ..errors import CorruptBlock, FSError
 from ..ondisk.format import (BLOCK_SIZE, DF_DIRTREE, DF_EXTENTS, DF_INLINE, DINODE, DIRENT,
                              LINK_MAX, NAME_MAX, READDIR_BASE, SYMLINK_MAX, UNLINKED,
                              Dinode, TreeNode, dtype_of)
-from . import directory, inode
+from . import acl, directory, inode
 from .alloc import NeedCommit
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,12 @@ class Handle:
 
 @dataclass
 class Ctx:
-    """Who asks: uid, gid (and pid) of the calling process."""
+    """Who asks: uid, gid (and pid) of the calling process, and its umask.
+
+    The umask is applied here to a new node's mode (unless its directory has a
+    default ACL, ``acl.inherit``): with POSIX ACLs the kernel may leave it to the
+    file system.  When the kernel applied it already (it does unless the connection
+    has FUSE_CAP_DONT_MASK), applying it again changes nothing."""
 
     uid: int = 0
     gid: int = 0
@@ -170,6 +175,7 @@ class Filesystem:
             self.vol.touch(di)
             if mode is not None:
                 di.mode = S.S_IFMT(di.mode) | (mode & 0o7777)
+                self._chmod_acl(di)
             if uid is not None:
                 di.uid = uid
             if gid is not None:
@@ -201,6 +207,11 @@ class Filesystem:
     # -- creating ---------------------------------------------------------------------
 
     def _new_inode(self, pdi: Dinode, mode: int, ctx: Ctx, rdev: int = 0) -> Dinode:
+        """Allocate and initialise a node for ``_link_new`` (inside its operation).
+        ``mode``: the type and the mode asked for; the umask or the parent's default
+        ACL limits it (``acl.inherit``), and the new node gets the ACLs it
+        inherits."""
+        mode, access, default = acl.inherit(self._acl(pdi, acl.DEFAULT), mode, ctx.umask)
         hint, self.vol.inode_hint = getattr(self.vol, "inode_hint", None), None
         ino = self.vol.alloc.alloc_meta(hint if hint is not None else pdi.bno,
                                         state=DINODE)
@@ -222,6 +233,10 @@ class Filesystem:
                     nlink=2 if S.S_ISDIR(mode) else 1, atime=now, mtime=now, ctime=now,
                     btime=now, rdev=rdev, flags=flags, parent=pdi.bno, root=root)
         self.vol.created(di)
+        if access is not None:
+            inode.xattr_set(self.vol, di, acl.ACCESS, acl.build(access))
+        if default is not None:
+            inode.xattr_set(self.vol, di, acl.DEFAULT, acl.build(default))
         return di
 
     def _link_new(self, parent: int, name: bytes, mode: int, ctx: Ctx, rdev: int = 0,
@@ -795,23 +810,85 @@ class Filesystem:
         return [k for k, _ in inode.xattr_items(self.vol, di)]
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        """Set an attribute; the POSIX ACLs (``acl.NAMES``) are checked first and
+        kept in step with the mode (``_set_acl``)."""
         di = self.inode(ino)
+        if name in acl.NAMES:
+            entries = acl.parse(value)
+            if acl.is_removal(entries):
+                self.removexattr(ino, name)
+                return
+            self._check_acl_target(di, name)
 
         def change():
-            inode.xattr_set(self.vol, di, name, value)
+            if name in acl.NAMES:
+                self._set_acl(di, name, entries)
+            else:
+                inode.xattr_set(self.vol, di, name, value)
             self.vol.touch(di)
             di.ctime = time.time_ns()
         self._change(change)
 
     def removexattr(self, ino: int, name: bytes) -> None:
+        """Remove an attribute (ENODATA when there is none).  Removing a POSIX ACL
+        leaves the mode as it is, and removing one that is not there succeeds and
+        changes nothing (as on ext4, where this is setting "no ACL")."""
         di = self.inode(ino)
+        if name in acl.NAMES:
+            self._check_acl_target(di, name, removing=True)
 
         def change():
             if not inode.xattr_set(self.vol, di, name, None):
+                if name in acl.NAMES:
+                    return
                 raise FSError(errno.ENODATA, "no such attribute")
             self.vol.touch(di)
             di.ctime = time.time_ns()
         self._change(change)
+
+    # -- POSIX ACLs (the logic is acl.py's) ------------------------------------------------
+
+    def _acl(self, di: Dinode, name: bytes) -> list[acl.Entry] | None:
+        """The stored ACL ``name`` of ``di`` (None: none)."""
+        value = inode.xattr_get(self.vol, di, name)
+        if value is None:
+            return None
+        try:
+            entries = acl.parse(value)
+        except FSError:
+            log.error("inode %d: invalid %s stored", di.bno, name.decode())
+            raise FSError(errno.EIO, f"inode {di.bno}: invalid {name.decode()}") from None
+        return entries or None
+
+    @staticmethod
+    def _check_acl_target(di: Dinode, name: bytes, removing: bool = False) -> None:
+        """Whether ``di`` can have the ACL ``name``: not a symbolic link (EOPNOTSUPP);
+        a default ACL only on a directory (EACCES, as Linux's ``set_posix_acl``,
+        where removing one from a non-directory is no error)."""
+        if S.S_ISLNK(di.mode):
+            raise FSError(errno.EOPNOTSUPP, "no ACLs on symbolic links")
+        if name == acl.DEFAULT and not S.S_ISDIR(di.mode) and not removing:
+            raise FSError(errno.EACCES, "a default ACL only on a directory")
+
+    def _set_acl(self, di: Dinode, name: bytes, entries: list[acl.Entry]) -> None:
+        """Store a checked ACL (inside an operation).  An access ACL sets the mode's
+        permission bits, and is not stored when the mode says it all
+        (``acl.equivalent``)."""
+        if name == acl.ACCESS:
+            self.vol.touch(di)
+            di.mode = acl.mode_of(entries, di.mode)
+            if acl.equivalent(entries):
+                inode.xattr_set(self.vol, di, name, None)
+                return
+        inode.xattr_set(self.vol, di, name, acl.build(entries))
+
+    def _chmod_acl(self, di: Dinode) -> None:
+        """After a mode change (inside its operation): the stored access ACL, if
+        any, takes the new owner, group-class and other bits."""
+        entries = self._acl(di, acl.ACCESS)
+        if entries is not None:
+            inode.xattr_set(self.vol, di, acl.ACCESS,
+                            acl.build(acl.chmod(entries, di.mode)))
 
     # -- volume ------------------------------------------------------------------------------
 
@@ -828,14 +905,13 @@ class Filesystem:
         return st
 
     def access(self, ino: int, mode: int, ctx: Ctx) -> bool:
+        """access(2) by the mode and the access ACL (the kernel checks permissions
+        itself on our mounts, default_permissions: this is for other callers).  Only
+        the caller's primary group is known here."""
         di = self.inode(ino)
         if ctx.uid == 0:
             return not (mode & os.X_OK) or bool(di.mode & 0o111) or S.S_ISDIR(di.mode)
-        if ctx.uid == di.uid:
-            bits = (di.mode >> 6) & 7
-        elif ctx.gid == di.gid:
-            bits = (di.mode >> 3) & 7
-        else:
-            bits = di.mode & 7
-        return (bits & mode) == mode
+        entries = None if S.S_ISLNK(di.mode) else self._acl(di, acl.ACCESS)
+        return acl.permits(entries, di.mode, di.uid, di.gid, ctx.uid, (ctx.gid,),
+                           mode & 7)
 

@@ -102,7 +102,10 @@ class Operations(pyfuse3.Operations):
 
     supports_dot_lookup = True
     enable_writeback_cache = False
-    enable_acl = False
+    # POSIX ACLs (FUSE_CAP_POSIX_ACL): the kernel enforces them and caches them with
+    # the attributes; the file system stores them and keeps the mode in step
+    # (fs/acl.py)
+    enable_acl = True
     pass_lock_owner = True      # flush(fh, lock_owner), release(fh, flock_owner)
     write_ctx = True            # write(fh, off, buf, ctx)
 

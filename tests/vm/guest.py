@@ -15,8 +15,10 @@ What `/init` does, driven by the kernel command line (`cfsvm.*` parameters):
   record seen on the console is on the disk.
 - It answers requests on a second serial port (`cfsvm.ctl`, ttyS1), one line each:
   ``ID ping``, ``ID fill MIB`` (fill MIB MiB of a tmpfs with /dev/urandom data, reply
-  with its md5), ``ID sum`` (md5 of that data again), ``ID last`` and ``ID quiesce``
-  (stop counting, sync, reply with the last sequence number). Replies are
+  with its md5), ``ID sum`` (md5 of that data again), ``ID last``, ``ID discard OFF
+  LEN`` (blkdiscard of LEN bytes at byte OFF of the disk: a guest's discard, which
+  QEMU turns into a punched hole) and ``ID quiesce`` (stop counting, sync, reply
+  with the last sequence number). Replies are
   ``CFSCTL ID key=value ...``.
 - `cfsvm.fill=MIB` fills RAM at boot already.
 
@@ -149,6 +151,13 @@ while :; do
                 reply "$id sum md5=none bytes=0"
             fi ;;
         last) reply "$id last seq=$(cat /run/last 2>/dev/null)" ;;
+        discard)
+            off=${arg%% *}; len=${arg##* }
+            if blkdiscard -o "$off" -l "$len" "$DISK" 2>/dev/null; then
+                reply "$id discarded off=$off len=$len"
+            else
+                reply "$id error discard"
+            fi ;;
         quiesce)
             touch /run/stop
             while [ ! -e /run/stopped ]; do sleep 0.1; done

@@ -423,6 +423,39 @@ def test_multiwriter_disk_opens_on_both_nodes(guest, dirs, rundir):
     qemu_img("check", "-f", "qcow2", str(disk_b))
 
 
+def test_guest_discard_punches_holes_seen_from_the_other_node(guest, dirs, rundir):
+    """A guest's discard on a raw disk (QEMU with discard=unmap punches a hole with
+    fallocate) frees the blocks: ``qemu-img map`` on node B shows the hole where the
+    data was, and the data around it stays."""
+    dir_a, dir_b = dirs
+    disk_a, disk_b = dir_a / "vm.raw", dir_b / "vm.raw"
+    qemu_img("create", "-q", "-f", "raw", str(disk_a), "64M")
+    MiB = 1 << 20
+    with open(disk_a, "r+b") as f:
+        f.seek(16 * MiB)
+        f.write(os.urandom(8 * MiB))
+
+    def data_ranges() -> list[tuple[int, int]]:
+        out = qemu_img("map", "--output=json", "-f", "raw", str(disk_b)).stdout
+        return [(m["start"], m["start"] + m["length"]) for m in json.loads(out)
+                if m["data"]]
+
+    assert any(s <= 16 * MiB and 24 * MiB <= e for s, e in data_ranges())
+    with Machine(guest, disk_a, rundir, name="a", disk_format="raw",
+                 drive_opts=("discard=unmap",), device_opts=("discard=on",)) as a:
+        boot(a, records=2)
+        reply = a.ctl.request("discard", f"{16 * MiB} {4 * MiB}", timeout=120)
+        assert reply["word"] == "discarded", reply
+        a.ctl.request("quiesce", timeout=60)
+        a.quit(timeout=60)
+    ranges = data_ranges()
+    assert not any(s < 20 * MiB and 16 * MiB < e for s, e in ranges), ranges
+    assert any(s <= 20 * MiB and 24 * MiB <= e for s, e in ranges), ranges
+    with open(disk_b, "rb") as f:
+        f.seek(16 * MiB)
+        assert f.read(4 * MiB) == bytes(4 * MiB)
+
+
 def test_live_migration_from_a_to_b(guest, dirs, rundir):
     """Live migration over TCP between the nodes works without the multi-writer mark.
 
