@@ -4,8 +4,8 @@ The kernel sends a FUSE mount's lock requests to the file system when it offers 
 handlers (binding/); a cluster member answers them through the lock manager's plock
 table (lockmgr/plockserver.py), so that a lock taken on one node is seen by every node
 (QEMU's image locks, SQLite, virtlockd and CTDB depend on it).  A single-node mount
-has no ``FileLocks``: its handlers answer ENOSYS and the kernel keeps the locks, which
-is exact on one node.
+has no ``FileLocks``: it does not ask the kernel for lock requests, and the kernel
+keeps the locks itself, which is exact on one node.
 
 Owners come from the kernel: for fcntl locks a process (its file table), for OFD and
 flock locks an open file.  Locks end as they do on a local file system:
@@ -105,8 +105,11 @@ class FileLocks:
     async def close_owner(self, ino: int, owner: int) -> None:
         """A descriptor of ``ino`` was closed by the process ``owner``: its fcntl locks
         on the file go (POSIX), for every node before close() returns."""
-        if not self.coh.fenced:
-            await self._call(self.client.punlock, posix_name(ino), owner, 0, OFFSET_MAX)
+        name = posix_name(ino)
+        # every close asks: answer at once when this node holds no lock of the owner
+        if not self.coh.fenced and any(lk.owner == owner
+                                       for _, lk in self.client.plocks_held(name)):
+            await self._call(self.client.punlock, name, owner, 0, OFFSET_MAX)
 
     async def release(self, fh: int) -> None:
         """The open file ``fh`` is gone: the OFD and flock locks taken through it go.

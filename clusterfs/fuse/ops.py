@@ -96,8 +96,9 @@ class Operations(pyfuse3.Operations):
             for which it is false carries an attribute timeout of 0.
         direct_io: bypass the kernel's page cache (a cluster does).
         locks: the cluster's fcntl/OFD/flock locks (``cluster.filelocks.FileLocks``);
-            None on a single node: the lock handlers answer ENOSYS, and from then on
-            the kernel keeps the locks itself, which is exact on one node.
+            None on a single node: the kernel is not asked to send lock requests
+            (``enable_locks``) and keeps the locks itself, which is exact on one
+            node.
     """
 
     supports_dot_lookup = True
@@ -121,6 +122,8 @@ class Operations(pyfuse3.Operations):
         self.cacheable = cacheable
         self.direct_io = direct_io
         self.locks = locks
+        # the kernel sends lock requests only when this node keeps the locks (binding/)
+        self.enable_locks = locks is not None
         self.after_init: list = []      # callables run once FUSE INIT is answered
 
     def init(self):
@@ -271,7 +274,7 @@ class Operations(pyfuse3.Operations):
             await self.locks.release(fh)
         await self.front.release(fh)
 
-    # -- fcntl, OFD and flock locks (a cluster's; ENOSYS leaves them to the kernel) --
+    # -- fcntl, OFD and flock locks (a cluster's; a single node's kernel keeps its own) --
 
     async def getlk(self, inode, fh, owner, ltype, start, length, pid, ctx):
         if self.locks is None:

@@ -29,6 +29,7 @@ FILES = {b"a": 2, b"b": 3}
 
 class RecordingFS(pyfuse3.Operations):
     pass_lock_owner = True
+    enable_locks = True
 
     def __init__(self, log):
         super().__init__()
