@@ -10,7 +10,7 @@ from __future__ import annotations
 from clusterfs.errors import CorruptBlock, FormatMismatch
 from clusterfs.ondisk import blockhdr
 from clusterfs.ondisk.blockhdr import MAGIC, BlockType, is_valid
-from clusterfs.ondisk.format import FORMAT_REVISION, SB_LAYOUT, Superblock
+from clusterfs.ondisk.format import FORMAT_REVISION, OLDEST_REVISION, SB_LAYOUT, Superblock
 
 from . import salvage
 from .report import FsckError
@@ -101,9 +101,9 @@ def _decode_sb(buf, bno: int):
     an operational error (exit 8)."""
     if is_valid(buf, BlockType.SUPERBLOCK, bno):
         rev = SB_LAYOUT.get(buf, "format_rev")
-        if rev != FORMAT_REVISION:
+        if not OLDEST_REVISION <= rev <= FORMAT_REVISION:
             raise FsckError(f"volume has format revision {rev}; this fsck handles "
-                            f"revision {FORMAT_REVISION} only")
+                            f"revisions {OLDEST_REVISION} to {FORMAT_REVISION} only")
     try:
         return Superblock.decode(buf, bno), None
     except CorruptBlock as e:

@@ -4,7 +4,9 @@
 object fsck must understand: inline, extent and fragmented files (extent-tree node
 blocks), sparse files, a directory large enough to have directory-tree node blocks,
 nested directories, symbolic links (inline and extent), hard links, inline and
-overflow xattrs, special files.  It returns a manifest: path -> what must read back.
+overflow xattrs, special files, and files sharing blocks (reflink clones, partly
+copied on write, with counts that alternate block by block: a refcount tree with
+node blocks).  It returns a manifest: path -> what must read back.
 """
 
 from __future__ import annotations
@@ -182,6 +184,33 @@ def dinode(path: str, ino: int) -> Dinode:
 def put_dinode(path: str, di: Dinode) -> None:
     di.seq -= 1
     write_block(path, di.bno, di.image())
+
+
+def rgrp_header(img: str, rg: int):
+    from clusterfs.ondisk.format import RgrpHeader
+    start, _ = superblock(img).rgrp_range(rg)
+    return RgrpHeader.decode(read_block(img, start), start)
+
+
+def put_rgrp_header(img: str, hdr) -> None:
+    hdr.seq -= 1
+    write_block(img, hdr.bno, hdr.image())
+
+
+def refcount_records(img: str, bno: int) -> list[tuple[int, int, int]]:
+    """The records (pblk, len, count) of the refcount tree of ``bno``'s group."""
+    from clusterfs.ondisk.format import REFCOUNT, TreeNode
+    rg = superblock(img).rgrp_of(bno)
+    out = []
+    stack = [rgrp_header(img, rg).refroot]
+    while stack:
+        node = stack.pop()
+        if node.level == 0:
+            out.extend((k, ln, c) for k, (ln, c) in zip(node.keys, node.vals))
+        else:
+            stack.extend(TreeNode.decode(read_block(img, b), b, REFCOUNT)
+                         for b in node.vals)
+    return sorted(out)
 
 
 def set_bitmap_state(img: str, bno: int, state: int) -> None:

@@ -20,11 +20,11 @@ import pytest
 from clusterfs.fs import directory
 from clusterfs.fs.single_node import SingleNodeMount
 from clusterfs.ondisk.blockhdr import BLOCK_SIZE, BlockType
-from clusterfs.ondisk.format import DIRENT, DT_REG, FREE, USED, Heartbeat, TreeNode
+from clusterfs.ondisk.format import DIRENT, DT_REG, EXT_SHARED, FREE, USED, Heartbeat, TreeNode
 from tests.fsck.fsckutil import (CTX, Api, bitmap_state, crash_session, dinode,
                                  dir_node_blocks, findings, flip, fsck, lookup, put_dinode,
-                                 read_block, set_bitmap_state, superblock, verify_tree,
-                                 write_block)
+                                 read_block, refcount_records, set_bitmap_state,
+                                 superblock, verify_tree, write_block)
 from tests.helpers import Mount
 
 # -- the common check ------------------------------------------------------------------------
@@ -335,11 +335,10 @@ def test_doubly_claimed_block(vol, tmp_path):
     want = a_data + b_data
     a.update(size=len(want), sha=hashlib.sha256(want).hexdigest())
     check_case(img, man, tmp_path, 4, {"dup-blocks"})
-    # both still read their data, from different blocks now
+    # the two blocks are shared now (revision 3): both extents SHARED, count 2
     da, db = dinode(img, a["ino"]), dinode(img, b["ino"])
-    pa2 = {p + k for p, n, _ in da.root.vals for k in range(n)}
-    pb2 = {p + k for p, n, _ in db.root.vals for k in range(n)}
-    assert not pa2 & pb2
+    assert da.root.vals[-1] == (pb, 2, EXT_SHARED) and db.root.vals == [(pb, nb, EXT_SHARED)]
+    assert refcount_records(img, pb) == [(pb, 2, 2)]
 
 
 def test_damaged_extent_tree_node(vol, tmp_path):
