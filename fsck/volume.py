@@ -89,6 +89,16 @@ def check_superblock(s) -> None:
         return
     a = Superblock(**{**prim.__dict__, "seq": 0}).image(0)
     b = Superblock(**{**backup.__dict__, "seq": 0}).image(0)
+    if a != b and backup.format_rev > prim.format_rev and \
+            a == Superblock(**{**backup.__dict__, "seq": 0,
+                               "format_rev": prim.format_rev}).image(0):
+        # a raise of the revision (at a volume's first clone) stopped after the
+        # backup: the primary, which mounts read, still says the volume shares no
+        # block, which is true (the next clone raises both again)
+        rep.warn("revision-raise", f"the backup superblock says revision "
+                 f"{backup.format_rev}, the primary {prim.format_rev}: a raise of the "
+                 f"revision was interrupted (harmless)", block=prim.backup_bno)
+        return
     if a != b:
         if rep.problem("superblocks-differ", "primary and backup superblocks "
                        "disagree", "rewrite the backup from the primary", safe=True,
