@@ -32,7 +32,9 @@ from .btree import BTree
 MAX_EXTENT = 1 << 31           # blocks in one extent record
 TRUNCATE_STEP = 64             # extent records freed per operation
 FALLOC_STEP = 1024             # blocks preallocated or zeroed per operation (4 MiB)
-CLONE_STEP = 64                # extent records shared (or unmapped) per operation
+CLONE_STEP = 16                # extent records shared (or unmapped) per operation: the
+#                                journal transaction of a step stays well under a
+#                                quarter of the smallest journal (256 blocks)
 COPY_CHUNK = 256               # blocks read and written at once by a copy
 
 
