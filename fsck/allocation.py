@@ -16,10 +16,11 @@ from clusterfs.errors import CorruptBlock
 from clusterfs.ondisk import blockhdr
 from clusterfs.ondisk.blockhdr import BLOCK_SIZE, MAGIC, BlockType
 from clusterfs.ondisk.format import (BITMAP_BYTES, BLOCKS_PER_BITMAP, DF_DIRTREE,
-                                     DF_EXTENTS, DINODE, FREE, STATE_NAMES, UNLINKED,
-                                     Bitmap, Dinode, RgrpHeader, expand_bits)
+                                     DF_EXTENTS, DINODE, EXT_FLAGS, FREE, STATE_NAMES,
+                                     UNLINKED, Bitmap, Dinode, RgrpHeader, expand_bits)
 
 from . import allocator, salvage
+from .shared import decode_rgrp
 from .claims import (C_DATA, C_DEFER, C_DINODE, C_GROUP, C_NONE, C_UNLINKED, EXPECT,
                      plan_extents, resolve_extents)
 from .device import read_blocks
@@ -51,7 +52,7 @@ def check_rgrp_headers(s) -> None:
         if blocks[0] is not None:
             try:
                 hdr, notes = salvage.decode_simple(blocks[0], start, BlockType.RGRP,
-                                                   RgrpHeader.decode)
+                                                   decode_rgrp(s, rg))
                 if notes:
                     s.hdr_problem[rg] = ", ".join(notes)
             except CorruptBlock as e:
@@ -168,10 +169,11 @@ def scan_metadata(s) -> None:
                 # one extent, the common file: plan_extents's first case, inline
                 lblk = keys[0]
                 pblk, n, eflags = vals[0]
-                if n and not eflags and lblk + n <= -(-di.size // BLOCK_SIZE) and \
+                if n and not eflags & ~EXT_FLAGS and \
+                        lblk + n <= -(-di.size // BLOCK_SIZE) and \
                         in_data(pblk, n) and claims.count(0, pblk, pblk + n) == n:
                     claims[pblk:pblk + n] = b"\x01" * n
-                    rec.ext = [[lblk, pblk, n]]
+                    rec.ext = [[lblk, pblk, n, eflags]]
                     continue
             rec.items = list(zip(keys, vals))   # decode checked the order
             if flags & DF_EXTENTS:

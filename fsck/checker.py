@@ -8,16 +8,18 @@ Layers (a module each; ``LAYERS`` lists each one's passes, functions of the run'
 3. Allocation   group headers and bitmaps; a read-only scan of every dinode and tree
                 builds the map of referenced blocks; bitmaps and counters against it
 4. Inodes       dinode checksums and fields, extent trees, extents (range, overlap),
-                doubly-claimed blocks (each claimant gets its own copy), xattr blocks,
-                sizes, block counts, generations
+                blocks claimed as metadata and data (each extent gets its own copy),
+                shared blocks (flags, reference counts, refcount trees), xattr
+                blocks, sizes, block counts, generations
 5. Namespace    root, directory trees and hashes, entries, connectivity (lost+found),
                 link counts, orphans
 6. Data         (--scan-data) every allocated data extent is read
 
 Beside the layers: ``state`` (what the passes share), ``records`` (what is kept of
 each inode), ``claims`` (the map of referenced blocks), ``treewalk`` (the tolerant
-walk of trees), ``allocator`` (bitmaps as repairs change them), ``repairs`` (repairs
-more than one layer makes), ``salvage`` (tolerant decoding of damaged blocks).
+walk of trees), ``shared`` (refcount trees and shared blocks, passes of layers 3 and
+4), ``allocator`` (bitmaps as repairs change them), ``repairs`` (repairs more than
+one layer makes), ``salvage`` (tolerant decoding of damaged blocks).
 
 Repairs write straight to the device through the format classes (no journal), in an
 order that a crash of fsck itself leaves repairable: blocks are allocated (bitmap
@@ -38,7 +40,7 @@ import traceback
 from clusterfs.ondisk import blockhdr
 from clusterfs.ondisk.blockdev import BlockDevice
 
-from . import allocation, allocator, cluster, datascan, inodes, namespace, volume
+from . import allocation, allocator, cluster, datascan, inodes, namespace, shared, volume
 from .device import OverlayDevice
 from .report import Cancelled, FsckError, Report, Unexpected
 from .state import State
@@ -51,11 +53,13 @@ LAYERS = (
     (2, cluster.summary, (cluster.check_slot_heartbeats, cluster.check_lease,
                           cluster.check_journals,
                           cluster.check_clean)),
-    (3, allocation.summary, (allocation.check_rgrp_headers, allocation.scan_metadata,
-                             allocation.check_bitmaps, allocation.check_rgrp_counts)),
+    (3, allocation.summary, (allocation.check_rgrp_headers, shared.scan_refcount_trees,
+                             allocation.scan_metadata, allocation.check_bitmaps,
+                             allocation.check_rgrp_counts)),
     (4, inodes.summary, (inodes.check_dinodes, inodes.check_extents,
-                         inodes.check_dup_blocks, inodes.check_xattr_blocks,
-                         inodes.check_sizes, inodes.check_generations)),
+                         inodes.check_dup_blocks, shared.check_shared_blocks,
+                         inodes.check_xattr_blocks, inodes.check_sizes,
+                         inodes.check_generations)),
     (5, namespace.summary, (namespace.check_root, namespace.check_dir_entries,
                             namespace.check_connectivity, namespace.check_link_counts,
                             namespace.check_orphans, namespace.check_dir_writeback)),
@@ -205,6 +209,8 @@ def _finish(s: State, abort: bool = False) -> None:
     """Write the superblocks (backup first, primary last) and flush."""
     if s.sb is None or s.mode == "n" or s.dev is not s.real:
         return
+    if not abort:
+        shared.flush(s)
     if not abort or s.modified:
         allocator.flush(s)
     if s.write_backup or s.write_primary:

@@ -1,8 +1,11 @@
 """The map of referenced blocks: one claim code per block of the volume.
 
 The metadata scan (layer 3) fills ``State.claims``: who holds each block, as far as
-the dinodes and trees say.  The bitmaps are then compared against it, and a block
-claimed twice goes to ``State.dups`` (layer 4 gives each claimant its own copy).
+the dinodes and trees say.  The bitmaps are then compared against it.  A data block
+mapped by two or more extents is shared (revision 3): such ranges go to
+``State.multi``, and layer 4 (``shared``) checks their flags and reference counts.  A
+block claimed both as metadata and by an extent goes to ``State.dups`` (layer 4 gives
+each extent its own copy).
 
 A file's extents claim their blocks here too: the plausible ones at once
 (``plan_extents``), the others once every plausible extent of every file holds its
@@ -13,7 +16,8 @@ belong to an intact one.
 from __future__ import annotations
 
 from clusterfs.ondisk.blockhdr import BLOCK_SIZE
-from clusterfs.ondisk.format import DINODE, FREE, MAX_FILE_BLOCKS, UNLINKED, USED
+from clusterfs.ondisk.format import (DINODE, EXT_FLAGS, FREE, MAX_FILE_BLOCKS, UNLINKED,
+                                     USED)
 
 from .records import Rec
 
@@ -32,18 +36,32 @@ EXPECT = bytes([FREE, USED, UNLINKED, DINODE, 0xFF, USED, USED] + [0xFF] * 249)
 
 
 def claim_data(s, pblk: int, n: int) -> None:
-    """Blocks [pblk, pblk+n) hold file data (those already held are doubly claimed)."""
+    """Blocks [pblk, pblk+n) hold file data: those already held as data are shared
+    (``State.multi``), those held as metadata doubly claimed (``State.dups``)."""
     claims = s.claims
     seg = claims[pblk:pblk + n]
     if seg.count(0) == n:
         claims[pblk:pblk + n] = b"\x01" * n
         return
+    if seg.count(C_DATA) == n:
+        _add_multi(s, pblk, n)
+        return
     for b in range(pblk, pblk + n):
         c = claims[b]
         if c in (C_NONE, C_DEFER):
             claims[b] = C_DATA
+        elif c == C_DATA:
+            _add_multi(s, b, 1)
         else:
             s.dups.add(b)
+
+
+def _add_multi(s, pblk: int, n: int) -> None:
+    multi = s.multi
+    if multi and multi[-1][0] + multi[-1][1] == pblk:
+        multi[-1] = (multi[-1][0], multi[-1][1] + n)
+    else:
+        multi.append((pblk, n))
 
 
 def claim_meta(s, bno: int) -> None:
@@ -65,14 +83,14 @@ def plan_extents(s, rec: Rec, suspicious: list) -> None:
     items = rec.items
     if len(items) == 1:
         lblk, (pblk, n, flags) = items[0]
-        if n and not flags and lblk + n <= -(-di.size // BLOCK_SIZE) and \
+        if n and not flags & ~EXT_FLAGS and lblk + n <= -(-di.size // BLOCK_SIZE) and \
                 s.in_data(pblk, n):
             claims = s.claims
             if claims.count(0, pblk, pblk + n) == n:
                 claims[pblk:pblk + n] = b"\x01" * n
             else:
                 claim_data(s, pblk, n)
-            rec.ext = [[lblk, pblk, n]]
+            rec.ext = [[lblk, pblk, n, flags]]
             return
     issues = rec.own_lists().ext_issues
     ext = []
@@ -80,19 +98,19 @@ def plan_extents(s, rec: Rec, suspicious: list) -> None:
         if n == 0:
             issues.append(f"extent at logical block {lblk} has length 0: dropped")
             continue
-        if flags:
+        if flags & ~EXT_FLAGS:
             issues.append(f"extent at logical block {lblk} has unknown flags "
-                          f"{flags:#x}: cleared")
+                          f"{flags & ~EXT_FLAGS:#x}: cleared")
         if lblk >= MAX_FILE_BLOCKS:
             issues.append(f"extent at logical block {lblk} lies beyond the largest "
                           f"file: dropped")
             continue
-        ext.append([lblk, pblk, n, True])
+        ext.append([lblk, pblk, n, flags & EXT_FLAGS, True])
     rec.ext = ext
     eof = -(-di.size // BLOCK_SIZE)
     deferred = False
     for i, e in enumerate(ext):
-        lblk, pblk, n, _ = e
+        lblk, pblk, n, _f, _ = e
         ok = s.in_data(pblk, n) and lblk + n <= eof
         if ok and i + 1 < len(ext) and lblk + n > ext[i + 1][0]:
             ok = False
@@ -101,12 +119,12 @@ def plan_extents(s, rec: Rec, suspicious: list) -> None:
         if ok:
             claim_data(s, pblk, n)
         else:
-            e[3] = False
+            e[4] = False
             deferred = True
     if deferred:
         suspicious.append(rec)
     else:
-        rec.ext = [e[:3] for e in ext]
+        rec.ext = [e[:4] for e in ext]
 
 
 def _phys_prefix(s, pblk: int, n: int) -> int:
@@ -142,9 +160,9 @@ def resolve_extents(s, rec: Rec) -> None:
     prev_end = 0
     out = []
     for i, e in enumerate(ext):
-        lblk, pblk, n, ok = e
+        lblk, pblk, n, flags, ok = e
         if ok:
-            out.append([lblk, pblk, n])
+            out.append([lblk, pblk, n, flags])
             prev_end = lblk + n
             continue
         desc = f"extent ({lblk}, {pblk}, {n})"
@@ -178,7 +196,7 @@ def resolve_extents(s, rec: Rec) -> None:
                               f"block {nxt[0] - n}")
                 lblk = nxt[0] - n
         claim_data(s, pblk, n)
-        out.append([lblk, pblk, n])
+        out.append([lblk, pblk, n, flags])
         prev_end = lblk + n
     out.sort(key=lambda x: x[0])
     rec.ext = out

@@ -20,7 +20,7 @@ def check_data_extents(s) -> None:
         if not rec.ext:
             continue
         bad = []
-        for lb, pb, n in rec.ext:
+        for lb, pb, n, _f in rec.ext:
             for i in range(0, n, CH):
                 c = min(CH, n - i)
                 try:

@@ -151,7 +151,7 @@ def check_extents(s) -> None:
         if rec.tree_bad and not tree_msgs and not rec.ext_issues:
             fix = s.fixing              # a salvaged root (approved with the dinode)
         if fix:
-            rebuild_tree(s, rec, EXTENT, [(l, (p, n, 0)) for l, p, n in rec.ext])
+            rebuild_tree(s, rec, EXTENT, [(l, (p, n, f)) for l, p, n, f in rec.ext])
             free_deferred(s, rec)
     s.stats["extents"] = n_ext
 
@@ -169,7 +169,7 @@ def check_dup_blocks(s) -> None:
         rec = s.inodes[ino]
         if not rec.ext:
             continue
-        for i, (lb, pb, n) in enumerate(rec.ext):
+        for i, (lb, pb, n, _f) in enumerate(rec.ext):
             if n > 64 and not any(pb <= d < pb + n for d in dups):
                 continue
             for b in range(pb, pb + n):
@@ -204,7 +204,7 @@ def _clone_blocks(s, rec: Rec, blocks: set[int]) -> bool:
     new_ext = []
     copies = []
     try:
-        for lb, pb, n in rec.ext:
+        for lb, pb, n, f in rec.ext:
             k = 0
             while k < n:
                 dup = (pb + k) in blocks
@@ -212,12 +212,12 @@ def _clone_blocks(s, rec: Rec, blocks: set[int]) -> bool:
                 while j < n and ((pb + j) in blocks) == dup:
                     j += 1
                 if not dup:
-                    new_ext.append([lb + k, pb + k, j - k])
+                    new_ext.append([lb + k, pb + k, j - k, f])
                 else:
                     off = 0
                     for nb, nn in allocator.alloc(s, ino, j - k, USED, C_DATA):
                         copies.append((pb + k + off, nb, nn))
-                        new_ext.append([lb + k + off, nb, nn])
+                        new_ext.append([lb + k + off, nb, nn, 0])
                         off += nn
                 k = j
     except OSError:
@@ -235,7 +235,7 @@ def _clone_blocks(s, rec: Rec, blocks: set[int]) -> bool:
             s.write(dst + i, data)
     s.real.flush()
     rec.ext = new_ext
-    ok = rebuild_tree(s, rec, EXTENT, [(l, (p, n, 0)) for l, p, n in new_ext])
+    ok = rebuild_tree(s, rec, EXTENT, [(l, (p, n, f)) for l, p, n, f in new_ext])
     for b in blocks:
         s.dups.discard(b)
     return ok
@@ -282,7 +282,7 @@ def check_sizes(s) -> None:
         if len(ext or ()) == 1 and di.flags & DF_EXTENTS and not rec.nodes and \
                 not di.xattr_block and not (rec.dirty and fixing):
             # the common case, one extent: the checks below in short
-            lblk, _pblk, n = ext[0]
+            lblk, _pblk, n, _f = ext[0]
             if di.blocks == n and lblk + n <= -(-di.size // BLOCK_SIZE) and \
                     di.size <= MAX_FILE_BLOCKS * BLOCK_SIZE:
                 continue

@@ -19,7 +19,7 @@ from clusterfs.ondisk.format import (DF_DIRTREE, DINODE, DIRENT, DTYPE_MASK, DTY
                                      bad_name, dirent_key, dtype_of, key_cidx, key_hash,
                                      name_hash)
 
-from . import allocator
+from . import allocator, shared
 from .claims import C_DEFER, C_DINODE, C_NONE, C_UNLINKED
 from .records import Rec, dir_recs, entry_columns, entry_inos
 from .repairs import free_deferred, free_inode, new_dinode, rebuild_tree, recount_blocks
@@ -531,6 +531,7 @@ def check_orphans(s) -> None:
         if rep.problem("orphan", f"inode {ino}: {what} ({kind_of(r)}) not freed",
                        "free it", safe=True, ino=ino):
             free_inode(s, r)
+    shared.flush(s)         # the counts of blocks those inodes shared
     for ino in [i for i, r in s.inodes.items() if r.di.nlink == 0 and not r.reached
                 and s.claims[i] == C_NONE]:
         del s.inodes[ino]

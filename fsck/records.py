@@ -32,7 +32,7 @@ class Rec:
         self.tree_issues = ()   # (kind, message) found in the trees
         self.ext_issues = ()    # messages about extent records
         self.tree_bad = False   # the tree must be rebuilt from ``items``
-        self.ext = None         # extent files: final [lblk, pblk, n] list
+        self.ext = None         # extent files: final [lblk, pblk, n, flags] list
         self.xattr_ok = True
         self.dirty = False      # the dinode must be written
         self.reached = False

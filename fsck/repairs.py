@@ -11,12 +11,13 @@ import errno
 import time
 
 from clusterfs.ondisk.format import (DF_DIRTREE, DF_EXTENTS, DINODE, DIRENT, DIRENT_REC,
-                                     EXTENT, EXTENT_REC, INDEX_REC, NODE_CAPACITY,
-                                     ROOT_CAPACITY, USED, Dinode, TreeNode)
+                                     EXTENT, EXTENT_REC, INDEX_REC, NODE_CAPACITY, REFCOUNT,
+                                     REFCOUNT_REC, ROOT_CAPACITY, USED, Dinode, TreeNode)
 
 from . import allocator
 from .claims import C_DEFER, C_DINODE, C_META
 from .records import Rec
+from .shared import release_data
 
 # room left free in the nodes of a rebuilt tree (for the inserts that follow)
 LEAF_SLACK = 64                 # bytes of each leaf
@@ -33,7 +34,11 @@ def free_deferred(s, rec: Rec) -> None:
 
 
 def _leaf_rec_size(kind: int, val) -> int:
-    return EXTENT_REC.size if kind == EXTENT else DIRENT_REC.size + len(val[2])
+    if kind == EXTENT:
+        return EXTENT_REC.size
+    if kind == REFCOUNT:
+        return REFCOUNT_REC.size
+    return DIRENT_REC.size + len(val[2])
 
 
 def rebuild_tree(s, rec: Rec, kind: int, items: list) -> bool:
@@ -44,51 +49,9 @@ def rebuild_tree(s, rec: Rec, kind: int, items: list) -> bool:
     """
     di = rec.di
     ino = di.bno
-    leaf_cap = NODE_CAPACITY - LEAF_SLACK
-    idx_cap = (NODE_CAPACITY // INDEX_REC.size) - INDEX_SLACK
-    total = sum(_leaf_rec_size(kind, v) for _k, v in items)
-    new_nodes: list[TreeNode] = []
     try:
-        if total <= ROOT_CAPACITY:
-            root = TreeNode(ino, kind, 0, ino, [k for k, _ in items],
-                            [v for _, v in items], is_root=True)
-        else:
-            if not s.alloc_ok:
-                raise OSError(errno.ENOSPC, "allocation map not trusted")
-            level = 0
-            chunks, cur, size = [], [], 0
-            for k, v in items:
-                n = _leaf_rec_size(kind, v)
-                if cur and size + n > leaf_cap:
-                    chunks.append(cur)
-                    cur, size = [], 0
-                cur.append((k, v))
-                size += n
-            if cur:
-                chunks.append(cur)
-            nodes = []
-            for chunk in chunks:
-                (b, _n), = allocator.alloc(s, ino, 1, USED, C_META)
-                node = TreeNode(b, kind, 0, ino, [k for k, _ in chunk],
-                                [v for _, v in chunk])
-                nodes.append(node)
-                new_nodes.append(node)
-            while len(nodes) * INDEX_REC.size > ROOT_CAPACITY:
-                level += 1
-                parents = []
-                for i in range(0, len(nodes), idx_cap):
-                    group = nodes[i:i + idx_cap]
-                    (b, _n), = allocator.alloc(s, ino, 1, USED, C_META)
-                    node = TreeNode(b, kind, level, ino, [c.keys[0] for c in group],
-                                    [c.bno for c in group])
-                    parents.append(node)
-                    new_nodes.append(node)
-                nodes = parents
-            root = TreeNode(ino, kind, level + 1, ino, [c.keys[0] for c in nodes],
-                            [c.bno for c in nodes], is_root=True)
+        root, new_nodes = build_tree(s, kind, ino, items, ino, ino)
     except OSError as e:
-        for node in new_nodes:
-            allocator.release(s, node.bno)
         s.report.unfix(why=str(e))
         return False
     allocator.flush(s)
@@ -108,6 +71,61 @@ def rebuild_tree(s, rec: Rec, kind: int, items: list) -> bool:
     return True
 
 
+def build_tree(s, kind: int, owner: int, items: list, goal: int,
+               root_bno: int) -> tuple[TreeNode, list[TreeNode]]:
+    """The nodes of a new tree holding ``items`` (sorted): its root (numbered
+    ``root_bno``, the block that holds it) and its other nodes, whose blocks are
+    allocated near ``goal`` (in memory; the caller flushes the bitmaps, then writes
+    the nodes).  Raises OSError (ENOSPC) having allocated nothing."""
+    leaf_cap = NODE_CAPACITY - LEAF_SLACK
+    idx_cap = (NODE_CAPACITY // INDEX_REC.size) - INDEX_SLACK
+    total = sum(_leaf_rec_size(kind, v) for _k, v in items)
+    new_nodes: list[TreeNode] = []
+    try:
+        if total <= ROOT_CAPACITY:
+            root = TreeNode(root_bno, kind, 0, owner, [k for k, _ in items],
+                            [v for _, v in items], is_root=True)
+        else:
+            if not s.alloc_ok:
+                raise OSError(errno.ENOSPC, "allocation map not trusted")
+            level = 0
+            chunks, cur, size = [], [], 0
+            for k, v in items:
+                n = _leaf_rec_size(kind, v)
+                if cur and size + n > leaf_cap:
+                    chunks.append(cur)
+                    cur, size = [], 0
+                cur.append((k, v))
+                size += n
+            if cur:
+                chunks.append(cur)
+            nodes = []
+            for chunk in chunks:
+                (b, _n), = allocator.alloc(s, goal, 1, USED, C_META)
+                node = TreeNode(b, kind, 0, owner, [k for k, _ in chunk],
+                                [v for _, v in chunk])
+                nodes.append(node)
+                new_nodes.append(node)
+            while len(nodes) * INDEX_REC.size > ROOT_CAPACITY:
+                level += 1
+                parents = []
+                for i in range(0, len(nodes), idx_cap):
+                    group = nodes[i:i + idx_cap]
+                    (b, _n), = allocator.alloc(s, goal, 1, USED, C_META)
+                    node = TreeNode(b, kind, level, owner, [c.keys[0] for c in group],
+                                    [c.bno for c in group])
+                    parents.append(node)
+                    new_nodes.append(node)
+                nodes = parents
+            root = TreeNode(root_bno, kind, level + 1, owner, [c.keys[0] for c in nodes],
+                            [c.bno for c in nodes], is_root=True)
+    except OSError:
+        for node in new_nodes:
+            allocator.release(s, node.bno)
+        raise
+    return root, new_nodes
+
+
 def recount_blocks(rec: Rec) -> int:
     """Set the dinode's block count to the blocks the record holds."""
     di = rec.di
@@ -124,13 +142,13 @@ def free_inode(s, rec: Rec) -> None:
     allocator.release(s, di.bno)
     allocator.flush(s)
     if rec.ext:
-        for _l, p, n in rec.ext:
+        for _l, p, n, _f in rec.ext:
             if not s.dups or not any(p <= d < p + n for d in s.dups):
-                allocator.release(s, p, n)
+                release_data(s, p, n)
             else:
                 for b in range(p, p + n):
                     if b not in s.dups:
-                        allocator.release(s, b)
+                        release_data(s, b, 1)
     for b in rec.nodes:
         allocator.release(s, b)
     if di.xattr_block and rec.xattr_ok and s.claims[di.xattr_block] == C_META:

@@ -26,8 +26,9 @@ from clusterfs.ondisk import blockhdr
 from clusterfs.ondisk.blockhdr import BLOCK_SIZE, HEADER, HEADER_SIZE, MAGIC, BlockType
 from clusterfs.ondisk.format import (DATA_OFF, DATA_SIZE, DF_DIRTREE, DF_EXTENTS, DF_INLINE,
                                      DINODE_LAYOUT, DIRENT, EXTENT, INLINE_MAX, NODE_HDR,
-                                     NODE_LAYOUT, XATTR_INLINE_OFF, XATTR_INLINE_SIZE,
-                                     Dinode, Superblock, TreeNode, decode_xattrs)
+                                     NODE_LAYOUT, NODE_TYPES, XATTR_INLINE_OFF,
+                                     XATTR_INLINE_SIZE, Dinode, Superblock, TreeNode,
+                                     decode_xattrs)
 
 
 def repair_header(buf, btype: int, bno: int) -> tuple[bytearray, list[str]] | None:
@@ -173,8 +174,7 @@ def decode_node(buf, bno: int, kind: int) -> tuple[TreeNode, list[str]]:
         return TreeNode.decode(buf, bno, kind), []
     except CorruptBlock as e:
         first = e.reason
-    btype = BlockType.EXTENT_NODE if kind == EXTENT else BlockType.DIR_NODE
-    fixed = repair_header(buf, btype, bno)
+    fixed = repair_header(buf, NODE_TYPES[kind], bno)
     if fixed is None:
         raise CorruptBlock(bno, first)
     b, notes = fixed

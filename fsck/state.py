@@ -76,10 +76,20 @@ class State:
         self.alloc_ok = True            # repairs that allocate blocks are possible
         self.inodes: dict[int, Rec] = {}        # ino -> record, in about inode order
         self.bad_inodes: dict[int, str] = {}    # ino -> why its dinode is unusable
-        self.dups: set[int] = set()     # blocks claimed more than once
+        self.dups: set[int] = set()     # blocks claimed as metadata and as data
+        self.multi: list = []           # (pblk, n): data blocks claimed more than once
+        self.ref_found: list[list] = []     # each group's refcount records, as read
+        self.ref_nodes: list[list] = []     # each group's refcount node blocks
+        self.ref_deferred: list[list] = []  # each group's damaged refcount nodes
+        self.ref_issues: dict[int, list] = {}   # group -> damage of its refcount tree
         self.dir_inos: set[int] = set()  # inodes that are or may become directories:
         #                                  the passes on directories go by these
         self.suspicious: list[Rec] = []  # files whose extents the scan held back
+
+        # -- layer 4: inodes -----------------------------------------------------------
+        self.refs: list[list] | None = None     # each group's counts, (start, n, k >= 2)
+        #                                         runs, once layer 4 counted them
+        self.ref_dirty: set[int] = set()        # groups whose refcount tree to rewrite
 
         # -- layer 5: namespace ------------------------------------------------------
         self.no_root = False            # no root directory: the namespace is not walked

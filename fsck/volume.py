@@ -10,7 +10,7 @@ from __future__ import annotations
 from clusterfs.errors import CorruptBlock, FormatMismatch
 from clusterfs.ondisk import blockhdr
 from clusterfs.ondisk.blockhdr import MAGIC, BlockType, is_valid
-from clusterfs.ondisk.format import FORMAT_REVISION, SB_LAYOUT, Superblock
+from clusterfs.ondisk.format import FORMAT_REVISION, OLDEST_REVISION, SB_LAYOUT, Superblock
 
 from . import salvage
 from .report import FsckError
@@ -89,6 +89,16 @@ def check_superblock(s) -> None:
         return
     a = Superblock(**{**prim.__dict__, "seq": 0}).image(0)
     b = Superblock(**{**backup.__dict__, "seq": 0}).image(0)
+    if a != b and backup.format_rev > prim.format_rev and \
+            a == Superblock(**{**backup.__dict__, "seq": 0,
+                               "format_rev": prim.format_rev}).image(0):
+        # a raise of the revision (at a volume's first clone) stopped after the
+        # backup: the primary, which mounts read, still says the volume shares no
+        # block, which is true (the next clone raises both again)
+        rep.warn("revision-raise", f"the backup superblock says revision "
+                 f"{backup.format_rev}, the primary {prim.format_rev}: a raise of the "
+                 f"revision was interrupted (harmless)", block=prim.backup_bno)
+        return
     if a != b:
         if rep.problem("superblocks-differ", "primary and backup superblocks "
                        "disagree", "rewrite the backup from the primary", safe=True,
@@ -101,9 +111,9 @@ def _decode_sb(buf, bno: int):
     an operational error (exit 8)."""
     if is_valid(buf, BlockType.SUPERBLOCK, bno):
         rev = SB_LAYOUT.get(buf, "format_rev")
-        if rev != FORMAT_REVISION:
+        if not OLDEST_REVISION <= rev <= FORMAT_REVISION:
             raise FsckError(f"volume has format revision {rev}; this fsck handles "
-                            f"revision {FORMAT_REVISION} only")
+                            f"revisions {OLDEST_REVISION} to {FORMAT_REVISION} only")
     try:
         return Superblock.decode(buf, bno), None
     except CorruptBlock as e:

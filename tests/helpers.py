@@ -196,9 +196,10 @@ def check_consistency(dev, *, allow_unlinked: bool = False,
                       tail_zero: bool = False) -> list[str]:
     """Walk a volume (journal already replayed) and return every problem found.
 
-    Checks: every block referenced once (dinodes, tree nodes, xattr blocks, data
-    extents, resource-group headers and bitmaps); bitmaps and resource-group
-    counters agree with the walk; tree shape (levels, key order, separators, owners);
+    Checks: every block referenced once (dinodes, tree nodes, refcount tree nodes,
+    xattr blocks, data extents, resource-group headers and bitmaps), but data blocks
+    of ``SHARED`` extents, whose references must equal their count in the refcount
+    trees (no record: 1); bitmaps and resource-group counters agree with the walk; tree shape (levels, key order, separators, owners);
     directory entries (hash keys, types, entry counts, '..' pointers); link counts;
     ``blocks`` counts; no extent past EOF; with ``tail_zero`` (for volumes written
     without a crash) zero bytes past EOF in the last block on disk: a power cut may
@@ -211,16 +212,18 @@ def check_consistency(dev, *, allow_unlinked: bool = False,
     from clusterfs.fs.btree import BTree
     from clusterfs.fs.inode import InodeStore
     from clusterfs.fs.volume import Volume, read_superblock
+    from clusterfs.fs.refcount import RefcountStore
     from clusterfs.ondisk.format import (BLOCKS_PER_BITMAP, BLOCK_SIZE, DF_DIRTREE,
-                                         DF_EXTENTS, DF_INLINE, DINODE, DIRENT, EXTENT,
-                                         FREE, HASH_SHIFT, UNLINKED, USED, dtype_of,
-                                         name_hash)
+                                         DF_EXTENTS, DF_INLINE, DINODE, DIRENT, EXT_SHARED,
+                                         EXTENT, FREE, HASH_SHIFT, UNLINKED, USED,
+                                         dtype_of, name_hash)
 
     problems: list[str] = []
     sb = read_superblock(dev)
     vol = Volume(dev, sb, readonly=True)
     owner: dict[int, str] = {}
     expect_state: dict[int, int] = {}
+    refs: Counter = Counter()         # block of a SHARED extent -> its references
 
     def claim(bno: int, what: str, state: int = USED) -> bool:
         if sb.rgrp_of(bno) < 0:
@@ -327,7 +330,15 @@ def check_consistency(dev, *, allow_unlinked: bool = False,
                 if lb + n > end_blk:
                     problems.append(f"inode {ino}: extent {lb}+{n} past EOF (size {di.size})")
                 for b in range(pb, pb + n):
-                    claim(b, f"data of inode {ino} lblk {lb + b - pb}")
+                    if _f & EXT_SHARED:
+                        if refs[b] == 0 and claim(b, "shared data"):
+                            refs[b] = 1
+                        elif owner.get(b) == "shared data":
+                            refs[b] += 1
+                        else:
+                            claim(b, f"shared data of inode {ino} lblk {lb + b - pb}")
+                    else:
+                        claim(b, f"data of inode {ino} lblk {lb + b - pb}")
                 blocks += n
                 if tail_zero and di.size % BLOCK_SIZE and lb <= di.size // BLOCK_SIZE < lb + n:
                     tail = dev.read(pb + di.size // BLOCK_SIZE - lb)
@@ -395,6 +406,26 @@ def check_consistency(dev, *, allow_unlinked: bool = False,
         if di.nlink != 2 + subdirs[ino]:
             problems.append(f"dir {ino}: nlink {di.nlink}, expected {2 + subdirs[ino]}")
 
+    # the refcount trees against the references of shared blocks
+    counted: dict[int, int] = {}
+    for rg in range(sb.rgrp_count):
+        hdr = vol.rgrp(rg)
+        t = BTree(RefcountStore(vol, hdr), hdr.refroot)
+        for node in t.nodes():
+            claim(node.bno, f"refcount node of group {rg}")
+        prev_end = 0
+        for pblk, (ln, cnt) in t.items_from(0):
+            if ln < 1 or cnt < 2 or pblk < prev_end or sb.rgrp_of(pblk) != rg or \
+                    sb.rgrp_of(pblk + ln - 1) != rg:
+                problems.append(f"group {rg}: bad refcount record {pblk}+{ln} ({cnt})")
+            prev_end = pblk + ln
+            for b in range(pblk, pblk + ln):
+                counted[b] = cnt
+    for b in set(counted) | {b for b, k in refs.items() if k >= 2}:
+        if counted.get(b, 1) != refs.get(b, 0) and not (b not in counted and
+                                                         refs.get(b, 0) <= 1):
+            problems.append(f"block {b}: refcount {counted.get(b, 1)}, "
+                            f"{refs.get(b, 0)} shared references")
     for rg in range(sb.rgrp_count):
         hdr = vol.rgrp(rg)
         start, length = sb.rgrp_range(rg)

@@ -191,6 +191,35 @@ class ClusterFrontend:
                     await trio.sleep(0)
             raise
 
+    async def copy_file_range(self, fh_in, off_in, fh_out, off_out, length, flags):
+        """``Filesystem.copy_file_range`` step by step, each step an operation,
+        yielding in between as fallocate does.  The destination's inode lock in EX;
+        the source's in PR to plan, in EX for the steps of a clone (it marks the
+        source's extents SHARED, so that no node writes those blocks in place
+        again: another node's cached map of the source goes with the lock); the
+        groups whose counts change and those it allocates from in EX, gathered by
+        the retries (``NeedLock``) as an allocation's are.  Two inode locks are
+        taken in name order like a rename's."""
+        h_in, h_out = self.fs.handles.get(fh_in), self.fs.handles.get(fh_out)
+        if h_in is None or h_out is None:
+            raise FSError(errno.EBADF, "bad file handle")
+        want = {inode_lock(h_in.ino): PR}
+        want[inode_lock(h_out.ino)] = EX
+        plan = await self.run(self.fs.copy_range_begin, fh_in, off_in, fh_out, off_out,
+                              length, flags, want=want)
+        clone = any(kind == "clone" for kind, *_r in plan.phases)
+        want = {inode_lock(h_in.ino): EX if clone else PR}
+        want.update({inode_lock(h_out.ino): EX, **self._home()})
+        where = (0, 0) if plan.phases else None
+        try:
+            while where is not None:
+                where = await self.run(self.fs.copy_range_step, plan, where, want=want)
+                await trio.sleep(0)
+        except FSError:
+            if not plan.done:
+                raise
+        return plan.done
+
     async def lseek(self, fh, off, whence):
         h = self.fs.handles.get(fh)
         want = {inode_lock(h.ino): PR} if h is not None else {}

@@ -6,7 +6,8 @@ Lock names (ordered by name: the global lock order; see docs/CLUSTER.md)::
     N          rename: cross-directory renames (no directory loops)
     O<ino:8>   open: PR by every node that has the inode open (iopen); EX by one
                node when no other has it open (its creator or remover, cached)
-    R<rg:4>    resource group: its header and bitmap blocks
+    R<rg:4>    resource group: its header (with its refcount tree's root), bitmap
+               blocks and refcount tree nodes
     S<slot:2>  a mounted node's slot (held EX while mounted)
     J<slot:2>  recovery of a slot's journal
     W<ino:8>   cluster open mode: EX by the one node writing the file, CW by each
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from lockmgr import Mode
 
-from ..ondisk.format import Bitmap, Dinode, RgrpHeader, TreeNode, XattrBlock
+from ..ondisk.format import REFCOUNT, Bitmap, Dinode, RgrpHeader, TreeNode, XattrBlock
 
 INODE = b"I"
 GROUP = b"R"
@@ -68,7 +69,10 @@ def covering_lock(obj) -> bytes | None:
     cls = obj.__class__
     if cls is Dinode:
         return inode_lock(obj.bno)
-    if cls is TreeNode or cls is XattrBlock:
+    if cls is TreeNode:
+        # a refcount tree's nodes are its group's; the others their inode's
+        return group_lock(obj.owner) if obj.kind == REFCOUNT else inode_lock(obj.owner)
+    if cls is XattrBlock:
         return inode_lock(obj.owner)
     if cls is RgrpHeader:
         return group_lock(obj.index)

@@ -1,1 +1,2 @@
-"""The ``clusterfs`` subcommands that are not libraries of their own: mkfs, status, the demo."""
+"""The ``clusterfs`` subcommands that are not libraries of their own: mkfs, status, clone,
+the demo."""

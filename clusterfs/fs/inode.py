@@ -8,6 +8,13 @@ commits); blocks past EOF inside the last block are kept zero on disk so a later
 extension never exposes old bytes.  The format has no unwritten extents: a block
 that fallocate preallocates is an ordinary mapped block, zeroed on the device before
 the operation that maps it commits, and so is data to SEEK_DATA.
+
+Shared blocks (reflink clones, ``clone_step``): an extent with ``EXT_SHARED`` may map
+blocks that other extents map too; their counts are in the groups' refcount trees
+(``refcount``).  Nothing writes into a block whose count is 2 or more: every writer
+in place (``write``, the zeroing of tails and ranges) first gives the file its own
+copy (``_unshare``, copy-on-write), and every unmapping drops one reference
+(``refcount.release``), freeing a block with its last one.
 """
 
 from __future__ import annotations
@@ -16,14 +23,19 @@ import bisect
 import errno
 
 from ..errors import CorruptBlock, FSError
-from ..ondisk.format import (BLOCK_SIZE, DF_EXTENTS, DF_INLINE, EXTENT, INLINE_MAX,
-                             MAX_FILE_BLOCKS, XATTR_BLOCK_SIZE, XATTR_INLINE_SIZE, Dinode,
-                             TreeNode, XattrBlock, xattr_size)
+from ..ondisk.format import (BLOCK_SIZE, DF_EXTENTS, DF_INLINE, EXT_SHARED, EXTENT,
+                             INLINE_MAX, MAX_FILE_BLOCKS, XATTR_BLOCK_SIZE,
+                             XATTR_INLINE_SIZE, Dinode, TreeNode, XattrBlock, xattr_size)
+from . import refcount
 from .btree import BTree
 
 MAX_EXTENT = 1 << 31           # blocks in one extent record
 TRUNCATE_STEP = 64             # extent records freed per operation
 FALLOC_STEP = 1024             # blocks preallocated or zeroed per operation (4 MiB)
+CLONE_STEP = 16                # extent records shared (or unmapped) per operation: the
+#                                journal transaction of a step stays well under a
+#                                quarter of the smallest journal (256 blocks)
+COPY_CHUNK = 256               # blocks read and written at once by a copy
 
 
 class InodeStore:
@@ -67,33 +79,38 @@ def tree(vol, di: Dinode) -> BTree:
 
 def map_range(vol, di: Dinode, first: int, count: int) -> list[tuple[int, int, int]]:
     """Cover logical blocks [first, first+count) with (lblk, pblk or 0 for a hole, n)."""
+    return [(lb, pb, n) for lb, pb, n, _f in segments(vol, di, first, count)]
+
+
+def segments(vol, di: Dinode, first: int, count: int) -> list[tuple[int, int, int, int]]:
+    """``map_range`` with each run's extent flags: (lblk, pblk or 0, n, flags)."""
     end = first + count
-    out: list[tuple[int, int, int]] = []
+    out: list[tuple[int, int, int, int]] = []
     pos = first
     t = tree(vol, di)
     fl = t.floor(first)
     if fl is not None and fl[0] < first:
-        lb, (pb, n, _f) = fl
+        lb, (pb, n, f) = fl
         if lb + n > first:
             take = min(lb + n, end) - first
-            out.append((first, pb + first - lb, take))
+            out.append((first, pb + first - lb, take, f))
             pos = first + take
     if pos < end:
-        for lb, (pb, n, _f) in t.items_from(pos):
+        for lb, (pb, n, f) in t.items_from(pos):
             if lb >= end:
                 break
             if lb + n <= pos:
                 continue
             if lb > pos:
-                out.append((pos, 0, lb - pos))
+                out.append((pos, 0, lb - pos, 0))
                 pos = lb
             take = min(lb + n, end) - pos
-            out.append((pos, pb + (pos - lb), take))
+            out.append((pos, pb + (pos - lb), take, f))
             pos += take
             if pos >= end:
                 break
     if pos < end:
-        out.append((pos, 0, end - pos))
+        out.append((pos, 0, end - pos, 0))
     return out
 
 
@@ -107,30 +124,141 @@ def _extent_at(vol, di: Dinode, lblk: int):
     return tree(vol, di).floor(lblk)
 
 
-def extents(vol, di: Dinode):
-    """All (lblk, pblk, n) records of an extent file, in order."""
+def extents(vol, di: Dinode, flags: bool = False):
+    """All (lblk, pblk, n) records of an extent file, in order (with ``flags``:
+    (lblk, pblk, n, flags))."""
     if not di.flags & DF_EXTENTS:
         return []
+    if flags:
+        return [(lb, pb, n, f) for lb, (pb, n, f) in tree(vol, di).items_from(0)]
     return [(lb, pb, n) for lb, (pb, n, _f) in tree(vol, di).items_from(0)]
 
 
-def _map_new(t: BTree, lblk: int, pblk: int, n: int) -> None:
-    """Map a newly allocated run, merging with contiguous neighbours."""
+def _map_new(t: BTree, lblk: int, pblk: int, n: int, flags: int = 0) -> None:
+    """Map a run (a hole before), merging with contiguous neighbours of the same
+    flags."""
     prev = t.floor(lblk - 1) if lblk > 0 else None
     nxt = t.get(lblk + n)
+    if nxt is not None and (nxt[0] != pblk + n or nxt[2] != flags):
+        nxt = None
     if prev is not None:
         plb, (ppb, pn, pf) = prev
-        if plb + pn == lblk and ppb + pn == pblk and pn + n < MAX_EXTENT:
-            if nxt is not None and nxt[0] == pblk + n and pn + n + nxt[1] < MAX_EXTENT:
+        if plb + pn == lblk and ppb + pn == pblk and pf == flags and pn + n < MAX_EXTENT:
+            if nxt is not None and pn + n + nxt[1] < MAX_EXTENT:
                 t.delete(lblk + n)
                 t.replace(plb, plb, (ppb, pn + n + nxt[1], pf))
             else:
                 t.replace(plb, plb, (ppb, pn + n, pf))
             return
-    if nxt is not None and nxt[0] == pblk + n and n + nxt[1] < MAX_EXTENT:
-        t.replace(lblk + n, lblk, (pblk, n + nxt[1], nxt[2]))
+    if nxt is not None and n + nxt[1] < MAX_EXTENT:
+        t.replace(lblk + n, lblk, (pblk, n + nxt[1], flags))
         return
-    t.insert(lblk, (pblk, n, 0))
+    t.insert(lblk, (pblk, n, flags))
+
+
+def _unmap(t: BTree, first: int, stop: int,
+           limit: int | None = None) -> tuple[list[tuple[int, int, int, int]], int]:
+    """Remove the mapping of logical blocks [first, stop) from the tree (an extent
+    cut in the middle becomes two records), freeing nothing.
+
+    Returns:
+        (pieces, pos): the runs unmapped as (lblk, pblk, n, flags), at most ``limit``
+        of them, and the block where it stopped (``stop`` once the range is done).
+    """
+    pos = first
+    pieces: list[tuple[int, int, int, int]] = []
+    while pos < stop:
+        if limit is not None and len(pieces) >= limit:
+            return pieces, pos
+        rec = t.floor(pos)
+        if rec is None or rec[0] + rec[1][1] <= pos:
+            rec = next(t.items_from(pos), None)
+            if rec is None or rec[0] >= stop:
+                return pieces, stop
+        lb, (pb, n, f) = rec
+        a, b = max(lb, pos), min(lb + n, stop)
+        if a == lb and b == lb + n:
+            t.delete(lb)
+        elif a == lb:
+            t.replace(lb, b, (pb + b - lb, lb + n - b, f))
+        else:
+            t.replace(lb, lb, (pb, a - lb, f))
+            if b < lb + n:
+                t.insert(b, (pb + b - lb, lb + n - b, f))
+        pieces.append((a, pb + a - lb, b - a, f))
+        pos = b
+    return pieces, stop
+
+
+def _release(vol, di: Dinode, pieces) -> None:
+    """Drop the file's reference to unmapped runs (``_unmap``'s pieces): blocks are
+    freed unless other extents still share them."""
+    if not pieces:
+        return
+    vol.touch(di)
+    for _lb, pb, n, f in pieces:
+        refcount.release(vol, pb, n, f)
+        di.blocks -= n
+
+
+def _copy_blocks(vol, src: int, dst: int, n: int) -> None:
+    """Copy data blocks [src, src+n) to [dst, dst+n) on the device."""
+    for i in range(0, n, COPY_CHUNK):
+        c = min(COPY_CHUNK, n - i)
+        vol.write_data(dst + i, vol.read_data(src + i, c))
+
+
+def _unshare(vol, di: Dinode, t: BTree, first: int, count: int, copy=()) -> None:
+    """Make the mapped blocks of logical [first, first+count) the file's own before
+    a write in place: each block of a ``SHARED`` extent whose count is 2 or more is
+    replaced by a new block (copy-on-write) and loses this file's reference.  Only
+    the blocks whose logical number is in ``copy`` get the old bytes (the others are
+    about to be overwritten whole; ``write`` reads the old bytes of its partial
+    blocks itself).  A ``SHARED`` record of the range whose blocks all have count 1
+    loses the flag (later writes then go straight in place).
+
+    Metadata and new blocks only: no byte of a block the file mapped before changes
+    here, so an operation that fails after it leaves the file as it was.
+    """
+    cows = []
+    for lb, pb, n, f in segments(vol, di, first, count):
+        if pb and f & EXT_SHARED:
+            for s, ln, c in refcount.counts(vol, pb, n):
+                if c >= 2:
+                    cows.append((lb + s - pb, s, ln))
+    for lb, old, n in cows:
+        _unmap(t, lb, lb + n)
+        pos = lb
+        while pos < lb + n:
+            runs = vol.alloc.alloc_data(di.bno, _goal_for(t, di, pos), lb + n - pos,
+                                        di.blocks)
+            for rpb, rn in runs:
+                k = 0
+                while k < rn:       # the old bytes of the blocks to keep, in runs
+                    if pos + k not in copy:
+                        k += 1
+                        continue
+                    j = k
+                    while j < rn and pos + j in copy:
+                        j += 1
+                    _copy_blocks(vol, old + pos - lb + k, rpb + k, j - k)
+                    k = j
+                _map_new(t, pos, rpb, rn, 0)
+                pos += rn
+        for s, ln in refcount.change(vol, old, n, -1):
+            vol.alloc.free(s, ln, data=True)        # (not with a count of 2 or more)
+    # records left shared whose blocks nobody else maps any more: the flag goes
+    seen = set()
+    for lb, pb, n, f in segments(vol, di, first, count):
+        if not pb or not f & EXT_SHARED:
+            continue
+        rec = t.floor(lb)
+        if rec is None or rec[0] in seen:
+            continue
+        seen.add(rec[0])
+        rlb, (rpb, rn, rf) = rec
+        if not refcount.any_shared(vol, rpb, rn):
+            t.replace(rlb, rlb, (rpb, rn, rf & ~EXT_SHARED))
 
 
 # -- reading and writing ---------------------------------------------------------------
@@ -231,29 +359,38 @@ def write(vol, di: Dinode, off: int, data) -> int:
     if off > di.size and di.size // BLOCK_SIZE < first:
         # a write that never committed (power cut) may have left bytes past EOF
         _zero_tail(vol, di, t, di.size)
-    segs = map_range(vol, di, first, last - first + 1)
+    count = last - first + 1
+    segs = segments(vol, di, first, count)
     fresh: list[tuple[int, int]] = []       # runs allocated by this write
     mapped = []
-    for lb, pb, cnt in segs:
+    shared = False
+    for lb, pb, cnt, f in segs:
         if pb:
             mapped.append((lb, pb, cnt))
+            shared |= bool(f & EXT_SHARED)
             continue
         for rlb, rpb, rn in _allocate(vol, di, t, lb, cnt):
             mapped.append((rlb, rpb, rn))
             fresh.append((rlb, rn))
+    old = [(lb, pb, cnt) for lb, pb, cnt, _f in segs if pb]    # the bytes there now
+    if shared:
+        # copy-on-write: blocks others share get new ones (the partial ones' old
+        # bytes are read below from where they are now, ``old``)
+        _unshare(vol, di, t, first, count)
+        mapped = map_range(vol, di, first, count)
     mapped.sort()
     head = off - first * BLOCK_SIZE
     tail = end - last * BLOCK_SIZE       # bytes used of the last block
     if head == 0 and tail == BLOCK_SIZE:
         buf = data
     else:
-        buf = bytearray((last - first + 1) * BLOCK_SIZE)
+        buf = bytearray(count * BLOCK_SIZE)
         # read-modify-write the partial head and tail blocks that held data before
-        for lb, pb, cnt in mapped:
-            if head and lb <= first < lb + cnt and not _in_runs(first, fresh):
+        for lb, pb, cnt in old:
+            if head and lb <= first < lb + cnt:
                 buf[0:BLOCK_SIZE] = vol.read_data(pb + first - lb, 1)
             if tail != BLOCK_SIZE and lb <= last < lb + cnt and \
-                    not _in_runs(last, fresh) and (last != first or not head):
+                    (last != first or not head):
                 buf[-BLOCK_SIZE:] = vol.read_data(pb + last - lb, 1)
         if end >= di.size:
             # bytes past the old EOF (a hole now, or past the new EOF) read as zeros,
@@ -275,23 +412,19 @@ def write(vol, di: Dinode, off: int, data) -> int:
 
 def overwrite(vol, di: Dinode, off: int, data) -> bool:
     """Write ``data`` in place if it is whole blocks inside the file that one extent
-    holds (what ``write`` does then too, minus its book-keeping); such a write
-    changes no metadata.  Returns False, having written nothing, otherwise."""
+    holds and shares with nobody (what ``write`` does then too, minus its
+    book-keeping); such a write changes no metadata.  Returns False, having written
+    nothing, otherwise."""
     n = len(data)
     if not n or (off | n) % BLOCK_SIZE or off + n > di.size or not di.flags & DF_EXTENTS:
         return False
     first = off // BLOCK_SIZE
     rec = _extent_at(vol, di, first)
-    if rec is None or rec[0] + rec[1][1] <= (off + n - 1) // BLOCK_SIZE:
+    if rec is None or rec[0] + rec[1][1] <= (off + n - 1) // BLOCK_SIZE or \
+            rec[1][2] & EXT_SHARED:
         return False
     vol.write_data(rec[1][0] + first - rec[0], data)
     return True
-
-
-def _in_runs(lblk: int, runs) -> bool:
-    """Whether ``lblk`` lies in one of the (start, count) runs (blocks this write
-    allocated hold nothing worth reading back)."""
-    return any(s <= lblk < s + n for s, n in runs)
 
 
 def _coalesce(mapped):
@@ -340,12 +473,12 @@ def truncate_step(vol, di: Dinode, new_size: int) -> bool:
             return False
         if lb >= keep_blocks:
             t.delete(lb)
-            vol.alloc.free(pb, n, data=True)
+            refcount.release(vol, pb, n, f)
             di.blocks -= n
         else:
             keep = keep_blocks - lb
             t.replace(lb, lb, (pb, keep, f))
-            vol.alloc.free(pb + keep, n - keep, data=True)
+            refcount.release(vol, pb + keep, n - keep, f)
             di.blocks -= n - keep
         freed += 1
     _zero_tail(vol, di, t, new_size)
@@ -354,22 +487,31 @@ def truncate_step(vol, di: Dinode, new_size: int) -> bool:
 
 
 def _zero_tail(vol, di: Dinode, t: BTree, new_size: int) -> None:
-    """Zero the bytes after ``new_size`` in its last block, on disk."""
+    """Zero the bytes after ``new_size`` in its last block, on disk (a shared block
+    is copied first)."""
     off = new_size % BLOCK_SIZE
     if not off:
         return
-    lblk = new_size // BLOCK_SIZE
+    _zero_partial(vol, di, t, new_size // BLOCK_SIZE, off, BLOCK_SIZE)
+
+
+def _zero_partial(vol, di: Dinode, t: BTree, lblk: int, s: int, e: int) -> None:
+    """Zero bytes [s, e) of logical block ``lblk`` on disk, if it is mapped and any
+    of them is not zero (then a shared block is first copied: copy-on-write)."""
     rec = t.floor(lblk)
     if rec is None:
         return
-    lb, (pb, n, _f) = rec
+    lb, (pb, n, f) = rec
     if lb + n <= lblk:
         return
-    p = pb + lblk - lb
-    blk = bytearray(vol.read_data(p, 1))
-    if any(blk[off:]):
-        blk[off:] = bytes(BLOCK_SIZE - off)
-        vol.write_data(p, blk)
+    blk = bytearray(vol.read_data(pb + lblk - lb, 1))
+    if not any(blk[s:e]):
+        return
+    if f & EXT_SHARED:
+        _unshare(vol, di, t, lblk, 1, copy=range(lblk, lblk + 1))
+        lb, (pb, n, f) = t.floor(lblk)
+    blk[s:e] = bytes(e - s)
+    vol.write_data(pb + lblk - lb, blk)
 
 
 # -- preallocation, hole punching and zeroing (fallocate) ---------------------------------
@@ -452,6 +594,13 @@ def fill_step(vol, di: Dinode, off: int, end: int, pos: int, *, zero: bool,
             _zero_tail(vol, di, t, di.size)     # see write()
             vol.touch(di)
             di.size = grown
+    if zero and any(pb and f & EXT_SHARED for _lb, pb, _n, f in
+                    segments(vol, di, pos, wend - pos)):
+        # the range's shared blocks get their own copies (the partial edges keep
+        # their other bytes) before anything is zeroed in place
+        _unshare(vol, di, t, pos, wend - pos,
+                 copy={off // BLOCK_SIZE, (end - 1) // BLOCK_SIZE})
+        segs = map_range(vol, di, pos, wend - pos)
     # data: the new blocks, then (ZERO_RANGE) the old ones' bytes in the range
     fresh.sort()
     for _lb, pb, n in _coalesce(fresh):
@@ -465,7 +614,8 @@ def fill_step(vol, di: Dinode, off: int, end: int, pos: int, *, zero: bool,
 
 def _zero_bytes(vol, lb: int, pb: int, n: int, off: int, end: int) -> None:
     """Zero the bytes of [off, end) that the mapped run (lb, pb, n) holds, on disk
-    (whole blocks written, partial ones read, changed and written back)."""
+    (whole blocks written, partial ones read, changed and written back).  The run
+    must not be shared (``_unshare`` first)."""
     a = max(off, lb * BLOCK_SIZE)
     b = min(end, (lb + n) * BLOCK_SIZE)
     if a >= b:
@@ -529,7 +679,7 @@ def punch_step(vol, di: Dinode, off: int, end: int, pos: int) -> int | None:
             t.replace(lb, lb, (pb, a - lb, f))
             if b < lb + n:
                 t.insert(b, (pb + b - lb, lb + n - b, f))
-        vol.alloc.free(pb + a - lb, b - a, data=True)
+        refcount.release(vol, pb + a - lb, b - a, f)
         vol.touch(di)
         di.blocks -= b - a
         pos = b
@@ -550,10 +700,79 @@ def punch_edges(vol, di: Dinode, off: int, end: int) -> None:
             buf[off:e] = bytes(e - off)
             di.root = bytes(buf)
         return
-    for blk in sorted({off // BLOCK_SIZE, (end - 1) // BLOCK_SIZE}):
-        for lb, pb, n in map_range(vol, di, blk, 1):
-            if pb:
-                _zero_bytes(vol, lb, pb, n, off, end)
+    t = tree(vol, di)
+    edges = sorted({off // BLOCK_SIZE, (end - 1) // BLOCK_SIZE})
+    for blk in edges:
+        s = max(off, blk * BLOCK_SIZE) - blk * BLOCK_SIZE
+        e = min(end, (blk + 1) * BLOCK_SIZE) - blk * BLOCK_SIZE
+        _zero_partial(vol, di, t, blk, s, e)
+
+
+# -- reflink clones (copy_file_range) ----------------------------------------------------
+
+def clone_step(vol, src: Dinode, dst: Dinode, s_first: int, d_first: int, count: int,
+               pos: int) -> int | None:
+    """One bounded step of sharing logical blocks [s_first, s_first+count) of ``src``
+    with ``dst`` at [d_first, d_first+count) (a reflink clone; ``src`` may be ``dst``
+    when the two ranges do not overlap): from block ``pos`` of the range on, at most
+    ``CLONE_STEP`` extent records of each file.
+
+    What ``dst`` mapped there loses its reference (blocks freed with their last one);
+    the source's extent records there get ``SHARED`` (whole records); ``dst`` maps
+    the same blocks, ``SHARED``, and their counts go up by one.  Holes stay holes.
+    ``dst``'s size grows over the range step by step (never an extent past EOF), so a
+    crash between steps leaves a shorter, consistent copy.  Both files are extent
+    files (the caller copies an inline source as data).
+
+    Returns the ``pos`` of the next step, or None once the range is done.
+    """
+    if dst.flags & DF_INLINE:
+        convert_inline(vol, dst)
+    s_lo, s_end = s_first + pos, s_first + count
+    delta = d_first - s_first
+    ts, td = tree(vol, src), tree(vol, dst)
+    # the window of this step: up to CLONE_STEP records of the source ...
+    stop, n = s_end, 0
+    fl = ts.floor(s_lo)
+    if fl is not None and fl[0] < s_lo and fl[0] + fl[1][1] > s_lo:
+        n += 1
+    for lb, _v in ts.items_from(s_lo):
+        if lb >= s_end:
+            break
+        if n == CLONE_STEP:
+            stop = lb
+            break
+        n += 1
+    # ... and of the destination's records it replaces
+    d_lo, d_stop, n = s_lo + delta, stop + delta, 0
+    fl = td.floor(d_lo)
+    if fl is not None and fl[0] < d_lo and fl[0] + fl[1][1] > d_lo:
+        n += 1
+    for lb, _v in td.items_from(d_lo):
+        if lb >= d_stop:
+            break
+        if n == CLONE_STEP:
+            d_stop = lb
+            stop = lb - delta
+            break
+        n += 1
+    vol.touch(dst)
+    if d_stop * BLOCK_SIZE > dst.size:
+        if dst.size // BLOCK_SIZE < d_lo:
+            _zero_tail(vol, dst, td, dst.size)      # see write(); else replaced below
+        dst.size = d_stop * BLOCK_SIZE
+    pieces, _ = _unmap(td, d_lo, d_stop)
+    _release(vol, dst, pieces)
+    for lb, pb, ln, f in segments(vol, src, s_lo, stop - s_lo):
+        if not pb:
+            continue
+        if not f & EXT_SHARED:
+            rlb, (rpb, rn, rf) = ts.floor(lb)
+            ts.replace(rlb, rlb, (rpb, rn, rf | EXT_SHARED))
+        refcount.share(vol, pb, ln)
+        _map_new(td, lb + delta, pb, ln, EXT_SHARED)
+        dst.blocks += ln
+    return stop - s_first if stop < s_end else None
 
 
 # -- SEEK_DATA and SEEK_HOLE ---------------------------------------------------------------

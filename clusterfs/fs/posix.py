@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from ..errors import CorruptBlock, FSError
 from ..ondisk.format import (BLOCK_SIZE, DF_DIRTREE, DF_EXTENTS, DF_INLINE, DINODE, DIRENT,
-                             LINK_MAX, NAME_MAX, READDIR_BASE, SYMLINK_MAX, UNLINKED,
-                             Dinode, TreeNode, dtype_of)
+                             FORMAT_REVISION, LINK_MAX, NAME_MAX, READDIR_BASE, SYMLINK_MAX,
+                             UNLINKED, Dinode, TreeNode, dtype_of)
 from . import acl, directory, inode
 from .alloc import NeedCommit
 
@@ -41,6 +41,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 FALLOC_MODES = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
+COPY_BYTES = 1 << 20    # bytes a copy_file_range copies as data per operation
 
 
 @dataclass
@@ -52,6 +53,21 @@ class Handle:
     flags: int
     is_dir: bool = False
     written: bool = False
+
+
+@dataclass
+class CopyPlan:
+    """What one copy_file_range request does (``Filesystem.copy_range_begin``), in
+    phases run in order, each step by step: ``("data", src_off, dst_off, nbytes)``
+    copies bytes (read and written), ``("clone", src_blk, dst_blk, nblocks)`` shares
+    whole blocks (``inode.clone_step``).  ``done`` counts the bytes copied so far:
+    what the request answers, also when a later step fails."""
+
+    fh_in: int
+    fh_out: int
+    phases: list
+    total: int
+    done: int = 0
 
 
 @dataclass
@@ -695,6 +711,106 @@ class Filesystem:
         if di.size <= size:
             return True
         return self._change(inode.truncate_step, self.vol, di, size)
+
+    # -- copy_file_range: reflink clones ----------------------------------------------
+
+    def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                        length: int, flags: int = 0) -> int:
+        """copy_file_range(2) between two open files of the volume; returns the bytes
+        copied.  Whole blocks at the same offset within a block in both files are
+        shared (a reflink clone, copy-on-write: ``inode.clone_step``), the unaligned
+        head and tail (or everything, when the two offsets differ within a block)
+        are copied as data.  A big range takes several operations (steps); a
+        failure after some of them answers the bytes copied so far (a short copy).
+        A cluster member runs the same steps under its locks
+        (``ClusterFrontend.copy_file_range``)."""
+        plan = self.copy_range_begin(fh_in, off_in, fh_out, off_out, length, flags)
+        where = (0, 0) if plan.phases else None
+        try:
+            while where is not None:
+                where = self.copy_range_step(plan, where)
+        except FSError:
+            if not plan.done:
+                raise
+        return plan.done
+
+    def copy_range_begin(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                         length: int, flags: int = 0) -> CopyPlan:
+        """Check a copy_file_range request (errors as copy_file_range(2) gives them)
+        and plan it (``CopyPlan``).  The copy ends at the source's end of file.
+        Before the first clone of a volume of an older revision, the superblock is
+        raised to the revision that has shared blocks (``Volume.raise_revision``)."""
+        if flags:
+            raise FSError(errno.EINVAL, "copy_file_range flags must be 0")
+        if off_in < 0 or off_out < 0 or length < 0:
+            raise FSError(errno.EINVAL, "bad copy_file_range range")
+        h_in, di_in = self.handle(fh_in)
+        h_out, di_out = self.handle(fh_out)
+        if h_in.flags & os.O_ACCMODE == os.O_WRONLY or \
+                h_out.flags & os.O_ACCMODE == os.O_RDONLY or h_out.flags & os.O_APPEND:
+            raise FSError(errno.EBADF, "file not open for reading / writing")
+        for di in (di_in, di_out):
+            if S.S_ISDIR(di.mode):
+                raise FSError(errno.EISDIR, "is a directory")
+            if not S.S_ISREG(di.mode):
+                raise FSError(errno.EINVAL, "not a regular file")
+        n = max(0, min(length, di_in.size - off_in))
+        if off_out + n > inode.MAX_FILE_BLOCKS * BLOCK_SIZE:
+            raise FSError(errno.EFBIG, "file too large")
+        if di_in.bno == di_out.bno and n and off_in < off_out + n and off_out < off_in + n:
+            raise FSError(errno.EINVAL, "overlapping ranges in one file")
+        phases: list = []
+        a = -(-off_in // BLOCK_SIZE) * BLOCK_SIZE          # the whole blocks inside
+        b = (off_in + n) // BLOCK_SIZE * BLOCK_SIZE
+        if n and not di_in.flags & DF_INLINE and (off_out - off_in) % BLOCK_SIZE == 0 \
+                and b > a:
+            if a > off_in:
+                phases.append(("data", off_in, off_out, a - off_in))
+            phases.append(("clone", a // BLOCK_SIZE, (off_out + a - off_in) // BLOCK_SIZE,
+                           (b - a) // BLOCK_SIZE))
+            if off_in + n > b:
+                phases.append(("data", b, off_out + b - off_in, off_in + n - b))
+            if self.vol.sb.format_rev < FORMAT_REVISION:
+                self.vol.raise_revision()
+        elif n:
+            phases.append(("data", off_in, off_out, n))
+        return CopyPlan(fh_in, fh_out, phases, n)
+
+    def copy_range_step(self, plan: CopyPlan, where: tuple[int, int]):
+        """One bounded operation of a copy (phase ``where[0]`` from ``where[1]``);
+        returns where the next step starts, or None once the copy is done."""
+        i, pos = where
+        kind, src, dst, count = plan.phases[i]
+        _h, di_in = self.handle(plan.fh_in)
+        _h, di_out = self.handle(plan.fh_out)
+        if kind == "clone":
+            def change():
+                nxt = inode.clone_step(self.vol, di_in, di_out, src, dst, count, pos)
+                self._modified(di_out)
+                return nxt
+            nxt = self._change(change)
+            plan.done += ((count if nxt is None else nxt) - pos) * BLOCK_SIZE
+        else:
+            want = min(COPY_BYTES, count - pos)
+            data = inode.read(self.vol, di_in, src + pos, want)
+
+            def change():
+                inode.write(self.vol, di_out, dst + pos, data)
+                self._modified(di_out)
+            if data:
+                self._change(change)
+            plan.done += len(data)
+            if len(data) < want:
+                return None         # the source shrank meanwhile: a short copy
+            nxt = pos + len(data) if pos + len(data) < count else None
+        if nxt is not None:
+            return i, nxt
+        return (i + 1, 0) if i + 1 < len(plan.phases) else None
+
+    def _modified(self, di: Dinode) -> None:
+        now = time.time_ns()
+        self.vol.touch(di)
+        di.mtime = di.ctime = now
 
     def lseek(self, fh: int, off: int, whence: int) -> int:
         """lseek(2) with SEEK_DATA or SEEK_HOLE (others are the kernel's job): from

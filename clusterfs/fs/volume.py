@@ -18,8 +18,9 @@ import logging
 
 from ..errors import CorruptBlock, FSError, FormatMismatch, VolumeError, WrongBlockType
 from ..ondisk.blockdev import BlockDevice
-from ..ondisk.format import (BLOCKS_PER_BITMAP, DINODE, UNLINKED, Bitmap, Dinode,
-                             MetaObject, RgrpHeader, Superblock, TreeNode, XattrBlock)
+from ..ondisk.format import (BLOCKS_PER_BITMAP, DINODE, FORMAT_REVISION, REFCOUNT,
+                             UNLINKED, Bitmap, Dinode, MetaObject, RgrpHeader, Superblock,
+                             TreeNode, XattrBlock)
 from .alloc import Allocator
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Volume:
         # every object is read under a lock held at least PR and changed under EX
         self.cluster = None
         self.by_owner: dict[int, set[int]] = {}   # inode -> cached tree/xattr blocks
+        self.by_group: dict[int, set[int]] = {}   # group -> cached refcount nodes
         self.inode_hint: int | None = None         # block the next new inode should take
 
     @classmethod
@@ -127,7 +129,9 @@ class Volume:
 
     def _track(self, obj: MetaObject) -> None:
         cls = obj.__class__
-        if cls is TreeNode or cls is XattrBlock:
+        if cls is TreeNode and obj.kind == REFCOUNT:
+            self.by_group.setdefault(obj.owner, set()).add(obj.bno)
+        elif cls is TreeNode or cls is XattrBlock:
             self.by_owner.setdefault(obj.owner, set()).add(obj.bno)
 
     def _log_corrupt(self, bno: int, reason: str) -> None:
@@ -436,15 +440,22 @@ class Volume:
         out = [ino] if self.objects.get(ino).__class__ is Dinode else []
         for bno in self.by_owner.get(ino, ()):
             obj = self.objects.get(bno)
-            if obj is not None and getattr(obj, "owner", None) == ino:
+            if obj is not None and getattr(obj, "owner", None) == ino and \
+                    getattr(obj, "kind", None) != REFCOUNT:
                 out.append(bno)
         return out
 
     def group_blocks(self, rg: int) -> list[int]:
-        """Cached blocks covered by resource group ``rg``'s lock: header, bitmaps."""
+        """Cached blocks covered by resource group ``rg``'s lock: header, bitmaps,
+        refcount tree nodes."""
         start, _ = self.sb.rgrp_range(rg)
-        return [b for b in range(start, start + 1 + self.sb.bitmap_blocks)
-                if b in self.objects]
+        out = [b for b in range(start, start + 1 + self.sb.bitmap_blocks)
+               if b in self.objects]
+        for bno in self.by_group.get(rg, ()):
+            obj = self.objects.get(bno)
+            if obj.__class__ is TreeNode and obj.kind == REFCOUNT and obj.owner == rg:
+                out.append(bno)
+        return out
 
     def drop_inode(self, ino: int) -> None:
         """Forget everything cached for an inode (another node may have changed it)."""
@@ -455,7 +466,32 @@ class Volume:
     def drop_group(self, rg: int) -> None:
         for bno in self.group_blocks(rg):
             del self.objects[bno]
+        self.by_group.pop(rg, None)
         self.alloc.drop_group_reservations(rg)
+
+    # -- format revision ----------------------------------------------------------------
+
+    def raise_revision(self) -> None:
+        """Before the first block is shared: a volume of an older revision (2, which
+        has no shared blocks) becomes revision ``FORMAT_REVISION`` (3), both copies
+        of the superblock durable (backup first), so that older software refuses
+        it from then on.  Idempotent (several nodes may do it at once: they write
+        the same bytes)."""
+        if self.sb.format_rev >= FORMAT_REVISION:
+            return
+        if self.op is not None:
+            raise RuntimeError("raise_revision inside an operation")
+        old = self.sb.format_rev
+        self.sb.format_rev = FORMAT_REVISION
+        try:
+            self.dev.write(self.sb.backup_bno, self.sb.image(self.sb.backup_bno))
+            self.dev.flush()
+            self.dev.write(0, self.sb.image(0))
+            self.dev.flush()
+        except BaseException:
+            self.sb.format_rev = old
+            raise
+        log.info("volume raised to format revision %d (shared blocks)", FORMAT_REVISION)
 
     # -- data ---------------------------------------------------------------------------
 

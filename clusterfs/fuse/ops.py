@@ -305,6 +305,12 @@ class Operations(pyfuse3.Operations):
     async def lseek(self, inode, fh, offset, whence):
         return await self.front.lseek(fh, offset, whence)
 
+    async def copy_file_range(self, inode_in, fh_in, off_in, inode_out, fh_out, off_out,
+                              length, flags):
+        # reflink clones: whole blocks shared, copy-on-write (``Filesystem``)
+        return await self.front.copy_file_range(fh_in, off_in, fh_out, off_out, length,
+                                                flags)
+
     async def opendir(self, inode, ctx):
         return await self.front.opendir(self._in(inode))
 
@@ -361,6 +367,7 @@ for _name in ("lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mk
               "symlink", "link", "unlink", "rmdir", "rename", "open", "create", "read",
               "write", "flush", "fsync", "release", "opendir", "readdir", "releasedir",
               "fsyncdir", "statfs", "getxattr", "setxattr", "listxattr", "removexattr",
-              "access", "getlk", "setlk", "flock", "fallocate", "lseek"):
+              "access", "getlk", "setlk", "flock", "fallocate", "lseek",
+              "copy_file_range"):
     setattr(Operations, _name, _guard(getattr(Operations, _name)))
 del _name

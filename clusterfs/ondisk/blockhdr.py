@@ -1,7 +1,7 @@
 """The 32-byte header at the start of every metadata block, and crc32c.
 
 Every metadata block (superblock, heartbeat, resource group, bitmap, dinode, tree
-node, xattr block, and the journal's own blocks) starts with this header; see
+node, xattr block, refcount node, and the journal's own blocks) starts with this header; see
 ``docs/FORMAT.md`` ("Block header").  The journal library shares it, and the block
 type numbers of all users live in ``BlockType`` so that no two clash.
 
@@ -99,6 +99,7 @@ class BlockType(enum.IntEnum):
     DIR_NODE = 7
     XATTR = 8
     LEASE = 9
+    REFCOUNT_NODE = 10
     JOURNAL_HEADER = 16
     JOURNAL_DESCRIPTOR = 17
     JOURNAL_REVOKE = 18

@@ -9,9 +9,9 @@ parser.  This module gathers the names of the modules that hold them:
     layout      every field table (``Layout``), offset, record size, state, flag
                 and limit of the format
     superblock  the superblock and the volume's geometry; heartbeat blocks
-    rgrp        resource group headers and bitmap blocks
+    rgrp        resource group headers (with their refcount roots) and bitmap blocks
     dinode      the dinode
-    tree        tree nodes (extent and directory trees)
+    tree        tree nodes (extent, directory and refcount trees)
     xattr       extended attributes and their overflow block
     dirent      directory entries: names, hash keys, types
     meta        ``MetaObject``, the base of the cached metadata objects
@@ -37,11 +37,14 @@ from .dirent import (DTYPE_MASK, DTYPE_SHIFT, DT_BLK, DT_CHR, DT_DIR, DT_FIFO,  
                      key_hash, key_range, name_hash)
 from .layout import (BITMAP_BYTES, BLOCKS_PER_BITMAP, DATA_OFF, DATA_SIZE,  # noqa: F401
                      DF_DIRTREE, DF_EXTENTS, DF_INLINE, DINODE, DINODE_LAYOUT, DIRENT,
-                     DIRENT_REC, EXTENT, EXTENT_REC, FORMAT_REVISION, FREE, HB_CLUSTER,
+                     DIRENT_REC, EXT_FLAGS, EXT_SHARED, EXTENT, EXTENT_REC,
+                     FORMAT_REVISION, FREE, HB_CLUSTER,
                      HB_FENCED, HB_FREE, HB_LAYOUT, HB_NOLOCK, HB_STATE_NAMES, INDEX_REC,
                      INLINE_MAX, LEASE_BLOCKS, LEASE_FREE, LEASE_LAYOUT, LEASE_START,
                      LINK_MAX, MAX_DEPTH, MAX_FILE_BLOCKS, NODE_CAPACITY, NODE_HDR,
-                     NODE_LAYOUT, RGRP_LAYOUT, ROOT_CAPACITY, SB_FLAG_CLUSTER_INFO,
+                     NODE_LAYOUT, OLDEST_REVISION, MAX_REFCOUNT, REFCOUNT,
+                     REFCOUNT_REC, REFROOT_OFF, REFROOT_SIZE, RGRP_LAYOUT,
+                     ROOT_CAPACITY, SB_FLAG_CLUSTER_INFO,
                      SB_LAYOUT, STATE_NAMES, SYMLINK_MAX, UNLINKED, USED,
                      XATTR_BLOCK_LAYOUT, XATTR_BLOCK_OFF, XATTR_BLOCK_SIZE, XATTR_ENTRY,
                      XATTR_INLINE_OFF, XATTR_INLINE_SIZE, Layout)
@@ -49,9 +52,10 @@ from .lease import (FREE_LEASE, LeaseBlock, decode_lease, encode_lease,  # noqa:
                     read_lease)
 from .meta import _COPIERS, MetaObject, _blank, _copier  # noqa: F401
 from .rgrp import (_COUNT_TABLE, _EXPAND, _RG, Bitmap, RgrpHeader,  # noqa: F401
-                   _count_table, expand_bits)
+                   _count_table, decode_refroot, expand_bits)
 from .superblock import (_HB, _SB, Heartbeat, Superblock, bitmap_blocks_for,  # noqa: F401
                          now_ns, plan_geometry, random_mount_id, rgrp_count_for)
-from .tree import _DIRREC, _EXT, _EXT_SIZE, _IDX, _IDX_SIZE, _NODE, TreeNode  # noqa: F401
+from .tree import (_DIRREC, _EXT, _EXT_SIZE, _IDX, _IDX_SIZE, _NODE, _REF,  # noqa: F401
+                   NODE_TYPES, TreeNode)
 from .xattr import (_XA, _XB, XattrBlock, decode_xattrs, encode_xattrs,  # noqa: F401
                     xattr_size)

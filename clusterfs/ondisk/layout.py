@@ -15,7 +15,10 @@ import struct
 
 from .blockhdr import BLOCK_SIZE, HEADER_SIZE
 
-FORMAT_REVISION = 2
+FORMAT_REVISION = 3        # what mkfs writes, and the newest revision read
+OLDEST_REVISION = 2        # the oldest revision read: a revision-2 volume is a
+#                            revision-3 one without shared blocks (raised to 3 by
+#                            the first clone; docs/FORMAT.md, "Format revision rule")
 
 
 class Layout:
@@ -115,6 +118,8 @@ RGRP_LAYOUT = Layout(
     ("index", "I"), ("flags", "I"), ("start", "Q"), ("length", "I"),
     ("bitmap_blocks", "I"), ("free", "I"), ("dinodes", "I"), ("unlinked", "I"),
     ("pad", "I"), ("igeneration", "Q"))
+# (bytes 80..639 of the group header are zero; 640..4095 hold the root node of the
+# group's refcount tree, as a dinode's data area holds its tree's root: REFROOT_OFF)
 
 # bitmap states (2 bits per block)
 FREE = 0        # not in use
@@ -158,17 +163,31 @@ SYMLINK_MAX = 4095          # bytes of a symbolic link's target (its size)
 
 EXTENT = 1                  # node kinds
 DIRENT = 2
+REFCOUNT = 3                # a resource group's refcount tree (owner: the group)
 MAX_DEPTH = 8               # levels of a tree: a node's level is at most MAX_DEPTH - 1
 
 NODE_LAYOUT = Layout(0, ("level", "H"), ("nrecs", "H"), ("kind", "I"), ("owner", "Q"))
 INDEX_REC = Layout(0, ("key", "Q"), ("child", "Q"))                     # level > 0
 EXTENT_REC = Layout(0, ("lblk", "Q"), ("pblk", "Q"), ("len", "I"), ("flags", "I"))
+REFCOUNT_REC = Layout(0, ("pblk", "Q"), ("len", "I"), ("count", "I"))   # kind 3, level 0
 DIRENT_REC = Layout(0, ("key", "Q"), ("ino", "Q"), ("dtype", "B"), ("namelen", "B"))
 # (a directory record's name, namelen bytes, follows its fixed part)
 
 NODE_HDR = NODE_LAYOUT.size                           # 16
 NODE_CAPACITY = BLOCK_SIZE - HEADER_SIZE - NODE_HDR   # 4048 payload bytes in a block
 ROOT_CAPACITY = DATA_SIZE - NODE_HDR                  # 3440 in the dinode
+
+# extent record flags
+EXT_SHARED = 1              # the extent's blocks may be shared with other extents:
+#                             their reference count is in their group's refcount tree
+#                             (no record there: 1); a write copies a block first
+#                             when its count is 2 or more (copy-on-write)
+EXT_FLAGS = EXT_SHARED      # every flag bit a reader knows
+
+# refcount trees: one per resource group, its root in the group header
+REFROOT_OFF = DATA_OFF      # 640: the root node in the group header (as a dinode's)
+REFROOT_SIZE = DATA_SIZE    # 3456: node header and ROOT_CAPACITY bytes of records
+MAX_REFCOUNT = (1 << 32) - 1    # a count the record's field holds
 
 # =============================================================================
 # Extended attributes (inline in the dinode, and the overflow block)

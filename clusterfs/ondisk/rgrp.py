@@ -1,8 +1,10 @@
-"""Resource groups: the header block (the group's counters) and its bitmap blocks.
+"""Resource groups: the header block (the group's counters and the root of its
+refcount tree) and its bitmap blocks.
 
-The fields are the table ``RGRP_LAYOUT`` of ``layout``, and the bitmap states (2
-bits a block) are ``FREE``, ``USED``, ``UNLINKED`` and ``DINODE`` there;
-``docs/FORMAT.md`` ("RGRP", "BITMAP") describes them.
+The fields are the table ``RGRP_LAYOUT`` of ``layout``, the refcount tree's root is
+a tree node at ``REFROOT_OFF``, and the bitmap states (2 bits a block) are ``FREE``,
+``USED``, ``UNLINKED`` and ``DINODE`` there; ``docs/FORMAT.md`` ("RGRP", "BITMAP",
+"Trees") describes them.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 from ..errors import CorruptBlock
 from . import blockhdr
 from .blockhdr import HEADER_SIZE, BlockType
-from .layout import RGRP_LAYOUT
+from .layout import NODE_HDR, REFCOUNT, REFROOT_OFF, REFROOT_SIZE, RGRP_LAYOUT
 from .meta import MetaObject, _blank, _copier
+from .tree import TreeNode
 
 _RG = RGRP_LAYOUT.struct
 
@@ -21,14 +24,16 @@ class RgrpHeader(MetaObject):
 
     ``free`` counts FREE blocks, ``dinodes`` DINODE blocks, ``unlinked`` UNLINKED
     blocks; ``igeneration`` is the generation given to the next dinode created here
-    (so a reused inode number never repeats an old generation).
+    (so a reused inode number never repeats an old generation).  ``refroot`` is the
+    root node of the group's refcount tree (kind ``REFCOUNT``, owner the group's
+    index): the reference counts of the group's shared blocks.
     """
 
     __slots__ = ("index", "flags", "start", "length", "bitmap_blocks", "free",
-                 "dinodes", "unlinked", "igeneration")
+                 "dinodes", "unlinked", "igeneration", "refroot")
 
     def __init__(self, bno, index, start, length, bitmap_blocks, free, dinodes=0,
-                 unlinked=0, igeneration=1, flags=0, seq=1):
+                 unlinked=0, igeneration=1, flags=0, seq=1, refroot=None):
         self.bno = bno
         self.seq = seq
         self.index = index
@@ -40,10 +45,13 @@ class RgrpHeader(MetaObject):
         self.dinodes = dinodes
         self.unlinked = unlinked
         self.igeneration = igeneration
+        self.refroot = refroot if refroot is not None else \
+            TreeNode(bno, REFCOUNT, 0, index, is_root=True)
 
     def clone(self):
         c = RgrpHeader.__new__(RgrpHeader)
         _copier(RgrpHeader)(self, c)
+        c.refroot = self.refroot.clone()
         return c
 
     def image(self) -> bytes:
@@ -51,6 +59,8 @@ class RgrpHeader(MetaObject):
         _RG.pack_into(buf, HEADER_SIZE, self.index, self.flags, self.start, self.length,
                       self.bitmap_blocks, self.free, self.dinodes, self.unlinked, 0,
                       self.igeneration)
+        self.refroot.owner = self.index
+        self.refroot.encode_into(buf, REFROOT_OFF, REFROOT_SIZE)
         self.seq += 1
         return bytes(blockhdr.seal(buf, BlockType.RGRP, self.bno, self.seq))
 
@@ -61,7 +71,27 @@ class RgrpHeader(MetaObject):
          igen) = _RG.unpack_from(buf, HEADER_SIZE)
         if start != bno:
             raise CorruptBlock(bno, f"resource group says it starts at {start}")
-        return cls(bno, index, start, length, bmb, free, dinodes, unlinked, igen, flags, seq)
+        return cls(bno, index, start, length, bmb, free, dinodes, unlinked, igen, flags,
+                   seq, decode_refroot(buf, bno, index))
+
+
+def decode_refroot(buf, bno: int, index: int) -> TreeNode:
+    """The root of a group's refcount tree in its header block ``buf``.  A root
+    area of zeros (a group header written by revision 2) is an empty tree.
+
+    Raises:
+        CorruptBlock: the root does not decode, or names another group.
+    """
+    if not any(buf[REFROOT_OFF:REFROOT_OFF + NODE_HDR]):
+        return TreeNode(bno, REFCOUNT, 0, index, is_root=True)
+    try:
+        root = TreeNode.decode_from(buf, REFROOT_OFF, REFROOT_SIZE, REFCOUNT, bno,
+                                    root=True)
+    except CorruptBlock as e:
+        raise CorruptBlock(bno, f"refcount root: {e.reason}") from None
+    if root.owner != index:
+        raise CorruptBlock(bno, f"refcount root: owner {root.owner}, expected {index}")
+    return root
 
 
 class Bitmap(MetaObject):

@@ -25,7 +25,7 @@ from ..errors import CorruptBlock, FormatMismatch
 from . import blockhdr
 from .blockhdr import BLOCK_SIZE, HEADER_SIZE, BlockType
 from .layout import (BLOCKS_PER_BITMAP, FORMAT_REVISION, HB_FREE, HB_LAYOUT, LEASE_BLOCKS,
-                     LEASE_START, SB_LAYOUT)
+                     LEASE_START, OLDEST_REVISION, SB_LAYOUT)
 from .meta import _blank
 
 _SB = SB_LAYOUT.struct
@@ -97,10 +97,10 @@ class Superblock:
         (rev, bsize, total, uid, label, created, nslots, jblocks, slot_start,
          jstart, rstart, rblocks, rcount, bmblocks, flags, root, features, backup,
          cname, lease_start, lease_blocks, _reserved, _pad) = _SB.unpack_from(buf, HEADER_SIZE)
-        if rev != FORMAT_REVISION:
+        if not OLDEST_REVISION <= rev <= FORMAT_REVISION:
             raise FormatMismatch(
-                f"volume has format revision {rev}; this clusterfs reads revision "
-                f"{FORMAT_REVISION} only")
+                f"volume has format revision {rev}; this clusterfs reads revisions "
+                f"{OLDEST_REVISION} to {FORMAT_REVISION} only")
         if bsize != BLOCK_SIZE:
             raise CorruptBlock(bno, f"block size {bsize}, expected {BLOCK_SIZE}")
         sb = cls(total_blocks=total, nslots=nslots, journal_blocks=jblocks,

@@ -1,9 +1,11 @@
-"""Tree nodes: extent trees and directory trees share one B+tree node format.
+"""Tree nodes: extent trees, directory trees and refcount trees share one B+tree
+node format.
 
-A root lives in its dinode's data area (``ROOT_CAPACITY`` bytes of records), every
-other node in a block of its own (``NODE_CAPACITY``).  The node header and the three
-kinds of records are the tables ``NODE_LAYOUT``, ``INDEX_REC``, ``EXTENT_REC`` and
-``DIRENT_REC`` of ``layout``; ``docs/FORMAT.md`` ("Trees") describes them.
+A root lives in its dinode's data area, or (refcount trees) in its resource group's
+header (``ROOT_CAPACITY`` bytes of records); every other node in a block of its own
+(``NODE_CAPACITY``).  The node header and the four kinds of records are the tables
+``NODE_LAYOUT``, ``INDEX_REC``, ``EXTENT_REC``, ``DIRENT_REC`` and ``REFCOUNT_REC``
+of ``layout``; ``docs/FORMAT.md`` ("Trees") describes them.
 """
 
 from __future__ import annotations
@@ -16,25 +18,30 @@ import struct
 from ..errors import CorruptBlock
 from . import blockhdr
 from .blockhdr import BLOCK_SIZE, HEADER_SIZE, BlockType
-from .layout import (DIRENT_REC, EXTENT, EXTENT_REC, INDEX_REC, NODE_CAPACITY, NODE_HDR,
-                     NODE_LAYOUT, ROOT_CAPACITY)
+from .layout import (DIRENT, DIRENT_REC, EXTENT, EXTENT_REC, INDEX_REC, NODE_CAPACITY, NODE_HDR,
+                     NODE_LAYOUT, REFCOUNT, REFCOUNT_REC, ROOT_CAPACITY)
 from .meta import MetaObject, _blank
 
 _NODE = NODE_LAYOUT.struct              # level, nrecs, kind, owner
 _EXT = EXTENT_REC.struct                # lblk, pblk, len, flags  (24 bytes)
 _IDX = INDEX_REC.struct                 # key, child              (16 bytes)
 _DIRREC = DIRENT_REC.struct             # key, ino, dtype, namelen (18 bytes + name)
-_IDX_SIZE, _EXT_SIZE = _IDX.size, _EXT.size
+_REF = REFCOUNT_REC.struct              # pblk, len, count        (16 bytes)
+_IDX_SIZE, _EXT_SIZE, _REF_SIZE = _IDX.size, _EXT.size, _REF.size
+# block type of each kind's non-root nodes
+NODE_TYPES = {EXTENT: BlockType.EXTENT_NODE, DIRENT: BlockType.DIR_NODE,
+              REFCOUNT: BlockType.REFCOUNT_NODE}
 
 
 class TreeNode(MetaObject):
     """A B+tree node: a root inside a dinode's data area, or a block of its own.
 
     ``keys[i]`` orders the records.  Level 0 (leaf) values: for EXTENT trees a tuple
-    (pblk, length, flags); for DIRENT trees a tuple (ino, dtype, name).  Level > 0
+    (pblk, length, flags); for DIRENT trees a tuple (ino, dtype, name); for REFCOUNT
+    trees a tuple (length, count) (the key is the first physical block).  Level > 0
     values are child block numbers; ``keys[i]`` is the smallest key under child i
     (``keys[0]`` is 0 in a leftmost index node's first slot and never compared).
-    ``owner`` is the inode the tree belongs to (fsck uses it).
+    ``owner`` is the inode the tree belongs to (a refcount tree: its group).
     """
 
     __slots__ = ("kind", "level", "owner", "keys", "vals", "is_root", "nbytes")
@@ -52,6 +59,7 @@ class TreeNode(MetaObject):
         # _size(), inline for the common nodes (fsck builds one per dinode)
         self.nbytes = _IDX_SIZE * len(keys) if level else \
             _EXT_SIZE * len(keys) if kind == EXTENT else self._size()
+        # (REFCOUNT records are _REF_SIZE each: _size())
 
     def clone(self):
         c = TreeNode.__new__(TreeNode)
@@ -72,6 +80,8 @@ class TreeNode(MetaObject):
             return _IDX.size
         if self.kind == EXTENT:
             return _EXT.size
+        if self.kind == REFCOUNT:
+            return _REF_SIZE
         return _DIRREC.size + len(val[2])
 
     def _size(self) -> int:
@@ -79,6 +89,8 @@ class TreeNode(MetaObject):
             return _IDX.size * len(self.keys)
         if self.kind == EXTENT:
             return _EXT.size * len(self.keys)
+        if self.kind == REFCOUNT:
+            return _REF_SIZE * len(self.keys)
         return sum(_DIRREC.size + len(v[2]) for v in self.vals)
 
     @property
@@ -123,6 +135,10 @@ class TreeNode(MetaObject):
             for k, (pblk, length, flags) in zip(self.keys, self.vals):
                 _EXT.pack_into(buf, p, k, pblk, length, flags)
                 p += _EXT.size
+        elif self.kind == REFCOUNT:
+            for k, (length, count) in zip(self.keys, self.vals):
+                _REF.pack_into(buf, p, k, length, count)
+                p += _REF_SIZE
         else:
             for k, (ino, dtype, name) in zip(self.keys, self.vals):
                 _DIRREC.pack_into(buf, p, k, ino, dtype, len(name))
@@ -136,13 +152,11 @@ class TreeNode(MetaObject):
         buf = _blank()
         self.encode_into(buf, HEADER_SIZE, BLOCK_SIZE - HEADER_SIZE)
         self.seq += 1
-        btype = BlockType.EXTENT_NODE if self.kind == EXTENT else BlockType.DIR_NODE
-        return bytes(blockhdr.seal(buf, btype, self.bno, self.seq))
+        return bytes(blockhdr.seal(buf, NODE_TYPES[self.kind], self.bno, self.seq))
 
     @classmethod
     def decode(cls, buf, bno: int, kind: int) -> "TreeNode":
-        btype = BlockType.EXTENT_NODE if kind == EXTENT else BlockType.DIR_NODE
-        seq = blockhdr.verify(buf, btype, bno)
+        seq = blockhdr.verify(buf, NODE_TYPES[kind], bno)
         node = cls.decode_from(buf, HEADER_SIZE, BLOCK_SIZE - HEADER_SIZE, kind, bno, root=False)
         node.seq = seq
         return node
@@ -181,6 +195,12 @@ class TreeNode(MetaObject):
                 for k, pblk, length, flags in _EXT.iter_unpack(buf[p:p + nrecs * _EXT.size]):
                     keys.append(k)
                     vals.append((pblk, length, flags))
+            elif kind == REFCOUNT:
+                if p + nrecs * _REF_SIZE > end:
+                    raise ValueError("refcount records overflow")
+                for k, length, count in _REF.iter_unpack(buf[p:p + nrecs * _REF_SIZE]):
+                    keys.append(k)
+                    vals.append((length, count))
             else:
                 # one record after another (names vary in length); the loop is kept
                 # tight: a volume's every entry passes here when fsck runs

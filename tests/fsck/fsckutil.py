@@ -4,7 +4,9 @@
 object fsck must understand: inline, extent and fragmented files (extent-tree node
 blocks), sparse files, a directory large enough to have directory-tree node blocks,
 nested directories, symbolic links (inline and extent), hard links, inline and
-overflow xattrs, special files.  It returns a manifest: path -> what must read back.
+overflow xattrs, special files, and files sharing blocks (reflink clones, partly
+copied on write, with counts that alternate block by block: a refcount tree with
+node blocks).  It returns a manifest: path -> what must read back.
 """
 
 from __future__ import annotations
@@ -115,6 +117,38 @@ def populate(path: str, size: int = 64 << 20, seed: int = 1) -> dict:
         fs.setxattr(xi, b"user.small", b"v" * 40)
         fs.setxattr(xi, b"user.big", b"B" * 1000)
         man["/data/med2.bin"]["xattrs"] = {"user.small": "v" * 40, "user.big": "B" * 1000}
+        # shared blocks: a clone, partly rewritten (copy-on-write); every other block
+        # cloned once more (counts 3 and 2 alternate: many refcount records); a
+        # clone at an offset inside a block (head and tail copied, middle shared)
+        shared = mkdir(root, "shared")
+        base = _data(seed + 20, 600 * BLOCK_SIZE)
+        copies = {"base.img": base}
+        fb, _ = fs.create(shared, b"base.img", 0o644, os.O_RDWR, CTX)
+        fs.write(fb, 0, base)
+        fc, _ = fs.create(shared, b"clone.img", 0o644, os.O_RDWR, CTX)
+        assert fs.copy_file_range(fb, 0, fc, 0, len(base)) == len(base)
+        patch = _data(seed + 21, 3 * BLOCK_SIZE + 10)
+        fs.write(fc, 100 * BLOCK_SIZE - 5, patch)
+        clone = bytearray(base)
+        clone[100 * BLOCK_SIZE - 5:100 * BLOCK_SIZE - 5 + len(patch)] = patch
+        copies["clone.img"] = bytes(clone)
+        fs_, _ = fs.create(shared, b"stripes.img", 0o644, os.O_RDWR, CTX)
+        stripes = bytearray(len(base))
+        for i in range(0, 600, 2):
+            at = i * BLOCK_SIZE
+            fs.copy_file_range(fb, at, fs_, at, BLOCK_SIZE)
+            stripes[at:at + BLOCK_SIZE] = base[at:at + BLOCK_SIZE]
+        copies["stripes.img"] = bytes(stripes[:599 * BLOCK_SIZE])     # ends with block 598
+        fp, _ = fs.create(shared, b"partial.img", 0o644, os.O_RDWR, CTX)
+        fs.copy_file_range(fb, 1000, fp, 1000, 100000)
+        copies["partial.img"] = bytes(1000) + base[1000:101000]
+        for h in (fb, fc, fs_, fp):
+            fs.release(h)
+        for name, content in copies.items():
+            man["/shared/" + name] = {
+                "kind": "file", "ino": fs.lookup(shared, name.encode()).bno,
+                "size": len(content), "sha": hashlib.sha256(content).hexdigest()}
+        man["/shared"] = {"kind": "dir", "ino": shared}
         # special files
         di = fs.mknod(root, b"fifo", S.S_IFIFO | 0o644, 0, CTX)
         man["/fifo"] = {"kind": "fifo", "ino": di.bno}
@@ -182,6 +216,33 @@ def dinode(path: str, ino: int) -> Dinode:
 def put_dinode(path: str, di: Dinode) -> None:
     di.seq -= 1
     write_block(path, di.bno, di.image())
+
+
+def rgrp_header(img: str, rg: int):
+    from clusterfs.ondisk.format import RgrpHeader
+    start, _ = superblock(img).rgrp_range(rg)
+    return RgrpHeader.decode(read_block(img, start), start)
+
+
+def put_rgrp_header(img: str, hdr) -> None:
+    hdr.seq -= 1
+    write_block(img, hdr.bno, hdr.image())
+
+
+def refcount_records(img: str, bno: int) -> list[tuple[int, int, int]]:
+    """The records (pblk, len, count) of the refcount tree of ``bno``'s group."""
+    from clusterfs.ondisk.format import REFCOUNT, TreeNode
+    rg = superblock(img).rgrp_of(bno)
+    out = []
+    stack = [rgrp_header(img, rg).refroot]
+    while stack:
+        node = stack.pop()
+        if node.level == 0:
+            out.extend((k, ln, c) for k, (ln, c) in zip(node.keys, node.vals))
+        else:
+            stack.extend(TreeNode.decode(read_block(img, b), b, REFCOUNT)
+                         for b in node.vals)
+    return sorted(out)
 
 
 def set_bitmap_state(img: str, bno: int, state: int) -> None:

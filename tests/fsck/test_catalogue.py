@@ -20,10 +20,12 @@ import pytest
 from clusterfs.fs import directory
 from clusterfs.fs.single_node import SingleNodeMount
 from clusterfs.ondisk.blockhdr import BLOCK_SIZE, BlockType
-from clusterfs.ondisk.format import DIRENT, DT_REG, FREE, USED, Heartbeat, TreeNode
+from clusterfs.ondisk.format import (DIRENT, DT_REG, EXT_SHARED, EXTENT, FREE, REFCOUNT,
+                                     REFROOT_OFF, USED, Heartbeat, TreeNode)
 from tests.fsck.fsckutil import (CTX, Api, bitmap_state, crash_session, dinode,
                                  dir_node_blocks, findings, flip, fsck, lookup, put_dinode,
-                                 read_block, set_bitmap_state, superblock, verify_tree,
+                                 put_rgrp_header, read_block, refcount_records, reseal,
+                                 rgrp_header, set_bitmap_state, superblock, verify_tree,
                                  write_block)
 from tests.helpers import Mount
 
@@ -335,11 +337,22 @@ def test_doubly_claimed_block(vol, tmp_path):
     want = a_data + b_data
     a.update(size=len(want), sha=hashlib.sha256(want).hexdigest())
     check_case(img, man, tmp_path, 4, {"dup-blocks"})
-    # both still read their data, from different blocks now
+    # the two blocks are shared now (revision 3): both extents SHARED, count 2
     da, db = dinode(img, a["ino"]), dinode(img, b["ino"])
-    pa2 = {p + k for p, n, _ in da.root.vals for k in range(n)}
-    pb2 = {p + k for p, n, _ in db.root.vals for k in range(n)}
-    assert not pa2 & pb2
+    assert da.root.vals[-1] == (pb, 2, EXT_SHARED) and db.root.vals == [(pb, nb, EXT_SHARED)]
+    assert refcount_records(img, pb) == [(pb, 2, 2)]
+    # copy-on-write: a write to B leaves A's bytes
+    m = Mount(img, str(tmp_path / "mnt")).start()
+    try:
+        with open(m.p("data/med6.bin"), "r+b") as f:
+            f.write(b"\xee" * (2 * BLOCK_SIZE))
+        with open(m.p("data/med5.bin"), "rb") as f:
+            assert f.read() == want
+    finally:
+        m.stop()
+    code, rep, _ = fsck(img, "n")
+    assert code == 0, rep.text
+    assert refcount_records(img, pb) == []
 
 
 def test_damaged_extent_tree_node(vol, tmp_path):
@@ -357,6 +370,147 @@ def test_damaged_xattr_block(vol, tmp_path):
     write_block(img, xb, bytes(BLOCK_SIZE))
     del e["xattrs"]["user.big"]       # lost with its block
     check_case(img, man, tmp_path, 4, {"xattr-block"})
+
+
+# -- layer 4: shared blocks and refcount trees ------------------------------------------------
+
+def _refcount_leaf(img, pblk):
+    """(node, where) of the refcount tree leaf of ``pblk``'s group that holds (or
+    would hold) the record of ``pblk``: where is "root" (the group header) or the
+    node's block."""
+    sb = superblock(img)
+    rg = sb.rgrp_of(pblk)
+    node, where = rgrp_header(img, rg).refroot, "root"
+    while node.level:
+        i = max(0, node.find(pblk))
+        where = node.vals[i]
+        node = TreeNode.decode(read_block(img, where), where, REFCOUNT)
+    return node, where
+
+
+def _put_refcount_leaf(img, pblk, node, where):
+    if where == "root":
+        hdr = rgrp_header(img, superblock(img).rgrp_of(pblk))
+        hdr.refroot = node
+        node.is_root = True
+        put_rgrp_header(img, hdr)
+    else:
+        node.recount()
+        node.seq -= 1
+        write_block(img, where, node.image())
+
+
+def _shared_block(img, man, name="/shared/base.img", at=0):
+    """The physical block of logical block ``at`` of a shared file."""
+    di = dinode(img, man[name]["ino"])
+    from clusterfs.fs.btree import BTree
+    # (a root-only or one-level tree: read its records straight)
+    recs = list(zip(di.root.keys, di.root.vals))
+    if di.root.level:
+        recs = []
+        for b in di.root.vals:
+            n = TreeNode.decode(read_block(img, b), b, EXTENT)
+            recs.extend(zip(n.keys, n.vals))
+    del BTree
+    for lb, (pb, n, f) in recs:
+        if lb <= at < lb + n:
+            return pb + at - lb, f
+    raise AssertionError(f"{name}: block {at} not mapped")
+
+
+def test_refcount_too_high(vol, tmp_path):
+    img, man = vol
+    pblk, _f = _shared_block(img, man, at=10)
+    node, where = _refcount_leaf(img, pblk)
+    i = node.find(pblk)
+    assert node.keys[i] == pblk and node.vals[i][1] >= 2
+    node.vals[i] = (node.vals[i][0], node.vals[i][1] + 5)
+    _put_refcount_leaf(img, pblk, node, where)
+    check_case(img, man, tmp_path, 4, {"refcount-wrong"})
+    assert [r for r in refcount_records(img, pblk) if r[0] == pblk][0][2] < 6
+
+
+def test_refcount_record_lost(vol, tmp_path):
+    """A shared block whose count is gone: a write to one sharer would go in place
+    and change the others' bytes."""
+    img, man = vol
+    pblk, _f = _shared_block(img, man, at=11)
+    node, where = _refcount_leaf(img, pblk)
+    i = node.find(pblk)
+    assert node.keys[i] == pblk and i > 0
+    want = node.vals[i]
+    node.delete_at(i)
+    _put_refcount_leaf(img, pblk, node, where)
+    check_case(img, man, tmp_path, 4, {"refcount-missing"})
+    assert (pblk, *want) in refcount_records(img, pblk)
+
+
+def test_stale_refcount(vol, tmp_path):
+    """A count on blocks one file maps alone (a stale count)."""
+    img, man = vol
+    di = dinode(img, man["/data/med0.bin"]["ino"])
+    (pblk, n, _f), = di.root.vals
+    node, where = _refcount_leaf(img, pblk)
+    assert where == "root" and not node.keys, "med0's group should share nothing"
+    node.insert_at(0, pblk, (n, 2))
+    _put_refcount_leaf(img, pblk, node, where)
+    check_case(img, man, tmp_path, 4, {"refcount-stale"})
+    assert refcount_records(img, pblk) == []
+
+
+def test_refcount_on_free_blocks(vol, tmp_path):
+    """A count on blocks nothing maps (their last sharer went, the count stayed)."""
+    img, man = vol
+    sb = superblock(img)
+    start, length = sb.rgrp_range(sb.rgrp_count - 1)
+    victim = start + length - 20
+    assert bitmap_state(img, victim) == FREE
+    node, where = _refcount_leaf(img, victim)
+    assert where == "root" and not node.keys
+    node.insert_at(0, victim, (4, 3))
+    _put_refcount_leaf(img, victim, node, where)
+    check_case(img, man, tmp_path, 4, {"refcount-stale"})
+    assert refcount_records(img, victim) == []
+
+
+def test_shared_blocks_without_the_flag(vol, tmp_path):
+    """A clone whose extent lost SHARED: the blocks are cross-linked (fixed by
+    setting the flag again, the count being right)."""
+    img, man = vol
+    di = dinode(img, man["/shared/clone.img"]["ino"])
+    assert di.root.level == 0
+    pb, n, f = di.root.vals[0]
+    assert f & EXT_SHARED
+    di.root.vals[0] = (pb, n, 0)
+    put_dinode(img, di)
+    check_case(img, man, tmp_path, 4, {"dup-blocks"})
+    assert dinode(img, man["/shared/clone.img"]["ino"]).root.vals[0] == (pb, n, f)
+
+
+def test_damaged_refcount_node(vol, tmp_path):
+    img, man = vol
+    pblk, _f = _shared_block(img, man, at=2)
+    _node, where = _refcount_leaf(img, pblk)
+    assert where != "root", "the base image's group should have refcount node blocks"
+    before = refcount_records(img, pblk)
+    flip(img, where, 40)           # the node's owner field: the node is not credible
+    check_case(img, man, tmp_path, 4, {"refcount-tree"})
+    assert refcount_records(img, pblk) == before
+
+
+def test_damaged_refcount_root(vol, tmp_path):
+    img, man = vol
+    pblk, _f = _shared_block(img, man, at=2)
+    sb = superblock(img)
+    start, _ = sb.rgrp_range(sb.rgrp_of(pblk))
+    before = refcount_records(img, pblk)
+    buf = read_block(img, start)
+    buf[REFROOT_OFF + 4] = 7        # the root's kind
+    write_block(img, start, reseal(buf))
+    rep = check_case(img, man, tmp_path, 4, {"refcount-tree"})
+    # the header itself is kept (the nodes under the lost root are leaked blocks)
+    assert {f.code for f in findings(rep, 3)} <= {"leaked-blocks"}, rep.text
+    assert refcount_records(img, pblk) == before
 
 
 # -- layer 5: namespace ---------------------------------------------------------------------------

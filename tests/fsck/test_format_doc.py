@@ -16,8 +16,8 @@ from clusterfs.ondisk import format as fmt
 from clusterfs.ondisk.blockhdr import HEADER_SIZE, BlockType
 from clusterfs.ondisk.format import (DINODE_LAYOUT, DIRENT, DIRENT_REC, EXTENT, EXTENT_REC,
                                      HB_LAYOUT, INDEX_REC, LEASE_LAYOUT, NODE_HDR,
-                                     NODE_LAYOUT, RGRP_LAYOUT, SB_LAYOUT,
-                                     XATTR_BLOCK_LAYOUT, XATTR_ENTRY)
+                                     NODE_LAYOUT, REFCOUNT, REFCOUNT_REC, RGRP_LAYOUT,
+                                     SB_LAYOUT, XATTR_BLOCK_LAYOUT, XATTR_ENTRY)
 from lockmgr import LeaseRecord
 
 DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
@@ -102,10 +102,16 @@ def test_tree_tables_match_layouts():
     index = ", ".join(f"`{name}` u{8 * size}" for _off, size, name in INDEX_REC.rows())
     assert f"Index records (level > 0), {INDEX_REC.size} bytes: {index}" in \
         "\n".join(sections()["Trees"])
-    for title in ("EXTENT_NODE (type 6)", "DIR_NODE (type 7)"):
+    for title in ("EXTENT_NODE (type 6)", "DIR_NODE (type 7)", "REFCOUNT_NODE (type 10)"):
         rows = table(sections()[title])
         assert rows[1:5] == layout_rows(NODE_LAYOUT, HEADER_SIZE)
         assert rows[5][0] == str(HEADER_SIZE + NODE_HDR)
+    ref, = tables(sections()["Shared blocks and refcount trees"])
+    assert ref == layout_rows(REFCOUNT_REC)
+    assert REFCOUNT_REC.size == INDEX_REC.size == 16
+    rgrp = table(sections()["RGRP (type 3)"])
+    assert rgrp[-2][:2] == (str(RGRP_LAYOUT.end), str(fmt.REFROOT_OFF - RGRP_LAYOUT.end))
+    assert rgrp[-1] == (str(fmt.REFROOT_OFF), str(fmt.REFROOT_SIZE), "refroot")
 
 
 def test_xattr_tables_match_layouts():
@@ -130,7 +136,11 @@ def test_layout_constants():
     assert (fmt.FREE, fmt.USED, fmt.UNLINKED, fmt.DINODE) == (0, 1, 2, 3)
     assert (fmt.DF_INLINE, fmt.DF_EXTENTS, fmt.DF_DIRTREE) == (1, 2, 4)
     assert fmt.HASH_SHIFT == 16 and fmt.READDIR_BASE == 3
-    assert fmt.FORMAT_REVISION == 2 and blockhdr.MAGIC == 0x31534643
+    assert fmt.FORMAT_REVISION == 3 and fmt.OLDEST_REVISION == 2
+    assert blockhdr.MAGIC == 0x31534643
+    assert (fmt.EXTENT, fmt.DIRENT, fmt.REFCOUNT) == (1, 2, 3) and fmt.EXT_SHARED == 1
+    assert (fmt.REFROOT_OFF, fmt.REFROOT_SIZE) == (fmt.DATA_OFF, fmt.DATA_SIZE)
+    assert "`SHARED` (`EXT_SHARED`)" in "\n".join(s["Trees"])
     assert (fmt.LEASE_START, fmt.LEASE_BLOCKS, fmt.LEASE_FREE) == (1, 1, -1)
     assert fmt.MAX_DEPTH == 8 and fmt.SYMLINK_MAX == 4095
     assert f"at most {fmt.MAX_DEPTH - 1} (depth {fmt.MAX_DEPTH})" in "\n".join(s["Trees"])
@@ -177,8 +187,29 @@ def test_superblock_and_heartbeat_fields():
 def test_rgrp_dinode_and_xattr_block_fields():
     hdr = fmt.RgrpHeader(500, 3, 500, 4000, 1, free=11, dinodes=22, unlinked=33,
                          igeneration=44, flags=0)
-    got = _fields(RGRP_LAYOUT, hdr.image())
+    hdr.refroot.keys, hdr.refroot.vals = [700, 900], [(5, 2), (1, 7)]
+    hdr.refroot.recount()
+    buf = hdr.image()
+    got = _fields(RGRP_LAYOUT, buf)
     assert got == {**{k: getattr(hdr, k) for k in got if k != "pad"}, "pad": 0}
+    assert not any(buf[RGRP_LAYOUT.end:fmt.REFROOT_OFF])
+    assert _fields(NODE_LAYOUT, buf, fmt.REFROOT_OFF) == \
+        {"level": 0, "nrecs": 2, "kind": REFCOUNT, "owner": 3}
+    at = fmt.REFROOT_OFF + NODE_HDR + REFCOUNT_REC.size
+    assert _fields(REFCOUNT_REC, buf, at) == {"pblk": 900, "len": 1, "count": 7}
+    back = fmt.RgrpHeader.decode(buf, 500)
+    assert (back.refroot.keys, back.refroot.vals) == ([700, 900], [(5, 2), (1, 7)])
+    # a revision-2 header (zeros where the root is) holds an empty tree
+    old = bytearray(buf)
+    old[fmt.REFROOT_OFF:] = bytes(len(old) - fmt.REFROOT_OFF)
+    blockhdr.reseal(old)
+    empty = fmt.RgrpHeader.decode(old, 500).refroot
+    assert (empty.kind, empty.owner, empty.keys) == (REFCOUNT, 3, [])
+    node = fmt.TreeNode(88, REFCOUNT, 0, 3, [1000], [(4, 2)])
+    nbuf = node.image()
+    assert blockhdr.header(nbuf)[1] == BlockType.REFCOUNT_NODE
+    assert _fields(REFCOUNT_REC, nbuf, HEADER_SIZE + NODE_HDR) == \
+        {"pblk": 1000, "len": 4, "count": 2}
     root = fmt.TreeNode(900, EXTENT, 0, 900, [0, 5], [(1000, 5, 0), (2000, 1, 0)],
                         is_root=True)
     di = fmt.Dinode(900, generation=7, mode=S.S_IFREG | 0o640, uid=1, gid=2, nlink=3,

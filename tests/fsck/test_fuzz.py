@@ -2,8 +2,8 @@
 ``fsck -y`` a second run is clean and the volume mounts with everything readable.
 
 Each case copies the populated volume, picks 1-3 metadata blocks (superblocks,
-heartbeats, journal headers, group headers and bitmaps, dinodes, tree nodes, xattr
-blocks) and damages them: flipped bytes (crc left wrong, or recomputed so that only
+heartbeats, journal headers, group headers and bitmaps, dinodes, tree nodes, refcount
+tree nodes, xattr blocks) and damages them: flipped bytes (crc left wrong, or recomputed so that only
 the contents are wrong), a zeroed block, or random garbage.  A second campaign starts
 from a volume whose node died with committed transactions in its journal, and also
 damages the journal's log blocks.  The default run does a quick subset (24 + 6
@@ -44,13 +44,15 @@ def meta_blocks(populated_master):
         "dinode": sorted(st.inodes),
         "node": sorted(b for r in st.inodes.values() for b in r.nodes),
         "xattr": sorted(r.di.xattr_block for r in st.inodes.values() if r.di.xattr_block),
+        "refcount": sorted(b for nodes in st.ref_nodes for b in nodes),
     }
+    assert kinds["refcount"], "the populated volume should have refcount node blocks"
     return kinds
 
 
 # how often each kind is picked (dinodes and tree nodes matter most)
 WEIGHTS = {"superblock": 2, "heartbeat": 1, "journal": 1, "rgrp": 3, "bitmap": 3,
-           "dinode": 12, "node": 6, "xattr": 1}
+           "dinode": 12, "node": 6, "xattr": 1, "refcount": 2}
 
 
 def damage(img: str, kinds: dict, rng: random.Random) -> list[str]:
