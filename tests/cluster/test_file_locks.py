@@ -214,3 +214,34 @@ def test_sqlite_writers_on_two_nodes(topdir):
             db.close()
         # every transaction saw all the rows committed before it: 0, 1, 2, ...
         assert [r[0] for r in rows] == list(range(200))
+
+
+def test_more_waiters_than_request_workers(topdir):
+    """150 processes wait for one flock (more than pyfuse3's 99 request workers): a
+    waiting lock does not hold a worker, so the holder's close is still served and
+    every waiter gets the lock in turn."""
+    with running_cluster(topdir) as c:
+        a = c.mount("n1")
+        path = a.p("busy")
+        with open(path, "wb"):
+            pass
+        holder = Actor("h", a.path)
+        waiters = []
+        try:
+            holder.call("open", fd="f", file="busy")
+            assert holder.call("flock", fd="f", how="ex", nb=True) == "ok"
+            waiters = [subprocess.Popen(["flock", "-x", path, "true"])
+                       for _ in range(150)]
+            time.sleep(2.0)
+            assert all(w.poll() is None for w in waiters)     # all waiting
+            # requests are still served (an F_GETLK is one)
+            assert holder.call("getlk", fd="f", type="w", start=0, len=0) == "unlocked"
+            holder.call("close", fd="f")
+            for w in waiters:
+                assert w.wait(timeout=120) == 0
+        finally:
+            holder.stop()
+            for w in waiters:
+                if w.poll() is None:
+                    w.kill()
+                    w.wait()
