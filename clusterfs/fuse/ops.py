@@ -270,9 +270,13 @@ class Operations(pyfuse3.Operations):
         await self.front.fsync(fh, datasync)
 
     async def release(self, fh, flock_owner=None):
-        if self.locks is not None:
-            await self.locks.release(fh)
-        await self.front.release(fh)
+        try:
+            if self.locks is not None:
+                await self.locks.release(fh)
+        finally:
+            # the handle goes even when its locks could not be given back (a node
+            # that lost the lock manager: they go with its session)
+            await self.front.release(fh)
 
     # -- fcntl, OFD and flock locks (a cluster's; a single node's kernel keeps its own) --
 
