@@ -331,8 +331,12 @@ class LockClient:
         ``owner`` on [start, end] (inclusive; ``plocks.OFFSET_MAX``: to the end),
         cluster-wide.
 
-        With ``wait`` the request waits for conflicting locks to go; a cancelled wait
-        is withdrawn at the server (a grant that crossed the withdrawal is given back).
+        With ``wait`` the request waits for conflicting locks to go.  A cancelled wait
+        is withdrawn at the server, and the answer is still awaited (shielded): a
+        grant that crossed the withdrawal stands, and this returns normally (the
+        caller holds the lock, as when the grant came just before the signal);
+        otherwise the cancellation goes on.  Giving such a grant back instead could
+        not restore what the owner held before (an upgraded lock).
 
         Raises:
             PlockError: ``errno`` EAGAIN (a conflict and not ``wait``), EDEADLK (the
@@ -345,7 +349,16 @@ class LockClient:
             rid=rid, name=name, owner=owner, ltype=ltype, start=start, end=end, pid=pid,
             flags=flags))
         op.plock = (name, owner, ltype, start, end, pid)
-        err = await self._wait(op, None)
+        try:
+            err = await self._wait(op, None)
+        except trio.Cancelled:
+            # withdrawn (_abandon sent CANCEL): its answer comes, or the session's
+            # loss finishes the request
+            with trio.CancelScope(shield=True):
+                await op.event.wait()
+            if op.error is not None or op.result != 0:
+                raise
+            return
         if err:
             cls = {errno.EAGAIN: PlockConflict, errno.EDEADLK: PlockDeadlock}.get(err)
             if cls is not None:
@@ -677,6 +690,12 @@ class LockClient:
         if state == "resumed":
             self._processed(last_rid)
             resend = [d for _, d in self._unacked]
+            # requests withdrawn while the connection was down: the CANCEL goes now
+            for rid in sorted(self._pending):
+                op = self._pending[rid]
+                if op.abandoned and op.kind in (Op.LOCK, Op.CONVERT, Op.PLOCK):
+                    name = op.plock[0] if op.kind == Op.PLOCK else op.rec.name
+                    resend.append(Op.CANCEL.encode(rid=rid, name=name))
         else:
             self._received = 0
             resend = []
@@ -916,16 +935,13 @@ class LockClient:
         if op is None:
             return
         if op.kind == Op.PLOCK and value == 0:
+            # granted (also when the caller withdrew it meanwhile: plock() returns it)
             name, owner, ltype, start, end, pid = op.plock
             try:
                 self._plocks.lock(name, owner, ltype, start, end, pid, wait=False,
                                   detect_deadlock=False)
             except PlockError as e:     # the server's view and ours differ: a bug
                 log.error("plock %r granted by the server conflicts here: %s", name, e)
-            if op.abandoned:
-                # the caller was interrupted before the grant came: give it back
-                self._punlock_start(name, owner, start, end)
-                value = errno.EINTR
         self._finish(op, result=value)
 
     @handles(Op.NODE_DOWN, "self")

@@ -127,7 +127,11 @@ class PlockService:
         for sid, rid, fn, args in held:
             s = self.sessions.get(sid)
             if s is not None and s.state == "live":
-                fn(s, rid, *args)
+                try:
+                    fn(s, rid, *args)
+                except ValueError as e:     # checked when it came: a bug, that request's
+                    log.error("held-back plock request %d of node %s: %s", rid, s.node, e)
+                    s.emit(Op.REPLY.encode(rid=rid, value=errno.EIO))
 
     def reclaim(self, s, items: list[Held]) -> int:
         """The plocks a member held under the previous server.  Returns how many were

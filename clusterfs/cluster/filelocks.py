@@ -106,6 +106,11 @@ class FileLocks:
         """A descriptor of ``ino`` was closed by the process ``owner``: its fcntl locks
         on the file go (POSIX), for every node before close() returns."""
         name = posix_name(ino)
+        # the process holds no fcntl lock on the file any more: the open files it
+        # locked through must not release anything of it at their last close (one
+        # may be shared with a child, and the process may lock again through another)
+        for through in self._through.values():
+            through.discard((name, owner))
         # every close asks: answer at once when this node holds no lock of the owner
         if not self.coh.fenced and any(lk.owner == owner
                                        for _, lk in self.client.plocks_held(name)):

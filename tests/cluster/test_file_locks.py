@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -245,3 +246,52 @@ def test_more_waiters_than_request_workers(topdir):
                 if w.poll() is None:
                     w.kill()
                     w.wait()
+
+
+INTERRUPTED_WAITER = r"""
+import fcntl, os, signal, struct, sys
+class Interrupted(Exception): pass
+def on_signal(*a): raise Interrupted()
+signal.signal(signal.SIGUSR1, on_signal)
+fd = os.open(sys.argv[1], os.O_RDWR)
+lk = lambda t, s, n: struct.pack("hh4xqqi4x", t, 0, s, n, 0)
+fcntl.fcntl(fd, fcntl.F_SETLK, lk(fcntl.F_RDLCK, 0, 100))
+print("holding", flush=True)
+try:
+    fcntl.fcntl(fd, fcntl.F_SETLKW, lk(fcntl.F_WRLCK, 0, 100))   # upgrade: waits
+    print("upgraded", flush=True)
+except Interrupted:
+    print("interrupted", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_interrupted_wait_on_another_nodes_lock(topdir):
+    """A process waiting for a lock another node holds is interrupted by a signal:
+    its request is withdrawn, and it keeps the read lock it had (the upgrade it asked
+    for is not granted behind its back when the other node lets go)."""
+    with running_cluster(topdir) as c:
+        a = c.mount("n1")
+        b = c.mount("n2")
+        shared_file(a.p("data"))
+        other = Actor("o", b.path)
+        other.call("open", fd="f", file="data")
+        assert other.call("setlk", fd="f", type="r", start=50, len=1) == "ok"
+        p = subprocess.Popen([sys.executable, "-c", INTERRUPTED_WAITER, a.p("data")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout.readline().strip() == "holding"
+            time.sleep(0.5)                                  # p waits for o's read lock
+            p.send_signal(signal.SIGUSR1)
+            assert p.stdout.readline().strip() == "interrupted"
+            assert other.call("setlk", fd="f", type="u", start=0, len=0) == "ok"
+            time.sleep(0.5)
+            # p still holds its read lock, not a write lock: o may read-lock, not write
+            assert other.call("setlk", fd="f", type="r", start=0, len=1) == "ok"
+            assert other.call("setlk", fd="f", type="w", start=10, len=1) == "EAGAIN"
+            got = other.call("getlk", fd="f", type="w", start=10, len=1)
+            assert got[:3] == ["r", 0, 100] and got[3] == p.pid
+        finally:
+            other.stop()
+            p.stdin.close()
+            p.wait(timeout=30)
