@@ -30,6 +30,7 @@ import random
 
 import trio
 
+from journal.errors import JournalAborted
 from lockmgr import (EX, PR, Deadlock, LeaseLost, LockError, Mode, NotRecovered, TryAgain,
                      covers, supremum)
 
@@ -197,6 +198,12 @@ class Coherence:
             except Fenced:
                 self.fence("a volume write was refused")
                 raise FSError(errno.EIO, "node is fenced") from None
+            except JournalAborted as e:
+                # the journal stopped at an earlier device error (the node fenced
+                # itself meanwhile, or the device failed): nothing more can be
+                # written here, so fence (a survivor recovers the journal); EIO
+                self.fence(f"the journal stopped: {e}")
+                raise FSError(errno.EIO, f"journal aborted: {e}") from None
             finally:
                 self.vol.inode_hint = None
                 self.holds = None
