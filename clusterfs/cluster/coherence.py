@@ -238,4 +238,7 @@ class Coherence:
             return True
         except (TryAgain, NotRecovered):
             return False
+        except (LeaseLost, LockError) as e:
+            # the session was lost meanwhile (the node is fencing itself): EIO
+            raise FSError(errno.EIO, f"lock manager: {e}") from None
 
