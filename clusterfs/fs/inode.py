@@ -661,29 +661,14 @@ def punch_step(vol, di: Dinode, off: int, end: int, pos: int) -> int | None:
     first, stop = punch_range(di, off, end)
     pos = max(pos, first)
     t = tree(vol, di)
-    for _ in range(TRUNCATE_STEP):
-        if pos >= stop:
-            return None
-        rec = t.floor(pos)
-        if rec is None or rec[0] + rec[1][1] <= pos:
-            rec = next(t.items_from(pos), None)
-            if rec is None or rec[0] >= stop:
-                return None
-        lb, (pb, n, f) = rec
-        a, b = max(lb, pos), min(lb + n, stop)
-        if a == lb and b == lb + n:
-            t.delete(lb)
-        elif a == lb:
-            t.replace(lb, b, (pb + b - lb, lb + n - b, f))
-        else:
-            t.replace(lb, lb, (pb, a - lb, f))
-            if b < lb + n:
-                t.insert(b, (pb + b - lb, lb + n - b, f))
-        refcount.release(vol, pb + a - lb, b - a, f)
+    pieces, pos = _unmap(t, pos, stop, limit=TRUNCATE_STEP)
+    if not pieces:
+        return None
+    for _lblk, pblk, n, flags in pieces:
+        refcount.release(vol, pblk, n, flags)
         vol.touch(di)
-        di.blocks -= b - a
-        pos = b
-    return pos
+        di.blocks -= n
+    return None if pos >= stop else pos
 
 
 def punch_edges(vol, di: Dinode, off: int, end: int) -> None:
