@@ -49,14 +49,10 @@ def rebuild_tree(s, rec: Rec, kind: int, items: list) -> bool:
     """
     di = rec.di
     ino = di.bno
-    try:
-        root, new_nodes = build_tree(s, kind, ino, items, ino, ino)
-    except OSError as e:
-        s.report.unfix(why=str(e))
+    built = write_new_tree(s, kind, ino, items, ino, ino)
+    if built is None:
         return False
-    allocator.flush(s)
-    for node in new_nodes:
-        s.write_obj(node)
+    root, new_nodes = built
     old = list(rec.nodes)
     di.root = root
     rec.nodes = [n.bno for n in new_nodes]
@@ -69,6 +65,22 @@ def rebuild_tree(s, rec: Rec, kind: int, items: list) -> bool:
             allocator.release(s, b)
     allocator.flush(s)
     return True
+
+
+def write_new_tree(s, kind: int, owner: int, items, goal: int, root_bno: int):
+    """Build a tree of ``items`` (``build_tree``) and write its new node blocks,
+    the first half of replacing a tree (the caller then points its owner at the
+    root and frees the old nodes).  Returns (root, new nodes), or None when no
+    blocks could be had (reported as not fixed)."""
+    try:
+        root, new_nodes = build_tree(s, kind, owner, items, goal, root_bno)
+    except OSError as e:
+        s.report.unfix(why=str(e))
+        return None
+    allocator.flush(s)
+    for node in new_nodes:
+        s.write_obj(node)
+    return root, new_nodes
 
 
 def build_tree(s, kind: int, owner: int, items: list, goal: int,

@@ -375,17 +375,13 @@ def rebuild_refcounts(s, rg: int, runs: list) -> bool:
     """Write group ``rg``'s refcount tree anew from ``runs`` (start, n, count):
     new nodes first, then the group header pointing at them, then the old nodes
     freed."""
-    from .repairs import build_tree
+    from .repairs import write_new_tree
     start = s.gstart[rg]
     items = [(a, (n, c)) for a, n, c in runs]
-    try:
-        root, new_nodes = build_tree(s, REFCOUNT, rg, items, start, start)
-    except OSError as e:
-        s.report.unfix(why=str(e))
+    built = write_new_tree(s, REFCOUNT, rg, items, start, start)
+    if built is None:
         return False
-    allocator.flush(s)
-    for node in new_nodes:
-        s.write_obj(node)
+    root, new_nodes = built
     s.hdrs[rg].refroot = root
     s.dirty_hdr.add(rg)
     allocator.flush(s)
