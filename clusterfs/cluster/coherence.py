@@ -31,18 +31,24 @@ import random
 import trio
 
 from journal.errors import JournalAborted
-from lockmgr import (EX, PR, Deadlock, LeaseLost, LockError, Mode, NotRecovered, TryAgain,
-                     covers, supremum)
+from lockmgr import (CW, EX, PR, PW, Deadlock, LeaseLost, LockError, Mode, NotRecovered,
+                     TryAgain, covers, supremum)
 
 from ..errors import FSError, Fenced
 from ..ondisk.format import Dinode
 from .glock import GlockTable, Holds
 from .glops import lock_types
-from .locks import NeedLock, covering_lock, describe_lock, group_lock, inode_lock
+from .locks import FREEZE, NeedLock, covering_lock, describe_lock, group_lock, inode_lock
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2000
+WRITE_MODES = (CW, PW, EX)
+
+
+def writes(want: dict) -> bool:
+    """Whether an operation that starts with the locks ``want`` may change the volume."""
+    return any(m in WRITE_MODES for m in want.values())
 
 
 class Coherence:
@@ -76,6 +82,14 @@ class Coherence:
         # fn(ino): drop the kernel's cached attributes of an inode (set once mounted)
         self.forget_kernel_attrs = None
         self.stats = {"attempts": 0, "retries": 0}
+        # freezing: set while this node freezes the volume (``admin.VolumeAdmin``):
+        # its own operations that write wait for it; frozen_here: this node gave the
+        # freeze lock up (another froze the volume) and has not had it back since
+        self.gate: trio.Event | None = None
+        self.frozen_here = False
+        # fn(sb): take a superblock with a new geometry (grow, new slots; set by the
+        # member); called when the freeze lock comes back
+        self.adopt_superblock = None
         vol.cluster = self
 
     # -- requirement checks (called by the volume inside operation bodies) -----------
@@ -85,9 +99,23 @@ class Coherence:
         if holds is None:
             raise RuntimeError(f"metadata access outside a locked operation "
                                f"({describe_lock(name)})")
+        if mode in WRITE_MODES and not self._may_write(holds):
+            raise NeedLock(FREEZE, PR)
         if holds.covers(name, mode) or self.glocks.try_hold(holds, name, mode):
             return
         raise NeedLock(name, mode, hint)
+
+    def _may_write(self, holds: Holds) -> bool:
+        """Whether the running body may change the volume: it holds the freeze lock
+        (or takes it now without waiting) and this node is not freezing it."""
+        return self.gate is None and \
+            (holds.covers(FREEZE, PR) or self.glocks.try_hold(holds, FREEZE, PR))
+
+    def may_write_now(self) -> bool:
+        """Whether the running body may make a change it can also leave out (an
+        access time): not while the volume is frozen, as the kernel skips atime
+        updates on a frozen file system."""
+        return self.holds is not None and self._may_write(self.holds)
 
     def require_inode(self, ino: int, write: bool) -> None:
         self._require(inode_lock(ino), EX if write else PR, ino if write else None)
@@ -101,6 +129,26 @@ class Coherence:
             raise TypeError(f"no lock covers {obj.__class__.__name__}")
         self._require(name, EX, obj.bno if obj.__class__ is Dinode else None)
         self.glocks.glocks[name].dirty = True
+
+    def reread_superblock(self) -> None:
+        """The freeze lock came back after a freeze: read the superblock again and,
+        when a grow or new slots changed it meanwhile, take its geometry
+        (``adopt_superblock``)."""
+        from ..fs.volume import read_superblock
+        try:
+            sb = read_superblock(self.vol.dev)
+        except Exception as e:
+            log.error("superblock not read again after a freeze: %s", e)
+            return
+        old = self.vol.sb
+        if (sb.total_blocks, sb.rgrp_count, sb.nslots) == \
+                (old.total_blocks, old.rgrp_count, old.nslots) and \
+                sb.image() == old.image():
+            return
+        log.info("the superblock changed while frozen: %d blocks, %d groups, %d slots",
+                 sb.total_blocks, sb.rgrp_count, sb.nslots)
+        if self.adopt_superblock is not None:
+            self.adopt_superblock(sb)
 
     def kernel_cacheable(self, ino: int) -> bool:
         """Whether the kernel may cache the attributes of ``ino`` now: this node holds
@@ -178,6 +226,11 @@ class Coherence:
             self.check()
             attempts += 1
             self.stats["attempts"] += 1
+            if FREEZE not in want and writes(want):
+                want[FREEZE] = PR
+            if FREEZE in want and self.gate is not None:
+                await self.until_fenced(self.gate.wait)
+                continue
             try:
                 holds = self.glocks.take_cached(want) or \
                     await self.until_fenced(self.glocks.acquire, want)
@@ -186,6 +239,10 @@ class Coherence:
                 continue
             except (LeaseLost, LockError) as e:
                 raise FSError(errno.EIO, f"lock manager: {e}") from None
+            if FREEZE in want and self.gate is not None:
+                # this node began to freeze the volume while the locks were awaited
+                self.glocks.release(holds)
+                continue
             self.holds = holds
             self.vol.inode_hint = hint
             try:

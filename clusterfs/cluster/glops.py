@@ -12,8 +12,10 @@ never switches on a lock name:
   write (PW/EX only).
 - ``dropped(g)``: the lock is given up entirely: forget what it covered.
 
-Locks of the other types (open, write-open, slot, recovery, rename) cover no cached
-object: ``LockOps``'s defaults do nothing for them.
+The freeze lock ``F`` covers the volume as a whole (``FreezeOps``): going below PR
+writes everything home and stops this node's changes; its next grant re-reads the
+superblock.  Locks of the other types (open, write-open, slot, recovery, rename) cover
+no cached object: ``LockOps``'s defaults do nothing for them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from lockmgr import EX, PR, PW, Mode, covers
 
 from ..ondisk.format import Dinode, RgrpHeader
 from ..ondisk.lvb import GROUP_LVB, INODE_LVB, VERSION_MASK, lvb_version
-from .locks import GROUP, INODE, lock_number
+from .locks import FREEZE, GROUP, INODE, lock_number
 
 
 class LockOps:
@@ -133,9 +135,40 @@ class GroupOps(_CachingOps):
         self.coh.ex_groups.discard(rg)
 
 
+class FreezeOps(LockOps):
+    """``F``: the freeze lock.  A member changes nothing (no operation body that
+    writes runs) unless it holds ``F`` in PR or better; a member that freezes the
+    volume takes it EX (``admin.VolumeAdmin``).
+
+    Going below PR (another node freezes): everything this node changed is written
+    home (commit and checkpoint: its journal is empty) and the device is flushed,
+    so that once the freezer holds EX the volume on disk is consistent and nothing
+    changes it.  The next grant (the volume thawed) re-reads the superblock: a grow
+    or new slots may have changed the geometry meanwhile."""
+
+    def __init__(self, coh):
+        self.coh = coh
+
+    def granted(self, g, lvb):
+        coh = self.coh
+        if coh.frozen_here and covers(g.mode, PR):
+            coh.frozen_here = False
+            coh.reread_superblock()
+
+    def before_demote(self, g, target):
+        if covers(target, PR):
+            return None
+        coh = self.coh
+        coh.vol.checkpoint()
+        coh.vol.dev.flush()
+        coh.frozen_here = True
+        coh.stats["frozen"] = coh.stats.get("frozen", 0) + 1
+        return None
+
+
 NO_OPS = LockOps()
 
 
 def lock_types(coh) -> dict[bytes, LockOps]:
     """The operations of each lock type that covers cached objects, for ``coh``."""
-    return {INODE: InodeOps(coh), GROUP: GroupOps(coh)}
+    return {INODE: InodeOps(coh), GROUP: GroupOps(coh), FREEZE: FreezeOps(coh)}

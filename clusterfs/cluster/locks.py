@@ -2,6 +2,8 @@
 
 Lock names (ordered by name: the global lock order; see docs/CLUSTER.md)::
 
+    F          freeze: PR (cached) by every member while it changes anything; EX by
+               the member that freezes the volume (freeze, snapshot, grow, add-slots)
     I<ino:8>   inode: its dinode, extent/directory tree blocks and xattr block
     N          rename: cross-directory renames (no directory loops)
     O<ino:8>   open: PR by every node that has the inode open (iopen); EX by one
@@ -23,6 +25,7 @@ from lockmgr import Mode
 
 from ..ondisk.format import REFCOUNT, Bitmap, Dinode, RgrpHeader, TreeNode, XattrBlock
 
+FREEZE = b"F"
 INODE = b"I"
 GROUP = b"R"
 OPEN = b"O"
@@ -84,6 +87,8 @@ def covering_lock(obj) -> bytes | None:
 def describe_lock(name: bytes) -> str:
     if name == RENAME_LOCK:
         return "rename"
+    if name == FREEZE:
+        return "freeze"
     kind = _DESCRIBE.get(name[:1])
     return f"{kind} {lock_number(name)}" if kind is not None else repr(name)
 

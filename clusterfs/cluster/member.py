@@ -38,6 +38,7 @@ from ..fs.posix import Filesystem
 from ..fs.volume import Volume
 from ..ondisk import slots as slotmod
 from ..ondisk.format import HB_CLUSTER, HB_FREE, HB_NOLOCK, RgrpHeader
+from .admin import VolumeAdmin
 from .coherence import Coherence
 from .frontend import ClusterFrontend
 from .lockd import DEFAULT_LEASE, default_listen
@@ -107,6 +108,8 @@ class ClusterMount:
         self.candidate: Candidate | None = None
         self.leaving = False
         self._last_free = 0.0
+        self.admin: VolumeAdmin | None = None
+        self.mountpoint: str | None = None
 
     # -- joining -----------------------------------------------------------------------
 
@@ -179,6 +182,8 @@ class ClusterMount:
         self.modes = OpenModes(self.coh, nursery=nursery, open_cache=self.open_cache)
         self.front = ClusterFrontend(self.coh, self.modes)
         self.recovery = Recovery(self)
+        self.admin = VolumeAdmin(self)
+        self.coh.adopt_superblock = self.adopt_superblock
         vol.dev.write_guard = self._guard
         self.refresh_free()
         self._last_free = trio.current_time()
@@ -276,6 +281,15 @@ class ClusterMount:
             self.heart.stopped = True
 
     # the node's side of the serve loop (``fuse/serve.py``)
+
+    def adopt_superblock(self, sb) -> None:
+        """Take a superblock whose geometry changed while the volume was frozen."""
+        adopt = getattr(self.vol, "adopt_geometry", None)
+        if adopt is None:
+            log.error("the volume's geometry changed while frozen and this node cannot "
+                      "take it without a remount")
+            return
+        adopt(sb)
 
     @property
     def fenced(self) -> bool:

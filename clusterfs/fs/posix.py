@@ -557,8 +557,8 @@ class Filesystem:
 
     def _relatime(self, di: Dinode) -> None:
         now = time.time_ns()
-        if di.atime <= di.mtime or di.atime <= di.ctime or \
-                now - di.atime > RELATIME_S * 1_000_000_000:
+        if (di.atime <= di.mtime or di.atime <= di.ctime or
+                now - di.atime > RELATIME_S * 1_000_000_000) and self.vol.may_write_now():
             def change():
                 self.vol.touch(di)
                 di.atime = now

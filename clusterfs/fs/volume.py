@@ -139,6 +139,11 @@ class Volume:
             self.corrupt_logged.add(bno)
             log.error("corrupt metadata block %d: %s", bno, reason)
 
+    def may_write_now(self) -> bool:
+        """Whether an operation body may make a change it can also leave out (an
+        access time) now: not while the volume is frozen."""
+        return self.cluster is None or self.cluster.may_write_now()
+
     def dinode(self, ino: int) -> Dinode:
         """The dinode of inode ``ino``; ESTALE if the block is not an inode now."""
         cluster = self.cluster

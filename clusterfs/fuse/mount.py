@@ -98,6 +98,7 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
                           noatime=bool(opts.get("noatime")),
                           open_cache=opts.get("open_cache", OPEN_CACHE))
     member.terminated = False
+    member.mountpoint = os.path.realpath(mountpoint)   # for the control channel
     mounted = False
 
     async def main():

@@ -16,6 +16,7 @@ import signal
 import pyfuse3
 import trio
 
+from .. import control
 from ..errors import Fenced
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ async def serve(node) -> None:
         if not node.readonly:
             nursery.start_soon(_duties, node)
             nursery.start_soon(_committer, node)
+        if getattr(node, "admin", None) is not None:
+            # freeze, thaw and the other volume-wide commands reach the node here
+            await nursery.start(control.serve, node)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
