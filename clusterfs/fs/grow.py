@@ -248,7 +248,7 @@ def finish_grow(dev, sb: Superblock, *, progress=None, crash: Crash | None = Non
     dev.write(0, done.image(0))
     dev.flush()
     _step(crash, "done")
-    log.info("volume grown from %d to %d blocks (%d resource groups)", sb.grow_from,
+    log.debug("volume grown from %d to %d blocks (%d resource groups)", sb.grow_from,
              done.total_blocks, done.rgrp_count)
     return done
 
