@@ -409,3 +409,21 @@ def test_superblock_grow_fields():
         bad = Superblock(**{**grown.__dict__, "flags": flags, "grow_from": grow_from})
         with pytest.raises(CorruptBlock, match="grow from"):
             Superblock.decode(bad.image(0), 0)
+
+
+def test_bitmap_entries_past_the_old_length_are_cleared(tmp_path):
+    """Entries past a group's length are free by the format; should the old last
+    group's bitmap hold any, the grow clears them before the group takes them."""
+    from clusterfs.ondisk.format import USED, Bitmap
+    path = _volume(tmp_path, "short")
+    sb = _sb(path)
+    start, length = sb.rgrp_range(sb.rgrp_count - 1)
+    with BlockDevice(path) as dev:
+        bm = Bitmap.decode(dev.read(start + 1), start + 1, sb.rgrp_count - 1, 0)
+        bm.set_run(length + 5, 30, USED)
+        dev.write(start + 1, bm.image())
+    code, codes, text = _fsck(path)         # damage fsck knows, that grow repairs
+    assert code == 4 and codes == ["bitmap-tail"], text
+    grow_volume(path, (sb.total_blocks + RGRP) * BS)
+    _check_geometry(path, sb.total_blocks)
+    _clean(path)
