@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("mount", "clusterfs.commands.mount", "mount a volume through FUSE"),
     ("status", "clusterfs.commands.status", "show the slots, heartbeats and journals of a volume"),
     ("fsck", "fsck.cli", "check and repair a volume layer by layer"),
+    ("grow", "clusterfs.commands.grow", "grow a volume into the space added to its device"),
     ("clone", "clusterfs.commands.clone",
      "clone a file on a mounted volume (shared blocks, copy-on-write)"),
     ("freeze", "clusterfs.commands.freeze",

@@ -4,7 +4,8 @@ Layers (a module each; ``LAYERS`` lists each one's passes, functions of the run'
 ``State``, in the order they run):
 
 1. Volume       superblock and backup, revision, geometry against the device
-2. Cluster      slot heartbeats (live nodes refuse repair), journals of dead nodes
+2. Cluster      slot heartbeats (live nodes refuse repair), journals of dead nodes,
+                an interrupted grow (finished)
 3. Allocation   group headers and bitmaps; a read-only scan of every dinode and tree
                 builds the map of referenced blocks; bitmaps and counters against it
 4. Inodes       dinode checksums and fields, extent trees, extents (range, overlap),
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 LAYERS = (
     (1, volume.summary, (volume.check_superblock, volume.check_geometry)),
     (2, cluster.summary, (cluster.check_slot_heartbeats, cluster.check_lease,
-                          cluster.check_journals,
+                          cluster.check_journals, cluster.finish_grow,
                           cluster.check_clean)),
     (3, allocation.summary, (allocation.check_rgrp_headers, shared.scan_refcount_trees,
                              allocation.scan_metadata, allocation.check_bitmaps,

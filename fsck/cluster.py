@@ -1,5 +1,5 @@
-"""Layer 2, Cluster: the lease area, slot heartbeats, journals of dead nodes, the
-clean-volume skip.
+"""Layer 2, Cluster: the lease area, slot heartbeats, journals of dead nodes, an
+interrupted grow, the clean-volume skip.
 
 A live node refuses every repair (only ``-n`` goes on, with a warning).  Journals of
 dead nodes are replayed (or, under ``-n`` or when a replay is declined, replayed into
@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 
 from clusterfs.errors import CorruptBlock
+from clusterfs.fs import grow
 from clusterfs.ondisk import slots as slotmod
 from clusterfs.ondisk.blockdev import BlockDevice
 from clusterfs.ondisk.format import (FREE_LEASE, HB_FREE, HB_NOLOCK, Heartbeat, RgrpHeader,
@@ -154,6 +155,26 @@ def check_journals(s) -> None:
             s.write(bno, Heartbeat(slot=i).image(bno))
     if s.fixing:
         s.real.flush()
+
+
+def finish_grow(s) -> None:
+    """Finish the grow that layer 1 found unfinished (the journals are replayed, no
+    node is alive): on the device when the finding is repaired, else in the overlay,
+    so that the layers after check the volume as it will be."""
+    if s.grow_sb is None:
+        return
+    if not s.grow_fix:
+        if s.dev is s.real:
+            s.dev = OverlayDevice(s.real)
+        if s.report.repairs_allowed:
+            s.report.repairs_allowed = False
+            s.report.note("  (no further repairs: the grow was not finished)")
+    try:
+        grow.finish_grow(s.dev, s.grow_sb, tolerate_damage=True)
+    except OSError as e:
+        raise FsckError(f"cannot finish the interrupted grow: {e}") from None
+    if s.grow_fix:
+        s.modified = True
 
 
 def _view_only(s) -> None:

@@ -48,6 +48,9 @@ class State:
         self.sb: Superblock | None = None   # the superblock in use (repairs change it)
         self.write_primary = False      # rewrite the primary superblock at the end
         self.write_backup = False       # rewrite the backup superblock at the end
+        self.grow_sb: Superblock | None = None  # the primary, when it records an
+        #                                         unfinished grow (``sb``: the grown one)
+        self.grow_fix = False           # finish that grow on the device (layer 2)
         self.claims = bytearray()       # claim code of every block (``claims``)
         self.gstart: list[int] = []     # first block of each group
         self.glen: list[int] = []       # blocks in each group

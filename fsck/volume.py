@@ -2,7 +2,10 @@
 
 A damaged copy is rewritten from the other; when both are damaged, one whose header
 alone is damaged is used.  No usable superblock, another revision, or a device
-smaller than the volume is an operational error (the run ends there).
+smaller than the volume is an operational error (the run ends there).  A primary
+superblock that records an unfinished grow is one finding; the run goes on with the
+grown geometry, and layer 2 finishes the grow (``cluster.finish_grow``: for real, or
+in the overlay under ``-n``) before any group is read.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ def check_superblock(s) -> None:
         prim, prim_err = _decode_sb(buf0, 0)
     if prim is not None:
         _check_fits(s, prim)
+        if prim.growing:
+            _interrupted_grow(s, prim)
+            return
     # where is the backup?
     cands = []
     if prim is not None:
@@ -104,6 +110,18 @@ def check_superblock(s) -> None:
                        "disagree", "rewrite the backup from the primary", safe=True,
                        block=prim.backup_bno):
             s.write_backup = True
+
+
+def _interrupted_grow(s, prim: Superblock) -> None:
+    """The primary records an unfinished grow: the backup is not looked at (the
+    grow's last steps write it); the run checks the grown volume."""
+    s.grow_sb = prim
+    s.grow_fix = s.report.problem(
+        "grow-interrupted", f"an interrupted grow (from {prim.grow_from} to "
+        f"{prim.total_blocks} blocks); mount or fsck -y completes it", "complete it",
+        safe=True, block=0)
+    s.sb = prim.resized(prim.total_blocks)
+    s.sb.seq = prim.seq
 
 
 def _decode_sb(buf, bno: int):

@@ -153,8 +153,8 @@ def power_loss_volume(size: int = 16 << 20, slots: int = 1):
 class DeviceMount:
     """``SingleNodeMount`` without FUSE, path or heartbeat, on any device object.
 
-    ``start()`` runs the mount checklist (replay every journal, open ours, free
-    inodes left unlinked) and returns the ``Filesystem``; ``stop()`` releases open
+    ``start()`` runs the mount checklist (replay every journal, finish an interrupted
+    grow, open ours, free inodes left unlinked) and returns the ``Filesystem``; ``stop()`` releases open
     handles and closes the journal cleanly.
     """
 
@@ -167,6 +167,7 @@ class DeviceMount:
         self.journal = None
 
     def start(self):
+        from clusterfs.fs.grow import finish_interrupted_grow
         from clusterfs.fs.orphans import free_unlinked
         from clusterfs.fs.posix import Filesystem
         from clusterfs.fs.volume import Volume, read_superblock
@@ -175,6 +176,7 @@ class DeviceMount:
         vol = Volume(self.dev, sb, slot=self.slot)
         for slot in range(sb.nslots):
             replay_slot(self.dev, sb, slot)
+        finish_interrupted_grow(vol)
         self.journal = slot_journal(self.dev, sb, self.slot)
         self.journal.open(owner="test")
         vol.journal = self.journal

@@ -33,7 +33,8 @@ from journal import Journal
 from lockmgr import EX, LockClient, LockError, LockTimeout, NodeBusy, NotRecovered
 from lockmgr.errors import AuthError, ConnectError
 
-from ..errors import ClusterUnreachable, CorruptBlock, Fenced, UsageError, VolumeBusy
+from ..errors import (ClusterUnreachable, CorruptBlock, Fenced, UsageError, VolumeBusy,
+                      VolumeError)
 from ..fs.posix import Filesystem
 from ..fs.volume import Volume
 from ..ondisk import slots as slotmod
@@ -118,6 +119,12 @@ class ClusterMount:
         vol = Volume.open(self.path, direct=self.direct)
         self.vol = vol
         try:
+            if vol.sb.growing:
+                # (to be replaced by grow.finish_interrupted_grow under the cluster's
+                # freeze lock, when there is one)
+                raise VolumeError(f"{self.path}: a grow of the volume was interrupted; "
+                                  f"mount it single-node once (-o nolock) or run "
+                                  f"'clusterfs fsck -y' to finish it")
             self.locator = MasterLocator(vol.dev, vol.sb)
             if self.keyfile is not None:
                 self.candidate = Candidate(self.path, self.keyfile, node=self.node,

@@ -19,10 +19,11 @@ from ..errors import ClusterfsError, UsageError
 from ..fs.volume import Volume
 from ..ondisk import blockhdr
 from ..ondisk.blockdev import BLOCK_SIZE, BlockDevice, device_size
-from ..ondisk.format import (BLOCKS_PER_BITMAP, DF_DIRTREE, DINODE, DIRENT, FORMAT_REVISION,
-                             SB_FLAG_CLUSTER_INFO, USED, Bitmap, Dinode, Heartbeat,
-                             RgrpHeader, Superblock, TreeNode, now_ns, plan_geometry)
+from ..ondisk.format import (DF_DIRTREE, DINODE, DIRENT, FORMAT_REVISION,
+                             SB_FLAG_CLUSTER_INFO, Dinode, Heartbeat, Superblock, TreeNode,
+                             now_ns, plan_geometry)
 from ..ondisk.lease import FREE_LEASE, encode_lease
+from ..ondisk.rgrp import new_group_image
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?b?)\s*$", re.I)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
@@ -149,18 +150,7 @@ def _write_layout(dev, sb: Superblock) -> None:
         Journal.format(dev, start, length, slot=slot)
     for rg in range(sb.rgrp_count):
         start, length = sb.rgrp_range(rg)
-        own = 1 + sb.bitmap_blocks
-        hdr = RgrpHeader(start, rg, start, length, sb.bitmap_blocks, free=length - own)
-        out = bytearray(hdr.image())
-        for j in range(sb.bitmap_blocks):
-            bm = Bitmap(start + 1 + j, rg, j * BLOCKS_PER_BITMAP,
-                        bytearray(BLOCK_SIZE - blockhdr.HEADER_SIZE))
-            lo = j * BLOCKS_PER_BITMAP
-            n = min(own, lo + BLOCKS_PER_BITMAP) - lo
-            if n > 0:
-                bm.set_run(0, n, USED)
-            out += bm.image()
-        dev.write(start, out)
+        dev.write(start, new_group_image(rg, start, length, sb.bitmap_blocks))
     # the root directory, through a journal-less volume (writes through)
     vol = Volume(dev, sb)
     with vol.operation():

@@ -8,8 +8,9 @@ Single-node mode is like GFS2's lock_nolock: no lock manager.  The checklist:
    is a live mount elsewhere, and the mount is refused naming it.
 3. Claim slot 0: write our heartbeat (state single-node) and keep it beating.
 4. Replay every dirty journal (the nodes that wrote them are dead: step 2).
-5. Open our own journal (clean flag off).
-6. Finish what a crash interrupted: free inodes left UNLINKED (nobody has them open).
+5. Finish a grow of the volume that a crash interrupted (``grow.finish_grow``).
+6. Open our own journal (clean flag off).
+7. Finish what a crash interrupted: free inodes left UNLINKED (nobody has them open).
 
 Unmount: commit and checkpoint the journal, mark it clean, set the heartbeat FREE.
 """
@@ -23,9 +24,10 @@ import socket
 
 from journal import Journal
 
-from ..errors import CorruptBlock, UsageError, VolumeBusy
+from ..errors import CorruptBlock, UsageError, VolumeBusy, VolumeError
 from ..ondisk import slots as slotmod
 from ..ondisk.format import HB_FREE, HB_NOLOCK
+from .grow import finish_interrupted_grow
 from .orphans import free_unlinked
 from .posix import Filesystem
 from .volume import Volume
@@ -88,6 +90,10 @@ class SingleNodeMount:
             raise VolumeBusy(f"{self.path} is in use: {slotmod.describe(hb)} has a "
                              f"live heartbeat; single-node mount refused")
         if self.readonly:
+            if sb.growing:
+                raise VolumeError(f"{self.path}: a grow of the volume was interrupted; "
+                                  f"mount it read-write once or run 'clusterfs fsck -y' "
+                                  f"to finish it")
             for slot in range(sb.nslots):
                 slotmod.replay_slot(vol.dev, sb, slot, replay=False)
             self.fs = Filesystem(vol, noatime=True)
@@ -97,6 +103,7 @@ class SingleNodeMount:
         self.heart.set_state(HB_NOLOCK)
         for slot in range(sb.nslots):
             slotmod.replay_slot(vol.dev, sb, slot)
+        finish_interrupted_grow(vol)
         self.journal = slotmod.slot_journal(vol.dev, sb, self.slot)
         self.journal.open(owner=f"{self.node} (single-node)")
         vol.journal = self.journal

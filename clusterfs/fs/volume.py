@@ -474,6 +474,58 @@ class Volume:
         self.by_group.pop(rg, None)
         self.alloc.drop_group_reservations(rg)
 
+    # -- geometry -----------------------------------------------------------------------
+
+    def adopt_geometry(self, new_sb: Superblock) -> None:
+        """Use the superblock of the grown volume (``clusterfs.fs.grow``) without a
+        remount: its new groups become allocatable, ``statfs`` shows its size, and
+        the cached header and bitmaps of every group whose extent changed are
+        dropped (read again from the device).  The superblock object is updated in
+        place, so every holder of ``vol.sb`` sees the new one.  Call it between
+        operations, with nothing of those groups in the running transaction (the
+        grow checkpoints the journal first).
+
+        Raises:
+            ValueError: ``new_sb`` is not a grown copy of this volume's superblock.
+            VolumeError: the device is smaller than ``new_sb`` says.
+        """
+        if self.op is not None:
+            raise RuntimeError("adopt_geometry inside a metadata operation")
+        old = self.sb
+        if new_sb is old:
+            return
+        same = ("uuid", "nslots", "journal_blocks", "rgrp_start", "rgrp_blocks",
+                "bitmap_blocks", "root_ino")
+        if any(getattr(new_sb, f) != getattr(old, f) for f in same) or \
+                new_sb.total_blocks < old.total_blocks:
+            raise ValueError("not a grown copy of the mounted volume's superblock")
+        if new_sb.total_blocks > self.dev.nblocks:
+            raise VolumeError(f"the superblock describes {new_sb.total_blocks} blocks "
+                              f"but the device has only {self.dev.nblocks}")
+        # the groups as this volume knew them (a superblock of an unfinished grow:
+        # as they were before it)
+        before = old.resized(old.grow_from) if old.growing else old
+        count = max(before.rgrp_count, new_sb.rgrp_count)
+        changed = [rg for rg in range(count)
+                   if rg >= before.rgrp_count or rg >= new_sb.rgrp_count
+                   or before.rgrp_range(rg) != new_sb.rgrp_range(rg)]
+        drop = [bno for rg in changed
+                for bno in range(old.rgrp_start + rg * old.rgrp_blocks,
+                                 old.rgrp_start + rg * old.rgrp_blocks + 1 + old.bitmap_blocks)
+                if isinstance(self.objects.get(bno), (RgrpHeader, Bitmap))]
+        if any(bno in self.unclean for bno in drop):
+            # the journal would write their old images home over the grown group
+            raise RuntimeError("adopt_geometry with a changed group's blocks in the "
+                               "journal: commit and checkpoint first")
+        for name, value in new_sb.__dict__.items():
+            setattr(old, name, value)
+        for bno in drop:
+            del self.objects[bno]
+        self._groups = list(range(old.rgrp_count))
+        self._free_total = None
+        log.info("volume geometry: %d blocks, %d resource groups", old.total_blocks,
+                 old.rgrp_count)
+
     # -- format revision ----------------------------------------------------------------
 
     def raise_revision(self) -> None:

@@ -73,6 +73,18 @@ class BlockDevice:
         self.stats = {"reads": 0, "writes": 0, "flushes": 0,
                       "read_bytes": 0, "written_bytes": 0}
 
+    def refresh_size(self) -> int:
+        """Read the size again (the image file or device was enlarged); returns
+        ``nblocks``."""
+        if self.is_blockdev:
+            buf = fcntl.ioctl(self.fd, _BLKGETSIZE64, b"\0" * 8)
+            size = struct.unpack("Q", buf)[0]
+        else:
+            size = os.fstat(self.fd).st_size
+        self.size_bytes = size
+        self.nblocks = size // BLOCK_SIZE
+        return self.nblocks
+
     # -- aligned buffers (O_DIRECT needs page-aligned memory) ---------------------
 
     def _buffer(self, nbytes: int) -> mmap.mmap:

@@ -75,9 +75,13 @@ SB_LAYOUT = Layout(
     ("slot_start", "Q"), ("journal_start", "Q"), ("rgrp_start", "Q"),
     ("rgrp_blocks", "I"), ("rgrp_count", "I"), ("bitmap_blocks", "I"), ("flags", "I"),
     ("root_ino", "Q"), ("features", "Q"), ("backup_bno", "Q"), ("cluster_name", "32s"),
-    ("lease_start", "Q"), ("lease_blocks", "I"), ("reserved", "116s"), ("mkfs_seq", "Q"))
+    ("lease_start", "Q"), ("lease_blocks", "I"), ("grow_from", "Q"), ("slot_table", "Q"),
+    ("reserved", "100s"), ("mkfs_seq", "Q"))
 
 SB_FLAG_CLUSTER_INFO = 1   # cluster_name is set
+SB_FLAG_GROWING = 2        # a grow from grow_from blocks is not finished yet: the
+#                            geometry is the new one, the groups and the backup copy
+#                            may still be the old ones (clusterfs.fs.grow finishes it)
 
 # =============================================================================
 # The lock manager's lease area (block 1): the master's delta lease

@@ -12,7 +12,8 @@ from __future__ import annotations
 from ..errors import CorruptBlock
 from . import blockhdr
 from .blockhdr import HEADER_SIZE, BlockType
-from .layout import NODE_HDR, REFCOUNT, REFROOT_OFF, REFROOT_SIZE, RGRP_LAYOUT
+from .layout import (BITMAP_BYTES, BLOCKS_PER_BITMAP, NODE_HDR, REFCOUNT, REFROOT_OFF,
+                     REFROOT_SIZE, RGRP_LAYOUT, USED)
 from .meta import MetaObject, _blank, _copier
 from .tree import TreeNode
 
@@ -92,6 +93,22 @@ def decode_refroot(buf, bno: int, index: int) -> TreeNode:
     if root.owner != index:
         raise CorruptBlock(bno, f"refcount root: owner {root.owner}, expected {index}")
     return root
+
+
+def new_group_image(index: int, start: int, length: int, bitmap_blocks: int) -> bytes:
+    """The header and bitmap blocks of an empty resource group (``1 + bitmap_blocks``
+    blocks from ``start``): every block free but the group's own header and bitmaps,
+    an empty refcount tree (what mkfs and grow write)."""
+    own = 1 + bitmap_blocks
+    out = bytearray(RgrpHeader(start, index, start, length, bitmap_blocks,
+                               free=length - own).image())
+    for j in range(bitmap_blocks):
+        bm = Bitmap(start + 1 + j, index, j * BLOCKS_PER_BITMAP, bytearray(BITMAP_BYTES))
+        n = min(own, (j + 1) * BLOCKS_PER_BITMAP) - j * BLOCKS_PER_BITMAP
+        if n > 0:
+            bm.set_run(0, n, USED)
+        out += bm.image()
+    return bytes(out)
 
 
 class Bitmap(MetaObject):

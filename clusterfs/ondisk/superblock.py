@@ -25,7 +25,7 @@ from ..errors import CorruptBlock, FormatMismatch
 from . import blockhdr
 from .blockhdr import BLOCK_SIZE, HEADER_SIZE, BlockType
 from .layout import (BLOCKS_PER_BITMAP, FORMAT_REVISION, HB_FREE, HB_LAYOUT, LEASE_BLOCKS,
-                     LEASE_START, OLDEST_REVISION, SB_LAYOUT)
+                     LEASE_START, OLDEST_REVISION, SB_FLAG_GROWING, SB_LAYOUT)
 from .meta import _blank
 
 _SB = SB_LAYOUT.struct
@@ -48,6 +48,10 @@ class Superblock:
     lease_blocks``; ``journal_start = slot_start + nslots``; ``rgrp_start = journal_start +
     nslots * journal_blocks``; resource group i starts at ``rgrp_start + i *
     rgrp_blocks`` and the last one ends before the backup superblock.
+
+    While a grow is unfinished (``SB_FLAG_GROWING`` in ``flags``) the geometry is
+    already the new one and ``grow_from`` is the old ``total_blocks``
+    (``clusterfs.fs.grow``); otherwise ``grow_from`` is 0.
     """
 
     total_blocks: int
@@ -70,6 +74,7 @@ class Superblock:
     flags: int = 0
     features: int = 0
     cluster_name: str = ""
+    grow_from: int = 0
     seq: int = 1
 
     @property
@@ -84,7 +89,8 @@ class Superblock:
             self.journal_blocks, self.slot_start, self.journal_start, self.rgrp_start,
             self.rgrp_blocks, self.rgrp_count, self.bitmap_blocks, self.flags,
             self.root_ino, self.features, self.backup_bno,
-            self.cluster_name.encode()[:32], self.lease_start, self.lease_blocks, b"", 0)
+            self.cluster_name.encode()[:32], self.lease_start, self.lease_blocks,
+            self.grow_from, 0, b"", 0)
         return bytes(blockhdr.seal(buf, BlockType.SUPERBLOCK, bno, self.seq))
 
     @classmethod
@@ -96,7 +102,8 @@ class Superblock:
         seq = blockhdr.verify(buf, BlockType.SUPERBLOCK, bno)
         (rev, bsize, total, uid, label, created, nslots, jblocks, slot_start,
          jstart, rstart, rblocks, rcount, bmblocks, flags, root, features, backup,
-         cname, lease_start, lease_blocks, _reserved, _pad) = _SB.unpack_from(buf, HEADER_SIZE)
+         cname, lease_start, lease_blocks, grow_from, _slot_table, _reserved,
+         _pad) = _SB.unpack_from(buf, HEADER_SIZE)
         if not OLDEST_REVISION <= rev <= FORMAT_REVISION:
             raise FormatMismatch(
                 f"volume has format revision {rev}; this clusterfs reads revisions "
@@ -110,7 +117,8 @@ class Superblock:
                  slot_start=slot_start, journal_start=jstart, rgrp_start=rstart,
                  flags=flags, features=features,
                  cluster_name=cname.rstrip(b"\0").decode(errors="replace"),
-                 lease_start=lease_start, lease_blocks=lease_blocks, seq=seq)
+                 lease_start=lease_start, lease_blocks=lease_blocks,
+                 grow_from=grow_from, seq=seq)
         sb.check_geometry(bno)
         if backup != sb.backup_bno:
             raise CorruptBlock(bno, f"backup location {backup} != {sb.backup_bno}")
@@ -136,10 +144,33 @@ class Superblock:
         elif self.rgrp_count != rgrp_count_for(self.total_blocks, self.rgrp_start,
                                                self.rgrp_blocks):
             problems.append(f"rgrp count {self.rgrp_count}")
+        if self.growing:
+            if not self.rgrp_start + self.bitmap_blocks + 2 < self.grow_from < \
+                    self.total_blocks:
+                problems.append(f"grow from {self.grow_from} blocks")
+        elif self.grow_from:
+            problems.append(f"grow from {self.grow_from} blocks, but no grow in progress")
         if problems:
             raise CorruptBlock(bno, "bad geometry: " + ", ".join(problems))
 
     # geometry helpers
+    @property
+    def growing(self) -> bool:
+        """Whether a grow of the volume is unfinished (``clusterfs.fs.grow``)."""
+        return bool(self.flags & SB_FLAG_GROWING)
+
+    def resized(self, total_blocks: int) -> "Superblock":
+        """A copy with ``total_blocks`` and the group count that follows from it (the
+        groups' size and start stay), no grow in progress."""
+        sb = Superblock(**{**self.__dict__, "total_blocks": total_blocks,
+                           "flags": self.flags & ~SB_FLAG_GROWING, "grow_from": 0})
+        sb.rgrp_count = rgrp_count_for(total_blocks, self.rgrp_start, self.rgrp_blocks)
+        return sb
+
+    def data_blocks(self) -> int:
+        """Blocks in all the resource groups (headers and bitmaps included)."""
+        return sum(self.rgrp_range(i)[1] for i in range(self.rgrp_count))
+
     @property
     def lease_bno(self) -> int:
         """The master lease's block."""

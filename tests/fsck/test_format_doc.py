@@ -165,7 +165,7 @@ def test_superblock_and_heartbeat_fields():
     got = _fields(SB_LAYOUT, sb.image(0))
     want = {k: getattr(sb, k) for k in got if hasattr(sb, k)}
     want.update(label=b"vol".ljust(64, b"\0"), cluster_name=b"c1".ljust(32, b"\0"),
-                reserved=bytes(116), mkfs_seq=0)
+                slot_table=0, reserved=bytes(100), mkfs_seq=0)
     assert got == want and (sb.lease_start, sb.lease_blocks, sb.slot_start) == (1, 1, 2)
     rec = LeaseRecord(owner=3, generation=5, counter=9, node="n3", addr="10.0.0.3:7789",
                       acquired_ns=-7, renewed_ns=11, expire_ms=1600)
