@@ -33,7 +33,8 @@ from journal import Journal
 from lockmgr import EX, LockClient, LockError, LockTimeout, NodeBusy, NotRecovered
 from lockmgr.errors import AuthError, ConnectError
 
-from ..errors import ClusterUnreachable, CorruptBlock, Fenced, UsageError, VolumeBusy
+from ..errors import (ClusterUnreachable, CorruptBlock, Fenced, UsageError, VolumeBusy,
+                      VolumeError)
 from ..fs.posix import Filesystem
 from ..fs.volume import Volume
 from ..ondisk import slots as slotmod
@@ -248,6 +249,47 @@ class ClusterMount:
         if self.coh is not None:
             self.coh.fence(why)
         raise Fenced()
+
+    def adopt_superblock(self, sb) -> None:
+        """Take a newer superblock of our volume whose only change is slots added
+        (``fs.addslots``; the online path runs it with the cluster frozen and every
+        journal checkpointed, then every member adopts the result), without a
+        remount.  What holds the slot geometry and is refreshed here:
+
+        * ``vol.sb`` (``Volume``): read by the heartbeat scan of ``tick``
+          (``Recovery.watch_heartbeats``) and by recovery (``Recovery.recover``:
+          ``replay_slot`` and the heartbeat reset go through ``heartbeat_bno`` /
+          ``journal_range``) at each use, so they cover the new slots from now on;
+        * ``locator.sb`` (``MasterLocator``: only the lease block, which does not
+          move);
+        * ``Coherence``'s group preference (``g % nslots == slot % nslots``).
+
+        Left as they are, because adding slots never moves an existing slot: our
+        heartbeat writer's block, our journal, ``Recovery.seen`` (new slots are
+        added to it at the next scan).  The lock manager candidate is another
+        process: its ``lockd.SlotWatch`` notices a new slot count by itself.
+
+        Raises:
+            VolumeError: ``sb`` is another volume's, or changes more than the slots
+                (the mount goes on with the superblock it has).
+        """
+        old = self.vol.sb
+        same = ("uuid", "total_blocks", "journal_blocks", "slot_start", "journal_start",
+                "rgrp_start", "rgrp_blocks", "rgrp_count", "bitmap_blocks", "root_ino",
+                "lease_start")
+        changed = [name for name in same if getattr(sb, name) != getattr(old, name)]
+        if sb.added is None or sb.nslots < old.nslots or \
+                list(sb.added[:len(old.added)]) != list(old.added):
+            changed.append("slots")
+        if changed:
+            raise VolumeError(f"{self.path}: the new superblock changes more than added "
+                              f"slots ({', '.join(changed)}): not adopted")
+        self.vol.sb = sb
+        if self.locator is not None:
+            self.locator.sb = sb
+        if self.coh is not None:
+            self.coh.prefer_groups(sb)
+        log.info("volume now has %d slots (was %d)", sb.nslots, old.nslots)
 
     def refresh_free(self) -> None:
         """Estimate every group's free blocks from its header (read without a lock)."""

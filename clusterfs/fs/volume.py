@@ -18,9 +18,9 @@ import logging
 
 from ..errors import CorruptBlock, FSError, FormatMismatch, VolumeError, WrongBlockType
 from ..ondisk.blockdev import BlockDevice
-from ..ondisk.format import (BLOCKS_PER_BITMAP, DINODE, FORMAT_REVISION, REFCOUNT,
-                             UNLINKED, Bitmap, Dinode, MetaObject, RgrpHeader, Superblock,
-                             TreeNode, XattrBlock)
+from ..ondisk.format import (BLOCKS_PER_BITMAP, DINODE, REFCOUNT, SHARED_SINCE, UNLINKED,
+                             Bitmap, Dinode, MetaObject, RgrpHeader, Superblock, TreeNode,
+                             XattrBlock)
 from .alloc import Allocator
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,11 @@ class Op:
 
 
 def read_superblock(dev) -> Superblock:
-    """The primary superblock, or a clear error (CorruptBlock / FormatMismatch)."""
-    return Superblock.decode(dev.read(0), 0)
+    """The primary superblock with its slot table loaded, or a clear error
+    (CorruptBlock naming the superblock or the slot table / FormatMismatch)."""
+    sb = Superblock.decode(dev.read(0), 0)
+    sb.load_slot_table(dev)
+    return sb
 
 
 class Volume:
@@ -96,7 +99,8 @@ class Volume:
             sb = read_superblock(dev)
         except CorruptBlock as e:
             dev.close()
-            raise VolumeError(f"{path}: superblock is damaged ({e.reason}); "
+            what = "superblock" if e.bno == 0 else f"slot table (block {e.bno})"
+            raise VolumeError(f"{path}: {what} is damaged ({e.reason}); "
                               f"run 'clusterfs fsck {path}'") from None
         except FormatMismatch as e:
             dev.close()
@@ -473,16 +477,16 @@ class Volume:
 
     def raise_revision(self) -> None:
         """Before the first block is shared: a volume of an older revision (2, which
-        has no shared blocks) becomes revision ``FORMAT_REVISION`` (3), both copies
+        has no shared blocks) becomes revision ``SHARED_SINCE`` (3), both copies
         of the superblock durable (backup first), so that older software refuses
         it from then on.  Idempotent (several nodes may do it at once: they write
         the same bytes)."""
-        if self.sb.format_rev >= FORMAT_REVISION:
+        if self.sb.format_rev >= SHARED_SINCE:
             return
         if self.op is not None:
             raise RuntimeError("raise_revision inside an operation")
         old = self.sb.format_rev
-        self.sb.format_rev = FORMAT_REVISION
+        self.sb.format_rev = SHARED_SINCE
         try:
             self.dev.write(self.sb.backup_bno, self.sb.image(self.sb.backup_bno))
             self.dev.flush()
@@ -491,7 +495,7 @@ class Volume:
         except BaseException:
             self.sb.format_rev = old
             raise
-        log.info("volume raised to format revision %d (shared blocks)", FORMAT_REVISION)
+        log.info("volume raised to format revision %d (shared blocks)", SHARED_SINCE)
 
     # -- data ---------------------------------------------------------------------------
 
