@@ -176,9 +176,11 @@ def check_slot_table(s) -> None:
         sb.load_slot_table(s.dev)
     except CorruptBlock as e:
         fixed = sb.fixed_slots
+        slots = f"slot {fixed}" if fixed == sb.nslots - 1 else \
+            f"slots {fixed}-{sb.nslots - 1}"
         s.report.problem("slot-table", f"slot table (block {bno}) is damaged: {e.reason}; "
-                         f"slots {fixed}-{sb.nslots - 1} cannot be checked and their "
-                         f"blocks show as leaked", "", block=bno)
+                         f"{slots} cannot be checked and their blocks show as leaked",
+                         "", block=bno)
         if s.dev is s.real:
             s.dev = OverlayDevice(s.real)       # nothing is written from here on
         if s.report.repairs_allowed:

@@ -15,7 +15,7 @@ import fcntl
 import os
 
 from ..errors import UsageError, VolumeBusy
-from ..fs.addslots import add_slots_on_disk
+from ..fs.addslots import add_slots_on_disk, check_quiet, plan_add_slots
 from ..fs.volume import Volume
 from ..ondisk import slots as slotmod
 from ..ondisk.format import HB_FREE, HB_NOLOCK
@@ -68,6 +68,9 @@ def add_slots(path: str, n: int) -> tuple:
         except BlockingIOError:
             raise VolumeBusy(f"{path} is mounted (on this host): adding slots online "
                              f"goes through a mounted node") from None
+        # every refusal before anything is written (our own heartbeat included)
+        check_quiet(vol.dev, sb)
+        plan_add_slots(vol.dev, sb, n)
         held = _HeldSlot(vol.dev, sb)
         new = add_slots_on_disk(vol.dev, sb, n)
         return sb, new
