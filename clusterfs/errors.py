@@ -33,6 +33,11 @@ class FormatMismatch(VolumeError):
 
 
 
+class NoSpace(ClusterfsError):
+    """The volume has no room for what was asked (e.g. ``add-slots``: not enough
+    contiguous free space); nothing was changed."""
+
+
 class VolumeBusy(ClusterfsError):
     """Another live mount has the volume (or the slot asked for); no slot is free."""
 

@@ -3,7 +3,8 @@
 Layers (a module each; ``LAYERS`` lists each one's passes, functions of the run's
 ``State``, in the order they run):
 
-1. Volume       superblock and backup, revision, geometry against the device
+1. Volume       superblock and backup, revision, geometry against the device, the
+                slot table (slots added after mkfs)
 2. Cluster      slot heartbeats (live nodes refuse repair), journals of dead nodes,
                 an interrupted grow (finished)
 3. Allocation   group headers and bitmaps; a read-only scan of every dinode and tree
@@ -50,7 +51,8 @@ log = logging.getLogger(__name__)
 
 # (layer, its summary line, its passes in order)
 LAYERS = (
-    (1, volume.summary, (volume.check_superblock, volume.check_geometry)),
+    (1, volume.summary, (volume.check_superblock, volume.check_geometry,
+                         volume.check_slot_table)),
     (2, cluster.summary, (cluster.check_slot_heartbeats, cluster.check_lease,
                           cluster.check_journals, cluster.finish_grow,
                           cluster.check_clean)),

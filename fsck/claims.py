@@ -29,10 +29,11 @@ C_DINODE = 3        # a dinode
 C_DEFER = 4         # held only by damaged metadata that layer 4 drops (and frees)
 C_META = 5          # tree node or xattr block
 C_GROUP = 6         # resource group header or bitmap block
-META_CODES = (C_UNLINKED, C_DINODE, C_META, C_GROUP)
+C_SLOT = 7          # the slot table, an added slot's heartbeat block or journal
+META_CODES = (C_UNLINKED, C_DINODE, C_META, C_GROUP, C_SLOT)
 
 # claim code -> expected bitmap state (0xff: leave the bitmap alone)
-EXPECT = bytes([FREE, USED, UNLINKED, DINODE, 0xFF, USED, USED] + [0xFF] * 249)
+EXPECT = bytes([FREE, USED, UNLINKED, DINODE, 0xFF, USED, USED, USED] + [0xFF] * 248)
 
 
 def claim_data(s, pblk: int, n: int) -> None:

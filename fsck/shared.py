@@ -28,12 +28,11 @@ from clusterfs.errors import CorruptBlock
 from clusterfs.fs.refcount import adjust
 from clusterfs.ondisk import blockhdr
 from clusterfs.ondisk.blockhdr import BlockType
-from clusterfs.ondisk.format import (DF_EXTENTS, EXT_SHARED, EXTENT, FORMAT_REVISION,
-                                     REFCOUNT, REFROOT_OFF, MAX_DEPTH, RgrpHeader)
+from clusterfs.ondisk.format import (DF_EXTENTS, EXTENT, EXT_SHARED, MAX_DEPTH, REFCOUNT,
+                                     REFROOT_OFF, SHARED_SINCE, RgrpHeader)
 
 from . import allocator, salvage
 from .claims import C_DATA, C_DEFER, C_META, META_CODES, claim_meta
-
 
 # -- layer 3: reading the trees ---------------------------------------------------------
 
@@ -235,11 +234,11 @@ def check_shared_blocks(s) -> None:
             rebuild_refcounts(s, rg, exp)
     s.refs = [list(_merged(e)) for e in expected]
     s.stats["shared_blocks"] = sum(n for a, n, _k in shared)
-    if shared and s.sb.format_rev < FORMAT_REVISION:
+    if shared and s.sb.format_rev < SHARED_SINCE:
         if rep.problem("revision", f"the volume has shared blocks but format revision "
-                       f"{s.sb.format_rev}", f"raise it to {FORMAT_REVISION}", safe=True,
+                       f"{s.sb.format_rev}", f"raise it to {SHARED_SINCE}", safe=True,
                        block=0):
-            s.sb.format_rev = FORMAT_REVISION
+            s.sb.format_rev = SHARED_SINCE
             s.write_primary = s.write_backup = True
 
 

@@ -1,14 +1,20 @@
-"""Layer 1, Volume: the superblock and its backup, the revision, the geometry.
+"""Layer 1, Volume: the superblock and its backup, the revision, the geometry, the
+slot table.
 
 A damaged copy is rewritten from the other; when both are damaged, one whose header
 alone is damaged is used.  No usable superblock, another revision, or a device
 smaller than the volume is an operational error (the run ends there).  A primary
 superblock that records an unfinished grow is one finding; the run goes on with the
 grown geometry, and layer 2 finishes the grow (``cluster.finish_grow``: for real, or
-in the overlay under ``-n``) before any group is read.
+in the overlay under ``-n``) before any group is read.  The slot table's blocks (it,
+and each added slot's heartbeat block and journal) are claimed as in use; a damaged
+table is a finding fsck cannot repair: the run goes on without the added slots and
+repairs nothing (it would free their blocks).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from clusterfs.errors import CorruptBlock, FormatMismatch
 from clusterfs.ondisk import blockhdr
@@ -16,6 +22,8 @@ from clusterfs.ondisk.blockhdr import MAGIC, BlockType, is_valid
 from clusterfs.ondisk.format import FORMAT_REVISION, OLDEST_REVISION, SB_LAYOUT, Superblock
 
 from . import salvage
+from .claims import C_SLOT
+from .device import OverlayDevice
 from .report import FsckError
 
 
@@ -105,6 +113,20 @@ def check_superblock(s) -> None:
                  f"{backup.format_rev}, the primary {prim.format_rev}: a raise of the "
                  f"revision was interrupted (harmless)", block=prim.backup_bno)
         return
+    if a != b and backup.nslots > prim.nslots and backup.slot_table != prim.slot_table \
+            and a == Superblock(**{**backup.__dict__, "seq": 0, "nslots": prim.nslots,
+                                   "slot_table": prim.slot_table,
+                                   "format_rev": prim.format_rev}).image(0):
+        # add-slots wrote the backup but not the primary (its commit point): its
+        # blocks, marked used, are freed below as leaked
+        if rep.problem("add-slots-interrupted", f"the backup superblock has "
+                       f"{backup.nslots} slots (slot table at block "
+                       f"{backup.slot_table}), the primary {prim.nslots}: an add-slots "
+                       f"stopped before its commit", "roll it back: rewrite the backup "
+                       "from the primary (the blocks it took are leaked, see below)",
+                       safe=True, block=prim.backup_bno):
+            s.write_backup = True
+        return
     if a != b:
         if rep.problem("superblocks-differ", "primary and backup superblocks "
                        "disagree", "rewrite the backup from the primary", safe=True,
@@ -158,6 +180,37 @@ def check_geometry(s) -> None:
     s.rblocks, s.rcount = sb.rgrp_blocks, sb.rgrp_count
     s.dstart = [g + 1 + sb.bitmap_blocks for g in s.gstart]
     s.gend = [g + n for g, n in zip(s.gstart, s.glen)]
+
+
+def check_slot_table(s) -> None:
+    """The slot table (slots added after mkfs): it must decode and fit the
+    superblock; its blocks and those of the slots it lists are claimed."""
+    sb = s.sb
+    if not sb.slot_table:
+        sb.added = []
+        return
+    bno = sb.slot_table
+    try:
+        sb.load_slot_table(s.dev)
+    except CorruptBlock as e:
+        fixed = sb.fixed_slots
+        slots = f"slot {fixed}" if fixed == sb.nslots - 1 else \
+            f"slots {fixed}-{sb.nslots - 1}"
+        s.report.problem("slot-table", f"slot table (block {bno}) is damaged: {e.reason}; "
+                         f"{slots} cannot be checked and their blocks show as leaked",
+                         "", block=bno)
+        if s.dev is s.real:
+            s.dev = OverlayDevice(s.real)       # nothing is written from here on
+        if s.report.repairs_allowed:
+            s.report.repairs_allowed = False
+            s.report.note("  (no repairs: they would free the blocks of the added "
+                          "slots)")
+        # the rest of the run sees the slots of mkfs only
+        s.sb = dataclasses.replace(sb, nslots=fixed, slot_table=0, added=[])
+        return
+    for _what, start, n in sb.added_extents():
+        s.claims[start:start + n] = bytes([C_SLOT]) * n
+    s.stats["added_slots"] = len(sb.added)
 
 
 def summary(s) -> str:

@@ -242,6 +242,9 @@ def check_consistency(dev, *, allow_unlinked: bool = False,
         start, _length = sb.rgrp_range(rg)
         for b in range(start, start + 1 + sb.bitmap_blocks):
             claim(b, f"rgrp {rg} header/bitmap")
+    for what, start, n in sb.added_extents():     # slots added after mkfs
+        for b in range(start, start + n):
+            claim(b, what)
 
     links: Counter = Counter()        # ino -> directory entries naming it
     subdirs: Counter = Counter()      # dir ino -> subdirectories

@@ -71,12 +71,7 @@ class Coherence:
         self.holds: Holds | None = None
         self.fenced = False
         self.waits: set[trio.CancelScope] = set()   # lock manager waits of operations
-        sb = vol.sb
-        n = sb.nslots
-        mine = [g for g in range(sb.rgrp_count) if g % n == slot % n]
-        others = [g for g in range(sb.rgrp_count) if g % n != slot % n]
-        self.preferred = mine + others
-        self.rank = {g: i for i, g in enumerate(self.preferred)}
+        self.prefer_groups(vol.sb)
         self.known_free: dict[int, int] = {}
         self.ex_groups: set[int] = set()
         # fn(ino): drop the kernel's cached attributes of an inode (set once mounted)
@@ -91,6 +86,15 @@ class Coherence:
         # member); called when the freeze lock comes back
         self.adopt_superblock = None
         vol.cluster = self
+
+    def prefer_groups(self, sb) -> None:
+        """Order the groups by affinity to our slot: ``g % nslots == slot % nslots``
+        first (again when the slot count changes: ``ClusterMount.adopt_superblock``)."""
+        n, slot = sb.nslots, self.slot
+        mine = [g for g in range(sb.rgrp_count) if g % n == slot % n]
+        others = [g for g in range(sb.rgrp_count) if g % n != slot % n]
+        self.preferred = mine + others
+        self.rank = {g: i for i, g in enumerate(self.preferred)}
 
     # -- requirement checks (called by the volume inside operation bodies) -----------
 

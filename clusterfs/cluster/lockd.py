@@ -44,11 +44,11 @@ import trio
 from lockmgr import DeltaLease, LeaseRecord, LeaseTimings, LockServer
 from lockmgr.server import LIVE, accept_streams
 
-from ..errors import ClusterfsError, CorruptBlock, UsageError, run_surfacing
+from ..errors import ClusterfsError, CorruptBlock, FormatMismatch, UsageError, run_surfacing
 from ..fs.volume import read_superblock
 from ..ondisk import slots as slotmod
 from ..ondisk.blockdev import BlockDevice
-from ..ondisk.format import HB_CLUSTER, HB_FENCED
+from ..ondisk.format import HB_CLUSTER, HB_FENCED, SB_LAYOUT
 from ..ondisk.lease import candidate_id, decode_lease, encode_lease
 from .locks import RECOVERY
 
@@ -128,7 +128,12 @@ class VolumeLeaseStore:
 
 
 class SlotWatch:
-    """When each slot's disk heartbeat last changed, as this process saw it."""
+    """When each slot's disk heartbeat last changed, as this process saw it.
+
+    Slots added while the candidate runs (``clusterfs add-slots``) are watched from
+    the first update after the primary superblock counts them: each update reads
+    block 0 and, when its slot count or slot table changed, the superblock anew.
+    """
 
     def __init__(self, dev, sb):
         self.dev = dev
@@ -137,9 +142,25 @@ class SlotWatch:
         self.hbs: dict[int, object] = {}
         self.read_at = float("-inf")      # when the read behind ``hbs`` was issued
 
+    def _read(self) -> list:
+        """The heartbeats of every slot (the superblock re-read first if the slots
+        changed; a superblock that does not read right is ignored until it does)."""
+        try:
+            buf = self.dev.read(0)
+            now = (SB_LAYOUT.get(buf, "nslots"), SB_LAYOUT.get(buf, "slot_table"))
+            if now != (self.sb.nslots, self.sb.slot_table):
+                sb = read_superblock(self.dev)
+                if sb.uuid == self.sb.uuid and sb.nslots >= self.sb.nslots:
+                    log.info("the volume now has %d slots (was %d)", sb.nslots,
+                             self.sb.nslots)
+                    self.sb = sb
+        except (CorruptBlock, FormatMismatch) as e:
+            log.warning("re-reading the superblock: %s", e)
+        return slotmod.read_heartbeats(self.dev, self.sb)
+
     async def update(self) -> None:
         issued = trio.current_time()
-        hbs = await trio.to_thread.run_sync(slotmod.read_heartbeats, self.dev, self.sb)
+        hbs = await trio.to_thread.run_sync(self._read)
         self.read_at = issued
         now = trio.current_time()
         for slot, hb in enumerate(hbs):

@@ -261,6 +261,32 @@ class ClusterMount:
             self.coh.fence(why)
         raise Fenced()
 
+    def adopt_superblock(self, sb) -> None:
+        """Take a superblock whose geometry changed while the volume was frozen (a
+        grow, added slots: ``admin``), without a remount.  ``Volume.adopt_geometry``
+        updates the superblock object in place, so every holder of it follows: the
+        heartbeat scan of ``tick`` and recovery (``Recovery.watch_heartbeats`` and
+        ``recover`` go through ``heartbeat_bno`` / ``journal_range`` at each use, so
+        they cover new slots from now on), the master locator (only the lease
+        block, which does not move), the allocator and statfs (new groups).  The
+        group preference (``g % nslots == slot % nslots``) is made again.
+
+        Left as they are, because neither change moves anything that exists: our
+        heartbeat writer's block, our journal, ``Recovery.seen`` (new slots join it
+        at the next scan).  The lock manager candidate is another process: its
+        ``lockd.SlotWatch`` notices a new slot count by itself.
+
+        Raises:
+            ValueError: ``sb`` is not a grown copy of this volume's superblock (the
+                mount goes on with the superblock it has).
+        """
+        old_slots, old_blocks = self.vol.sb.nslots, self.vol.sb.total_blocks
+        self.vol.adopt_geometry(sb)
+        if self.coh is not None:
+            self.coh.prefer_groups(self.vol.sb)
+        log.info("volume geometry adopted: %d slots (was %d), %d blocks (was %d)",
+                 self.vol.sb.nslots, old_slots, self.vol.sb.total_blocks, old_blocks)
+
     def refresh_free(self) -> None:
         """Estimate every group's free blocks from its header (read without a lock)."""
         vol, coh = self.vol, self.coh
@@ -288,15 +314,6 @@ class ClusterMount:
             self.heart.stopped = True
 
     # the node's side of the serve loop (``fuse/serve.py``)
-
-    def adopt_superblock(self, sb) -> None:
-        """Take a superblock whose geometry changed while the volume was frozen."""
-        adopt = getattr(self.vol, "adopt_geometry", None)
-        if adopt is None:
-            log.error("the volume's geometry changed while frozen and this node cannot "
-                      "take it without a remount")
-            return
-        adopt(sb)
 
     @property
     def fenced(self) -> bool:

@@ -62,7 +62,10 @@ def gather(path: str, *, watch: float = 1.5, key: bytes | None = None) -> dict:
                 jowner = hdr.owner
             except JournalCorrupt as e:
                 jstate, jowner = f"corrupt ({e.reason})", ""
-            entry = {"slot": i, "journal": jstate, "journal_owner": jowner}
+            jstart, _length = sb.journal_range(i)
+            entry = {"slot": i, "journal": jstate, "journal_owner": jowner,
+                     "added": i >= sb.fixed_slots, "heartbeat_block": sb.heartbeat_bno(i),
+                     "journal_block": jstart}
             if hb is None:
                 entry.update(state="unreadable", node="", mounted=False)
             else:
@@ -74,7 +77,8 @@ def gather(path: str, *, watch: float = 1.5, key: bytes | None = None) -> dict:
                              mounted=hb.state != HB_FREE and (i in live or watch <= 0))
             slots.append(entry)
         out = {"volume": path, "uuid": sb.uuid.hex(), "label": sb.label,
-               "blocks": sb.total_blocks, "slots": slots,
+               "blocks": sb.total_blocks, "nslots": sb.nslots,
+               "fixed_slots": sb.fixed_slots, "slots": slots,
                "cluster": sb.cluster_name, "master": master}
     finally:
         vol.close()
@@ -116,6 +120,9 @@ def render(st: dict) -> str:
         lines.append(f"lock manager master: node {m['node']} ({slot}) at {m['address']}, "
                      f"since {m['since']}, generation {m['generation']}, lease renewed "
                      f"{m['renewed_age']:.1f}s ago")
+    added = st["nslots"] - st["fixed_slots"]
+    lines.append(f"{st['nslots']} slots" + (f" ({st['fixed_slots']} made by mkfs, {added} "
+                                            f"added: marked +)" if added else ""))
     lines.append(f"{'slot':>4}  {'node':<16} {'state':<12} {'heartbeat':<22} {'journal':<12}")
     for s in st["slots"]:
         if s["state"] in ("free",) and not s.get("node"):
@@ -125,7 +132,8 @@ def render(st: dict) -> str:
         else:
             live = {True: "live", False: "stopped", None: ""}[s.get("live")]
             hb = f"{s['heartbeat_age']:.1f}s ago {live}".strip()
-        lines.append(f"{s['slot']:>4}  {s.get('node') or '-':<16} {s['state']:<12} "
+        slot = f"+{s['slot']}" if s.get("added") else str(s["slot"])
+        lines.append(f"{slot:>4}  {s.get('node') or '-':<16} {s['state']:<12} "
                      f"{hb:<22} {s['journal']}")
     lm = st.get("lock_manager")
     if lm:

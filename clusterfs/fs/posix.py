@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ..errors import CorruptBlock, FSError
 from ..ondisk.format import (BLOCK_SIZE, DF_DIRTREE, DF_EXTENTS, DF_INLINE, DINODE, DIRENT,
-                             FORMAT_REVISION, LINK_MAX, NAME_MAX, READDIR_BASE, SYMLINK_MAX,
+                             LINK_MAX, NAME_MAX, READDIR_BASE, SHARED_SINCE, SYMLINK_MAX,
                              UNLINKED, Dinode, TreeNode, dtype_of)
 from . import acl, directory, inode
 from .alloc import NeedCommit
@@ -770,7 +770,7 @@ class Filesystem:
                            (b - a) // BLOCK_SIZE))
             if off_in + n > b:
                 phases.append(("data", b, off_out + b - off_in, off_in + n - b))
-            if self.vol.sb.format_rev < FORMAT_REVISION:
+            if self.vol.sb.format_rev < SHARED_SINCE:
                 self.vol.raise_revision()
         elif n:
             phases.append(("data", off_in, off_out, n))

@@ -18,9 +18,9 @@ import logging
 
 from ..errors import CorruptBlock, FSError, FormatMismatch, VolumeError, WrongBlockType
 from ..ondisk.blockdev import BlockDevice
-from ..ondisk.format import (BLOCKS_PER_BITMAP, DINODE, FORMAT_REVISION, REFCOUNT,
-                             UNLINKED, Bitmap, Dinode, MetaObject, RgrpHeader, Superblock,
-                             TreeNode, XattrBlock)
+from ..ondisk.format import (BLOCKS_PER_BITMAP, DINODE, REFCOUNT, SHARED_SINCE, UNLINKED,
+                             Bitmap, Dinode, MetaObject, RgrpHeader, Superblock, TreeNode,
+                             XattrBlock)
 from .alloc import Allocator
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,11 @@ class Op:
 
 
 def read_superblock(dev) -> Superblock:
-    """The primary superblock, or a clear error (CorruptBlock / FormatMismatch)."""
-    return Superblock.decode(dev.read(0), 0)
+    """The primary superblock with its slot table loaded, or a clear error
+    (CorruptBlock naming the superblock or the slot table / FormatMismatch)."""
+    sb = Superblock.decode(dev.read(0), 0)
+    sb.load_slot_table(dev)
+    return sb
 
 
 class Volume:
@@ -96,7 +99,8 @@ class Volume:
             sb = read_superblock(dev)
         except CorruptBlock as e:
             dev.close()
-            raise VolumeError(f"{path}: superblock is damaged ({e.reason}); "
+            what = "superblock" if e.bno == 0 else f"slot table (block {e.bno})"
+            raise VolumeError(f"{path}: {what} is damaged ({e.reason}); "
                               f"run 'clusterfs fsck {path}'") from None
         except FormatMismatch as e:
             dev.close()
@@ -477,10 +481,12 @@ class Volume:
     # -- geometry -----------------------------------------------------------------------
 
     def adopt_geometry(self, new_sb: Superblock) -> None:
-        """Use the superblock of the grown volume (``clusterfs.fs.grow``) without a
-        remount: its new groups become allocatable, ``statfs`` shows its size, and
-        the cached header and bitmaps of every group whose extent changed are
-        dropped (read again from the device).  The superblock object is updated in
+        """Use the superblock of the grown volume (``clusterfs.fs.grow``) or of one
+        with added slots (``clusterfs.fs.addslots``) without a remount: its new
+        groups become allocatable, ``statfs`` shows its size, and the cached header
+        and bitmaps of every group whose extent changed (of every group, when slots
+        were added: their blocks came from the groups) are dropped (read again from
+        the device).  The superblock object is updated in
         place, so every holder of ``vol.sb`` sees the new one.  Call it between
         operations, with nothing of those groups in the running transaction (the
         grow checkpoints the journal first).
@@ -494,11 +500,19 @@ class Volume:
         old = self.sb
         if new_sb is old:
             return
-        same = ("uuid", "nslots", "journal_blocks", "rgrp_start", "rgrp_blocks",
-                "bitmap_blocks", "root_ino")
-        if any(getattr(new_sb, f) != getattr(old, f) for f in same) or \
-                new_sb.total_blocks < old.total_blocks:
-            raise ValueError("not a grown copy of the mounted volume's superblock")
+        same = ("uuid", "journal_blocks", "slot_start", "journal_start", "rgrp_start",
+                "rgrp_blocks", "bitmap_blocks", "root_ino", "lease_start")
+        slots_added = new_sb.nslots != old.nslots
+        changed = [f for f in same if getattr(new_sb, f) != getattr(old, f)]
+        if new_sb.total_blocks < old.total_blocks or new_sb.rgrp_count < old.rgrp_count:
+            changed.append("total_blocks/rgrp_count (smaller)")
+        if new_sb.nslots < old.nslots or new_sb.added is None or \
+                list(new_sb.added[:len(old.added or [])]) != list(old.added or []):
+            changed.append("slots")
+        if changed:
+            raise ValueError(f"not a grown copy of the mounted volume's superblock "
+                             f"({', '.join(changed)}): only a grow and added slots are "
+                             f"taken without a remount")
         if new_sb.total_blocks > self.dev.nblocks:
             raise VolumeError(f"the superblock describes {new_sb.total_blocks} blocks "
                               f"but the device has only {self.dev.nblocks}")
@@ -506,8 +520,9 @@ class Volume:
         # as they were before it)
         before = old.resized(old.grow_from) if old.growing else old
         count = max(before.rgrp_count, new_sb.rgrp_count)
+        # (added slots took their blocks from groups: every group may have changed)
         changed = [rg for rg in range(count)
-                   if rg >= before.rgrp_count or rg >= new_sb.rgrp_count
+                   if slots_added or rg >= before.rgrp_count or rg >= new_sb.rgrp_count
                    or before.rgrp_range(rg) != new_sb.rgrp_range(rg)]
         drop = [bno for rg in changed
                 for bno in range(old.rgrp_start + rg * old.rgrp_blocks,
@@ -530,16 +545,16 @@ class Volume:
 
     def raise_revision(self) -> None:
         """Before the first block is shared: a volume of an older revision (2, which
-        has no shared blocks) becomes revision ``FORMAT_REVISION`` (3), both copies
+        has no shared blocks) becomes revision ``SHARED_SINCE`` (3), both copies
         of the superblock durable (backup first), so that older software refuses
         it from then on.  Idempotent (several nodes may do it at once: they write
         the same bytes)."""
-        if self.sb.format_rev >= FORMAT_REVISION:
+        if self.sb.format_rev >= SHARED_SINCE:
             return
         if self.op is not None:
             raise RuntimeError("raise_revision inside an operation")
         old = self.sb.format_rev
-        self.sb.format_rev = FORMAT_REVISION
+        self.sb.format_rev = SHARED_SINCE
         try:
             self.dev.write(self.sb.backup_bno, self.sb.image(self.sb.backup_bno))
             self.dev.flush()
@@ -548,7 +563,7 @@ class Volume:
         except BaseException:
             self.sb.format_rev = old
             raise
-        log.info("volume raised to format revision %d (shared blocks)", FORMAT_REVISION)
+        log.info("volume raised to format revision %d (shared blocks)", SHARED_SINCE)
 
     # -- data ---------------------------------------------------------------------------
 

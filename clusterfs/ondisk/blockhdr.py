@@ -100,6 +100,7 @@ class BlockType(enum.IntEnum):
     XATTR = 8
     LEASE = 9
     REFCOUNT_NODE = 10
+    SLOT_TABLE = 11
     JOURNAL_HEADER = 16
     JOURNAL_DESCRIPTOR = 17
     JOURNAL_REVOKE = 18

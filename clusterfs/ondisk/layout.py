@@ -15,10 +15,16 @@ import struct
 
 from .blockhdr import BLOCK_SIZE, HEADER_SIZE
 
-FORMAT_REVISION = 3        # what mkfs writes, and the newest revision read
+FORMAT_REVISION = 4        # what mkfs writes, and the newest revision read
 OLDEST_REVISION = 2        # the oldest revision read: a revision-2 volume is a
 #                            revision-3 one without shared blocks (raised to 3 by
-#                            the first clone; docs/FORMAT.md, "Format revision rule")
+#                            the first clone), a revision-3 one a revision-4 one
+#                            without a slot table (raised to 4 by add-slots);
+#                            docs/FORMAT.md, "Format revision rule"
+SHARED_SINCE = 3           # the revision that added shared blocks: the first clone
+#                            raises an older volume to it
+SLOT_TABLE_SINCE = 4       # the revision that added the slot table: add-slots
+#                            raises an older volume to it
 
 
 class Layout:
@@ -77,11 +83,26 @@ SB_LAYOUT = Layout(
     ("root_ino", "Q"), ("features", "Q"), ("backup_bno", "Q"), ("cluster_name", "32s"),
     ("lease_start", "Q"), ("lease_blocks", "I"), ("grow_from", "Q"), ("slot_table", "Q"),
     ("reserved", "100s"), ("mkfs_seq", "Q"))
+# nslots counts every slot: the fixed ones of mkfs (their number is journal_start -
+# slot_start) and those add-slots made, listed by the slot table (slot_table: its
+# block; 0: none)
 
 SB_FLAG_CLUSTER_INFO = 1   # cluster_name is set
 SB_FLAG_GROWING = 2        # a grow from grow_from blocks is not finished yet: the
 #                            geometry is the new one, the groups and the backup copy
 #                            may still be the old ones (clusterfs.fs.grow finishes it)
+MAX_SLOTS = 256            # node slots of a volume, fixed and added together
+
+# =============================================================================
+# The slot table (a block in a resource group): slots added after mkfs
+# =============================================================================
+
+SLOT_TABLE_LAYOUT = Layout(
+    HEADER_SIZE,
+    ("count", "I"), ("first_slot", "I"), ("journal_blocks", "I"), ("reserved", "I"))
+SLOT_ENTRY = Layout(0, ("heartbeat", "Q"), ("journal", "Q"))    # one per added slot
+SLOT_ENTRIES_OFF = SLOT_TABLE_LAYOUT.end                        # 48
+SLOT_TABLE_MAX = (BLOCK_SIZE - SLOT_ENTRIES_OFF) // SLOT_ENTRY.size   # 253 entries
 
 # =============================================================================
 # The lock manager's lease area (block 1): the master's delta lease

@@ -1,16 +1,24 @@
-"""The superblock and the volume's geometry; the node slots' heartbeat blocks.
+"""The superblock and the volume's geometry; the node slots' heartbeat blocks and
+the slot table.
 
 Geometry (all in 4096-byte blocks)::
 
     0                       superblock
     1                       the lease area: the lock manager's master lease
-    2 .. 2+nslots-1         heartbeat block of each node slot
-    journal_start ..        journal of slot i at journal_start + i * journal_blocks
-    rgrp_start ..           resource groups, rgrp_blocks each (the last may be shorter)
+    2 .. 2+fixed-1          heartbeat block of each fixed slot (fixed = the slots of
+                            mkfs = journal_start - slot_start)
+    journal_start ..        journal of fixed slot i at journal_start + i * journal_blocks
+    rgrp_start ..           resource groups, rgrp_blocks each (the last may be shorter);
+                            slots added later (add-slots) have their heartbeat block
+                            and journal here, allocated in the bitmaps, listed by the
+                            slot table (a block here too)
     total_blocks - 1        backup superblock
 
-The fields of both blocks are the tables ``SB_LAYOUT`` and ``HB_LAYOUT`` of
-``layout``; ``docs/FORMAT.md`` ("SUPERBLOCK", "HEARTBEAT") describes them.
+``Superblock.heartbeat_bno`` and ``Superblock.journal_range`` are the one place that
+says where a slot's blocks are; everything goes through them.  The fields of the
+blocks are the tables ``SB_LAYOUT``, ``HB_LAYOUT`` and ``SLOT_TABLE_LAYOUT`` of
+``layout``; ``docs/FORMAT.md`` ("SUPERBLOCK", "HEARTBEAT", "SLOT_TABLE") describes
+them.
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ from ..errors import CorruptBlock, FormatMismatch
 from . import blockhdr
 from .blockhdr import BLOCK_SIZE, HEADER_SIZE, BlockType
 from .layout import (BLOCKS_PER_BITMAP, FORMAT_REVISION, HB_FREE, HB_LAYOUT, LEASE_BLOCKS,
-                     LEASE_START, OLDEST_REVISION, SB_FLAG_GROWING, SB_LAYOUT)
+                     LEASE_START, MAX_SLOTS, OLDEST_REVISION, SB_FLAG_GROWING, SB_LAYOUT,
+                     SLOT_ENTRIES_OFF, SLOT_ENTRY, SLOT_TABLE_LAYOUT, SLOT_TABLE_MAX,
+                     SLOT_TABLE_SINCE)
 from .meta import _blank
 
 _SB = SB_LAYOUT.struct
@@ -45,9 +55,13 @@ class Superblock:
     """Block 0 (and a backup copy at ``total_blocks - 1``).
 
     Invariants: ``lease_start = 1``, ``lease_blocks = 1``, ``slot_start = lease_start +
-    lease_blocks``; ``journal_start = slot_start + nslots``; ``rgrp_start = journal_start +
-    nslots * journal_blocks``; resource group i starts at ``rgrp_start + i *
-    rgrp_blocks`` and the last one ends before the backup superblock.
+    lease_blocks``; ``journal_start = slot_start + fixed_slots`` (the slots of mkfs,
+    1 .. ``nslots``); ``rgrp_start = journal_start + fixed_slots * journal_blocks``;
+    resource group i starts at ``rgrp_start + i * rgrp_blocks`` and the last one ends
+    before the backup superblock.  ``nslots`` counts every slot; the ones past
+    ``fixed_slots`` are listed by the slot table at block ``slot_table`` (0 when there
+    are none), which ``load_slot_table`` reads into ``added`` (``read_superblock`` does
+    it: a superblock only decoded knows where its added slots are once it is loaded).
 
     While a grow is unfinished (``SB_FLAG_GROWING`` in ``flags``) the geometry is
     already the new one and ``grow_from`` is the old ``total_blocks``
@@ -75,7 +89,15 @@ class Superblock:
     features: int = 0
     cluster_name: str = ""
     grow_from: int = 0
+    slot_table: int = 0
     seq: int = 1
+    # (heartbeat block, journal start) of each added slot, from the slot table; None:
+    # not loaded yet (``load_slot_table``)
+    added: list[tuple[int, int]] | None = None
+
+    def __post_init__(self):
+        if self.added is None and not self.slot_table:
+            self.added = []
 
     @property
     def backup_bno(self) -> int:
@@ -90,7 +112,7 @@ class Superblock:
             self.rgrp_blocks, self.rgrp_count, self.bitmap_blocks, self.flags,
             self.root_ino, self.features, self.backup_bno,
             self.cluster_name.encode()[:32], self.lease_start, self.lease_blocks,
-            self.grow_from, 0, b"", 0)
+            self.grow_from, self.slot_table, b"", 0)
         return bytes(blockhdr.seal(buf, BlockType.SUPERBLOCK, bno, self.seq))
 
     @classmethod
@@ -102,7 +124,7 @@ class Superblock:
         seq = blockhdr.verify(buf, BlockType.SUPERBLOCK, bno)
         (rev, bsize, total, uid, label, created, nslots, jblocks, slot_start,
          jstart, rstart, rblocks, rcount, bmblocks, flags, root, features, backup,
-         cname, lease_start, lease_blocks, grow_from, _slot_table, _reserved,
+         cname, lease_start, lease_blocks, grow_from, slot_table, _reserved,
          _pad) = _SB.unpack_from(buf, HEADER_SIZE)
         if not OLDEST_REVISION <= rev <= FORMAT_REVISION:
             raise FormatMismatch(
@@ -118,7 +140,7 @@ class Superblock:
                  flags=flags, features=features,
                  cluster_name=cname.rstrip(b"\0").decode(errors="replace"),
                  lease_start=lease_start, lease_blocks=lease_blocks,
-                 grow_from=grow_from, seq=seq)
+                 grow_from=grow_from, slot_table=slot_table, seq=seq)
         sb.check_geometry(bno)
         if backup != sb.backup_bno:
             raise CorruptBlock(bno, f"backup location {backup} != {sb.backup_bno}")
@@ -127,18 +149,27 @@ class Superblock:
     def check_geometry(self, bno: int = 0) -> None:
         """Raise CorruptBlock when the recorded geometry is not self-consistent."""
         problems = []
-        if not (1 <= self.nslots <= 256):
+        if not (1 <= self.nslots <= MAX_SLOTS):
             problems.append(f"slot count {self.nslots}")
         if self.lease_start != LEASE_START or self.lease_blocks != LEASE_BLOCKS:
             problems.append(f"lease area at {self.lease_start} ({self.lease_blocks} blocks)")
         if self.slot_start != self.lease_start + self.lease_blocks:
-            problems.append(f"slot table at {self.slot_start}")
-        if self.journal_start != self.slot_start + self.nslots:
+            problems.append(f"heartbeat blocks at {self.slot_start}")
+        fixed = self.fixed_slots
+        if not 1 <= fixed <= self.nslots:
             problems.append(f"journal start {self.journal_start}")
         if self.journal_blocks < 64:
             problems.append(f"journal size {self.journal_blocks}")
-        if self.rgrp_start != self.journal_start + self.nslots * self.journal_blocks:
+        if self.rgrp_start != self.journal_start + fixed * self.journal_blocks:
             problems.append(f"rgrp start {self.rgrp_start}")
+        if (self.nslots > fixed) != bool(self.slot_table):
+            problems.append(f"{self.nslots} slots ({fixed} fixed) with slot table "
+                            f"{self.slot_table}")
+        elif self.slot_table and (self.format_rev < SLOT_TABLE_SINCE or
+                                  not self.rgrp_start <= self.slot_table < self.backup_bno
+                                  or self.nslots - fixed > SLOT_TABLE_MAX):
+            problems.append(f"slot table {self.slot_table} ({self.nslots - fixed} "
+                            f"slots, revision {self.format_rev})")
         if self.rgrp_blocks < 64 or self.bitmap_blocks != bitmap_blocks_for(self.rgrp_blocks):
             problems.append(f"rgrp size {self.rgrp_blocks}/{self.bitmap_blocks}")
         elif self.rgrp_count != rgrp_count_for(self.total_blocks, self.rgrp_start,
@@ -176,11 +207,71 @@ class Superblock:
         """The master lease's block."""
         return self.lease_start
 
+    @property
+    def fixed_slots(self) -> int:
+        """The slots of mkfs: their heartbeat blocks and journals lie before the
+        resource groups.  Slots from this number up were added (the slot table)."""
+        return self.journal_start - self.slot_start
+
+    def _added(self, slot: int) -> tuple[int, int]:
+        if not 0 <= slot < self.nslots:
+            raise ValueError(f"slot {slot} does not exist (the volume has {self.nslots})")
+        if self.added is None:
+            raise RuntimeError("the slot table is not loaded (Superblock.load_slot_table)")
+        return self.added[slot - self.fixed_slots]
+
     def heartbeat_bno(self, slot: int) -> int:
-        return self.slot_start + slot
+        """The heartbeat block of ``slot``."""
+        if 0 <= slot < self.fixed_slots:
+            return self.slot_start + slot
+        return self._added(slot)[0]
 
     def journal_range(self, slot: int) -> tuple[int, int]:
-        return self.journal_start + slot * self.journal_blocks, self.journal_blocks
+        """(first block, length) of the journal of ``slot``."""
+        if 0 <= slot < self.fixed_slots:
+            return self.journal_start + slot * self.journal_blocks, self.journal_blocks
+        return self._added(slot)[1], self.journal_blocks
+
+    def added_extents(self) -> list[tuple[str, int, int]]:
+        """(what, first block, blocks) of every block the added slots hold in the
+        resource groups: the slot table, each added slot's heartbeat and journal."""
+        if not self.slot_table:
+            return []
+        out = [("slot table", self.slot_table, 1)]
+        for i, (hb, jstart) in enumerate(self._table(), self.fixed_slots):
+            out.append((f"heartbeat of slot {i}", hb, 1))
+            out.append((f"journal of slot {i}", jstart, self.journal_blocks))
+        return out
+
+    def _table(self) -> list[tuple[int, int]]:
+        if self.added is None:
+            raise RuntimeError("the slot table is not loaded (Superblock.load_slot_table)")
+        return self.added
+
+    def load_slot_table(self, dev) -> None:
+        """Read and check the slot table (nothing to do without added slots).
+
+        Raises:
+            CorruptBlock: the slot table is damaged or does not fit the superblock
+                (the block named is the table's).
+        """
+        if self.slot_table:
+            try:
+                buf = dev.read(self.slot_table)
+            except OSError as e:
+                raise CorruptBlock(self.slot_table, f"slot table unreadable: {e}") \
+                    from None
+            self.added = SlotTable.decode(buf, self.slot_table, self).entries
+        else:
+            self.added = []
+
+    def in_data_area(self, bno: int, n: int = 1) -> bool:
+        """Whether blocks [bno, bno+n) lie in the data area of one resource group."""
+        rg = self.rgrp_of(bno)
+        if rg < 0 or n < 1:
+            return False
+        start, length = self.rgrp_range(rg)
+        return bno >= start + 1 + self.bitmap_blocks and bno + n <= start + length
 
     def rgrp_range(self, index: int) -> tuple[int, int]:
         """(first block, length) of resource group ``index``."""
@@ -193,6 +284,83 @@ class Superblock:
         if bno < self.rgrp_start or bno >= self.total_blocks - 1:
             return -1
         return min((bno - self.rgrp_start) // self.rgrp_blocks, self.rgrp_count - 1)
+
+
+class SlotTable:
+    """The slot table: where each slot added after mkfs has its heartbeat block and
+    its journal (``journal_blocks`` long), in the resource groups.
+
+    Args:
+        bno: its block.
+        first_slot: the number of the first slot it lists (= the fixed slots).
+        journal_blocks: each journal's length (= the superblock's).
+        entries: (heartbeat block, journal start) of slots ``first_slot``, ``first_slot
+            + 1``, ...
+        seq: header ``seq``: 1 for a volume's first table, +1 for each new one.
+    """
+
+    __slots__ = ("bno", "first_slot", "journal_blocks", "entries", "seq")
+
+    def __init__(self, bno: int, first_slot: int, journal_blocks: int,
+                 entries: list[tuple[int, int]], seq: int = 1):
+        self.bno = bno
+        self.first_slot = first_slot
+        self.journal_blocks = journal_blocks
+        self.entries = entries
+        self.seq = seq
+
+    def image(self) -> bytes:
+        if len(self.entries) > SLOT_TABLE_MAX:
+            raise ValueError(f"a slot table holds {SLOT_TABLE_MAX} slots at most")
+        buf = _blank()
+        SLOT_TABLE_LAYOUT.struct.pack_into(buf, HEADER_SIZE, len(self.entries),
+                                           self.first_slot, self.journal_blocks, 0)
+        for k, (hb, jstart) in enumerate(self.entries):
+            SLOT_ENTRY.struct.pack_into(buf, SLOT_ENTRIES_OFF + k * SLOT_ENTRY.size,
+                                        hb, jstart)
+        return bytes(blockhdr.seal(buf, BlockType.SLOT_TABLE, self.bno, self.seq))
+
+    @classmethod
+    def decode(cls, buf, bno: int, sb: "Superblock") -> "SlotTable":
+        """Parse the table and check it against ``sb``: one entry per added slot,
+        each heartbeat block and journal inside one group's data area, none
+        overlapping another or the table.
+
+        Raises:
+            CorruptBlock: naming ``bno``.
+        """
+        seq = blockhdr.verify(buf, BlockType.SLOT_TABLE, bno)
+        count, first, jblocks, reserved = SLOT_TABLE_LAYOUT.struct.unpack_from(
+            buf, HEADER_SIZE)
+        want = sb.nslots - sb.fixed_slots
+        if count != want or first != sb.fixed_slots or jblocks != sb.journal_blocks \
+                or reserved:
+            raise CorruptBlock(bno, f"slot table lists {count} slot(s) from slot {first} "
+                                    f"with journals of {jblocks} blocks; the superblock "
+                                    f"says {want} from slot {sb.fixed_slots}, journals "
+                                    f"of {sb.journal_blocks} blocks")
+        entries = [SLOT_ENTRY.struct.unpack_from(buf, SLOT_ENTRIES_OFF + k * SLOT_ENTRY.size)
+                   for k in range(count)]
+        if any(buf[SLOT_ENTRIES_OFF + count * SLOT_ENTRY.size:]):
+            raise CorruptBlock(bno, "slot table: bytes after its entries are not zero")
+        spans = [(bno, 1, "the slot table")]
+        for k, (hb, jstart) in enumerate(entries):
+            slot = first + k
+            if not sb.in_data_area(hb):
+                raise CorruptBlock(bno, f"slot table: heartbeat of slot {slot} at block "
+                                        f"{hb}, outside the groups' data areas")
+            if not sb.in_data_area(jstart, jblocks):
+                raise CorruptBlock(bno, f"slot table: journal of slot {slot} at blocks "
+                                        f"{jstart}-{jstart + jblocks - 1}, not inside one "
+                                        f"group's data area")
+            spans.append((hb, 1, f"the heartbeat of slot {slot}"))
+            spans.append((jstart, jblocks, f"the journal of slot {slot}"))
+        spans.sort()
+        for (a, n, what), (b, _m, other) in zip(spans, spans[1:]):
+            if b < a + n:
+                raise CorruptBlock(bno, f"slot table: {other} overlaps {what} "
+                                        f"(block {b})")
+        return cls(bno, first, jblocks, [tuple(e) for e in entries], seq)
 
 
 def bitmap_blocks_for(rgrp_blocks: int) -> int:

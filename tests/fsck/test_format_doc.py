@@ -17,7 +17,8 @@ from clusterfs.ondisk.blockhdr import HEADER_SIZE, BlockType
 from clusterfs.ondisk.format import (DINODE_LAYOUT, DIRENT, DIRENT_REC, EXTENT, EXTENT_REC,
                                      HB_LAYOUT, INDEX_REC, LEASE_LAYOUT, NODE_HDR,
                                      NODE_LAYOUT, REFCOUNT, REFCOUNT_REC, RGRP_LAYOUT,
-                                     SB_LAYOUT, XATTR_BLOCK_LAYOUT, XATTR_ENTRY)
+                                     SB_LAYOUT, SLOT_ENTRY, SLOT_TABLE_LAYOUT,
+                                     XATTR_BLOCK_LAYOUT, XATTR_ENTRY)
 from lockmgr import LeaseRecord
 
 DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
@@ -79,6 +80,7 @@ BLOCK_TABLES = {
     "DINODE (type 5)": DINODE_LAYOUT,
     "XATTR (type 8)": XATTR_BLOCK_LAYOUT,
     "LEASE (type 9)": LEASE_LAYOUT,
+    "SLOT_TABLE (type 11)": SLOT_TABLE_LAYOUT,
 }
 
 
@@ -136,7 +138,14 @@ def test_layout_constants():
     assert (fmt.FREE, fmt.USED, fmt.UNLINKED, fmt.DINODE) == (0, 1, 2, 3)
     assert (fmt.DF_INLINE, fmt.DF_EXTENTS, fmt.DF_DIRTREE) == (1, 2, 4)
     assert fmt.HASH_SHIFT == 16 and fmt.READDIR_BASE == 3
-    assert fmt.FORMAT_REVISION == 3 and fmt.OLDEST_REVISION == 2
+    assert fmt.FORMAT_REVISION == 4 and fmt.OLDEST_REVISION == 2
+    assert fmt.SLOT_TABLE_SINCE == 4 and fmt.MAX_SLOTS == 256
+    slot_table, entry = tables(s["SLOT_TABLE (type 11)"])
+    assert slot_table[-1] == (str(fmt.SLOT_ENTRIES_OFF), f"{SLOT_ENTRY.size} × count",
+                              "entries")
+    assert entry == layout_rows(SLOT_ENTRY)
+    assert fmt.SLOT_TABLE_MAX == 253 and f"1 .. {fmt.SLOT_TABLE_MAX}" in \
+        "\n".join(s["SLOT_TABLE (type 11)"])
     assert blockhdr.MAGIC == 0x31534643
     assert (fmt.EXTENT, fmt.DIRENT, fmt.REFCOUNT) == (1, 2, 3) and fmt.EXT_SHARED == 1
     assert (fmt.REFROOT_OFF, fmt.REFROOT_SIZE) == (fmt.DATA_OFF, fmt.DATA_SIZE)
@@ -165,7 +174,7 @@ def test_superblock_and_heartbeat_fields():
     got = _fields(SB_LAYOUT, sb.image(0))
     want = {k: getattr(sb, k) for k in got if hasattr(sb, k)}
     want.update(label=b"vol".ljust(64, b"\0"), cluster_name=b"c1".ljust(32, b"\0"),
-                slot_table=0, reserved=bytes(100), mkfs_seq=0)
+                reserved=bytes(100), mkfs_seq=0, grow_from=0, slot_table=0)
     assert got == want and (sb.lease_start, sb.lease_blocks, sb.slot_start) == (1, 1, 2)
     rec = LeaseRecord(owner=3, generation=5, counter=9, node="n3", addr="10.0.0.3:7789",
                       acquired_ns=-7, renewed_ns=11, expire_ms=1600)
@@ -266,3 +275,22 @@ def test_journal_section_is_the_journal_document():
                         for ln in theirs.splitlines()) + "\n"
     assert mine == demoted, "docs/FORMAT.md's Journal section differs from " \
                             "docs/JOURNAL-FORMAT.md: copy it over (headings one level down)"
+
+
+def test_slot_table_fields():
+    sb = fmt.plan_geometry(1 << 16, 2)
+    g = sb.rgrp_range(3)[0] + 1 + sb.bitmap_blocks
+    entries = [(g, g + 1), (g + 1 + sb.journal_blocks, g + 2 + sb.journal_blocks)]
+    tb = g + 2 * (1 + sb.journal_blocks)
+    table = fmt.SlotTable(tb, 2, sb.journal_blocks, entries, seq=3)
+    buf = table.image()
+    assert blockhdr.header(buf)[1] == BlockType.SLOT_TABLE
+    assert _fields(SLOT_TABLE_LAYOUT, buf) == {"count": 2, "first_slot": 2,
+                                               "journal_blocks": sb.journal_blocks,
+                                               "reserved": 0}
+    at = fmt.SLOT_ENTRIES_OFF + SLOT_ENTRY.size
+    assert _fields(SLOT_ENTRY, buf, at) == {"heartbeat": entries[1][0],
+                                            "journal": entries[1][1]}
+    sb.nslots, sb.slot_table = 4, tb
+    back = fmt.SlotTable.decode(buf, tb, sb)
+    assert (back.entries, back.seq) == (entries, 3)

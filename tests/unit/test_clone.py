@@ -22,7 +22,7 @@ from clusterfs.errors import FSError
 from clusterfs.fs import inode, refcount
 from clusterfs.fs.posix import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
                                 FALLOC_FL_ZERO_RANGE, Ctx)
-from clusterfs.ondisk.format import (BLOCK_SIZE, EXT_SHARED, FORMAT_REVISION, REFCOUNT,
+from clusterfs.ondisk.format import (BLOCK_SIZE, EXT_SHARED, REFCOUNT, SHARED_SINCE,
                                      Superblock)
 from tests.helpers import DeviceMount, check_consistency, fsck_device, power_loss_volume
 
@@ -331,7 +331,7 @@ def test_revision_2_volume_is_raised_at_the_first_clone():
     assert Superblock.decode(dev.read(0), 0).format_rev == 2
     fs.copy_file_range(fa, 0, fb, 0, 5 * BS)        # the first clone
     for bno in (0, sb.backup_bno):
-        assert Superblock.decode(dev.read(bno), bno).format_rev == FORMAT_REVISION
+        assert Superblock.decode(dev.read(bno), bno).format_rev == SHARED_SINCE
     fs.release(fa)
     fs.release(fb)
     m.stop()

@@ -1,0 +1,114 @@
+"""``clusterfs add-slots VOLUME N``: add N node slots to a volume that nobody mounts.
+
+Each new slot gets a heartbeat block and a journal (as large as the others), taken
+from free space in the resource groups (``clusterfs.fs.addslots``: the steps and what
+a power cut leaves).  A volume with a live heartbeat is refused (the online path will
+go through a mounted node); so is one whose journals are not all clean.  While it
+works the command holds a free slot itself (state single-node, node ``add-slots``),
+so that no node mounts meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+
+from ..errors import UsageError, VolumeBusy
+from ..fs.addslots import add_slots_on_disk, check_quiet, plan_add_slots
+from ..fs.volume import Volume
+from ..ondisk import slots as slotmod
+from ..ondisk.format import HB_FREE, HB_NOLOCK
+
+NODE = "add-slots"
+
+
+class _HeldSlot:
+    """A heartbeat in a free slot, beating from a thread until ``release``."""
+
+    def __init__(self, dev, sb):
+        self.writer = None
+        for slot, hb in enumerate(slotmod.read_heartbeats(dev, sb)):
+            if hb is not None and hb.state == HB_FREE:
+                self.writer = slotmod.HeartbeatWriter(dev, sb, slot, NODE, HB_NOLOCK)
+                self.writer.set_state(HB_NOLOCK)
+                self.writer.start()
+                break
+
+    def release(self) -> None:
+        if self.writer is not None:
+            self.writer.stop()
+            self.writer.set_state(HB_FREE)
+            self.writer = None
+
+
+def add_slots(path: str, n: int) -> tuple:
+    """Add ``n`` slots to the volume at ``path``; returns (old, new) superblocks.
+
+    Raises:
+        UsageError: a bad ``n``; VolumeBusy: the volume is mounted; NoSpace: not
+            enough contiguous free space; VolumeError: the volume cannot be opened,
+            or a journal is not clean.  Nothing is written in those cases.
+    """
+    if n < 1:
+        raise UsageError(f"the number of slots to add must be at least 1, not {n}")
+    vol = Volume.open(path)
+    lockfd = -1
+    held = None
+    try:
+        sb = vol.sb
+        live = slotmod.live_slots(vol.dev, sb)
+        if live:
+            hb = live[min(live)]
+            raise VolumeBusy(f"{path} is mounted (node {hb.node}): adding slots online "
+                             f"goes through a mounted node")
+        lockfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VolumeBusy(f"{path} is mounted (on this host): adding slots online "
+                             f"goes through a mounted node") from None
+        # every refusal before anything is written (our own heartbeat included)
+        check_quiet(vol.dev, sb)
+        plan_add_slots(vol.dev, sb, n)
+        held = _HeldSlot(vol.dev, sb)
+        new = add_slots_on_disk(vol.dev, sb, n)
+        return sb, new
+    finally:
+        try:
+            if held is not None:
+                held.release()
+        finally:
+            if lockfd >= 0:
+                os.close(lockfd)
+            vol.close()
+
+
+def cmd_add_slots(args) -> int:
+    old, new = add_slots(args.volume, args.count)
+    if not args.quiet:
+        print(f"{args.volume}: added {new.nslots - old.nslots} slot(s), now {new.nslots}")
+        for slot in range(old.nslots, new.nslots):
+            jstart, length = new.journal_range(slot)
+            print(f"  slot {slot}: heartbeat block {new.heartbeat_bno(slot)}, journal "
+                  f"blocks {jstart}-{jstart + length - 1}")
+    return 0
+
+
+def _count(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"N must be a number of slots, not {text!r}") \
+            from None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("add-slots", help="add node slots (heartbeat and journal each) "
+                                         "from free space",
+                       description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p.add_argument("volume", help="image file or block device")
+    p.add_argument("count", metavar="N", type=_count, help="slots to add")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    p.set_defaults(func=cmd_add_slots)
+
