@@ -17,6 +17,9 @@ or ``{"ok": false, "errno": N, "error": "..."}``.  Requests:
   ``{"op": "thaw"}`` line arrives on it): a snapshot that dies does not leave the
   volume frozen.
 - ``{"op": "thaw"}``: end this node's freeze.
+- ``{"op": "grow", "total_blocks": N}``: grow the volume into its device (made
+  bigger first) while every node is frozen (``cluster.admin``).
+- ``{"op": "add_slots", "count": N}``: add N node slots, likewise.
 
 A malformed request gets an error answer and the connection is closed; the mount
 goes on.
@@ -155,12 +158,27 @@ async def _handle(node, stream) -> None:
                     await _answer(stream, {"ok": True, "thawed": True})
             elif op == "thaw":
                 await _answer(stream, {"ok": True, "thawed": admin.thaw()})
+            elif op == "grow":
+                total = req.get("total_blocks")
+                if not isinstance(total, int) or isinstance(total, bool):
+                    raise ValueError("total_blocks must be a number of blocks")
+                await _answer(stream, {"ok": True, **await admin.grow(total)})
+            elif op == "add_slots":
+                n = req.get("count")
+                if not isinstance(n, int) or isinstance(n, bool):
+                    raise ValueError("count must be a number of slots")
+                await _answer(stream, {"ok": True, **await admin.add_slots(n)})
             else:
                 await _answer(stream, {"ok": False, "errno": errnos.EINVAL,
                                        "error": f"unknown request {op!r}"})
         except (FSError, OSError) as e:
             await _answer(stream, {"ok": False, "errno": e.errno or errnos.EIO,
                                    "error": e.strerror or str(e)})
+        except ClusterfsError as e:
+            # a refused grow or add-slots (a bad size, no space, a damaged group):
+            # nothing was changed
+            await _answer(stream, {"ok": False, "errno": errnos.EINVAL,
+                                   "error": str(e), "kind": type(e).__name__})
         except (TypeError, ValueError) as e:
             await _answer(stream, {"ok": False, "errno": errnos.EINVAL,
                                    "error": f"bad request: {e}"})

@@ -32,7 +32,7 @@ import trio
 
 from lockmgr import EX, Deadlock, LeaseLost, LockError
 
-from ..errors import FSError
+from ..errors import FSError, VolumeError
 from .locks import FREEZE
 
 log = logging.getLogger(__name__)
@@ -82,29 +82,95 @@ class VolumeAdmin:
         if not timeout > 0:
             raise FSError(errno.EINVAL, "a freeze needs a time-out above 0 s")
         async with self._lock:
-            if self._holds is not None:
-                raise FSError(errno.EBUSY, "the volume is already frozen from this node")
-            coh = self.coh
-            coh.check()
-            t0 = trio.current_time()
-            coh.gate = trio.Event()
-            try:
-                holds = await self._take_freeze_lock(wait)
-                # on the event loop, as a demote's write-back: nothing else may use
-                # the journal meanwhile
-                self._write_home(self.member.vol)
-            except BaseException:
-                if "holds" in locals():
-                    coh.glocks.release(holds)
-                self._open_gate()
-                raise
-            self._holds = holds
-            self.frozen_at = trio.current_time()
+            took = await self._freeze(wait)
             self.deadline = self.frozen_at + timeout
-            took = self.frozen_at - t0
             log.info("volume frozen in %.3fs (thaws by itself in %gs)", took, timeout)
             self.member.nursery.start_soon(self._thaw_after, timeout)
             return took
+
+    async def _freeze(self, wait: float) -> float:
+        if self._holds is not None:
+            raise FSError(errno.EBUSY, "the volume is already frozen from this node")
+        coh = self.coh
+        coh.check()
+        if coh.frozen_here:
+            raise FSError(errno.EBUSY, "the volume is frozen by another node")
+        t0 = trio.current_time()
+        coh.gate = trio.Event()
+        holds = None
+        try:
+            holds = await self._take_freeze_lock(wait)
+            # on the event loop, as a demote's write-back: nothing else may use the
+            # journal meanwhile
+            self._write_home(self.member.vol)
+        except BaseException:
+            if holds is not None:
+                coh.glocks.release(holds)
+            self._open_gate()
+            raise
+        self._holds = holds
+        self.frozen_at = trio.current_time()
+        self.deadline = None
+        return self.frozen_at - t0
+
+    async def grow(self, new_total: int, *, wait: float = FREEZE_WAIT) -> dict:
+        """Grow the volume into ``new_total`` blocks of its device (made bigger
+        before) while every node is frozen: the new groups are written
+        (``fs.grow``, crash-safe step by step), this node takes the new superblock,
+        and the others take it when the freeze lock comes back to them.  A node
+        that dies in the middle leaves the grow recorded in the superblock: the
+        recovery of its journal finishes it before its locks are released."""
+        from ..fs import grow
+        vol = self.member.vol
+
+        def work():
+            vol.dev.refresh_size()
+            grow.plan_grow(vol.sb, new_total)
+            if vol.dev.nblocks < new_total:
+                raise VolumeError(f"the device has {vol.dev.nblocks} blocks, fewer than "
+                                  f"the {new_total} asked for")
+            return grow.grow_on_disk(vol.dev, vol.sb, new_total)
+        return await self._frozen_change(work, wait)
+
+    async def add_slots(self, n: int, *, wait: float = FREEZE_WAIT) -> dict:
+        """Add ``n`` node slots (``fs.addslots``: a heartbeat block and a journal
+        each, from free space) while every node is frozen; every node takes the new
+        superblock as after a grow.  The journals of the live members are empty then
+        (the freeze checkpointed them); a dead node's that is not recovered refuses
+        it."""
+        from ..fs import addslots
+        from ..ondisk import slots as slotmod
+        from ..ondisk.format import HB_CLUSTER
+        m = self.member
+        vol = m.vol
+        dead = set(m.client.dead_nodes())
+        hbs = slotmod.read_heartbeats(vol.dev, vol.sb)
+        live = {i for i, hb in enumerate(hbs)
+                if hb is not None and hb.state == HB_CLUSTER and i not in dead}
+        live.add(m.slot)
+        return await self._frozen_change(
+            lambda: addslots.add_slots_on_disk(vol.dev, vol.sb, n, live=live), wait)
+
+    async def _frozen_change(self, work, wait: float) -> dict:
+        """Freeze, run ``work()`` (returns the new superblock) on a thread, take its
+        superblock here, thaw; returns what changed."""
+        async with self._lock:
+            took = await self._freeze(wait)
+            self.member.nursery.start_soon(self._thaw_after, FREEZE_TIMEOUT)
+            old = self.member.vol.sb
+            before = (old.total_blocks, old.rgrp_count, old.nslots)
+            try:
+                new = await trio.to_thread.run_sync(work)
+                self.member.adopt_superblock(new)
+            finally:
+                frozen = trio.current_time() - self.frozen_at
+                self.thaw()
+            sb = self.member.vol.sb
+            return {"took_s": took, "frozen_s": frozen,
+                    "before": {"total_blocks": before[0], "rgrp_count": before[1],
+                               "nslots": before[2]},
+                    "after": {"total_blocks": sb.total_blocks,
+                              "rgrp_count": sb.rgrp_count, "nslots": sb.nslots}}
 
     @staticmethod
     def _write_home(vol) -> None:

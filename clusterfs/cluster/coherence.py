@@ -85,6 +85,11 @@ class Coherence:
         # fn(sb): take a superblock with a new geometry (grow, new slots; set by the
         # member); called when the freeze lock comes back
         self.adopt_superblock = None
+        # fn(): called when this node gives the freeze lock up (set by the member:
+        # it asks for the lock again at once, so that the thaw reaches this node,
+        # and with it a new superblock, even when it writes nothing)
+        self.after_freeze = None
+        self.thaw_waits: set[trio.CancelScope] = set()   # wait_thawed's (unmount ends them)
         vol.cluster = self
 
     def prefer_groups(self, sb) -> None:
@@ -144,6 +149,12 @@ class Coherence:
         except Exception as e:
             log.error("superblock not read again after a freeze: %s", e)
             return
+        if sb.growing:
+            # (the recovery of a node that died growing finishes the grow before
+            # its freeze lock is released: not seen here)
+            log.error("the superblock records an unfinished grow: the grown geometry "
+                      "is not taken")
+            return
         old = self.vol.sb
         if (sb.total_blocks, sb.rgrp_count, sb.nslots) == \
                 (old.total_blocks, old.rgrp_count, old.nslots) and \
@@ -152,7 +163,29 @@ class Coherence:
         log.info("the superblock changed while frozen: %d blocks, %d groups, %d slots",
                  sb.total_blocks, sb.rgrp_count, sb.nslots)
         if self.adopt_superblock is not None:
-            self.adopt_superblock(sb)
+            try:
+                self.adopt_superblock(sb)
+            except Exception:
+                # the mount goes on with the geometry it has (a remount takes the new)
+                log.exception("the new superblock was not taken")
+
+    async def wait_thawed(self) -> None:
+        """Take the freeze lock back in PR (waiting for the thaw) and keep it cached."""
+        with trio.CancelScope() as scope:
+            self.thaw_waits.add(scope)
+            try:
+                while not self.fenced:
+                    try:
+                        holds = await self.until_fenced(self.glocks.acquire, {FREEZE: PR})
+                    except Deadlock:
+                        await trio.sleep(random.uniform(0.002, 0.05))
+                        continue
+                    except (LeaseLost, LockError, FSError):
+                        return          # the node is fencing itself
+                    self.glocks.release(holds)
+                    return
+            finally:
+                self.thaw_waits.discard(scope)
 
     def kernel_cacheable(self, ino: int) -> bool:
         """Whether the kernel may cache the attributes of ``ino`` now: this node holds

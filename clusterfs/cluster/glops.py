@@ -163,6 +163,8 @@ class FreezeOps(LockOps):
         coh.vol.dev.flush()
         coh.frozen_here = True
         coh.stats["frozen"] = coh.stats.get("frozen", 0) + 1
+        if coh.after_freeze is not None:
+            coh.after_freeze()       # ask for F again at once: back at the thaw
         return None
 
 

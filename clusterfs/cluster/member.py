@@ -33,17 +33,17 @@ from journal import Journal
 from lockmgr import EX, LockClient, LockError, LockTimeout, NodeBusy, NotRecovered
 from lockmgr.errors import AuthError, ConnectError
 
-from ..errors import (ClusterUnreachable, CorruptBlock, Fenced, UsageError, VolumeBusy,
-                      VolumeError)
+from ..errors import ClusterUnreachable, CorruptBlock, Fenced, UsageError, VolumeBusy
+from ..fs.grow import finish_interrupted_grow
 from ..fs.posix import Filesystem
-from ..fs.volume import Volume
+from ..fs.volume import Volume, read_superblock
 from ..ondisk import slots as slotmod
 from ..ondisk.format import HB_CLUSTER, HB_FREE, HB_NOLOCK, RgrpHeader
 from .admin import VolumeAdmin
 from .coherence import Coherence
 from .frontend import ClusterFrontend
 from .lockd import DEFAULT_LEASE, default_listen
-from .locks import recovery_lock, slot_lock
+from .locks import FREEZE, recovery_lock, slot_lock
 from .master import Candidate, MasterLocator
 from .openmodes import OPEN_CACHE, OpenModes
 from .recovery import Recovery
@@ -119,12 +119,6 @@ class ClusterMount:
         vol = Volume.open(self.path, direct=self.direct)
         self.vol = vol
         try:
-            if vol.sb.growing:
-                # (to be replaced by grow.finish_interrupted_grow under the cluster's
-                # freeze lock, when there is one)
-                raise VolumeError(f"{self.path}: a grow of the volume was interrupted; "
-                                  f"mount it single-node once (-o nolock) or run "
-                                  f"'clusterfs fsck -y' to finish it")
             self.locator = MasterLocator(vol.dev, vol.sb)
             if self.keyfile is not None:
                 self.candidate = Candidate(self.path, self.keyfile, node=self.node,
@@ -170,6 +164,8 @@ class ClusterMount:
             raise VolumeBusy("no slot available: " + "; ".join(reasons))
         log.info("joined the cluster (lock manager at %s) as node %s in slot %d",
                  self.locator.last, self.node, self.slot)
+        if vol.sb.growing:
+            await self._finish_grow(vol)
         # our slot's journal: replay it if its last owner died unrecovered
         await self.client.lock(recovery_lock(self.slot), EX)
         try:
@@ -191,6 +187,11 @@ class ClusterMount:
         self.recovery = Recovery(self)
         self.admin = VolumeAdmin(self)
         self.coh.adopt_superblock = self.adopt_superblock
+        self.coh.after_freeze = lambda: nursery.start_soon(self.coh.wait_thawed)
+        # the freeze lock in PR from the start (a join waits while the volume is
+        # frozen): every member is called back by a freeze, and so takes a new
+        # superblock at the thaw even when it writes nothing
+        await self.coh.wait_thawed()
         vol.dev.write_guard = self._guard
         self.refresh_free()
         self._last_free = trio.current_time()
@@ -198,6 +199,18 @@ class ClusterMount:
         for slot, node in self.client.dead_nodes().items():
             nursery.start_soon(self.recovery.node_down, node, slot)
         nursery.start_soon(self._fence_watch)
+
+    async def _finish_grow(self, vol: Volume) -> None:
+        """The superblock records a grow that a crash interrupted (the whole cluster
+        went down during it): finish it holding the freeze lock in EX, so that no
+        member uses the groups meanwhile (a member that died growing is finished by
+        its recovery instead: we find the grow done once we have the lock)."""
+        await self.client.lock(FREEZE, EX)
+        try:
+            vol.adopt_geometry(read_superblock(vol.dev))
+            finish_interrupted_grow(vol)
+        finally:
+            await self.client.unlock(FREEZE)
 
     async def _try_slot(self, vol: Volume, slot: int, nursery) -> str | None:
         """Take ``slot`` or say why not."""
@@ -375,7 +388,10 @@ class ClusterMount:
                     except Exception:
                         log.exception("closing handle %d at unmount", fh)
                 # everything home first, then the locks go (their value blocks
-                # written), then the journal is marked clean
+                # written), then the journal is marked clean; a wait for the thaw
+                # of a volume frozen by another node ends (the freeze lock goes too)
+                for scope in list(self.coh.thaw_waits):
+                    scope.cancel()
                 vol.checkpoint()
                 await self.coh.glocks.unlock_all()
                 self.journal.close()

@@ -123,6 +123,7 @@ class Recovery:
             vol = m.vol
             await self._wait_heartbeat_stopped(slot, node)
             slotmod.replay_slot(vol.dev, vol.sb, slot)
+            self._finish_grow()
             hb = slotmod.read_heartbeat(vol.dev, vol.sb, slot) or Heartbeat(slot=slot)
             hb.state = HB_FREE
             hb.counter += 1
@@ -136,6 +137,21 @@ class Recovery:
             await m.client.unlock(recovery_lock(slot))
         await self.free_orphans()
         return True
+
+    def _finish_grow(self) -> None:
+        """A node that died growing the volume (``admin.VolumeAdmin.grow``) held the
+        freeze lock in EX, and holds it until its recovery is reported: nobody uses
+        the groups meanwhile, so its recovery finishes the grow on its behalf, as it
+        replays its journal.  The members take the grown superblock when the freeze
+        lock comes back to them."""
+        from ..fs.grow import finish_grow
+        from ..fs.volume import read_superblock
+        dev = self.member.vol.dev
+        sb = read_superblock(dev)
+        if sb.growing:
+            log.warning("finishing the grow the dead node left unfinished (from %d to %d "
+                        "blocks)", sb.grow_from, sb.total_blocks)
+            finish_grow(dev, sb)
 
     async def free_orphans(self) -> int:
         """Free UNLINKED inodes that no node has open any more."""

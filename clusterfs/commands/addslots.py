@@ -14,7 +14,7 @@ import argparse
 import fcntl
 import os
 
-from ..errors import UsageError, VolumeBusy
+from ..errors import ClusterfsError, UsageError, VolumeBusy
 from ..fs.addslots import add_slots_on_disk, check_quiet, plan_add_slots
 from ..fs.volume import Volume
 from ..ondisk import slots as slotmod
@@ -52,6 +52,27 @@ def add_slots(path: str, n: int) -> tuple:
     """
     if n < 1:
         raise UsageError(f"the number of slots to add must be at least 1, not {n}")
+    from .. import control
+    try:
+        info = control.find(path)
+    except UsageError:
+        info = None
+    if info is not None:
+        vol = Volume.open(path, readonly=True)
+        try:
+            old = vol.sb
+        finally:
+            vol.close()
+        try:
+            control.call(info, {"op": "add_slots", "count": n})
+        except control.ControlError as e:
+            raise ClusterfsError(f"cannot add slots to {path} (through node "
+                                 f"{info['node']}): {e}") from None
+        vol = Volume.open(path, readonly=True)
+        try:
+            return old, vol.sb
+        finally:
+            vol.close()
     vol = Volume.open(path)
     lockfd = -1
     held = None
@@ -60,14 +81,15 @@ def add_slots(path: str, n: int) -> tuple:
         live = slotmod.live_slots(vol.dev, sb)
         if live:
             hb = live[min(live)]
-            raise VolumeBusy(f"{path} is mounted (node {hb.node}): adding slots online "
-                             f"goes through a mounted node")
+            raise VolumeBusy(f"{path} is mounted (node {hb.node}) and no cluster member "
+                             f"of this machine has it: add the slots where one has, or "
+                             f"unmount it")
         lockfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise VolumeBusy(f"{path} is mounted (on this host): adding slots online "
-                             f"goes through a mounted node") from None
+            raise VolumeBusy(f"{path} is mounted (on this host) and no cluster member of "
+                             f"this machine has it: unmount it") from None
         # every refusal before anything is written (our own heartbeat included)
         check_quiet(vol.dev, sb)
         plan_add_slots(vol.dev, sb, n)

@@ -3,8 +3,13 @@ its device.
 
 The image file or block device is made bigger first (or ``--size`` extends an image
 file, never shrinks one); the file system then takes the new space as resource
-groups (``clusterfs.fs.grow``).  Offline only: a volume with a live heartbeat is
-refused (an online grow goes through a mounted node).  The checklist:
+groups (``clusterfs.fs.grow``).
+
+When a cluster member of this machine has the volume mounted, the grow goes through
+it (``clusterfs.control``: every node is frozen while the groups are written, then
+takes the grown superblock without a remount; ``_grow_online``).  A volume mounted
+only on other machines is refused (run the grow on one of them).  Otherwise, offline,
+the checklist:
 
 1. Check the request against the volume (bigger, a whole number of blocks, enough to
    add space), nothing written yet.
@@ -66,6 +71,9 @@ def grow_volume(path: str, size: int | None = None, *, quiet: bool = True,
     if size is not None and size % BLOCK_SIZE:
         raise UsageError(f"--size {size} bytes is not a whole number of {BLOCK_SIZE}-byte "
                          f"blocks")
+    info = _local_member(path)
+    if info is not None:
+        return _grow_online(path, info, size, is_file, st.st_size)
     vol = Volume.open(path)
     lockfd = -1
     heart = None
@@ -133,6 +141,64 @@ def grow_volume(path: str, size: int | None = None, *, quiet: bool = True,
         vol.close()
 
 
+def _local_member(path: str) -> dict | None:
+    """The control channel of a cluster member of this machine that has ``path``
+    mounted (None: there is none)."""
+    from .. import control
+    try:
+        return control.find(path)
+    except UsageError:
+        return None
+
+
+def _grow_online(path: str, info: dict, size: int | None, is_file: bool,
+                 file_size: int) -> tuple[Superblock, Superblock]:
+    """Grow a mounted volume through the member of this machine (module doc)."""
+    from .. import control
+    vol = Volume.open(path, readonly=True)
+    try:
+        before, dev_blocks = vol.sb, vol.dev.nblocks
+    finally:
+        vol.close()
+    new_total = size // BLOCK_SIZE if size is not None else dev_blocks
+    if size is None and new_total <= before.total_blocks:
+        raise UsageError(f"{path} is no bigger than the volume "
+                         f"({before.total_blocks * BLOCK_SIZE} bytes): enlarge it first, "
+                         f"or give --size")
+    if not is_file and new_total > dev_blocks:
+        raise UsageError(f"--size is larger than the device ({dev_blocks * BLOCK_SIZE} "
+                         f"bytes)")
+    grow.plan_grow(before, new_total)
+    extended = is_file and new_total > dev_blocks
+    if extended:
+        try:
+            os.truncate(path, new_total * BLOCK_SIZE)
+        except OSError as e:
+            raise ClusterfsError(f"cannot extend {path} to {new_total * BLOCK_SIZE} "
+                                 f"bytes: {e.strerror}; the volume is unchanged") from None
+    try:
+        control.call(info, {"op": "grow", "total_blocks": new_total})
+    except control.ControlError as e:
+        after = _read_sb(path)
+        same = after is not None and after.total_blocks == before.total_blocks
+        if extended and same:
+            _cut_back(path, file_size)
+        raise ClusterfsError(f"cannot grow {path} (through node {info['node']}): {e}" +
+                             ("; the volume is unchanged" if same else "")) from None
+    return before, _read_sb(path) or before
+
+
+def _read_sb(path: str) -> Superblock | None:
+    try:
+        vol = Volume.open(path, readonly=True)
+    except (ClusterfsError, OSError):
+        return None
+    try:
+        return vol.sb
+    finally:
+        vol.close()
+
+
 def _lock_host(path: str, vol: Volume) -> int:
     """The host-local lock (as a mount takes), and no live slot; or VolumeBusy."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -145,8 +211,8 @@ def _lock_host(path: str, vol: Volume) -> int:
     if busy or live:
         os.close(fd)
         node = next(iter(live.values())).node if live else socket.gethostname()
-        raise VolumeBusy(f"{path} is mounted (node {node}): an online grow goes through "
-                         f"a mounted node")
+        raise VolumeBusy(f"{path} is mounted (node {node}) and no cluster member of this "
+                         f"machine has it: grow it where one has, or unmount it")
     return fd
 
 
@@ -202,8 +268,9 @@ def cmd_grow(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("grow", help="grow a volume into the space added to its device",
                        description="Grow a clusterfs volume into the space added at the "
-                                   "end of its image file or block device (offline: no "
-                                   "node may have it mounted).")
+                                   "end of its image file or block device; while it is "
+                                   "mounted, through this machine's cluster member (every "
+                                   "node takes the new size without a remount).")
     p.add_argument("volume", help="image file or block device")
     p.add_argument("--size", help="new size, e.g. 20G (an image file is extended to it; "
                                   "default: the size of the device)")

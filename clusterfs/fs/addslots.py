@@ -100,13 +100,17 @@ class Plan:
     groups: dict[int, _Group]               # the groups it allocates in
 
 
-def check_quiet(dev, sb: Superblock) -> None:
-    """Refuse a volume whose journals are not all clean.
+def check_quiet(dev, sb: Superblock, live=frozenset()) -> None:
+    """Refuse a volume whose journals are not all clean, but for those of ``live``
+    (slots of members whose journals the cluster's freeze emptied: open, so not
+    marked clean, but with nothing to replay).
 
     Raises:
         VolumeError: naming the first slot whose journal needs replay or is damaged.
     """
     for slot in range(sb.nslots):
+        if slot in live:
+            continue
         try:
             clean = slotmod.slot_journal(dev, sb, slot).is_clean()
         except JournalCorrupt as e:
@@ -169,7 +173,8 @@ def plan_add_slots(dev, sb: Superblock, n: int) -> Plan:
     return Plan(first_slot=sb.nslots, runs=runs, table=table, groups=groups)
 
 
-def add_slots_on_disk(dev, sb: Superblock, n: int, *, crash=None) -> Superblock:
+def add_slots_on_disk(dev, sb: Superblock, n: int, *, crash=None,
+                      live=frozenset()) -> Superblock:
     """Add ``n`` node slots to a quiet volume (module doc: the steps and what a
     power cut leaves after each).
 
@@ -179,6 +184,8 @@ def add_slots_on_disk(dev, sb: Superblock, n: int, *, crash=None) -> Superblock:
         n: slots to add.
         crash: called with each step's name (``STEPS``) once the step is durable; a
             test raises there to stop the work at that point.
+        live: slots of cluster members frozen by the caller (``cluster.admin``),
+            whose open journals are empty (``check_quiet``).
 
     Returns:
         The new superblock (as written).
@@ -190,7 +197,7 @@ def add_slots_on_disk(dev, sb: Superblock, n: int, *, crash=None) -> Superblock:
     """
     if sb.added is None:
         sb.load_slot_table(dev)
-    check_quiet(dev, sb)
+    check_quiet(dev, sb, live)
     plan = plan_add_slots(dev, sb, n)
     step = crash or (lambda _name: None)
     old_seq = 0

@@ -513,6 +513,9 @@ class Volume:
             raise ValueError(f"not a grown copy of the mounted volume's superblock "
                              f"({', '.join(changed)}): only a grow and added slots are "
                              f"taken without a remount")
+        refresh = getattr(self.dev, "refresh_size", None)
+        if new_sb.total_blocks > self.dev.nblocks and refresh is not None:
+            refresh()        # the device grew since it was opened (another node's grow)
         if new_sb.total_blocks > self.dev.nblocks:
             raise VolumeError(f"the superblock describes {new_sb.total_blocks} blocks "
                               f"but the device has only {self.dev.nblocks}")
@@ -536,6 +539,9 @@ class Volume:
             setattr(old, name, value)
         for bno in drop:
             del self.objects[bno]
+        for rg in changed:
+            # blocks this node had set aside there may be taken now (added slots)
+            self.alloc.drop_group_reservations(rg)
         self._groups = list(range(old.rgrp_count))
         self._free_total = None
         log.info("volume geometry: %d blocks, %d resource groups", old.total_blocks,

@@ -59,8 +59,8 @@ def test_grow_then_mount(place):
         proc = run_cli("grow", vol, "--size", "160M", check=False)
         assert proc.returncode != 0
         assert proc.stderr.strip().splitlines() == [
-            f"clusterfs grow: {vol} is mounted (node alpha): an online grow goes "
-            f"through a mounted node"]
+            f"clusterfs grow: {vol} is mounted (node alpha) and no cluster member of "
+            f"this machine has it: grow it where one has, or unmount it"]
         assert os.path.getsize(vol) == 64 * MiB
     finally:
         m.stop()

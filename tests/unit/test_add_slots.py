@@ -169,8 +169,8 @@ def test_cli_refuses_a_mounted_volume(tmp_path):
         w.stop()
         w.set_state(HB_FREE)
         dev.close()
-    assert line.endswith(f"{img} is mounted (node nodeB): adding slots online goes "
-                         f"through a mounted node"), line
+    assert line.endswith(f"{img} is mounted (node nodeB) and no cluster member of this "
+                         f"machine has it: add the slots where one has, or unmount it"), line
 
 
 def test_a_dirty_journal_is_refused(tmp_path):

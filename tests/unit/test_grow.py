@@ -355,8 +355,8 @@ def test_mounted_volume_is_refused(tmp_path):
     m.start()
     try:
         before = _digest(path)
-        with pytest.raises(VolumeBusy, match=r"is mounted \(node .*\): an online grow "
-                                             r"goes through a mounted node"):
+        with pytest.raises(VolumeBusy, match=r"is mounted \(node .*\) and no cluster "
+                                             r"member of this machine has it"):
             grow_volume(path, (_sb(path).total_blocks + RGRP) * BS)
         assert _digest(path) == before
     finally:
