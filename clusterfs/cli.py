@@ -23,6 +23,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("mkfs", "clusterfs.commands.mkfs", "make a new clusterfs volume"),
     ("mount", "clusterfs.commands.mount", "mount a volume through FUSE"),
     ("status", "clusterfs.commands.status", "show the slots, heartbeats and journals of a volume"),
+    ("install-units", "clusterfs.commands.units", "install the mount helper and a boot mount"),
     ("fsck", "fsck.cli", "check and repair a volume layer by layer"),
     ("clone", "clusterfs.commands.clone",
      "clone a file on a mounted volume (shared blocks, copy-on-write)"),
