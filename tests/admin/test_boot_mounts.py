@@ -169,6 +169,11 @@ def mount_flags(path: str) -> set[str]:
     raise AssertionError(f"{path} is not mounted")
 
 
+def mount_count(path: str) -> int:
+    with open("/proc/self/mountinfo") as f:
+        return sum(1 for line in f if line.split()[4] == path)
+
+
 def one_line_failure(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode != 0, proc
     lines = proc.stderr.strip().splitlines()
@@ -347,8 +352,11 @@ def test_mount_a_fstab(helper_in_sbin, site):
     writes them; ``umount`` of each."""
     root = os.path.join(site.top, "root")
     os.mkdir(root)
-    for node, extra in (("a", ""), ("b", ",noexec")):
-        run_cli("install-units", "--root", root, "--fstab", site.volume,
+    # node b names the volume through a symlink, as /dev/disk/by-id/... names a LUN
+    link = os.path.join(site.top, "by-id-lun")
+    os.symlink(site.volume, link)
+    for node, volume, extra in (("a", site.volume, ""), ("b", link, ",noexec")):
+        run_cli("install-units", "--root", root, "--fstab", volume,
                 site.mp(node), "-o", node_options(site, node) + extra)
     fstab = os.path.join(root, "etc/fstab")
     with open(fstab) as f:
@@ -360,6 +368,13 @@ def test_mount_a_fstab(helper_in_sbin, site):
     assert in_mount_table(a) and in_mount_table(b)
     assert mount_flags(a) >= {"nosuid", "nodev"} and "noexec" not in mount_flags(a)
     assert mount_flags(b) >= {"nosuid", "nodev", "noexec"}     # passed on to FUSE
+    # mount -a again: mount(8) sees both mounted (source, target and type match the
+    # fstab; it compares the fstab's source resolved, so the mount names its volume
+    # by its real path), so nothing is mounted twice
+    r = subprocess.run(["mount", "-a", "-T", fstab], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert [mount_count(a), mount_count(b)] == [1, 1]
     with open(os.path.join(b, "from-b"), "w") as f:
         f.write("b\n")
     assert os.listdir(a) == ["from-b"]
