@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("mount", "clusterfs.commands.mount", "mount a volume through FUSE"),
     ("status", "clusterfs.commands.status", "show the slots, heartbeats and journals of a volume"),
     ("add-slots", "clusterfs.commands.addslots", "add node slots (heartbeat and journal each) from free space"),
+    ("install-units", "clusterfs.commands.units", "install the mount helper and a boot mount"),
     ("fsck", "fsck.cli", "check and repair a volume layer by layer"),
     ("grow", "clusterfs.commands.grow", "grow a volume into the space added to its device"),
     ("clone", "clusterfs.commands.clone",

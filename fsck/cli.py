@@ -1,4 +1,4 @@
-"""``clusterfs fsck VOLUME [-n | -y | -p] [-f] [--scan-data] [--json FILE]``.
+"""``clusterfs fsck VOLUME [-n | -y | -p] [-f] [-q] [--scan-data] [--json FILE]``.
 
 e2fsck conventions:
 
@@ -18,8 +18,10 @@ still alive and a repair was asked for, internal error), 16 usage error, 32 canc
 by the user.
 
 A clean volume (no slot mounted, every journal clean) is skipped after the volume and
-cluster layers unless ``-f``.  On a terminal each layer draws a progress bar;
-each layer ends with one summary line.  ``--json FILE`` (``-`` for stdout) writes every
+cluster layers unless ``-f``.  On a terminal (stderr) each pass draws one line of
+progress (``clusterfs.progress``), erased when the pass ends; ``-q`` draws none, and
+neither does a run whose stderr is not a terminal.  Each layer ends with one
+summary line.  ``--json FILE`` (``-`` for stdout) writes every
 finding as a machine-readable report.
 """
 
@@ -46,7 +48,8 @@ def cmd_fsck(args) -> int:
             note = ("not a terminal and none of -n, -y, -p given: checking only "
                     "(as with -n)")
     out = sys.stderr if args.json == "-" else sys.stdout
-    report = Report(mode, out=out, err=sys.stderr, progress=sys.stderr.isatty())
+    report = Report(mode, out=out, err=sys.stderr,
+                    progress=sys.stderr.isatty() and not args.quiet)
     if note:
         report.note(note)
     checker = Fsck(args.volume, mode=mode, force=args.force, scan_data=args.scan_data,
@@ -91,6 +94,8 @@ def register(sub) -> None:
                      help="repair what is safe without asking; stop at anything else")
     p.add_argument("-f", "--force", action="store_true",
                    help="check even if the volume is clean")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="draw no progress (findings and summaries are printed as ever)")
     p.add_argument("--scan-data", action="store_true",
                    help="also read every allocated data extent (layer 6)")
     p.add_argument("--json", metavar="FILE",

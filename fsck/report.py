@@ -22,6 +22,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from clusterfs.progress import Progress as ProgressLine
+
 EXIT_OK = 0
 EXIT_FIXED = 1
 EXIT_UNCORRECTED = 4
@@ -88,9 +90,12 @@ class LayerResult:
 
 
 class Progress:
-    """A one-line progress bar on a terminal (stderr); silent elsewhere."""
+    """The progress of the pass running now: one line on a terminal (stderr), drawn
+    by ``clusterfs.progress``; nothing elsewhere (a pipe, a file, ``-q``).
 
-    WIDTH = 30
+    ``start`` begins a pass, ``step`` counts its work, ``clear`` erases the line
+    (before any other output; the next ``step`` draws it again).
+    """
 
     def __init__(self, stream, enabled: bool):
         self.stream = stream
@@ -98,38 +103,29 @@ class Progress:
         self.label = ""
         self.total = 0
         self.done = 0
-        self._last = 0.0
-        self._shown = False
+        self._line: ProgressLine | None = None
 
     def start(self, label: str, total: int) -> None:
+        self.clear()
         self.label, self.total, self.done = label, max(total, 1), 0
-        self._last = 0.0
-        self._draw(force=True)
+        self._draw()
 
     def step(self, n: int = 1) -> None:
         if self.enabled:
             self.done += n
             self._draw()
 
-    def _draw(self, force: bool = False) -> None:
+    def _draw(self) -> None:
         if not self.enabled:
             return
-        now = time.monotonic()
-        if not force and now - self._last < 0.1:
-            return
-        self._last = now
-        frac = min(1.0, self.done / self.total)
-        fill = int(frac * self.WIDTH)
-        self.stream.write(f"\r{self.label:<32.32} |{'=' * fill}{' ' * (self.WIDTH - fill)}| "
-                          f"{frac * 100:5.1f}%")
-        self.stream.flush()
-        self._shown = True
+        if self._line is None:
+            self._line = ProgressLine(self.label, self.total, stream=self.stream)
+        self._line.update(self.done)
 
     def clear(self) -> None:
-        if self.enabled and self._shown:
-            self.stream.write("\r" + " " * (self.WIDTH + 44) + "\r")
-            self.stream.flush()
-            self._shown = False
+        if self._line is not None:
+            self._line.close(erase=True)
+            self._line = None
 
 
 class Report:

@@ -3,7 +3,9 @@
 Writes only headers (superblock and backup, heartbeat blocks, journal headers,
 resource-group headers and bitmaps, the root directory), never the data area, so a
 1 TiB sparse image is made in seconds.  Refuses to overwrite a recognisable file
-system unless forced.
+system unless forced.  On a terminal, one line of progress (``clusterfs.progress``)
+while the slots and resource groups are written; nothing with ``-q`` or when stderr
+is not a terminal.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..ondisk.format import (DF_DIRTREE, DINODE, DIRENT, FORMAT_REVISION,
                              now_ns, plan_geometry)
 from ..ondisk.lease import FREE_LEASE, encode_lease
 from ..ondisk.rgrp import new_group_image
+from ..progress import Progress
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?b?)\s*$", re.I)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
@@ -67,7 +70,8 @@ def existing_filesystem(path: str) -> str | None:
 
 def make_volume(path: str, size: int | None = None, *, slots: int = 4, label: str = "",
                 force: bool = False, journal_blocks: int | None = None,
-                rgrp_blocks: int | None = None, cluster_name: str = "") -> Superblock:
+                rgrp_blocks: int | None = None, cluster_name: str = "",
+                progress: Progress | None = None) -> Superblock:
     """Create a clusterfs volume on ``path`` (an image file is created if missing).
 
     Args:
@@ -80,6 +84,8 @@ def make_volume(path: str, size: int | None = None, *, slots: int = 4, label: st
         rgrp_blocks: resource group size in blocks (default: chosen by size).
         cluster_name: recorded so that a plain mount joins the cluster (with the key
             file /etc/clusterfs/NAME.key).
+        progress: told how many slots and resource groups are written (its total is
+            set here, once the geometry is known).
 
     Returns:
         The new superblock.
@@ -132,26 +138,34 @@ def make_volume(path: str, size: int | None = None, *, slots: int = 4, label: st
         sb.flags |= SB_FLAG_CLUSTER_INFO
     dev = BlockDevice(path)
     try:
-        _write_layout(dev, sb)
+        _write_layout(dev, sb, progress)
     finally:
         dev.close()
     return sb
 
 
-def _write_layout(dev, sb: Superblock) -> None:
+def _write_layout(dev, sb: Superblock, progress: Progress | None = None) -> None:
     # wipe any old superblocks first, so a half-made volume is never mistaken for one
     dev.write(0, bytes(BLOCK_SIZE))
     dev.write(sb.backup_bno, bytes(BLOCK_SIZE))
     dev.write(sb.lease_bno, encode_lease(FREE_LEASE, sb.lease_bno))
+    if progress is not None:
+        progress.total = sb.nslots + sb.rgrp_count
     for slot in range(sb.nslots):
+        if progress is not None:
+            progress.update(slot, "writing node slots and journals")
         bno = sb.heartbeat_bno(slot)
         dev.write(bno, Heartbeat(slot=slot).image(bno))
         start, length = sb.journal_range(slot)
         Journal.format(dev, start, length, slot=slot)
     for rg in range(sb.rgrp_count):
+        if progress is not None:
+            progress.update(sb.nslots + rg, "writing resource groups")
         start, length = sb.rgrp_range(rg)
         dev.write(start, new_group_image(rg, start, length, sb.bitmap_blocks))
     # the root directory, through a journal-less volume (writes through)
+    if progress is not None:
+        progress.update(progress.total)
     vol = Volume(dev, sb)
     with vol.operation():
         first = sb.rgrp_range(0)[0] + 1 + sb.bitmap_blocks
@@ -202,9 +216,16 @@ def cmd_mkfs(args) -> int:
         jblocks = parse_size(args.journal_size) // BLOCK_SIZE if args.journal_size else None
     except ValueError as e:
         raise UsageError(str(e)) from None
-    sb = make_volume(args.volume, size, slots=args.slots, label=args.label or "",
-                     force=args.force, journal_blocks=jblocks,
-                     cluster_name=args.cluster or "")
+    # on a terminal (stderr), one line of progress while the headers are written
+    progress = Progress("mkfs", quiet=args.quiet)
+    try:
+        sb = make_volume(args.volume, size, slots=args.slots, label=args.label or "",
+                         force=args.force, journal_blocks=jblocks,
+                         cluster_name=args.cluster or "", progress=progress)
+    except BaseException:
+        progress.close(erase=True)
+        raise
+    progress.close()
     if not args.quiet:
         print(summary(args.volume, sb))
     return 0
@@ -224,5 +245,6 @@ def register(sub) -> None:
                                      "/etc/clusterfs/NAME.key)")
     p.add_argument("-f", "--force", action="store_true",
                    help="overwrite an existing file system")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing (no progress either)")
     p.set_defaults(func=cmd_mkfs)

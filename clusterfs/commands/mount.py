@@ -23,14 +23,14 @@ from ..cli import exit_status
 from ..cluster.lockd import DEFAULT_LEASE
 from ..errors import ClusterfsError, UsageError
 from ..fs.volume import Volume
-from ..fuse.mount import run_cluster_mount, run_mount
+from ..fuse.mount import VFS_FLAGS, run_cluster_mount, run_mount
 
 DEFAULT_KEY_DIR = "/etc/clusterfs"
 
 log = logging.getLogger(__name__)
 
 KNOWN_OPTIONS = {"ro", "rw", "noatime", "atime", "direct", "nodirect", "allow_other",
-                 "debug", "nolock", "open_cache"}
+                 "debug", "nolock", "open_cache", *VFS_FLAGS}
 
 
 def parse_options(items: list[str]) -> dict[str, str | bool]:
@@ -175,7 +175,9 @@ def register(sub) -> None:
     p.add_argument("-o", dest="options", action="append", metavar="OPTS",
                    help="comma-separated options: ro, noatime, direct (O_DIRECT), "
                         "nodirect, allow_other, debug, nolock, open_cache=N (open "
-                        "locks a cluster member keeps cached, default 4096)")
+                        "locks a cluster member keeps cached, default 4096), and the "
+                        "kernel's nosuid, nodev, noexec (the default for FUSE is "
+                        "nosuid,nodev), suid, dev, exec")
     p.add_argument("--key", metavar="KEYFILE",
                    help="the cluster's key file: mount as a cluster member (default "
                         "/etc/clusterfs/CLUSTER.key on a volume made with --cluster)")

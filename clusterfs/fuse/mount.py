@@ -9,6 +9,13 @@ Each opens the node, mounts FUSE (``MountFailed`` when the kernel refuses), tell
 the waiting parent it is mounted (``ready_fd``), serves, and on the way out (an
 unmount, a signal, an error) leaves the volume clean: journal checkpointed and
 marked clean, heartbeat FREE.  The command line is ``commands/mount.py``.
+
+A plain ``umount MOUNTPOINT`` (mount(8), systemd stopping a ``.mount`` unit) ends the
+serve loop as ``fusermount3 -u`` does, but returns before the server has left the
+volume; systemd may then send SIGTERM to what is left in the unit.  So once the node
+is leaving, SIGTERM and SIGINT are logged and ignored (``_SignalGuard``): killed there,
+the server would leave its journal dirty and its slot taken until another node
+recovers it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 
 import pyfuse3
 import trio
@@ -33,6 +41,10 @@ log = logging.getLogger(__name__)
 CLUSTER_ATTR_TIMEOUT = 1.0
 READAHEAD_KB = 1024      # kernel readahead of a single-node mount: one 1 MiB FUSE read
 
+# the kernel's mount flags that a mount passes on to FUSE as they are (FUSE's own
+# default is nosuid,nodev; an fstab line may say noexec, or suid,dev on purpose)
+VFS_FLAGS = ("nosuid", "suid", "nodev", "dev", "noexec", "exec")
+
 
 def _fuse_options(volume: str, opts: dict) -> set:
     if not hasattr(pyfuse3.Operations, "setlk"):
@@ -47,6 +59,9 @@ def _fuse_options(volume: str, opts: dict) -> set:
         fuse_opts.add("allow_other")
     if opts.get("debug"):
         fuse_opts.add("debug")
+    for flag in VFS_FLAGS:
+        if opts.get(flag):
+            fuse_opts.add(flag)
     return fuse_opts
 
 
@@ -77,6 +92,71 @@ def set_readahead(mountpoint: str, kb: int) -> None:
         log.debug("readahead of %s not set: %s", mountpoint, e)
 
 
+class _SignalGuard:
+    """SIGTERM (and SIGINT) through a mount's life, around the serve loop's handler.
+
+    Three phases: while the node starts, SIGTERM ends the process as it always did;
+    while it serves, the serve loop's own handler unmounts (this one stands in for it
+    in the moments before the loop installs its handler and after it gives this one
+    back, with any signal it had not read yet: it unmounts too, unless the file
+    system is gone from the mount table already); once the node leaves the volume,
+    SIGTERM and SIGINT are logged and ignored, so that the journal is checkpointed
+    and the slot freed whatever sends them.  ``restore()`` puts the old handlers
+    back.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, node, where: str):
+        self.node = node
+        self.mountpoint = where       # realpath, taken before mounting (see run_mount)
+        self.phase = "starting"
+        self.token = None
+        self.saved = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def serving(self) -> None:
+        """Called in the trio run that serves, before the serve loop starts."""
+        self.token = trio.lowlevel.current_trio_token()
+        self.phase = "serving"
+
+    def leave(self) -> None:
+        self.phase = "leaving"
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handler)
+
+    def restore(self) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+    def _handler(self, signum, _frame) -> None:
+        if self.phase == "starting":
+            signal.signal(signum, signal.SIG_DFL)       # as before: the signal kills
+            os.kill(os.getpid(), signum)
+        elif self.phase == "serving":
+            self.token.run_sync_soon(self._unmount, signum)
+        else:
+            log.info("signal %d while leaving the volume: ignored (the journal is "
+                     "being checkpointed and the slot freed)", signum)
+
+    def _unmount(self, signum: int) -> None:
+        if self.phase != "serving" or self.node.terminated or not self._mounted():
+            return
+        log.info("signal %d: unmounting", signum)
+        self.node.terminated = True
+        pyfuse3.terminate()
+
+    def _mounted(self) -> bool:
+        """Whether the mount table still lists our mount point (read from
+        /proc, never through the mount point: this process serves it)."""
+        try:
+            with open("/proc/self/mountinfo") as f:
+                return any(len(fields) > 4 and _unescape_mountinfo(fields[4]) ==
+                           self.mountpoint for fields in map(str.split, f))
+        except OSError:
+            return False
+
+
 def _notify_ready(ready_fd: int) -> None:
     if ready_fd >= 0:
         os.write(ready_fd, b"ok\n")
@@ -98,6 +178,7 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
                           noatime=bool(opts.get("noatime")),
                           open_cache=opts.get("open_cache", OPEN_CACHE))
     member.terminated = False
+    guard = _SignalGuard(member, os.path.realpath(mountpoint))
     member.mountpoint = os.path.realpath(mountpoint)   # for the control channel
     mounted = False
 
@@ -119,9 +200,11 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
             log.info("%s mounted on %s (slot %d, node %s, cluster)", volume, mountpoint,
                      member.slot, member.node)
             _notify_ready(ready_fd)
+            guard.serving()
             try:
                 await serve(member)
             finally:
+                guard.leave()
                 with trio.CancelScope(shield=True):
                     await member.stop()
                 nursery.cancel_scope.cancel()
@@ -134,6 +217,7 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
         if mounted:
             pyfuse3.close(unmount=member.terminated or not clean)
             log.info("%s unmounted", volume)
+        guard.restore()
     return 0
 
 
@@ -159,11 +243,21 @@ def run_mount(volume: str, mountpoint: str, *, opts: dict, node: str | None,
     log.info("%s mounted on %s (slot %d, single-node)", volume, mountpoint, single.slot)
     _notify_ready(ready_fd)
     clean = False
+    # (not os.path.realpath here: its lstat of the mount point would wait for this
+    # process to serve it)
+    guard = _SignalGuard(single, where)
+
+    async def main():
+        guard.serving()
+        await serve(single)
+
     try:
-        trio.run(serve, single)
+        trio.run(main)
         clean = True
     finally:
+        guard.leave()
         pyfuse3.close(unmount=single.terminated or not clean)
         single.stop()
+        guard.restore()
         log.info("%s unmounted cleanly", volume)
     return 0
