@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import random
 
 import trio
@@ -39,6 +40,25 @@ log = logging.getLogger(__name__)
 
 FREEZE_TIMEOUT = 120.0    # seconds a freeze lasts at most unless the request says
 FREEZE_WAIT = 60.0        # seconds to wait for the other members to freeze
+
+
+CRASH_ENV = "CLUSTERFS_TEST_CRASH_AT"
+
+
+def crash_point(what: str):
+    """For the tests of a node that dies in the middle of ``what`` ("grow"): when the
+    environment says ``CLUSTERFS_TEST_CRASH_AT=what:STEP``, the process ends at once
+    (as a power cut would end it) once STEP is durable; otherwise None."""
+    spec = os.environ.get(CRASH_ENV, "")
+    kind, _, step = spec.partition(":")
+    if kind != what or not step:
+        return None
+
+    def crash(name: str) -> None:
+        if name == step:
+            log.error("test crash point %s:%s reached: the process ends now", what, name)
+            os._exit(137)
+    return crash
 
 
 class VolumeAdmin:
@@ -129,7 +149,7 @@ class VolumeAdmin:
             if vol.dev.nblocks < new_total:
                 raise VolumeError(f"the device has {vol.dev.nblocks} blocks, fewer than "
                                   f"the {new_total} asked for")
-            return grow.grow_on_disk(vol.dev, vol.sb, new_total)
+            return grow.grow_on_disk(vol.dev, vol.sb, new_total, crash=crash_point("grow"))
         return await self._frozen_change(work, wait)
 
     async def add_slots(self, n: int, *, wait: float = FREEZE_WAIT) -> dict:

@@ -151,6 +151,9 @@ class Recovery:
         if sb.growing:
             log.warning("finishing the grow the dead node left unfinished (from %d to %d "
                         "blocks)", sb.grow_from, sb.total_blocks)
+            refresh = getattr(dev, "refresh_size", None)
+            if refresh is not None:
+                refresh()        # the device grew since this node opened it
             finish_grow(dev, sb)
 
     async def free_orphans(self) -> int:

@@ -80,8 +80,8 @@ def _find(path):
         return None
 
 
-def cli(*args, ok=True):
-    r = run_cli(*args, check=False)
+def cli(*args, ok=True, **kw):
+    r = run_cli(*args, check=False, **kw)
     if ok:
         assert r.returncode == 0, r.stderr + r.stdout
     return r

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from tests.cluster.cluster_util import running_cluster, wait_for
 from tests.cluster.test_freeze import cli, control_ready
 
@@ -100,3 +102,34 @@ def test_add_slots_online_then_a_third_node_joins(topdir):
         assert open(a.p("from-n3")).read() == "hello from an added slot"
         r = cli("status", c.volume)
         assert r.returncode == 0
+
+
+@pytest.mark.parametrize("step", ["new-groups", "last-group"])
+def test_a_node_that_dies_growing_is_finished_by_its_recovery(topdir, step):
+    """Node A dies (a power cut of its process) once a step of its online grow is
+    durable: before the grow is recorded ("new-groups": the volume keeps its size and
+    a later grow works) or after ("last-group": B's recovery of A finishes it, and B
+    takes the grown size without a remount)."""
+    with running_cluster(topdir, size="128M", crashes=True) as c:
+        own = os.path.join(topdir, "run-a")        # only A's control channel is here
+        env_a = dict(os.environ, CLUSTERFS_TEST_CRASH_AT=f"grow:{step}",
+                     CLUSTERFS_RUN_DIR=own)
+        a = c.mount("n1", env=env_a)
+        b = c.mount("n2")
+        control_ready(b.path)
+        slot_a = c.slot_of("n1")
+        os.truncate(c.volume, 256 * MiB)
+        r = cli("grow", c.volume, env=dict(os.environ, CLUSTERFS_RUN_DIR=own), ok=False)
+        assert r.returncode != 0, r.stdout
+        wait_for(lambda: a.proc.poll() is not None, 30, "node A's death")
+        log_a = a.read_log()
+        a.kill()                    # (gone already: clean its mount point up)
+        c.wait_recovered("n1", slot_a)
+        if step == "new-groups":
+            assert total_mib(b.path) < 128
+            r = cli("grow", c.volume)
+            assert "grown from" in r.stdout
+        wait_for(lambda: total_mib(b.path) > 200, 30, "the grown size on node B")
+        for i in range(40):            # 160 MiB: more than the old volume held
+            fill(b.p(f"f{i}"), i)
+        assert "test crash point grow:" + step in log_a
