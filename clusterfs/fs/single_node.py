@@ -152,3 +152,133 @@ class SingleNodeMount:
         if self._lockfd >= 0:
             os.close(self._lockfd)
             self._lockfd = -1
+
+
+class SingleNodeAdmin:
+    """Freeze and thaw, grow and add-slots of a single-node mount, for
+    ``clusterfs.control`` (the same requests as a cluster member's
+    ``cluster.admin.VolumeAdmin``): while frozen, the requests that may change the
+    volume wait at the frontend's gate (``fuse.ops.DirectFrontend``), its journal is
+    checkpointed and the device flushed, and reads go on without access times."""
+
+    FREEZE_TIMEOUT = 120.0
+
+    def __init__(self, mount: SingleNodeMount, front):
+        self.mount = mount
+        self.front = front
+        self.nursery = None          # for the freeze's time-out (set by the serve loop)
+        self.frozen_at: float | None = None
+        self.deadline: float | None = None
+        self._timer = None
+        self._lock = None
+
+    @property
+    def frozen(self) -> bool:
+        return self.front.gate is not None
+
+    def status(self) -> dict:
+        import trio
+        now = trio.current_time()
+        return {"node": self.mount.node, "slot": self.mount.slot, "single_node": True,
+                "frozen_here": self.frozen, "frozen_by_other": False,
+                "frozen_for_s": now - self.frozen_at if self.frozen else None,
+                "thaws_in_s": self.deadline - now if self.frozen and self.deadline
+                else None}
+
+    def _mutex(self):
+        import trio
+        if self._lock is None:
+            self._lock = trio.Lock()
+        return self._lock
+
+    def _freeze(self) -> float:
+        import errno
+
+        import trio
+
+        from ..errors import FSError
+        if self.frozen:
+            raise FSError(errno.EBUSY, "the volume is already frozen")
+        t0 = trio.current_time()
+        self.front.gate = trio.Event()
+        vol = self.mount.vol
+        vol.frozen = True
+        try:
+            # (no request is half-way: each runs synchronously between two awaits)
+            vol.checkpoint()
+            vol.dev.flush()
+        except BaseException:
+            self.thaw()
+            raise
+        self.frozen_at = trio.current_time()
+        return self.frozen_at - t0
+
+    async def freeze(self, timeout: float = FREEZE_TIMEOUT, **_ignored) -> float:
+        """Freeze for at most ``timeout`` seconds; returns the seconds it took."""
+        import errno
+
+        from ..errors import FSError
+        if not timeout > 0:
+            raise FSError(errno.EINVAL, "a freeze needs a time-out above 0 s")
+        async with self._mutex():
+            took = self._freeze()
+            self.deadline = self.frozen_at + timeout
+            self.nursery.start_soon(self._thaw_after, timeout)
+            log.info("volume frozen in %.3fs (thaws by itself in %gs)", took, timeout)
+            return took
+
+    async def _thaw_after(self, timeout: float) -> None:
+        import trio
+        with trio.CancelScope() as scope:
+            self._timer = scope
+            await trio.sleep(timeout)
+            self._timer = None
+            log.warning("the freeze reached its time-out (%gs): thawing", timeout)
+            self.thaw()
+
+    def thaw(self) -> bool:
+        gate = self.front.gate
+        if gate is None:
+            return False
+        self.front.gate = None
+        self.mount.vol.frozen = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        gate.set()
+        self.frozen_at = self.deadline = None
+        log.info("volume thawed")
+        return True
+
+    async def _frozen_change(self, work) -> dict:
+        import trio
+        async with self._mutex():
+            took = self._freeze()
+            vol = self.mount.vol
+            before = (vol.sb.total_blocks, vol.sb.rgrp_count, vol.sb.nslots)
+            try:
+                work(vol)
+            finally:
+                frozen = trio.current_time() - self.frozen_at
+                self.thaw()
+            sb = vol.sb
+            return {"took_s": took, "frozen_s": frozen,
+                    "before": {"total_blocks": before[0], "rgrp_count": before[1],
+                               "nslots": before[2]},
+                    "after": {"total_blocks": sb.total_blocks,
+                              "rgrp_count": sb.rgrp_count, "nslots": sb.nslots}}
+
+    async def grow(self, new_total: int, **_ignored) -> dict:
+        """Grow the mounted volume into ``new_total`` blocks (``grow.grow_mounted``)."""
+        from .grow import grow_mounted
+        return await self._frozen_change(lambda vol: grow_mounted(vol, new_total))
+
+    async def add_slots(self, n: int, **_ignored) -> dict:
+        """Add ``n`` node slots to the mounted volume (``addslots``)."""
+        from .addslots import add_slots_on_disk
+
+        def work(vol):
+            vol.adopt_geometry(add_slots_on_disk(vol.dev, vol.sb, n,
+                                                 live={self.mount.slot}))
+        return await self._frozen_change(work)
+

@@ -75,6 +75,9 @@ class Volume:
         # cluster mode: the coherence layer (``cluster.Coherence``), which checks that
         # every object is read under a lock held at least PR and changed under EX
         self.cluster = None
+        # single-node: the volume is frozen (``single_node.SingleNodeAdmin``); a
+        # cluster member asks its ``Coherence``
+        self.frozen = False
         self.by_owner: dict[int, set[int]] = {}   # inode -> cached tree/xattr blocks
         self.by_group: dict[int, set[int]] = {}   # group -> cached refcount nodes
         self.inode_hint: int | None = None         # block the next new inode should take
@@ -146,7 +149,9 @@ class Volume:
     def may_write_now(self) -> bool:
         """Whether an operation body may make a change it can also leave out (an
         access time) now: not while the volume is frozen."""
-        return self.cluster is None or self.cluster.may_write_now()
+        if self.cluster is None:
+            return not self.frozen
+        return self.cluster.may_write_now()
 
     def dinode(self, ino: int) -> Dinode:
         """The dinode of inode ``ino``; ESTALE if the block is not an inode now."""

@@ -29,8 +29,8 @@ import pyfuse3
 import trio
 
 from ..errors import MountFailed, UsageError, run_surfacing
-from ..fs.single_node import SingleNodeMount
-from .ops import Operations
+from ..fs.single_node import SingleNodeAdmin, SingleNodeMount
+from .ops import DirectFrontend, Operations
 from .serve import serve
 
 log = logging.getLogger(__name__)
@@ -232,8 +232,13 @@ def run_mount(volume: str, mountpoint: str, *, opts: dict, node: str | None,
                              noatime=bool(opts.get("noatime")))
     single.terminated = False
     fs = single.start()
-    ops = Operations(fs)
+    front = DirectFrontend(fs)
     where = os.path.realpath(mountpoint)
+    if not single.readonly:
+        # freeze, thaw, grow and add-slots through the control channel
+        single.admin = SingleNodeAdmin(single, front)
+        single.mountpoint = where
+    ops = Operations(fs, front)
     ops.after_init.append(lambda: set_readahead(where, READAHEAD_KB))
     try:
         pyfuse3.init(ops, mountpoint, _fuse_options(volume, opts))

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import functools
 import logging
+import os
 import stat as S
 
 import pyfuse3
@@ -67,19 +68,39 @@ def _lock_end(start: int, length: int) -> int:
 
 
 class DirectFrontend:
-    """The single-node frontend: ``Filesystem``'s methods, awaitable."""
+    """The single-node frontend: ``Filesystem``'s methods, awaitable.
+
+    While the volume is frozen (``gate`` set: ``fs.single_node.SingleNodeAdmin``)
+    the requests that may change it wait for the thaw; those that only read
+    (``READING``, and an open for reading) go on."""
+
+    READING = frozenset({"access", "flush", "fsync", "fsyncdir", "getattr", "getxattr",
+                         "listxattr", "lookup", "lseek", "opendir", "read", "readdir",
+                         "readlink", "statfs"})
 
     def __init__(self, fs):
         self.fs = fs
+        self.gate = None         # a trio.Event while frozen
 
     def __getattr__(self, name):
         method = getattr(self.fs, name)
-
-        async def call(*args, **kw):
-            return method(*args, **kw)
+        if name in self.READING:
+            async def call(*args, **kw):
+                return method(*args, **kw)
+        else:
+            async def call(*args, **kw):
+                if name != "open" or _writes(args[1]):
+                    while self.gate is not None:
+                        await self.gate.wait()
+                return method(*args, **kw)
         call.__name__ = name
         setattr(self, name, call)
         return call
+
+
+def _writes(flags: int) -> bool:
+    """Whether an open with ``flags`` may change the file (write access, truncation)."""
+    return flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
 
 
 class Operations(pyfuse3.Operations):

@@ -33,6 +33,8 @@ async def serve(node) -> None:
             nursery.start_soon(_committer, node)
         if getattr(node, "admin", None) is not None:
             # freeze, thaw and the other volume-wide commands reach the node here
+            if getattr(node.admin, "nursery", False) is None:
+                node.admin.nursery = nursery
             await nursery.start(control.serve, node)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
