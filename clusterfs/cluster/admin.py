@@ -175,8 +175,9 @@ class VolumeAdmin:
         """Freeze, run ``work()`` (returns the new superblock) on a thread, take its
         superblock here, thaw; returns what changed."""
         async with self._lock:
+            # (no time-out here: a thaw in the middle of a grow would let the
+            # others use a group being rewritten; the work ends, or fails and thaws)
             took = await self._freeze(wait)
-            self.member.nursery.start_soon(self._thaw_after, FREEZE_TIMEOUT)
             old = self.member.vol.sb
             before = (old.total_blocks, old.rgrp_count, old.nslots)
             try:
