@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Run every benchmark (``benchmarks/bench_*.py``), then summarise their results.
 
-The benchmarks: ``bench_clone`` (a 2 GiB ``clusterfs clone`` beside ``cp`` on ext4),
-``bench_cluster``, ``bench_fsck``, ``bench_io``, ``bench_locks``, ``bench_vm_migration``
-(each says what it measures in its own documentation); a new ``bench_*.py`` joins
-them by its name.
+The benchmarks: ``bench_admin`` (``clusterfs freeze`` and ``snapshot`` of a mounted
+two-node 10 GiB volume beside ``fsfreeze`` of ext4 and ``cp --sparse``), ``bench_clone``
+(a 2 GiB ``clusterfs clone`` beside ``cp`` on ext4), ``bench_cluster``, ``bench_fsck``,
+``bench_io``, ``bench_locks``, ``bench_vm_migration`` (each says what it measures in
+its own documentation); a new ``bench_*.py`` joins them by its name.
 
 This is what ``make bench`` runs (``make bench-quick`` adds ``--quick``).  Each
 benchmark runs as a subprocess of its own with the same Python, in full mode by
