@@ -38,6 +38,8 @@ from .errors import ClusterfsError, UsageError
 log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
+FREEZE_TIMEOUT = 120.0    # seconds a freeze lasts at most unless the request says
+FREEZE_WAIT = 60.0        # seconds to wait for the other members to freeze
 
 
 def run_directory() -> str:

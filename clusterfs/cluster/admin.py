@@ -33,13 +33,12 @@ import trio
 
 from lockmgr import EX, Deadlock, LeaseLost, LockError
 
+from ..control import FREEZE_TIMEOUT, FREEZE_WAIT
 from ..errors import FSError, VolumeError
 from .locks import FREEZE
 
 log = logging.getLogger(__name__)
 
-FREEZE_TIMEOUT = 120.0    # seconds a freeze lasts at most unless the request says
-FREEZE_WAIT = 60.0        # seconds to wait for the other members to freeze
 
 
 CRASH_ENV = "CLUSTERFS_TEST_CRASH_AT"

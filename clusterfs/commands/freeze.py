@@ -11,7 +11,7 @@ TARGET`` on the same machine, or by itself after ``--timeout`` seconds.
 from __future__ import annotations
 
 from .. import control
-from ..cluster.admin import FREEZE_TIMEOUT, FREEZE_WAIT
+from ..control import FREEZE_TIMEOUT, FREEZE_WAIT
 from ..errors import ClusterfsError
 
 
