@@ -53,6 +53,7 @@ class Snapshot:
     freeze_took_s: float     # how long the freeze took to get
     node: str | None         # the node that froze it
     uuid: str                # the snapshot's new volume UUID
+    taken_at: float = 0.0    # wall-clock time of the state copied (the freeze)
 
 
 def take(volume: str, dest: str, *, hook: str | None = None, quiet: bool = False,
@@ -74,6 +75,7 @@ def take(volume: str, dest: str, *, hook: str | None = None, quiet: bool = False
     node = None
     if info is None:
         _refuse_if_live(volume)
+        taken_at = time.time()
     else:
         conn = control.Connection(info, timeout=max_freeze + 60)
         conn.send({"op": "freeze", "timeout": max_freeze, "hold": True})
@@ -84,6 +86,7 @@ def take(volume: str, dest: str, *, hook: str | None = None, quiet: bool = False
             raise SnapshotFailed(f"cannot freeze {volume}: {e}") from None
         took, node = answer["took_s"], answer["node"]
         frozen_at = time.monotonic()
+        taken_at = time.time()
     try:
         try:
             method, copied = _copy(volume, dest, hook, quiet)
@@ -104,7 +107,7 @@ def take(volume: str, dest: str, *, hook: str | None = None, quiet: bool = False
                 pass        # the connection's end thaws it as well
             conn.close()
     new_uuid = make_independent(dest)
-    return Snapshot(dest, method, copied, frozen_s, took, node, new_uuid)
+    return Snapshot(dest, method, copied, frozen_s, took, node, new_uuid, taken_at)
 
 
 def _local_mount(volume: str) -> dict | None:

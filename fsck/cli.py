@@ -1,4 +1,5 @@
-"""``clusterfs fsck VOLUME [-n | -y | -p] [-f] [-q] [--scan-data] [--json FILE]``.
+"""``clusterfs fsck VOLUME [-n | -y | -p] [-f] [-q] [--scan-data] [--json FILE]
+[--snapshot-dir DIR | --frozen]``.
 
 e2fsck conventions:
 
@@ -17,6 +18,16 @@ left uncorrected, 8 operational error (cannot open or parse the volume, a node i
 still alive and a repair was asked for, internal error), 16 usage error, 32 cancelled
 by the user.
 
+A mounted volume (``fsck.online``): with ``-n``, when a cluster member of this
+machine has it mounted, fsck checks a snapshot of it (taken through that member into
+a temporary file of ``--snapshot-dir``, deleted after), or with ``--frozen`` the live
+device while every node is held frozen; mounted only by nodes elsewhere, the state on
+disk without their live journals, and it says so (exit status as ever: a 4 there may
+come from a change in flight).  The last line names the state checked.  Interrupted
+(Ctrl-C, SIGTERM, SIGHUP), such a run deletes its snapshot and lets the freeze go
+(exit status 130).  ``-y``, ``-p`` and the questions are refused while any node is
+alive.
+
 A clean volume (no slot mounted, every journal clean) is skipped after the volume and
 cluster layers unless ``-f``.  On a terminal (stderr) each pass draws one line of
 progress (``clusterfs.progress``), erased when the pass ends; ``-q`` draws none, and
@@ -27,10 +38,12 @@ finding as a machine-readable report.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
+from . import online
 from .checker import Fsck
-from .report import Report
+from .report import EXIT_USAGE, Report
 
 # The checkers of this process's run when it ends right after (``clusterfs.cli.run``).
 _HELD: list = []
@@ -47,24 +60,85 @@ def cmd_fsck(args) -> int:
             mode = "n"
             note = ("not a terminal and none of -n, -y, -p given: checking only "
                     "(as with -n)")
+    if (args.frozen or args.snapshot_dir is not None) and mode != "n":
+        what = "--frozen" if args.frozen else "--snapshot-dir"
+        print(f"clusterfs fsck: {what} goes with -n (a mounted volume is checked, "
+              f"never repaired)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.snapshot_dir is not None:
+        try:
+            online.check_snapshot_dir(args.snapshot_dir)
+        except online.OnlineError as e:
+            print(f"clusterfs fsck: {e}", file=sys.stderr)
+            return e.exit
     out = sys.stderr if args.json == "-" else sys.stdout
     report = Report(mode, out=out, err=sys.stderr,
                     progress=sys.stderr.isatty() and not args.quiet)
     if note:
         report.note(note)
-    checker = Fsck(args.volume, mode=mode, force=args.force, scan_data=args.scan_data,
-                   report=report)
-    code = checker.check()
+    member = online.local_member(args.volume) if mode == "n" else None
+    try:
+        with online.interruptible(), _source(args, member, report) as (device, checked):
+            checker = Fsck(args.volume, mode=mode, force=args.force or checked is not None,
+                           scan_data=args.scan_data, report=report, device=device)
+            code = checker.check()
+    except online.OnlineError as e:
+        print(f"clusterfs fsck: {args.volume}: {e}", file=sys.stderr)
+        return e.exit
     if args.exiting:
         _HELD.append(checker)   # freed by the process's exit, not object by object
+    last = online.outcome(args.volume, checked,
+                          [hb.node for hb in checker.state.live.values()])
+    if last is not None and report.operational_error is None:
+        report.note(last)
     if args.json:
+        what = checked.as_dict() if checked is not None else {
+            "state": "on-disk",
+            "live_nodes": [hb.node for hb in checker.state.live.values()]}
         try:
-            report.write_json(args.json, args.volume, {"stats": checker.stats})
+            report.write_json(args.json, args.volume,
+                              {"stats": checker.stats, "checked": what})
         except OSError as e:
             print(f"clusterfs fsck: cannot write {args.json}: {e.strerror or e}",
                   file=sys.stderr)
             code |= 8
     return code
+
+
+@contextlib.contextmanager
+def _source(args, member: dict | None, report: Report):
+    """What the run reads: ``(device, Checked)``: ``(None, None)`` for the volume as
+    it is; a snapshot of it, or the live device held frozen, when a cluster member of
+    this machine has it mounted (``fsck.online``)."""
+    volume = args.volume
+    if member is None:
+        if args.frozen:
+            report.note(f"{volume}: no cluster member of this machine has it mounted: "
+                        f"nothing to freeze (--frozen)")
+        yield None, None
+        return
+    if args.frozen:
+        with online.frozen(volume, member) as checked:
+            report.note(f"{volume}: mounted here by node '{member.get('node')}': "
+                        f"checking the live volume held frozen on every node (their "
+                        f"writes wait until the check ends)")
+            dev = online.open_frozen(volume, checked)
+            try:
+                yield dev, checked
+            finally:
+                dev.close()
+        return
+    directory = online.snapshot_dir(volume, args.snapshot_dir)
+    with online.snapshot(volume, member, directory,
+                         quiet=not report.progress.enabled) as (path, checked):
+        report.note(f"{volume}: mounted here by node '{member.get('node')}': checking "
+                    f"a snapshot of it ({checked.method} in {directory}, deleted after "
+                    f"the check)")
+        dev = online.open_snapshot(path)
+        try:
+            yield dev, checked
+        finally:
+            dev.close()
 
 
 def register(sub) -> None:
@@ -98,6 +172,13 @@ def register(sub) -> None:
                    help="draw no progress (findings and summaries are printed as ever)")
     p.add_argument("--scan-data", action="store_true",
                    help="also read every allocated data extent (layer 6)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--snapshot-dir", metavar="DIR",
+                       help="a mounted volume (-n): put the snapshot checked in DIR "
+                            "(default: the image file's directory, or /var/tmp)")
+    where.add_argument("--frozen", action="store_true",
+                       help="a mounted volume (-n): check the live device while every "
+                            "node is held frozen, instead of a snapshot")
     p.add_argument("--json", metavar="FILE",
                    help="write a machine-readable report of every finding ('-': stdout)")
     p.set_defaults(func=cmd_fsck, mode=None, fast_exit=True)

@@ -1,10 +1,12 @@
 """Layer 2, Cluster: the lease area, slot heartbeats, journals of dead nodes, an
 interrupted grow, the clean-volume skip.
 
-A live node refuses every repair (only ``-n`` goes on, with a warning).  Journals of
-dead nodes are replayed (or, under ``-n`` or when a replay is declined, replayed into
-an in-memory overlay: the check then sees what a replay would leave).  While it
-repairs, fsck keeps a heartbeat of its own in a free slot (``hold_slot``).
+A live node refuses every repair.  ``-n`` goes on with a warning that names the state
+it checks (on disk, without what the live journals hold), unless the run holds every
+node frozen (its device is a ``fsck.online.FrozenDevice``), which a note says instead.
+Journals of dead nodes are replayed (or, under ``-n`` or when a replay is declined,
+replayed into an in-memory overlay: the check then sees what a replay would leave).
+While it repairs, fsck keeps a heartbeat of its own in a free slot (``hold_slot``).
 """
 
 from __future__ import annotations
@@ -73,15 +75,25 @@ def check_slot_heartbeats(s) -> None:
                     live[i] = Heartbeat.decode(now, sb.heartbeat_bno(i))
                 except (CorruptBlock, TypeError):
                     live[i] = Heartbeat(slot=i, node="?")
-    s.live = live
+    s.live = live = dict(sorted(live.items()))
     s.stats["live"] = len(live)
     if live:
         names = "; ".join(slotmod.describe(hb) for hb in live.values())
         if s.mode != "n":
             raise FsckError(f"the volume is in use: {names}; refusing to repair "
                             f"while a node is alive (only -n is allowed)")
-        rep.warn("volume-in-use", f"the volume is in use ({names}): checking a "
-                 f"live volume, findings may be transient")
+        held = getattr(s.real, "held_freeze", None)
+        if held is not None:
+            rep.note(f"  the volume is in use ({names}) and held frozen from node "
+                     f"'{held.node}' while it is checked: every journal is written "
+                     f"home, only the heartbeats change")
+        else:
+            nodes = ", ".join(dict.fromkeys(f"'{hb.node}'" for hb in live.values()))
+            rep.warn("volume-in-use", f"the volume is in use ({names}): checking the "
+                     f"state on disk, the last written home, without what the live "
+                     f"journals of {nodes} hold; findings may be transient (run "
+                     f"`clusterfs fsck -n` on a node that has it mounted: it checks a "
+                     f"snapshot)")
     _refuse_if_host_busy(s)
     for i, hb in enumerate(hbs):
         if i in live:
