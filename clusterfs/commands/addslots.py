@@ -1,11 +1,14 @@
 """``clusterfs add-slots VOLUME N``: add N node slots to a volume that nobody mounts.
 
-Each new slot gets a heartbeat block and a journal (as large as the others), taken
-from free space in the resource groups (``clusterfs.fs.addslots``: the steps and what
-a power cut leaves).  A volume with a live heartbeat is refused (the online path will
-go through a mounted node); so is one whose journals are not all clean.  While it
-works the command holds a free slot itself (state single-node, node ``add-slots``),
-so that no node mounts meanwhile.
+Each new slot gets a heartbeat block and a journal, taken from free space in the
+resource groups (``clusterfs.fs.addslots``: the steps and what a power cut leaves).
+The journals are as large as mkfs's when one fits in a group, else the largest power
+of two of blocks that does (``--journal-size`` chooses; once slots were added, every
+later one has their length).  A volume with a live heartbeat is refused (the online
+path will go through a mounted node); so is one whose journals are not all clean.
+While it works the command holds a free slot itself (state single-node, node
+``add-slots``), so that no node mounts meanwhile.  Through a mounted member (the
+online path, ``cluster.admin``) the new journals get the default length.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import argparse
 import fcntl
 import os
 
-from ..errors import ClusterfsError, UsageError, VolumeBusy
-from ..fs.addslots import add_slots_on_disk, check_quiet, plan_add_slots
+from ..errors import ClusterfsError, NoSpace, UsageError, VolumeBusy
+from ..fs.addslots import (add_slots_on_disk, added_journal_length, check_quiet,
+                           plan_add_slots, size_text)
 from ..fs.volume import Volume
 from ..ondisk import slots as slotmod
+from ..ondisk.blockhdr import BLOCK_SIZE
 from ..ondisk.format import HB_FREE, HB_NOLOCK
+from .mkfs import parse_size
 
 NODE = "add-slots"
 
@@ -42,13 +48,32 @@ class _HeldSlot:
             self.writer = None
 
 
-def add_slots(path: str, n: int) -> tuple:
-    """Add ``n`` slots to the volume at ``path``; returns (old, new) superblocks.
+def journal_blocks_of(text: str) -> int:
+    """``--journal-size`` (a size as mkfs takes it: 64M, 16384K, ...) in blocks.
 
     Raises:
-        UsageError: a bad ``n``; VolumeBusy: the volume is mounted; NoSpace: not
-            enough contiguous free space; VolumeError: the volume cannot be opened,
-            or a journal is not clean.  Nothing is written in those cases.
+        UsageError: not a size, or not a whole number of blocks.
+    """
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise UsageError(f"--journal-size: {e}") from None
+    if size <= 0 or size % BLOCK_SIZE:
+        raise UsageError(f"--journal-size {text} is not a whole number of "
+                         f"{BLOCK_SIZE}-byte blocks")
+    return size // BLOCK_SIZE
+
+
+def add_slots(path: str, n: int, journal_blocks: int | None = None) -> tuple:
+    """Add ``n`` slots to the volume at ``path``, their journals ``journal_blocks``
+    long (None: the default, ``fs.addslots.added_journal_length``); returns (old,
+    new) superblocks.
+
+    Raises:
+        UsageError: a bad ``n`` or ``journal_blocks``; VolumeBusy: the volume is
+            mounted; NoSpace: not enough contiguous free space; VolumeError: the
+            volume cannot be opened, or a journal is not clean.  Nothing is written
+            in those cases.
     """
     if n < 1:
         raise UsageError(f"the number of slots to add must be at least 1, not {n}")
@@ -63,6 +88,20 @@ def add_slots(path: str, n: int) -> tuple:
             old = vol.sb
         finally:
             vol.close()
+        if journal_blocks is not None:
+            # the member adds slots with the default length: only that one can be
+            # asked for through it
+            want = added_journal_length(old, journal_blocks)
+            try:
+                default = added_journal_length(old)
+            except NoSpace:
+                default = None
+            if want != default:
+                raise UsageError(f"--journal-size {size_text(want)}: through a mounted "
+                                 f"member (node {info['node']}) only the default "
+                                 f"length can be added"
+                                 + (f" ({size_text(default)})" if default else "")
+                                 + "; unmount the volume everywhere to choose another")
         try:
             control.call(info, {"op": "add_slots", "count": n})
         except control.ControlError as e:
@@ -92,9 +131,9 @@ def add_slots(path: str, n: int) -> tuple:
                              f"this machine has it: unmount it") from None
         # every refusal before anything is written (our own heartbeat included)
         check_quiet(vol.dev, sb)
-        plan_add_slots(vol.dev, sb, n)
+        plan_add_slots(vol.dev, sb, n, journal_blocks)
         held = _HeldSlot(vol.dev, sb)
-        new = add_slots_on_disk(vol.dev, sb, n)
+        new = add_slots_on_disk(vol.dev, sb, n, journal_blocks=journal_blocks)
         return sb, new
     finally:
         try:
@@ -107,9 +146,15 @@ def add_slots(path: str, n: int) -> tuple:
 
 
 def cmd_add_slots(args) -> int:
-    old, new = add_slots(args.volume, args.count)
+    jblocks = journal_blocks_of(args.journal_size) if args.journal_size else None
+    old, new = add_slots(args.volume, args.count, jblocks)
     if not args.quiet:
-        print(f"{args.volume}: added {new.nslots - old.nslots} slot(s), now {new.nslots}")
+        length = new.added_journal_blocks
+        print(f"{args.volume}: added {new.nslots - old.nslots} slot(s), now {new.nslots} "
+              f"(journal {size_text(length)} each"
+              + (f"; the {new.fixed_slots} of mkfs have "
+                 f"{size_text(new.journal_blocks)})" if length != new.journal_blocks
+                 else ")"))
         for slot in range(old.nslots, new.nslots):
             jstart, length = new.journal_range(slot)
             print(f"  slot {slot}: heartbeat block {new.heartbeat_bno(slot)}, journal "
@@ -131,6 +176,10 @@ def register(sub) -> None:
                        description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("volume", help="image file or block device")
     p.add_argument("count", metavar="N", type=_count, help="slots to add")
+    p.add_argument("--journal-size", metavar="SIZE",
+                   help="journal size of each new slot, e.g. 64M (default: mkfs's when "
+                        "it fits in a resource group, else the largest power of two "
+                        "that does; once slots were added, theirs)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     p.set_defaults(func=cmd_add_slots)
 

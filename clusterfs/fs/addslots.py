@@ -1,12 +1,23 @@
 """Adding node slots to a volume (``clusterfs add-slots``, as gfs2_jadd or
 ``tunefs.ocfs2 -N``).
 
-Each new slot gets a heartbeat block and a journal of ``journal_blocks`` blocks, one
-contiguous run taken from free space in a resource group; the slot table (a new
-block, the old one is replaced) lists them; the superblock counts them in ``nslots``
-and points at the table.  The volume must be quiet: nobody mounted, every journal
-clean (a replay of an older journal would write back bitmap blocks that predate the
-allocation).
+Each new slot gets a heartbeat block and a journal, one contiguous run taken from
+free space in a resource group; the slot table (a new block, the old one is
+replaced) lists them; the superblock counts them in ``nslots`` and points at the
+table.
+
+The added journals' length is the table's ``journal_blocks``, the same for every
+slot it lists (``added_journal_length``): the first add-slots chooses it, the later
+ones keep it.  By default it is the mkfs journal length when a heartbeat block and
+such a journal fit in one group's data area; otherwise (mkfs's journals of 32768
+blocks do not fit in its groups of 32768 blocks: volumes from about 16-32 GiB up,
+by slot count) the largest power of two of blocks that fits, 16384.  It is never
+below the journal's ``MIN_LENGTH`` (64 blocks: its header and 63 log blocks, the
+smallest region ``journal`` formats or opens, and the smallest ``journal_blocks`` a
+superblock or mkfs's ``--journal-size`` accepts).
+
+The volume must be quiet: nobody mounted, every journal clean (a replay of an older
+journal would write back bitmap blocks that predate the allocation).
 
 The order of the writes, each step flushed before the next (``STEPS`` names them;
 the primary superblock is the commit point)::
@@ -39,6 +50,7 @@ import dataclasses
 import re
 
 from journal import Journal, JournalCorrupt
+from journal.format import MIN_LENGTH
 
 from ..errors import NoSpace, UsageError, VolumeError
 from ..ondisk import slots as slotmod
@@ -95,6 +107,7 @@ class Plan:
     """Where ``add_slots_on_disk`` puts the new slots (nothing written yet)."""
 
     first_slot: int                         # the first new slot's number
+    journal_blocks: int                     # each new journal's length (the table's)
     runs: list[tuple[int, int]]             # (heartbeat, journal start) per new slot
     table: int                              # the new slot table's block
     groups: dict[int, _Group]               # the groups it allocates in
@@ -122,16 +135,79 @@ def check_quiet(dev, sb: Superblock, live=frozenset()) -> None:
                               f"fsck' first")
 
 
-def plan_add_slots(dev, sb: Superblock, n: int) -> Plan:
+def group_room(sb: Superblock) -> int:
+    """The most blocks a slot can take in one group: the data area of group 0, the
+    longest (every group is ``rgrp_blocks`` long but the last, which may be
+    shorter)."""
+    return sb.rgrp_range(0)[1] - 1 - sb.bitmap_blocks
+
+
+def size_text(blocks: int) -> str:
+    """``blocks`` as a size for messages: "64 MiB", "256 KiB"."""
+    size = blocks * BLOCK_SIZE
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    return f"{size / (1 << 20):.2f} MiB"
+
+
+def added_journal_length(sb: Superblock, requested: int | None = None) -> int:
+    """The length in blocks of the journals of the slots to add (module doc).
+
+    Args:
+        sb: the superblock, its slot table loaded.
+        requested: a length asked for (``--journal-size``), or None for the default.
+
+    Raises:
+        UsageError: ``requested`` is below ``MIN_LENGTH``, does not fit in a group's
+            data area with its heartbeat block, or differs from the length of the
+            slots added before.
+        NoSpace: (the default) not even a journal of ``MIN_LENGTH`` blocks fits in a
+            group.
+    """
+    if sb.added is None:
+        raise RuntimeError("the slot table is not loaded (Superblock.load_slot_table)")
+    room = group_room(sb)
+    if sb.added_journal_blocks:             # slots were added: their length
+        have = sb.added_journal_blocks
+        if requested is not None and requested != have:
+            raise UsageError(f"--journal-size {size_text(requested)} differs from the "
+                             f"journals of the slots added before ({size_text(have)}, "
+                             f"{have} blocks): every added slot's journal has the "
+                             f"slot table's length")
+        return have
+    if requested is not None:
+        if requested < MIN_LENGTH:
+            raise UsageError(f"--journal-size {size_text(requested)} is below the smallest "
+                             f"journal ({size_text(MIN_LENGTH)}, {MIN_LENGTH} blocks)")
+        if 1 + requested > room:
+            raise UsageError(f"--journal-size {size_text(requested)} ({requested} blocks) "
+                             f"does not fit in a resource group: its data area of "
+                             f"{room} blocks holds a heartbeat block and a journal of "
+                             f"{room - 1} blocks at most")
+        return requested
+    if 1 + sb.journal_blocks <= room:
+        return sb.journal_blocks
+    length = 1 << ((room - 1).bit_length() - 1) if room > 1 else 0
+    if length < MIN_LENGTH:
+        raise NoSpace(f"the resource groups are too small for a slot: a data area of "
+                      f"{room} blocks cannot hold a heartbeat block and a journal of "
+                      f"{MIN_LENGTH} blocks")
+    return length
+
+
+def plan_add_slots(dev, sb: Superblock, n: int,
+                   journal_blocks: int | None = None) -> Plan:
     """Choose the runs of ``n`` new slots and the block of the new slot table.
 
-    Each slot takes ``1 + journal_blocks`` contiguous free blocks of one group's data
-    area (its heartbeat block, then its journal), the table one more free block.
+    Each slot takes ``1 + length`` contiguous free blocks of one group's data area
+    (its heartbeat block, then its journal; ``length`` from
+    ``added_journal_length(sb, journal_blocks)``), the table one more free block.
     Groups are searched from the last one down (group 0 holds the root directory and
     mkfs's first inodes).
 
     Raises:
-        UsageError: ``n`` below 1 or past the slot limits.
+        UsageError: ``n`` below 1 or past the slot limits; a bad ``journal_blocks``.
         NoSpace: not enough contiguous free space.
         CorruptBlock: a group header or bitmap block is damaged.
     """
@@ -143,7 +219,8 @@ def plan_add_slots(dev, sb: Superblock, n: int) -> Plan:
         raise UsageError(f"the volume has {sb.nslots} slots: at most {room} more can "
                          f"be added (limits: {MAX_SLOTS} slots, {SLOT_TABLE_MAX} added "
                          f"ones)")
-    need = 1 + sb.journal_blocks
+    jblocks = added_journal_length(sb, journal_blocks)
+    need = 1 + jblocks
     runs: list[tuple[int, int]] = []
     groups: dict[int, _Group] = {}
     leftovers = []
@@ -164,17 +241,20 @@ def plan_add_slots(dev, sb: Superblock, n: int) -> Plan:
         mib = need * BLOCK_SIZE / (1 << 20)
         raise NoSpace(f"not enough contiguous free space for {n} slot(s): each needs "
                       f"{need} contiguous free blocks ({mib:.1f} MiB: its heartbeat and "
-                      f"a journal of {sb.journal_blocks} blocks) in one resource group "
-                      f"(data area {sb.rgrp_blocks - 1 - sb.bitmap_blocks} blocks), and "
-                      f"the slot table one more; there is room for {len(runs)}")
+                      f"a journal of {jblocks} blocks) in one resource group "
+                      f"(data area {group_room(sb)} blocks), and "
+                      f"the slot table one more; there is room for {len(runs)}"
+                      + ("" if sb.added_journal_blocks else
+                         " (a shorter --journal-size may fit more)"))
     g, table = leftovers[0]
     g.set_states(table, 1, USED)
     groups[g.rg] = g
-    return Plan(first_slot=sb.nslots, runs=runs, table=table, groups=groups)
+    return Plan(first_slot=sb.nslots, journal_blocks=jblocks, runs=runs, table=table,
+                groups=groups)
 
 
-def add_slots_on_disk(dev, sb: Superblock, n: int, *, crash=None,
-                      live=frozenset()) -> Superblock:
+def add_slots_on_disk(dev, sb: Superblock, n: int, *, journal_blocks: int | None = None,
+                      crash=None, live=frozenset()) -> Superblock:
     """Add ``n`` node slots to a quiet volume (module doc: the steps and what a
     power cut leaves after each).
 
@@ -182,6 +262,8 @@ def add_slots_on_disk(dev, sb: Superblock, n: int, *, crash=None,
         dev: the volume's device (nobody else writes to it meanwhile).
         sb: its superblock, as read (``read_superblock``: the slot table loaded).
         n: slots to add.
+        journal_blocks: the new journals' length in blocks; None: the default
+            (``added_journal_length``).
         crash: called with each step's name (``STEPS``) once the step is durable; a
             test raises there to stop the work at that point.
         live: slots of cluster members frozen by the caller (``cluster.admin``),
@@ -191,14 +273,15 @@ def add_slots_on_disk(dev, sb: Superblock, n: int, *, crash=None,
         The new superblock (as written).
 
     Raises:
-        UsageError, NoSpace: the request cannot be met (nothing written).
+        UsageError, NoSpace: the request cannot be met, or ``journal_blocks`` does
+            not fit a group or differs from the slot table's (nothing written).
         VolumeError: a journal is not clean (nothing written).
         CorruptBlock: a group header, bitmap or the slot table is damaged.
     """
     if sb.added is None:
         sb.load_slot_table(dev)
     check_quiet(dev, sb, live)
-    plan = plan_add_slots(dev, sb, n)
+    plan = plan_add_slots(dev, sb, n, journal_blocks)
     step = crash or (lambda _name: None)
     old_seq = 0
     if sb.slot_table:
@@ -207,9 +290,10 @@ def add_slots_on_disk(dev, sb: Superblock, n: int, *, crash=None,
     for k, (hb, jstart) in enumerate(plan.runs):
         slot = plan.first_slot + k
         dev.write(hb, Heartbeat(slot=slot).image(hb))
-        Journal.format(dev, jstart, sb.journal_blocks, slot=slot)
+        Journal.format(dev, jstart, plan.journal_blocks, slot=slot)
     entries = list(sb.added) + plan.runs
-    table = SlotTable(plan.table, sb.fixed_slots, sb.journal_blocks, entries, old_seq + 1)
+    table = SlotTable(plan.table, sb.fixed_slots, plan.journal_blocks, entries,
+                      old_seq + 1)
     dev.write(plan.table, table.image())
     dev.flush()
     step("written")
@@ -221,7 +305,8 @@ def add_slots_on_disk(dev, sb: Superblock, n: int, *, crash=None,
     step("allocated")
     # the superblocks: the backup, then the primary (the commit point)
     new = dataclasses.replace(sb, nslots=sb.nslots + n, slot_table=plan.table,
-                              added=entries, seq=sb.seq + 1,
+                              added=entries, added_journal_blocks=plan.journal_blocks,
+                              seq=sb.seq + 1,
                               format_rev=max(sb.format_rev, SLOT_TABLE_SINCE))
     dev.write(new.backup_bno, new.image(new.backup_bno))
     dev.flush()

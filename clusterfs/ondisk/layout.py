@@ -100,6 +100,8 @@ MAX_SLOTS = 256            # node slots of a volume, fixed and added together
 SLOT_TABLE_LAYOUT = Layout(
     HEADER_SIZE,
     ("count", "I"), ("first_slot", "I"), ("journal_blocks", "I"), ("reserved", "I"))
+# journal_blocks: the length of every journal the table lists, which may differ from
+# the superblock's (the fixed slots'): each must fit in one group's data area
 SLOT_ENTRY = Layout(0, ("heartbeat", "Q"), ("journal", "Q"))    # one per added slot
 SLOT_ENTRIES_OFF = SLOT_TABLE_LAYOUT.end                        # 48
 SLOT_TABLE_MAX = (BLOCK_SIZE - SLOT_ENTRIES_OFF) // SLOT_ENTRY.size   # 253 entries

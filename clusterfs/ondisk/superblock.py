@@ -11,7 +11,9 @@ Geometry (all in 4096-byte blocks)::
     rgrp_start ..           resource groups, rgrp_blocks each (the last may be shorter);
                             slots added later (add-slots) have their heartbeat block
                             and journal here, allocated in the bitmaps, listed by the
-                            slot table (a block here too)
+                            slot table (a block here too), which gives their journals'
+                            length (the same for all of them, may differ from
+                            journal_blocks: a journal must fit in one group)
     total_blocks - 1        backup superblock
 
 ``Superblock.heartbeat_bno`` and ``Superblock.journal_range`` are the one place that
@@ -60,8 +62,12 @@ class Superblock:
     resource group i starts at ``rgrp_start + i * rgrp_blocks`` and the last one ends
     before the backup superblock.  ``nslots`` counts every slot; the ones past
     ``fixed_slots`` are listed by the slot table at block ``slot_table`` (0 when there
-    are none), which ``load_slot_table`` reads into ``added`` (``read_superblock`` does
-    it: a superblock only decoded knows where its added slots are once it is loaded).
+    are none), which ``load_slot_table`` reads into ``added`` and
+    ``added_journal_blocks`` (``read_superblock`` does it: a superblock only decoded
+    knows where its added slots are once it is loaded).  ``journal_blocks`` is the
+    length of the fixed slots' journals; the added slots' journals are
+    ``added_journal_blocks`` long (the table's ``journal_blocks``): a journal must lie
+    in one group's data area, which may be shorter than the fixed journals.
 
     While a grow is unfinished (``SB_FLAG_GROWING`` in ``flags``) the geometry is
     already the new one and ``grow_from`` is the old ``total_blocks``
@@ -94,6 +100,8 @@ class Superblock:
     # (heartbeat block, journal start) of each added slot, from the slot table; None:
     # not loaded yet (``load_slot_table``)
     added: list[tuple[int, int]] | None = None
+    # the length of every added slot's journal, from the slot table; 0 without one
+    added_journal_blocks: int = 0
 
     def __post_init__(self):
         if self.added is None and not self.slot_table:
@@ -227,10 +235,12 @@ class Superblock:
         return self._added(slot)[0]
 
     def journal_range(self, slot: int) -> tuple[int, int]:
-        """(first block, length) of the journal of ``slot``."""
+        """(first block, length) of the journal of ``slot``: ``journal_blocks`` long
+        for a fixed slot, ``added_journal_blocks`` (the slot table's) for an added
+        one."""
         if 0 <= slot < self.fixed_slots:
             return self.journal_start + slot * self.journal_blocks, self.journal_blocks
-        return self._added(slot)[1], self.journal_blocks
+        return self._added(slot)[1], self.added_journal_blocks
 
     def added_extents(self) -> list[tuple[str, int, int]]:
         """(what, first block, blocks) of every block the added slots hold in the
@@ -240,7 +250,7 @@ class Superblock:
         out = [("slot table", self.slot_table, 1)]
         for i, (hb, jstart) in enumerate(self._table(), self.fixed_slots):
             out.append((f"heartbeat of slot {i}", hb, 1))
-            out.append((f"journal of slot {i}", jstart, self.journal_blocks))
+            out.append((f"journal of slot {i}", jstart, self.added_journal_blocks))
         return out
 
     def _table(self) -> list[tuple[int, int]]:
@@ -261,9 +271,12 @@ class Superblock:
             except OSError as e:
                 raise CorruptBlock(self.slot_table, f"slot table unreadable: {e}") \
                     from None
-            self.added = SlotTable.decode(buf, self.slot_table, self).entries
+            table = SlotTable.decode(buf, self.slot_table, self)
+            self.added = table.entries
+            self.added_journal_blocks = table.journal_blocks
         else:
             self.added = []
+            self.added_journal_blocks = 0
 
     def in_data_area(self, bno: int, n: int = 1) -> bool:
         """Whether blocks [bno, bno+n) lie in the data area of one resource group."""
@@ -293,7 +306,10 @@ class SlotTable:
     Args:
         bno: its block.
         first_slot: the number of the first slot it lists (= the fixed slots).
-        journal_blocks: each journal's length (= the superblock's).
+        journal_blocks: the length of each journal it lists, the same for all of them
+            (chosen by the first add-slots, kept by the later ones; it may differ
+            from the superblock's, the fixed slots' length), at least 64 blocks (the
+            journal's ``MIN_LENGTH``).
         entries: (heartbeat block, journal start) of slots ``first_slot``, ``first_slot
             + 1``, ...
         seq: header ``seq``: 1 for a volume's first table, +1 for each new one.
@@ -323,8 +339,9 @@ class SlotTable:
     @classmethod
     def decode(cls, buf, bno: int, sb: "Superblock") -> "SlotTable":
         """Parse the table and check it against ``sb``: one entry per added slot,
-        each heartbeat block and journal inside one group's data area, none
-        overlapping another or the table.
+        journals of at least 64 blocks (the journal's ``MIN_LENGTH``, as the
+        superblock's ``journal_blocks``), each heartbeat block and journal inside one
+        group's data area, none overlapping another or the table.
 
         Raises:
             CorruptBlock: naming ``bno``.
@@ -333,12 +350,15 @@ class SlotTable:
         count, first, jblocks, reserved = SLOT_TABLE_LAYOUT.struct.unpack_from(
             buf, HEADER_SIZE)
         want = sb.nslots - sb.fixed_slots
-        if count != want or first != sb.fixed_slots or jblocks != sb.journal_blocks \
-                or reserved:
-            raise CorruptBlock(bno, f"slot table lists {count} slot(s) from slot {first} "
-                                    f"with journals of {jblocks} blocks; the superblock "
-                                    f"says {want} from slot {sb.fixed_slots}, journals "
-                                    f"of {sb.journal_blocks} blocks")
+        if count != want or first != sb.fixed_slots:
+            raise CorruptBlock(bno, f"slot table lists {count} slot(s) from slot {first}; "
+                                    f"the superblock says {want} from slot "
+                                    f"{sb.fixed_slots}")
+        if reserved:
+            raise CorruptBlock(bno, "slot table: its reserved field is not zero")
+        if jblocks < 64:
+            raise CorruptBlock(bno, f"slot table: journals of {jblocks} blocks, below "
+                                    f"the minimum of 64")
         entries = [SLOT_ENTRY.struct.unpack_from(buf, SLOT_ENTRIES_OFF + k * SLOT_ENTRY.size)
                    for k in range(count)]
         if any(buf[SLOT_ENTRIES_OFF + count * SLOT_ENTRY.size:]):

@@ -5,7 +5,9 @@ unflushed writes kept, dropped or torn at random) the volume mounts, a file can 
 made, and fsck finds at most what the module's doc promises for that point (leaked
 blocks, the backup superblock ahead of the primary); its repair (the rollback)
 leaves it clean.  Before the primary superblock is written the volume has its old
-slots, after it the new ones.
+slots, after it the new ones.  Each runs on two volumes: one whose added journals
+are as long as mkfs's, one whose groups are too short for them (the added journals
+are shorter: the slot table's length).
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from __future__ import annotations
 import io
 import os
 import random
+import tempfile
 
 import pytest
 
+from clusterfs.commands.mkfs import make_volume
 from clusterfs.fs.addslots import STEPS, add_slots_on_disk
 from clusterfs.fs.volume import read_superblock
-from clusterfs.ondisk.blockdev import PowerCut
+from clusterfs.ondisk.blockdev import BLOCK_SIZE, PowerCut, PowerLossDevice
 from fsck.checker import Fsck
 from fsck.report import Report
 from tests.crash.crash_workload import CTX
@@ -28,8 +32,32 @@ MiB = 1 << 20
 ROLLBACK = {"leaked-blocks", "add-slots-interrupted", "rgrp-counts"}
 
 
+GEOMETRIES = ["same", "shorter"]
+_SHORTER: dict[int, bytes] = {}
+
+
 class Stop(Exception):
     pass
+
+
+def _volume(geometry: str):
+    """32 MiB, 2 slots.  "same": mkfs's journals of 256 blocks fit in its groups of
+    512.  "shorter": journals of 512 blocks, as long as a group, so the added ones
+    get 256 (the largest power of two that fits a data area of 510 blocks)."""
+    if geometry == "same":
+        return power_loss_volume(32 * MiB, slots=2)
+    if not _SHORTER:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "v.img")
+            make_volume(path, 32 * MiB, slots=2, journal_blocks=512, rgrp_blocks=512)
+            with open(path, "rb") as f:
+                for bno in range(32 * MiB // BLOCK_SIZE):
+                    buf = f.read(BLOCK_SIZE)
+                    if any(buf):
+                        _SHORTER[bno] = buf
+    dev = PowerLossDevice(32 * MiB // BLOCK_SIZE, _SHORTER)
+    assert read_superblock(dev).journal_blocks == 512
+    return dev
 
 
 def _fsck(dev, mode: str = "n") -> tuple[int, set[str], str]:
@@ -71,13 +99,14 @@ def _recover(dev, old_nslots: int, new_nslots: int, allowed: set[str]) -> int:
     return nslots
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("again", [False, True], ids=["first", "second"])
 @pytest.mark.parametrize("step", STEPS)
-def test_power_cut_after_each_step(step, again):
+def test_power_cut_after_each_step(step, again, geometry):
     """``again``: the volume has added slots already (a table to replace)."""
     if step == "released" and not again:
         pytest.skip("there is no old table to release on the first addition")
-    dev = power_loss_volume(32 * MiB, slots=2)
+    dev = _volume(geometry)
     if again:
         add_slots_on_disk(dev, read_superblock(dev), 1)
     sb = read_superblock(dev)
@@ -89,7 +118,11 @@ def test_power_cut_after_each_step(step, again):
         add_slots_on_disk(dev, sb, 2, crash=crash)
     crashed = dev.crash()
     committed = STEPS.index(step) >= STEPS.index("primary")
-    assert read_superblock(crashed).nslots == sb.nslots + (2 if committed else 0)
+    after = read_superblock(crashed)
+    assert after.nslots == sb.nslots + (2 if committed else 0)
+    if committed:           # the added journals: 256 blocks; the fixed ones: mkfs's
+        assert after.journal_range(sb.nslots + 1)[1] == 256
+        assert after.journal_range(0)[1] == (512 if geometry == "shorter" else 256)
     _code, found, text = _fsck(crashed)
     expect = {"written": set(), "allocated": {"leaked-blocks"},
               "backup": {"leaked-blocks", "add-slots-interrupted"},
@@ -101,11 +134,12 @@ def test_power_cut_after_each_step(step, again):
     _recover(crashed, sb.nslots, sb.nslots + 2, expect)
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("again", [False, True], ids=["first", "second"])
-def test_power_cut_at_every_device_event(again):
+def test_power_cut_at_every_device_event(again, geometry):
     seen = set()
     for cut in range(1, 200):
-        dev = power_loss_volume(32 * MiB, slots=2)
+        dev = _volume(geometry)
         if again:
             add_slots_on_disk(dev, read_superblock(dev), 1)
         sb = read_superblock(dev)

@@ -9,15 +9,16 @@ import os
 import pytest
 
 from clusterfs.commands.mkfs import make_volume
-from clusterfs.errors import NoSpace, UsageError, VolumeError
+from clusterfs.errors import CorruptBlock, NoSpace, UsageError, VolumeError
 from clusterfs.fs.addslots import add_slots_on_disk
 from clusterfs.fs.volume import Volume, read_superblock
 from clusterfs.ondisk import slots as slotmod
-from clusterfs.ondisk.blockdev import BlockDevice
+from clusterfs.ondisk.blockdev import BLOCK_SIZE, BlockDevice, PowerLossDevice
 from clusterfs.ondisk.format import (HB_CLUSTER, HB_FREE, USED, SlotTable, Superblock,
                                      bitmap_blocks_for)
 from tests.crash.crash_workload import CTX
-from tests.helpers import DeviceMount, fsck_device, power_loss_volume, run_cli
+from tests.helpers import (DeviceMount, check_consistency, fsck_device, power_loss_volume,
+                           run_cli)
 
 MiB = 1 << 20
 
@@ -194,16 +195,176 @@ def test_api_refusals_write_nothing():
         add_slots_on_disk(dev, sb, 0)
     with pytest.raises(UsageError):
         add_slots_on_disk(dev, sb, 256)
-    with pytest.raises(NoSpace, match="each needs 257 contiguous free blocks"):
+    # 16 MiB: groups of 256 blocks (data area 254), too small for mkfs's journals of
+    # 256 blocks: the added ones get 128
+    with pytest.raises(NoSpace, match="each needs 129 contiguous free blocks"):
         add_slots_on_disk(dev, sb, 60)
+    # a length that does not fit a group, or below the journal's minimum
+    with pytest.raises(UsageError, match="does not fit in a resource group"):
+        add_slots_on_disk(dev, sb, 1, journal_blocks=254)
+    with pytest.raises(UsageError, match="below the smallest journal"):
+        add_slots_on_disk(dev, sb, 1, journal_blocks=63)
     assert dev.durable == before and not dev.pending
 
 
-def test_a_journal_larger_than_a_group_cannot_be_added(tmp_path):
+def _sparse_device(img: str) -> PowerLossDevice:
+    """The image as a ``PowerLossDevice``, reading only its data extents (a sparse
+    image of 40 GiB holds a few MiB)."""
+    blocks = {}
+    zero = bytes(BLOCK_SIZE)
+    size = os.path.getsize(img)
+    with open(img, "rb") as f:
+        fd = f.fileno()
+        pos = 0
+        while pos < size:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:                         # ENXIO: no data after pos
+                break
+            end = os.lseek(fd, pos, os.SEEK_HOLE)
+            first = pos // BLOCK_SIZE
+            data = os.pread(fd, (-(-end // BLOCK_SIZE) - first) * BLOCK_SIZE,
+                            first * BLOCK_SIZE)
+            for k in range(0, len(data), BLOCK_SIZE):
+                if data[k:k + BLOCK_SIZE] != zero:
+                    blocks[first + k // BLOCK_SIZE] = data[k:k + BLOCK_SIZE]
+            pos = end
+    return PowerLossDevice(size // BLOCK_SIZE, blocks)
+
+
+def test_slots_added_to_a_large_volume_have_shorter_journals_that_work(tmp_path):
+    """40 GiB (sparse): mkfs's journals of 32768 blocks do not fit in its groups of
+    32768; the added slots get 16384 (the largest power of two that fits), and work:
+    a node mounts in one, writes, dies, its journal is replayed; fsck and status.
+    (No ``check_consistency``: it walks every block, 10 million here; fsck does the
+    same checks, and the smaller volumes below have it.)"""
     img = str(tmp_path / "v.img")
-    make_volume(img, 64 * MiB, slots=1, journal_blocks=2048, rgrp_blocks=1024)
-    line = _refused(img, "1", status=1)
-    assert f"(data area {1024 - 1 - bitmap_blocks_for(1024)} blocks)" in line, line
+    sb = make_volume(img, 40 << 30, slots=2)
+    room = sb.rgrp_blocks - 1 - sb.bitmap_blocks
+    assert (sb.journal_blocks, sb.rgrp_blocks) == (32768, 32768) and room < 32769
+    out = run_cli("add-slots", img, "2").stdout
+    assert "added 2 slot(s), now 4 (journal 64 MiB each; the 2 of mkfs have 128 MiB)" \
+        in out, out
+    dev = _sparse_device(img)
+    new = read_superblock(dev)
+    assert (new.nslots, new.added_journal_blocks) == (4, 16384)
+    assert SlotTable.decode(dev.read(new.slot_table), new.slot_table, new) \
+        .journal_blocks == 16384
+    assert [new.journal_range(i)[1] for i in range(4)] == [32768, 32768, 16384, 16384]
+    for slot in (2, 3):
+        start, length = new.journal_range(slot)
+        assert f"slot {slot}: heartbeat block {start - 1}, journal blocks {start}-" \
+               f"{start + length - 1}" in out, out
+        assert new.in_data_area(start - 1, 1 + length)
+        hdr = slotmod.slot_journal(dev, new, slot).read_header()
+        assert hdr.clean and (hdr.start, hdr.length) == (start, 16384)
+        assert {_state(dev, new, b) for b in (start - 1, start + length - 1)} == {USED}
+    st = json.loads(run_cli("status", img, "--json", "--watch", "0").stdout)
+    assert [(s["slot"], s["added"], s["journal"], s["state"]) for s in st["slots"]] == \
+        [(0, False, "clean", "free"), (1, False, "clean", "free"),
+         (2, True, "clean", "free"), (3, True, "clean", "free")]
+    assert [s["journal_block"] for s in st["slots"][2:]] == \
+        [new.journal_range(2)[0], new.journal_range(3)[0]]
+    assert run_cli("fsck", "-fn", img, check=False).returncode == 0
+    # a node in an added slot, its journal 16384 blocks long
+    m = DeviceMount(dev, slot=3)
+    fs = m.start()
+    assert (m.journal.start, m.journal.length) == new.journal_range(3)
+    fh, _attr = fs.create(fs.root_ino, b"on-a-large-volume", 0o644, os.O_RDWR, CTX)
+    fs.write(fh, 0, b"y" * 300000)
+    fs.fsync(fh, False)
+    crashed = dev.crash()                       # the node dies: nothing checkpointed
+    sb3 = read_superblock(crashed)
+    assert not slotmod.slot_journal(crashed, sb3, 3).is_clean()
+    m2 = DeviceMount(crashed, slot=2)           # replays slot 3's journal
+    fs2 = m2.start()
+    attr = fs2.lookup(fs2.root_ino, b"on-a-large-volume")
+    fh2 = fs2.open(attr.bno, os.O_RDONLY)
+    assert fs2.read(fh2, 0, 400000) == b"y" * 300000
+    fs2.release(fh2)
+    m2.stop()
+    assert all(slotmod.slot_journal(crashed, sb3, i).is_clean() for i in range(4))
+    _fsck_clean(crashed)
+    # a later addition keeps the table's length
+    again = add_slots_on_disk(crashed, read_superblock(crashed), 1)
+    assert again.journal_range(4)[1] == 16384 and again.added_journal_blocks == 16384
+    _fsck_clean(crashed)
+
+
+def test_a_journal_larger_than_a_group_gets_the_largest_power_of_two(tmp_path):
+    img = str(tmp_path / "v.img")
+    sb = make_volume(img, 64 * MiB, slots=1, journal_blocks=1024, rgrp_blocks=1024)
+    assert sb.rgrp_blocks - 1 - bitmap_blocks_for(1024) == 1022
+    out = run_cli("add-slots", img, "1").stdout
+    assert "(journal 2 MiB each; the 1 of mkfs have 4 MiB)" in out, out
+    vol = Volume.open(img)
+    try:
+        assert vol.sb.journal_range(1)[1] == 512 and vol.sb.journal_range(0)[1] == 1024
+    finally:
+        vol.close()
+    assert run_cli("fsck", "-fn", img, check=False).returncode == 0
+
+
+def test_journal_size_option(tmp_path):
+    img = str(tmp_path / "v.img")
+    make_volume(img, 64 * MiB, slots=1, journal_blocks=1024, rgrp_blocks=1024)
+    for bad, says in [("4M", "--journal-size 4 MiB (1024 blocks) does not fit in a "
+                             "resource group: its data area of 1022 blocks holds a "
+                             "heartbeat block and a journal of 1021 blocks at most"),
+                      ("10K", "--journal-size 10K is not a whole number of"),
+                      ("128K", "--journal-size 128 KiB is below the smallest journal "
+                               "(256 KiB, 64 blocks)"),
+                      ("lots", "--journal-size: bad size 'lots'"),
+                      ("0", "--journal-size 0 is not a whole number")]:
+        line = _refused(img, "1", "--journal-size", bad, status=2)
+        assert says in line, line
+    out = run_cli("add-slots", img, "2", "--journal-size", "1M").stdout
+    assert "now 3 (journal 1 MiB each; the 1 of mkfs have 4 MiB)" in out, out
+    # every later slot has the table's length: another one is refused
+    line = _refused(img, "1", "--journal-size", "2M", status=2)
+    assert "--journal-size 2 MiB differs from the journals of the slots added before " \
+           "(1 MiB, 256 blocks)" in line, line
+    assert "now 4 (journal 1 MiB each" in \
+        run_cli("add-slots", img, "1", "--journal-size", "1M").stdout
+    assert "now 5 (journal 1 MiB each" in run_cli("add-slots", img, "1").stdout
+    vol = Volume.open(img)
+    try:
+        assert [vol.sb.journal_range(i)[1] for i in range(5)] == [1024] + [256] * 4
+    finally:
+        vol.close()
+    assert run_cli("fsck", "-fn", img, check=False).returncode == 0
+
+
+def test_the_smallest_journal_is_accepted_and_works():
+    """64 blocks (256K): the journal's ``MIN_LENGTH``, as mkfs's --journal-size."""
+    dev = power_loss_volume(32 * MiB, slots=1)
+    with pytest.raises(UsageError, match="below the smallest journal"):
+        add_slots_on_disk(dev, read_superblock(dev), 1, journal_blocks=63)
+    new = add_slots_on_disk(dev, read_superblock(dev), 1, journal_blocks=64)
+    assert new.journal_range(1)[1] == 64
+    m = DeviceMount(dev, slot=1)
+    fs = m.start()
+    for k in range(40):          # many commits: the log wraps around its 63 blocks
+        fh, _attr = fs.create(fs.root_ino, b"f%d" % k, 0o644, os.O_RDWR, CTX)
+        fs.write(fh, 0, b"z" * 5000)
+        fs.fsync(fh, False)
+        fs.release(fh)
+    crashed = dev.crash()
+    m2 = DeviceMount(crashed, slot=0)
+    m2.start()
+    m2.stop()
+    assert slotmod.slot_journal(crashed, read_superblock(crashed), 1).is_clean()
+    assert not check_consistency(crashed)
+    _fsck_clean(crashed)
+
+
+def test_a_slot_table_with_too_short_journals_is_damaged():
+    dev = power_loss_volume(32 * MiB, slots=1)
+    new = add_slots_on_disk(dev, read_superblock(dev), 1, journal_blocks=64)
+    table = SlotTable.decode(dev.read(new.slot_table), new.slot_table, new)
+    table.journal_blocks = 63
+    with pytest.raises(CorruptBlock, match="journals of 63 blocks, below the minimum"):
+        SlotTable.decode(table.image(), new.slot_table, new)
 
 
 def test_a_damaged_slot_table_is_named_by_mount_and_fsck(tmp_path):
