@@ -19,7 +19,8 @@ or ``{"ok": false, "errno": N, "error": "..."}``.  Requests:
 - ``{"op": "thaw"}``: end this node's freeze.
 - ``{"op": "grow", "total_blocks": N}``: grow the volume into its device (made
   bigger first) while every node is frozen (``cluster.admin``).
-- ``{"op": "add_slots", "count": N}``: add N node slots, likewise.
+- ``{"op": "add_slots", "count": N, "journal_blocks": J}``: add N node slots (their
+  journals J blocks long; null: the default), likewise.
 
 A malformed request gets an error answer and the connection is closed; the mount
 goes on.
@@ -167,9 +168,13 @@ async def _handle(node, stream) -> None:
                 await _answer(stream, {"ok": True, **await admin.grow(total)})
             elif op == "add_slots":
                 n = req.get("count")
+                jb = req.get("journal_blocks")
                 if not isinstance(n, int) or isinstance(n, bool):
                     raise ValueError("count must be a number of slots")
-                await _answer(stream, {"ok": True, **await admin.add_slots(n)})
+                if jb is not None and (not isinstance(jb, int) or isinstance(jb, bool)):
+                    raise ValueError("journal_blocks must be a number of blocks")
+                await _answer(stream, {"ok": True,
+                                       **await admin.add_slots(n, journal_blocks=jb)})
             else:
                 await _answer(stream, {"ok": False, "errno": errnos.EINVAL,
                                        "error": f"unknown request {op!r}"})

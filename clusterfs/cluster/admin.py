@@ -151,7 +151,8 @@ class VolumeAdmin:
             return grow.grow_on_disk(vol.dev, vol.sb, new_total, crash=crash_point("grow"))
         return await self._frozen_change(work, wait)
 
-    async def add_slots(self, n: int, *, wait: float = FREEZE_WAIT) -> dict:
+    async def add_slots(self, n: int, *, journal_blocks: int | None = None,
+                        wait: float = FREEZE_WAIT) -> dict:
         """Add ``n`` node slots (``fs.addslots``: a heartbeat block and a journal
         each, from free space) while every node is frozen; every node takes the new
         superblock as after a grow.  The journals of the live members are empty then
@@ -168,7 +169,8 @@ class VolumeAdmin:
                 if hb is not None and hb.state == HB_CLUSTER and i not in dead}
         live.add(m.slot)
         return await self._frozen_change(
-            lambda: addslots.add_slots_on_disk(vol.dev, vol.sb, n, live=live), wait)
+            lambda: addslots.add_slots_on_disk(vol.dev, vol.sb, n, live=live,
+                                               journal_blocks=journal_blocks), wait)
 
     async def _frozen_change(self, work, wait: float) -> dict:
         """Freeze, run ``work()`` (returns the new superblock) on a thread, take its

@@ -4,11 +4,12 @@ Each new slot gets a heartbeat block and a journal, taken from free space in the
 resource groups (``clusterfs.fs.addslots``: the steps and what a power cut leaves).
 The journals are as large as mkfs's when one fits in a group, else the largest power
 of two of blocks that does (``--journal-size`` chooses; once slots were added, every
-later one has their length).  A volume with a live heartbeat is refused (the online
-path will go through a mounted node); so is one whose journals are not all clean.
+later one has their length).  When a mount of this machine has the volume, the slots
+are added through it (every node frozen meanwhile); a volume mounted only elsewhere
+is refused; so is one whose journals are not all clean.
 While it works the command holds a free slot itself (state single-node, node
 ``add-slots``), so that no node mounts meanwhile.  Through a mounted member (the
-online path, ``cluster.admin``) the new journals get the default length.
+online path, ``cluster.admin``) the length asked for is passed on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import fcntl
 import os
 
-from ..errors import ClusterfsError, NoSpace, UsageError, VolumeBusy
+from ..errors import ClusterfsError, UsageError, VolumeBusy
 from ..fs.addslots import (add_slots_on_disk, added_journal_length, check_quiet,
                            plan_add_slots, size_text)
 from ..fs.volume import Volume
@@ -89,21 +90,10 @@ def add_slots(path: str, n: int, journal_blocks: int | None = None) -> tuple:
         finally:
             vol.close()
         if journal_blocks is not None:
-            # the member adds slots with the default length: only that one can be
-            # asked for through it
-            want = added_journal_length(old, journal_blocks)
-            try:
-                default = added_journal_length(old)
-            except NoSpace:
-                default = None
-            if want != default:
-                raise UsageError(f"--journal-size {size_text(want)}: through a mounted "
-                                 f"member (node {info['node']}) only the default "
-                                 f"length can be added"
-                                 + (f" ({size_text(default)})" if default else "")
-                                 + "; unmount the volume everywhere to choose another")
+            added_journal_length(old, journal_blocks)    # refused here if it cannot be
         try:
-            control.call(info, {"op": "add_slots", "count": n})
+            control.call(info, {"op": "add_slots", "count": n,
+                                "journal_blocks": journal_blocks})
         except control.ControlError as e:
             raise ClusterfsError(f"cannot add slots to {path} (through node "
                                  f"{info['node']}): {e}") from None

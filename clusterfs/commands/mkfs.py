@@ -15,7 +15,7 @@ import re
 import stat
 import struct
 
-from journal import Journal
+from journal import MIN_LENGTH, Journal
 
 from ..errors import ClusterfsError, UsageError
 from ..fs.volume import Volume
@@ -216,6 +216,9 @@ def cmd_mkfs(args) -> int:
         jblocks = parse_size(args.journal_size) // BLOCK_SIZE if args.journal_size else None
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if jblocks is not None and jblocks < MIN_LENGTH:
+        raise UsageError(f"--journal-size {args.journal_size} is below the smallest "
+                         f"journal, {MIN_LENGTH * BLOCK_SIZE // 1024}K")
     # on a terminal (stderr), one line of progress while the headers are written
     progress = Progress("mkfs", quiet=args.quiet)
     try:

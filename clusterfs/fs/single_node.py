@@ -273,12 +273,14 @@ class SingleNodeAdmin:
         from .grow import grow_mounted
         return await self._frozen_change(lambda vol: grow_mounted(vol, new_total))
 
-    async def add_slots(self, n: int, **_ignored) -> dict:
+    async def add_slots(self, n: int, *, journal_blocks: int | None = None,
+                        **_ignored) -> dict:
         """Add ``n`` node slots to the mounted volume (``addslots``)."""
         from .addslots import add_slots_on_disk
 
         def work(vol):
             vol.adopt_geometry(add_slots_on_disk(vol.dev, vol.sb, n,
+                                                 journal_blocks=journal_blocks,
                                                  live={self.mount.slot}))
         return await self._frozen_change(work)
 

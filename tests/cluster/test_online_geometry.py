@@ -92,8 +92,16 @@ def test_add_slots_online_then_a_third_node_joins(topdir):
         c.nodes.pop("n3")
         with open(a.p("before"), "w") as f:
             f.write("written before the slots were added")
-        r = cli("add-slots", c.volume, "2")
+        r = cli("add-slots", c.volume, "2", "--journal-size", "4M")
         assert "now 4" in r.stdout, r.stdout
+        from clusterfs.fs.volume import read_superblock
+        from clusterfs.ondisk.blockdev import BlockDevice
+        dev = BlockDevice(c.volume, readonly=True)
+        try:
+            sb = read_superblock(dev)
+            assert [sb.journal_range(s)[1] for s in (2, 3)] == [1024, 1024]
+        finally:
+            dev.close()
         n3 = c.mount("n3")
         assert c.slot_of("n3") >= 2
         assert open(n3.p("before")).read() == "written before the slots were added"

@@ -82,6 +82,11 @@ def test_bad_cli_argument_is_one_line(tmp_path):
     proc = run_cli("mkfs", str(tmp_path / "x.img"), "--size", "lots", check=False)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
+    # a journal below the smallest the journal takes (a traceback before)
+    proc = run_cli("mkfs", str(tmp_path / "x.img"), "--size", "64M", "--journal-size",
+                   "100K", check=False)
+    assert proc.returncode == 2 and "below the smallest journal" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     proc = run_cli("mount", str(tmp_path / "missing.img"), str(tmp_path), "-f", check=False)
     assert proc.returncode != 0
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
