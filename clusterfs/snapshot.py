@@ -164,7 +164,7 @@ def _copy(volume: str, dest: str, hook: str | None, quiet: bool) -> tuple[str, i
                 copied = _device_copy(src, out, size, quiet)
                 method = "copy"
             os.ftruncate(out, size)
-            os.fsync(out)
+            # (made durable after the thaw: make_independent flushes the copy)
             return method, copied
         except OSError as e:
             raise SnapshotFailed(f"copy of {volume} to {dest}: {e.strerror}") from None
