@@ -1,4 +1,4 @@
-"""Progress of mkfs and fsck (#16 item 7): one line on a terminal, nothing else.
+"""Progress of mkfs, fsck, grow and snapshot (#16 item 7): one line on a terminal, nothing else.
 
 Each command runs with its stderr on a pseudo-terminal (``pty.openpty``) and its
 stdout on a pipe, then with both on pipes, then with ``-q``: the progress line
@@ -89,3 +89,22 @@ def test_fsck_progress(tmp_path):
     assert (rc3, out3, tty3) == (0, out, "")
     rc4, out4, err4 = run_piped("fsck", "-fnq", vol)
     assert (rc4, out4, err4) == (0, out, "")
+
+
+def test_grow_and_snapshot_progress(tmp_path):
+    vol = str(tmp_path / "v.img")
+    mkfs(vol, "64M")
+    rc, out, tty = run_with_tty_stderr("grow", vol, "--size", "16G")
+    assert rc == 0, out + tty
+    assert "\rwriting resource groups: " in tty and tty.endswith("\r\n"), repr(tty[-200:])
+    assert "grown from 64.0 MiB" in out
+    snap = str(tmp_path / "s.img")
+    rc, out, tty = run_with_tty_stderr("snapshot", vol, snap)
+    assert rc == 0, out + tty
+    assert re.search(r"\rcopying the volume: .* of 16\.0 GiB \(100%\)", tty), repr(tty)
+    assert "new volume UUID" in out
+    # piped, and with -q on a terminal: no progress
+    rc, out, err = run_piped("snapshot", vol, snap, "-f")
+    assert rc == 0 and err == "" and "new volume UUID" in out
+    rc, out, tty = run_with_tty_stderr("snapshot", vol, snap, "-f", "-q")
+    assert (rc, out, tty) == (0, "", "")
