@@ -1,4 +1,4 @@
-"""Progress of mkfs, fsck, grow and snapshot (#16 item 7): one line on a terminal, nothing else.
+"""Progress of mkfs, fsck, grow and snapshot (#16 item 7): one line on a terminal.
 
 Each command runs with its stderr on a pseudo-terminal (``pty.openpty``) and its
 stdout on a pipe, then with both on pipes, then with ``-q``: the progress line
