@@ -42,7 +42,8 @@ best of N rounds.
 The LAST line is one JSON object with ``create_scaling_2n``, ``write_scaling_2n``,
 ``pingpong_per_s``, ``shared_file_read_ms_p50``, ``shared_file_read_ms_p99``,
 ``failover_s``, ``master_failover_s`` and ``max_stall_s`` (targets: >= 1.5, >= 1.3, -,
--, < 50, < 10, < 5, < 6) plus the raw rates.  ``--quick`` runs
+-, < 50, < 10, < 5, < 6), ``create_8n_own_dirs_ratio`` and ``create_8n_one_dir_ratio``
+(>= 1.0, >= 0.5) plus the raw rates.  ``--quick`` runs
 in under a minute.  Everything mounted is unmounted and every process started is
 stopped (by PID), also on failure.
 """
@@ -68,16 +69,19 @@ from tests.helpers import mkfs  # noqa: E402
 
 PY = sys.executable
 MiB = 1 << 20
+EIGHT = 8                 # nodes of the 8-node section
 
-# A worker: waits for GO, runs one workload in DIR, prints its elapsed seconds.
+# A worker: waits for GO, runs one workload in DIR (file names with PREFIX, default
+# "f"), prints its elapsed seconds.
 WORKER = r"""
 import os, sys, time
 kind, top, go, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+prefix = sys.argv[5] if len(sys.argv) > 5 else "f"
 while not os.path.exists(go):
     time.sleep(0.001)
 t0 = time.perf_counter()
 if kind == "create":
-    names = [os.path.join(top, "f%06d" % i) for i in range(n)]
+    names = [os.path.join(top, prefix + "%06d" % i) for i in range(n)]
     for p in names:
         os.close(os.open(p, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))
     for p in names:
@@ -157,9 +161,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Bench:
-    def __init__(self, workdir: str, quick: bool):
+    def __init__(self, workdir: str, quick: bool, nodes: int = 2):
         self.workdir = workdir
         self.quick = quick
+        self.nnodes = nodes
         self.cluster: Cluster | None = None
 
     # -- set up ---------------------------------------------------------------------
@@ -167,21 +172,23 @@ class Bench:
     def start(self) -> None:
         key = make_key(os.path.join(self.workdir, "cluster.key"))
         vol = os.path.join(self.workdir, "vol.img")
-        mkfs(vol, "2G" if self.quick else "8G")
+        extra = ("--slots", str(self.nnodes)) if self.nnodes > 4 else ()
+        mkfs(vol, "2G" if self.quick else "8G", *extra)
         self.cluster = Cluster(self.workdir, vol, key, fast=False)
-        self.cluster.mount("n1")
-        self.cluster.mount("n2")
+        for i in range(1, self.nnodes + 1):
+            self.cluster.mount(f"n{i}")
         self.wait_serving()
 
     def wait_serving(self) -> None:
-        """Until a master serves both nodes, out of its grace period."""
+        """Until a master serves every node, out of its grace period."""
         def serving():
             try:
                 st = self.cluster.view()
             except Exception:
                 return False
-            return st["grace_left"] == 0 and not st["frozen"] and len(st["nodes"]) == 2
-        wait_for(serving, 60, "the lock manager to serve both nodes")
+            return st["grace_left"] == 0 and not st["frozen"] and \
+                len(st["nodes"]) == self.nnodes
+        wait_for(serving, 60, f"the lock manager to serve all {self.nnodes} nodes")
 
     def stop(self) -> None:
         if self.cluster is not None:
@@ -199,13 +206,16 @@ class Bench:
     def run_workers(self, kind: str, dirs: dict[str, str], n: int) -> tuple[float, dict]:
         """Run one worker per node at once; (wall seconds, CPU seconds of each node's
         server, of the lock manager ("lockd") and of the workers ("workers": the
-        programs' own work and the kernel's FUSE work done in their system calls))."""
+        programs' own work and the kernel's FUSE work done in their system calls)).
+        Each node's files are named with the node's name (several nodes may share
+        one directory)."""
         go = os.path.join(self.workdir, "go")
         if os.path.exists(go):
             os.unlink(go)
         procs = {}
         for node, d in dirs.items():
-            procs[node] = subprocess.Popen([PY, "-c", WORKER, kind, d, go, str(n)],
+            procs[node] = subprocess.Popen([PY, "-c", WORKER, kind, d, go, str(n),
+                                            f"{node}-f"],
                                            stdout=subprocess.PIPE, text=True)
         time.sleep(0.3)       # let them start up and wait
         cpu0 = {node: cpu_seconds(self.node(node).proc.pid) for node in dirs}
@@ -257,6 +267,50 @@ class Bench:
                 "create_worker_cpu_ms_per_file_2n": 1000 * cpu2["workers"] / (2 * n),
                 "create_cores_busy_1n": sum(cpu1.values()) / t1,
                 "create_cores_busy_2n": sum(cpu2.values()) / t2}
+
+    def eight(self, n_own: int, n_one: int, round_: int) -> dict:
+        """The 8-node section: one node alone, then all nodes in their own
+        directories, then all nodes in one directory (see the module's doc)."""
+        nodes = [f"n{i}" for i in range(1, self.nnodes + 1)]
+        # the reference is short (a tenth of a second): the best of three
+        refs = []
+        for k in range(3):
+            d1 = self.fresh_dir("n1", f"e1-{round_}-{k}")
+            refs.append(self.run_workers("create", {"n1": d1}, n_own))
+            shutil.rmtree(d1)
+        t1, cpu1 = min(refs, key=lambda r: r[0])
+        own = {node: self.fresh_dir(node, f"eo-{round_}-{node}") for node in nodes}
+        t_own, cpu_own = self.run_workers("create", own, n_own)
+        shared = self.fresh_dir("n1", f"es-{round_}")
+        name = os.path.basename(shared)
+        one = {node: self.node(node).p(name) for node in nodes}
+        t_one, cpu_one = self.run_workers("create", one, n_one)
+        for d in [shared, *own.values()]:
+            shutil.rmtree(d)
+        k = len(nodes)
+        ref = n_own / t1
+        r_own, r_one = k * n_own / t_own, k * n_one / t_one
+
+        def srv(cpu, files):
+            return 1000 * sum(cpu[node] for node in nodes if node in cpu) / files
+        return {"create_8n_1n_per_s": ref, "create_8n_own_dirs_per_s": r_own,
+                "create_8n_one_dir_per_s": r_one,
+                "create_8n_own_dirs_ratio": r_own / ref,
+                "create_8n_one_dir_ratio": r_one / ref,
+                "create_8n_cpu_ms_per_file_1n": srv(cpu1, n_own),
+                "create_8n_cpu_ms_per_file_own_dirs": srv(cpu_own, k * n_own),
+                "create_8n_cpu_ms_per_file_one_dir": srv(cpu_one, k * n_one),
+                "create_8n_lockd_cpu_ms_per_file_one_dir": 1000 * cpu_one["lockd"] / (k * n_one),
+                "create_8n_cores_busy_own_dirs": sum(cpu_own.values()) / t_own,
+                "create_8n_cores_busy_one_dir": sum(cpu_one.values()) / t_one}
+
+    def warm_up_all(self, n: int) -> None:
+        """The create workload once on every node, each in its own directory, untimed."""
+        dirs = {f"n{i}": self.fresh_dir(f"n{i}", f"warm-n{i}")
+                for i in range(1, self.nnodes + 1)}
+        self.run_workers("create", dirs, n)
+        for d in dirs.values():
+            shutil.rmtree(d)
 
     def write(self, mib: int, round_: int) -> dict:
         d1 = self.fresh_dir("n1", f"w1-{round_}")
@@ -413,6 +467,8 @@ def main(argv=None) -> int:
     files = 800 if args.quick else 4000
     mib = 64 if args.quick else 512
     pp_seconds = 3.0 if args.quick else 10.0
+    n_own = 100 if args.quick else 200     # files per node, 8 nodes in own directories
+    n_one = 30 if args.quick else 100     # files per node, 8 nodes in one directory
     failovers = 1 if args.quick else 3
     master_failovers = 1 if args.quick else 5
     workdir = tempfile.mkdtemp(prefix="cfs-bench-cluster-", dir=args.workdir or "/var/tmp")
@@ -445,9 +501,41 @@ def main(argv=None) -> int:
         results["master_failover_s"] = statistics.median(t for t, _ in masters)
         results["max_stall_s"] = max(stall for _, stall in masters)
         results["master_failover_all_s"] = [t for t, _ in masters]
-    finally:
+    except BaseException:
         bench.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    bench.stop()
+    # the 8-node section: a volume of its own, once the two-node cluster is gone
+    workdir8 = os.path.join(workdir, "eight")
+    os.mkdir(workdir8)
+    bench8 = Bench(workdir8, args.quick, nodes=EIGHT)
+    t8 = time.perf_counter()
+    results["load_avg_1m_before_8n"] = os.getloadavg()[0]
+    try:
+        bench8.start()
+        results["mount_8n_s"] = time.perf_counter() - t8
+        bench8.warm_up_all(n_own)
+        best = {}
+        rounds = []
+        for r in range(repeat):
+            rounds.append(bench8.eight(n_own, n_one, r))
+            for key, value in rounds[-1].items():
+                if key.endswith("_per_s"):
+                    best[key] = max(best.get(key, 0), value)
+                else:
+                    best.setdefault(key, value)
+        for key in ("create_8n_1n_per_s", "create_8n_own_dirs_per_s", "create_8n_one_dir_per_s"):
+            # every round's rate (they scatter: the best is kept above)
+            best[key.replace("_per_s", "_all_per_s")] = [round(x[key], 1) for x in rounds]
+        best["create_8n_own_dirs_ratio"] = best["create_8n_own_dirs_per_s"] / best["create_8n_1n_per_s"]
+        best["create_8n_one_dir_ratio"] = best["create_8n_one_dir_per_s"] / best["create_8n_1n_per_s"]
+        results.update(best)
+    finally:
+        bench8.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["section_8n_s"] = time.perf_counter() - t8
+    results["load_avg_1m"] = os.getloadavg()[0]
     results["elapsed_s"] = time.perf_counter() - t_start
     results["cores"] = os.cpu_count()
     print(f"{'create+stat+unlink':<22} 1 node {results['create_1n_per_s']:8.0f} files/s   "
@@ -477,6 +565,21 @@ def main(argv=None) -> int:
     print(f"{'master failover':<22} {results['master_failover_s']:8.2f} s  (all: "
           f"{', '.join(f'{t:.2f}' for t in results['master_failover_all_s'])}; target < 5); "
           f"longest stall of a writer {results['max_stall_s']:.2f} s (target < 6)")
+    one_n = results["create_8n_1n_per_s"]
+    print(f"{'8 nodes, own dirs':<22} {results['create_8n_own_dirs_per_s']:8.0f} files/s  "
+          f"x{results['create_8n_own_dirs_ratio']:.2f} of one node's {one_n:.0f} files/s "
+          f"on the 8-node volume (target 1.0); x"
+          f"{results['create_8n_own_dirs_per_s'] / results['create_1n_per_s']:.2f} of "
+          f"create_1n_per_s")
+    print(f"{'8 nodes, one dir':<22} {results['create_8n_one_dir_per_s']:8.0f} files/s  "
+          f"x{results['create_8n_one_dir_ratio']:.2f} of one node's {one_n:.0f} files/s "
+          f"on the 8-node volume (target 0.5); x"
+          f"{results['create_8n_one_dir_per_s'] / results['create_1n_per_s']:.2f} of "
+          f"create_1n_per_s")
+    print(f"{'8-node section':<22} {n_own} files per node in own dirs, {n_one} per node in "
+          f"one dir; {results['section_8n_s']:.0f} s with {results['mount_8n_s']:.0f} s of "
+          f"mounting; load average {results['load_avg_1m_before_8n']:.2f} before, "
+          f"{results['load_avg_1m']:.2f} after")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                       for k, v in results.items()}))
     return 0
