@@ -30,7 +30,7 @@ DEFAULT_KEY_DIR = "/etc/clusterfs"
 log = logging.getLogger(__name__)
 
 KNOWN_OPTIONS = {"ro", "rw", "noatime", "atime", "direct", "nodirect", "allow_other",
-                 "debug", "nolock", "open_cache", *VFS_FLAGS}
+                 "debug", "nolock", "open_cache", "min_hold", *VFS_FLAGS}
 
 
 def parse_options(items: list[str]) -> dict[str, str | bool]:
@@ -52,6 +52,16 @@ def parse_options(items: list[str]) -> dict[str, str | bool]:
             raise UsageError(f"mount option open_cache wants a number of locks "
                              f"(0 or more), not '{'' if value is True else value}'")
         opts["open_cache"] = int(value)
+    if "min_hold" in opts:
+        value = opts["min_hold"]
+        try:
+            ms = float(value) if value is not True else -1.0
+        except ValueError:
+            ms = -1.0
+        if not 0 <= ms <= 1000:
+            raise UsageError(f"mount option min_hold wants milliseconds (0 to 1000), not "
+                             f"'{'' if value is True else value}'")
+        opts["min_hold"] = ms
     return opts
 
 
@@ -175,7 +185,9 @@ def register(sub) -> None:
     p.add_argument("-o", dest="options", action="append", metavar="OPTS",
                    help="comma-separated options: ro, noatime, direct (O_DIRECT), "
                         "nodirect, allow_other, debug, nolock, open_cache=N (open "
-                        "locks a cluster member keeps cached, default 4096), and the "
+                        "locks a cluster member keeps cached, default 4096), "
+                        "min_hold=MS (ms a cluster member keeps a lock once granted "
+                        "before another node's request is honoured, default 10), and the "
                         "kernel's nosuid, nodev, noexec (the default for FUSE is "
                         "nosuid,nodev), suid, dev, exec")
     p.add_argument("--key", metavar="KEYFILE",

@@ -170,13 +170,15 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
     """Join the volume's cluster and serve until unmounted (in this process)."""
     from ..cluster.filelocks import FileLocks
     from ..cluster.member import ClusterMount
+    from ..cluster.glock import MIN_HOLD
     from ..cluster.openmodes import OPEN_CACHE
     direct = True if opts.get("direct") else False if opts.get("nodirect") else None
     member = ClusterMount(volume, key=key, keyfile=keyfile, listen=listen, node=node,
                           slot=slot, direct=direct, lease=lease, renew=min(1.0, lease / 5),
                           heartbeat_interval=heartbeat_interval,
                           noatime=bool(opts.get("noatime")),
-                          open_cache=opts.get("open_cache", OPEN_CACHE))
+                          open_cache=opts.get("open_cache", OPEN_CACHE),
+                          min_hold=opts.get("min_hold", MIN_HOLD * 1000) / 1000)
     member.terminated = False
     guard = _SignalGuard(member, os.path.realpath(mountpoint))
     member.mountpoint = os.path.realpath(mountpoint)   # for the control channel

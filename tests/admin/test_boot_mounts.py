@@ -266,6 +266,9 @@ def test_install_units_refuses(tmp_path, argv, says):
     ("slot=x", "slot= wants a whole number, not 'x'"),
     ("lease=soon", "lease= wants a number of seconds"),
     ("open_cache=-3", "open_cache wants a number"),
+    ("min_hold=soon", "min_hold wants milliseconds"),
+    ("min_hold=5000", "min_hold wants milliseconds"),
+    ("min_hold", "min_hold wants milliseconds"),
 ])
 def test_helper_bad_option(opts, says):
     r = subprocess.run([PY, "-m", "clusterfs.commands.mounthelper", "/vol.img", "/mnt",
@@ -278,7 +281,8 @@ def test_helper_accepts_what_mount_passes():
     systemd and fstab may pass is accepted; -s drops unknown ones; -t must be ours."""
     opts = ("defaults,rw,ro,dev,nodev,suid,nosuid,exec,noexec,auto,noauto,nofail,_netdev,"
             "user,users,x-systemd.automount,x-systemd.requires=a.service,comment=x,"
-            "key=/k,node=n,listen=1.2.3.4:5,slot=1,lease=9,noatime,open_cache=8,log=/l")
+            "key=/k,node=n,listen=1.2.3.4:5,slot=1,lease=9,noatime,open_cache=8,log=/l,"
+            "min_hold=2.5")
     base = [PY, "-m", "clusterfs.commands.mounthelper"]
     r = subprocess.run(base + ["/vol.img", "/nowhere", "-f", "-n", "-v", "-o", opts,
                                "-t", "fuse.clusterfs"], capture_output=True, text=True)
