@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -9,6 +10,28 @@ import sys
 import time
 
 PY = sys.executable
+
+
+def write_hashed(path: str, size: int, chunk: bytes) -> str:
+    """Write ``size`` bytes to ``path``, ``chunk`` repeated; returns their sha256."""
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            piece = chunk[:left]
+            f.write(piece)
+            h.update(piece)
+            left -= len(piece)
+    return h.hexdigest()
+
+
+def sha256_file(path: str) -> str:
+    """The sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 20):
+            h.update(b)
+    return h.hexdigest()
 
 
 def run_cli(*args, check=True, timeout=300, **kw) -> subprocess.CompletedProcess:

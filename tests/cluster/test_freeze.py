@@ -80,6 +80,31 @@ def _find(path):
         return None
 
 
+def writers_on_two_nodes(c, topdir: str):
+    """Nodes n1 and n2 mounted, and a Writer on each (``start_writers``):
+    (a, b, writers)."""
+    a = c.mount("n1")
+    b = c.mount("n2")
+    control_ready(a.path)
+    return a, b, start_writers(a, b, topdir)
+
+
+def start_writers(a, b, topdir: str) -> list[Writer]:
+    """A Writer on mount a and one on mount b (into wa/ and wb/, both made on a),
+    started and past their first files."""
+    os.mkdir(a.p("wa"))
+    os.mkdir(a.p("wb"))
+    writers = [Writer(a.p("wa"), os.path.join(topdir, "wa.log")),
+               Writer(b.p("wb"), os.path.join(topdir, "wb.log"))]
+    try:
+        wait_for(lambda: all(w.count() > 5 for w in writers), 60, "writers started")
+    except BaseException:
+        for w in writers:
+            w.kill()
+        raise
+    return writers
+
+
 def cli(*args, ok=True, **kw):
     r = run_cli(*args, check=False, **kw)
     if ok:
@@ -89,15 +114,8 @@ def cli(*args, ok=True, **kw):
 
 def test_freeze_stops_writers_on_every_node_and_thaw_loses_nothing(topdir):
     with running_cluster(topdir) as c:
-        a = c.mount("n1")
-        b = c.mount("n2")
-        control_ready(a.path)
-        os.mkdir(a.p("wa"))
-        os.mkdir(a.p("wb"))
-        writers = [Writer(a.p("wa"), os.path.join(topdir, "wa.log")),
-                   Writer(b.p("wb"), os.path.join(topdir, "wb.log"))]
+        a, b, writers = writers_on_two_nodes(c, topdir)
         try:
-            wait_for(lambda: all(w.count() > 5 for w in writers), 60, "writers started")
             r = cli("freeze", a.path, "--timeout", "60")
             assert "frozen on every node" in r.stdout
             before = [w.count() for w in writers]

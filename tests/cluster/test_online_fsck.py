@@ -23,7 +23,7 @@ from clusterfs import control
 from clusterfs.fs import directory
 from clusterfs.fs.volume import Volume
 from tests.cluster.cluster_util import PY, running_cluster, wait_for
-from tests.cluster.test_freeze import Writer, control_ready
+from tests.cluster.test_freeze import control_ready, start_writers
 from tests.helpers import run_cli
 
 RUNS = 20
@@ -100,12 +100,8 @@ def test_online_fsck_of_a_mounted_volume(topdir):
         assert r.returncode == 0, r.stdout + r.stderr
         assert inodes_checked(r.stdout) == before + 21, r.stdout
 
-        os.mkdir(a.p("wa"))
-        os.mkdir(a.p("wb"))
-        writers = [Writer(a.p("wa"), os.path.join(topdir, "wa.log")),
-                   Writer(b.p("wb"), os.path.join(topdir, "wb.log"))]
+        writers = start_writers(a, b, topdir)
         try:
-            wait_for(lambda: all(w.count() > 5 for w in writers), 60, "writers started")
             t_load = time.monotonic()
             for run in range(RUNS):
                 r = fsck(c.volume)

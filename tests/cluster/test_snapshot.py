@@ -11,7 +11,7 @@ import subprocess
 from clusterfs.fs.volume import read_superblock
 from clusterfs.ondisk.blockdev import BlockDevice
 from tests.cluster.cluster_util import running_cluster, wait_for
-from tests.cluster.test_freeze import Writer, cli, control_ready
+from tests.cluster.test_freeze import cli, control_ready, writers_on_two_nodes
 from tests.helpers import Mount, mkfs
 
 CONTENT = lambda i: (f"{i} " * 300).encode()      # noqa: E731  (as Writer writes)
@@ -48,15 +48,8 @@ def check_snapshot_files(mount: Mount, directory: str, at_least: int) -> int:
 def test_snapshot_while_two_nodes_write(topdir):
     snap = os.path.join(topdir, "snap.img")
     with running_cluster(topdir) as c:
-        a = c.mount("n1")
-        b = c.mount("n2")
-        control_ready(a.path)
-        os.mkdir(a.p("wa"))
-        os.mkdir(a.p("wb"))
-        writers = [Writer(a.p("wa"), os.path.join(topdir, "wa.log")),
-                   Writer(b.p("wb"), os.path.join(topdir, "wb.log"))]
+        a, b, writers = writers_on_two_nodes(c, topdir)
         try:
-            wait_for(lambda: all(w.count() > 5 for w in writers), 60, "writers started")
             before = [w.count() for w in writers]
             r = cli("snapshot", c.volume, snap)
             assert "sparse copy" in r.stdout or "reflink" in r.stdout, r.stdout

@@ -6,14 +6,13 @@ last sharer.  The module's volume is checked (walk and fsck) after its unmount."
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, sha256_file, write_hashed
 
 MiB = 1 << 20
 BS = 4096
@@ -25,26 +24,10 @@ def _free_blocks(path: str) -> int:
 
 
 def _write_random(path: str, size: int, seed: int = 0) -> str:
-    h = hashlib.sha256()
-    chunk = os.urandom(MiB) if seed == 0 else bytes([seed]) * MiB
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            piece = chunk[:min(MiB, left)]
-            f.write(piece)
-            h.update(piece)
-            left -= len(piece)
-    return h.hexdigest()
+    return write_hashed(path, size, os.urandom(MiB) if seed == 0 else bytes([seed]) * MiB)
 
 
-def _sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(MiB)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
+_sha = sha256_file
 
 
 def test_cp_reflink_auto_shares_the_blocks(wd):

@@ -15,30 +15,16 @@ import pytest
 
 from tests.cluster.test_freeze import control_ready
 from tests.fuse.conftest import check_image
-from tests.helpers import Mount, mkfs, run_cli
+from tests.helpers import Mount, mkfs, run_cli, sha256_file, write_hashed
 
 MiB = 1 << 20
 
 
 def _write(path: str, size: int, seed: int) -> str:
-    h = hashlib.sha256()
-    chunk = hashlib.sha256(str(seed).encode()).digest() * (MiB // 32)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            piece = chunk[:min(MiB, left)]
-            f.write(piece)
-            h.update(piece)
-            left -= len(piece)
-    return h.hexdigest()
+    return write_hashed(path, size, hashlib.sha256(str(seed).encode()).digest() * (MiB // 32))
 
 
-def _sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(MiB):
-            h.update(b)
-    return h.hexdigest()
+_sha = sha256_file
 
 
 @pytest.fixture
