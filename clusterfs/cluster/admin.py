@@ -39,8 +39,6 @@ from .locks import FREEZE
 
 log = logging.getLogger(__name__)
 
-
-
 CRASH_ENV = "CLUSTERFS_TEST_CRASH_AT"
 
 
