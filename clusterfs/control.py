@@ -62,7 +62,17 @@ async def serve(node, *, task_status=None) -> None:
     cancelled; ``task_status.started(socket path)`` once listening."""
     import trio
     run_dir = run_directory()
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    except OSError as e:
+        # (a mount by a user who may not write there): the mount goes on without
+        # freeze, snapshot and online grow
+        log.warning("no control channel (cannot make %s: %s): freeze, snapshot and "
+                    "online grow are not available through this mount", run_dir,
+                    e.strerror)
+        if task_status is not None:
+            task_status.started(None)
+        return
     pid = os.getpid()
     path = os.path.join(run_dir, f"{pid}.sock")
     info_path = os.path.join(run_dir, f"{pid}.json")
@@ -201,8 +211,8 @@ def mounts() -> list[dict]:
     run_dir = run_directory()
     try:
         names = sorted(os.listdir(run_dir))
-    except FileNotFoundError:
-        return out
+    except OSError:
+        return out          # no directory (nothing mounted yet), or not one we can read
     for name in names:
         if not name.endswith(".json"):
             continue

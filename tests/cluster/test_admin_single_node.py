@@ -62,3 +62,24 @@ def test_freeze_snapshot_and_add_slots_of_a_single_node_mount(topdir):
         assert open(m.p("after-slots")).read() == "still writable"
     finally:
         m.stop()
+
+
+def test_a_mount_without_a_control_channel_still_serves(topdir):
+    """A mount that cannot make its control socket (here its run directory is under
+    a regular file) says so in one warning and serves files; freeze then finds no
+    mount, in one line."""
+    vol = os.path.join(topdir, "vol.img")
+    mkfs(vol, "64M")
+    bad = os.path.join(topdir, "a-file", "run")
+    open(os.path.join(topdir, "a-file"), "w").close()
+    m = Mount(vol, os.path.join(topdir, "m"),
+              env=dict(os.environ, CLUSTERFS_RUN_DIR=bad)).start()
+    try:
+        with open(m.p("f"), "w") as f:
+            f.write("served")
+        assert open(m.p("f")).read() == "served"
+        r = cli("freeze", m.path, env=dict(os.environ, CLUSTERFS_RUN_DIR=bad), ok=False)
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+    finally:
+        m.stop()
+    assert "no control channel" in m.read_log()
