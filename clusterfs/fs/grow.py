@@ -333,14 +333,24 @@ def grow_mounted(vol, new_total: int, *, progress=None, crash: Crash | None = No
                           "freeze, not alone")
     if vol.op is not None:
         raise RuntimeError("grow_mounted inside a metadata operation")
-    refresh = getattr(vol.dev, "refresh_size", None)
-    if refresh is not None:
-        refresh()
-    plan_grow(vol.sb, new_total)
-    if vol.dev.nblocks < new_total:
-        raise VolumeError(f"the device has {vol.dev.nblocks} blocks, fewer than the "
-                          f"{new_total} asked for")
+    check_device(vol.dev, vol.sb, new_total)
     vol.checkpoint()
     new = grow_on_disk(vol.dev, vol.sb, new_total, progress=progress, crash=crash)
     vol.adopt_geometry(new)
     return new
+
+
+def check_device(dev, sb: Superblock, new_total: int) -> None:
+    """Before a grow of a mounted volume: read the device's size again (it was made
+    bigger since the mount opened it) and check the request against it.
+
+    Raises:
+        UsageError, VolumeError: the request cannot be met (nothing changed).
+    """
+    refresh = getattr(dev, "refresh_size", None)
+    if refresh is not None:
+        refresh()
+    plan_grow(sb, new_total)
+    if dev.nblocks < new_total:
+        raise VolumeError(f"the device has {dev.nblocks} blocks, fewer than the "
+                          f"{new_total} asked for")

@@ -75,7 +75,7 @@ class Volume:
         # cluster mode: the coherence layer (``cluster.Coherence``), which checks that
         # every object is read under a lock held at least PR and changed under EX
         self.cluster = None
-        # single-node: the volume is frozen (``single_node.SingleNodeAdmin``); a
+        # single-node: the volume is frozen (``admin.SingleNodeAdmin``); a
         # cluster member asks its ``Coherence``
         self.frozen = False
         self.by_owner: dict[int, set[int]] = {}   # inode -> cached tree/xattr blocks

@@ -29,7 +29,8 @@ import pyfuse3
 import trio
 
 from ..errors import MountFailed, UsageError, run_surfacing
-from ..fs.single_node import SingleNodeAdmin, SingleNodeMount
+from ..fs.admin import SingleNodeAdmin
+from ..fs.single_node import SingleNodeMount
 from .ops import DirectFrontend, Operations
 from .serve import serve
 
@@ -169,8 +170,8 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
                       heartbeat_interval: float = 1.0) -> int:
     """Join the volume's cluster and serve until unmounted (in this process)."""
     from ..cluster.filelocks import FileLocks
-    from ..cluster.member import ClusterMount
     from ..cluster.glock import MIN_HOLD
+    from ..cluster.member import ClusterMount
     from ..cluster.openmodes import OPEN_CACHE
     direct = True if opts.get("direct") else False if opts.get("nodirect") else None
     member = ClusterMount(volume, key=key, keyfile=keyfile, listen=listen, node=node,

@@ -70,7 +70,7 @@ def _lock_end(start: int, length: int) -> int:
 class DirectFrontend:
     """The single-node frontend: ``Filesystem``'s methods, awaitable.
 
-    While the volume is frozen (``gate`` set: ``fs.single_node.SingleNodeAdmin``)
+    While the volume is frozen (``gate`` set: ``fs.admin.SingleNodeAdmin``)
     the requests that may change it wait for the thaw; those that only read
     (``READING``, and an open for reading) go on."""
 
