@@ -9,13 +9,17 @@ One run measures the same workloads on four targets, all mounted at once:
   directory that this script mounts (the Python FUSE floor);
 * ``ext4``: ext4 on a loop device over an image file (losetup, mkfs.ext4, mount);
 * ``clusterfs``: a single-node ``clusterfs mount`` of a fresh volume (default mkfs
-  and mount options).
+  and mount options);
+* ``cluster``: a one-node cluster mount of another fresh volume (``--key``, its own
+  lock manager on loopback), for the sequential phases only: its page cache works
+  under the inode locks, against the single-node mount's.
 
 Workloads (the page cache is dropped before each phase, so reads come from the file
 system, and every write phase ends with fsync, counted in its time):
 
 * sequential write of one file (2 GiB; 256 MiB with ``--quick``) in 1 MiB requests,
-  then fsync; sequential read of it in 1 MiB requests;
+  then fsync; sequential read of it in 1 MiB requests; a re-read (read once more
+  untimed, then timed, no cache drop: what the target's page cache gives);
 * 4 KiB random writes (overwrites inside that file) for a fixed time, then fsync;
   4 KiB random reads for a fixed time (``POSIX_FADV_RANDOM``, so the kernel reads
   only what is asked, and ``POSIX_FADV_DONTNEED`` before each turn, so that blocks
@@ -37,8 +41,10 @@ sequential pass runs twice (in rotating order, the better counts), and
 
 It prints a table, then as the LAST line one JSON object with ``seq_write_ratio``,
 ``seq_read_ratio``, ``rand_write_ratio``, ``rand_read_ratio`` and ``meta_ratio``
-(each clusterfs / passthrough; targets: data ratios >= 0.8, meta_ratio >= 0.5) plus
-every target's figures.  Needs root (drop_caches, losetup, mount).  Everything
+(each clusterfs / passthrough; targets: data ratios >= 0.8, meta_ratio >= 0.5),
+``cluster_seq_write_vs_single``, ``cluster_seq_read_vs_single`` and
+``cluster_seq_reread_vs_single`` (cluster mount / single-node mount; target for the
+re-read >= 0.8) plus every target's figures.  Needs root (drop_caches, losetup, mount).  Everything
 mounted is unmounted and every loop device attached is detached, also on failure;
 only processes this script started are stopped, by PID.
 """
@@ -63,9 +69,10 @@ PY = sys.executable
 MiB = 1 << 20
 BLOCK = 4096
 
-TARGETS = ("raw", "passthru", "ext4", "clusterfs")
+TARGETS = ("raw", "passthru", "ext4", "clusterfs", "cluster")
 LABELS = {"raw": "raw file", "passthru": "passthru", "ext4": "ext4/loop",
-          "clusterfs": "clusterfs"}
+          "clusterfs": "clusterfs", "cluster": "cfs-cluster"}
+SEQ_ONLY = ("cluster",)   # targets that run the sequential phases only
 
 
 def note(msg: str) -> None:
@@ -106,9 +113,14 @@ def seq_write(path: str, size: int, buf: bytes) -> float:
     return size / MiB / (time.perf_counter() - t0)
 
 
-def seq_read(path: str, size: int, buf: bytes) -> float:
-    """Read the file back in 1 MiB requests; returns MiB/s (checks size and content)."""
-    drop_caches()
+def seq_read(path: str, size: int, buf: bytes, *, cold: bool = True) -> float:
+    """Read the file back in 1 MiB requests; returns MiB/s (checks size and content).
+    ``cold``: drop the caches first (else the file is read once untimed, so that
+    the timed pass is a re-read of what the target caches)."""
+    if cold:
+        drop_caches()
+    else:
+        seq_read(path, size, buf, cold=True)
     into = bytearray(len(buf))
     total = 0
     first = last = b""
@@ -260,7 +272,8 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-PHASES = ("seq_write", "seq_read", "rand_write", "rand_read", "meta")
+PHASES = ("seq_write", "seq_read", "seq_reread", "rand_write", "rand_read", "meta")
+SEQUENTIAL = ("seq_write", "seq_read", "seq_reread")
 SEQ_PASSES = 2           # sequential passes per repetition (the best counts)
 
 
@@ -269,8 +282,11 @@ def seq_io(phase: str, top: str, args, pid: int | None, buf: bytes) -> dict:
     the CPU microseconds the server ``pid`` spent per 1 MiB request."""
     path = os.path.join(top, "big")
     c0 = cpu_seconds(pid)
-    fn = seq_write if phase == "seq_write" else seq_read
-    res = {phase: fn(path, args.size, buf)}
+    if phase == "seq_write":
+        rate = seq_write(path, args.size, buf)
+    else:
+        rate = seq_read(path, args.size, buf, cold=phase == "seq_read")
+    res = {phase: rate}
     if pid is not None:
         res["cpu_" + phase] = (cpu_seconds(pid) - c0) * 1e6 / (args.size / MiB)
     return res
@@ -419,13 +435,42 @@ def target_clusterfs(work: str, args):
             os.unlink(vol)
 
 
+@contextlib.contextmanager
+def target_cluster(work: str, args):
+    """A one-node cluster mount (its own lock manager on loopback): the page cache
+    under the inode locks, against the single-node mount's."""
+    vol = os.path.join(work, "vol.img")
+    key = os.path.join(work, "cluster.key")
+    mnt = os.path.join(work, "cfs-mnt")
+    log = os.path.join(work, "cluster.log")
+    os.mkdir(mnt)
+    proc = None
+    try:
+        run([PY, "-m", "clusterfs.cli", "mkfs", vol, "--size", str(args.volume_size), "-q"],
+            cwd=REPO)
+        run([PY, "-m", "clusterfs.cli", "keygen", key], cwd=REPO)
+        cmd = [PY, "-m", "clusterfs.cli", "mount", "--foreground", vol, mnt, "--key", key,
+               "--node", "bench", "--listen", "127.0.0.1:0"]
+        with open(log, "ab") as logf:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO)
+        wait_mounted(mnt, proc, "clusterfs cluster mount", log)
+        yield mnt, proc.pid
+    finally:
+        fuse_unmount(mnt, proc)
+        if proc is not None and proc.returncode:
+            note(f"clusterfs cluster mount exited with {proc.returncode}:\n{read(log)}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(vol)
+
+
 SETUP = {"raw": target_raw, "passthru": target_passthru, "ext4": target_ext4,
-         "clusterfs": target_clusterfs}
+         "clusterfs": target_clusterfs, "cluster": target_cluster}
 
 
 # ---- report -------------------------------------------------------------------------------
 
 ROWS = [("seq_write", "seq write 1M", "MiB/s"), ("seq_read", "seq read 1M", "MiB/s"),
+        ("seq_reread", "seq re-read 1M", "MiB/s"),
         ("rand_write", "rand write 4K", "IOPS"), ("rand_read", "rand read 4K", "IOPS"),
         ("meta", "create+stat+unlink", "files/s"), ("meta_create", "  create", "files/s"),
         ("meta_stat", "  stat", "files/s"), ("meta_unlink", "  unlink", "files/s")]
@@ -448,6 +493,10 @@ def table(results: dict, args) -> str:
         if both:
             line += f"{results['clusterfs'][key] / results['passthru'][key]:>9.2f}"
         lines.append(line)
+    if "cluster" in results and "clusterfs" in results:
+        c, s = results["cluster"], results["clusterfs"]
+        lines.append("cluster mount / single-node mount: " + ", ".join(
+            f"{key} {c[key] / s[key]:.2f}" for key in SEQUENTIAL))
     fuse = [t for t in names if "cpu_seq_write" in results[t]]
     if fuse:
         lines.append("")
@@ -455,9 +504,10 @@ def table(results: dict, args) -> str:
                      "per 4 KiB request, per file")
         head = f"{'workload':<28}" + "".join(f"{LABELS[t]:>12}" for t in fuse)
         lines += [head, "-" * len(head)]
-        for key, label, _unit in ROWS[:5]:
-            lines.append(f"{label:<28}" + "".join(f"{results[t]['cpu_' + key]:>12,.0f}"
-                                                  for t in fuse))
+        for key, label, _unit in ROWS[:6]:
+            cells = (results[t].get("cpu_" + key) for t in fuse)
+            lines.append(f"{label:<28}" + "".join(f"{v:>12,.0f}" if v is not None
+                                                  else f"{'-':>12}" for v in cells))
     return "\n".join(lines)
 
 
@@ -467,9 +517,15 @@ def summary(results: dict) -> dict:
         c, p = results["clusterfs"], results["passthru"]
         for key in ("seq_write", "seq_read", "rand_write", "rand_read", "meta"):
             out[f"{key}_ratio"] = round(c[key] / p[key], 3)
+    if "cluster" in results and "clusterfs" in results:
+        c, s = results["cluster"], results["clusterfs"]
+        for key in SEQUENTIAL:
+            out[f"cluster_{key}_vs_single"] = round(c[key] / s[key], 3)
     for t, r in results.items():
-        for key in ("seq_write", "seq_read", "rand_write", "rand_read", "meta"):
-            out[f"{t}_{key}"] = round(r[key], 1)
+        for key in ("seq_write", "seq_read", "seq_reread", "rand_write", "rand_read",
+                    "meta"):
+            if key in r:
+                out[f"{t}_{key}"] = round(r[key], 1)
     return out
 
 
@@ -524,7 +580,8 @@ def main() -> int:
                 if phase == "meta":
                     for t in names:
                         os.unlink(os.path.join(mounted[t][0], "big"))
-                sequential = phase in ("seq_write", "seq_read")
+                sequential = phase in SEQUENTIAL
+                some = {t: m for t, m in mounted.items() if t not in SEQ_ONLY}
                 # a sequential pass, one target at a time, is at the mercy of the
                 # host's disk and its cache of the moment: those run twice as often,
                 # in a rotating order
@@ -536,9 +593,9 @@ def main() -> int:
                             top, pid = mounted[t]
                             res[t] = seq_io(phase, top, args, pid, buf)
                     elif phase == "meta":
-                        res = meta_io(mounted, args)
+                        res = meta_io(some, args)
                     else:
-                        res = rand_io(phase, mounted, args)
+                        res = rand_io(phase, some, args)
                     for t, r in res.items():
                         runs[t].append(r)
                         note(f"{phase} {t}: " + ", ".join(f"{key} {v:,.0f}"

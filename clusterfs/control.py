@@ -10,7 +10,8 @@ A command finds the mount by its mount point or its volume (``find``), sends one
 request, a JSON object on one line, and reads one answer line: ``{"ok": true, ...}``
 or ``{"ok": false, "errno": N, "error": "..."}``.  Requests:
 
-- ``{"op": "status"}``: the node, its slot, whether the volume is frozen.
+- ``{"op": "status"}``: the node, its slot, whether the volume is frozen (and, on a
+  cluster member, ``pages``: the counts of its page cache).
 - ``{"op": "freeze", "timeout": S, "wait": S, "hold": BOOL}``: freeze the volume
   cluster-wide (``cluster.admin``); it thaws after ``timeout`` seconds at the
   latest.  With ``hold`` the freeze also ends when the connection closes (or a

@@ -59,6 +59,11 @@ class VolumeAdmin(MountAdmin):
     def frozen_by_other(self) -> bool:
         return bool(self.coh.frozen_here)
 
+    def status(self) -> dict:
+        # with the counts of the kernel's page cache (READs and WRITEs that reached
+        # this mount, drops of a file's pages and their passes: ``pages.py``)
+        return {**super().status(), "pages": dict(self.coh.pages.stats)}
+
     async def _freeze(self, wait: float) -> None:
         """The freeze lock in EX (module doc); EBUSY when another node froze the
         volume, ETIMEDOUT when the other members did not freeze within ``wait``

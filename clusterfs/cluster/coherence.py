@@ -17,9 +17,11 @@ them when the version it finds on the next grant is unchanged.
 The kernel caches an inode's attributes only while this node holds the inode's lock
 in PR or better (``kernel_cacheable``); before the lock goes below PR they are dropped
 (``forget_kernel_attrs``: attributes only, which takes no lock in the kernel that a
-FUSE request could hold).  Directory entries are not cached (entry timeout 0) and
-files are opened ``direct_io``: dropping an entry or cached pages from a lock
-callback can deadlock against a FUSE request that waits for the same lock.
+FUSE request could hold).  Directory entries are not cached (entry timeout 0):
+dropping an entry from a lock callback can deadlock against a FUSE request that
+waits for the same lock.  File data is cached by the kernel under the inode lock
+and dropped before it goes below PR, in an order that avoids that deadlock
+(``pages.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from ..errors import FSError, Fenced
 from ..ondisk.format import Dinode
 from .glock import GlockTable, Holds
 from .glops import lock_types
-from .locks import FREEZE, NeedLock, covering_lock, describe_lock, group_lock, inode_lock
+from .locks import (FREEZE, INODE, NeedLock, covering_lock, describe_lock, group_lock,
+                    inode_lock, lock_number)
+from .pages import KernelPages
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,10 @@ class Coherence:
         # and with it a new superblock, even when it writes nothing)
         self.after_freeze = None
         self.thaw_waits: set[trio.CancelScope] = set()   # wait_thawed's (unmount ends them)
+        # the kernel's page cache of files (pages.py), and the files open for writing
+        # here (OpenModes.write_handles): their inode locks are taken EX only
+        self.pages = KernelPages()
+        self.writable: dict[int, int] = {}
         vol.cluster = self
 
     def prefer_groups(self, sb) -> None:
@@ -110,9 +118,18 @@ class Coherence:
                                f"({describe_lock(name)})")
         if mode in WRITE_MODES and not self._may_write(holds):
             raise NeedLock(FREEZE, PR)
+        mode = self._promote(name, mode)
         if holds.covers(name, mode) or self.glocks.try_hold(holds, name, mode):
             return
         raise NeedLock(name, mode, hint)
+
+    def _promote(self, name: bytes, mode: Mode) -> Mode:
+        """The mode to take ``name`` in: EX for the inode lock of a file open for
+        writing here (with the kernel's pages: see ``pages.py``), else ``mode``."""
+        if self.writable and name[:1] == INODE and mode != EX and \
+                lock_number(name) in self.writable:
+            return EX
+        return mode
 
     def _may_write(self, holds: Holds) -> bool:
         """Whether the running body may change the volume: it holds the freeze lock
@@ -120,11 +137,20 @@ class Coherence:
         return self.gate is None and \
             (holds.covers(FREEZE, PR) or self.glocks.try_hold(holds, FREEZE, PR))
 
-    def may_write_now(self) -> bool:
+    def may_write_now(self, ino: int | None = None) -> bool:
         """Whether the running body may make a change it can also leave out (an
-        access time): not while the volume is frozen, as the kernel skips atime
-        updates on a frozen file system."""
-        return self.holds is not None and self._may_write(self.holds)
+        access time of inode ``ino``): not while the volume is frozen, as the kernel
+        skips atime updates on a frozen file system, and only with the inode's lock
+        at hand in EX.  A read never waits to convert its lock up for an access
+        time: it may hold the kernel's page locks, and the conversion could have to
+        drop the very pages it is reading (``pages.py``)."""
+        holds = self.holds
+        if holds is None or not self._may_write(holds):
+            return False
+        if ino is None:
+            return True
+        name = inode_lock(ino)
+        return holds.covers(name, EX) or self.glocks.try_hold(holds, name, EX)
 
     def require_inode(self, ino: int, write: bool) -> None:
         self._require(inode_lock(ino), EX if write else PR, ino if write else None)
@@ -263,6 +289,8 @@ class Coherence:
             self.check()
             attempts += 1
             self.stats["attempts"] += 1
+            if self.writable:
+                want = {name: self._promote(name, m) for name, m in want.items()}
             if FREEZE not in want and writes(want):
                 want[FREEZE] = PR
             if FREEZE in want and self.gate is not None:
@@ -305,10 +333,26 @@ class Coherence:
             if attempts >= MAX_ATTEMPTS:
                 raise FSError(errno.EDEADLK, "could not gather the locks an operation needs")
 
+    async def cache_lock(self, name: bytes, mode: Mode) -> None:
+        """Have this node hold ``name`` in ``mode`` (cached: no operation holds it
+        after the call), without the freeze lock: nothing is changed."""
+        while True:
+            self.check()
+            try:
+                holds = await self.until_fenced(self.glocks.acquire, {name: mode})
+            except Deadlock:
+                await trio.sleep(random.uniform(0.002, 0.05))
+                continue
+            except (LeaseLost, LockError) as e:
+                raise FSError(errno.EIO, f"lock manager: {e}") from None
+            self.glocks.release(holds)
+            return
+
     def fence(self, why: str) -> None:
         if not self.fenced:
             log.error("self-fencing (%s): all volume I/O stops; remount to rejoin", why)
         self.fenced = True
+        self.pages.drop_all_soon()
         for scope in list(self.waits):
             scope.cancel()
 

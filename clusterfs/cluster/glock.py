@@ -5,9 +5,11 @@ wanted it (so the next operation needs no round trip) until another node asks fo
 a conflicting mode.  Then the blocking callback demotes it:
 
 1. wait for the minimum hold time (or, once the lock has served an operation since
-   its grant, until it has been idle here for a couple of milliseconds) and for
-   local holders to finish (new local holders queue behind a due demote, so a busy
-   node cannot starve the others);
+   its grant, until it has been idle here for a couple of milliseconds); have the
+   kernel drop what it caches under the lock when the new mode requires it (its
+   type's ``drop_kernel``: a file's pages; local holders of a held mode are still let
+   in meanwhile, ``_drop_kernel``); then wait for local holders to finish (new local
+   holders queue behind a due demote, so a busy node cannot starve the others);
 2. its type's ``before_demote`` (``glops.py``): the file system commits and
    checkpoints the journal if the lock's blocks are dirty, and computes the value
    block;
@@ -64,7 +66,7 @@ class Glock:
 
     __slots__ = ("name", "ops", "mode", "holders", "busy", "demote", "demote_since",
                  "granted_at", "changed", "version", "dirty", "used", "idle_since",
-                 "draining")
+                 "draining", "passing")
 
     def __init__(self, name: bytes, ops: LockOps):
         self.name = name
@@ -81,6 +83,8 @@ class Glock:
         self.used = False                 # an operation held it since the grant
         self.idle_since = 0.0             # when its last local holder let go
         self.draining = False             # a demote is under way: new holders wait
+        self.passing = False              # the kernel drops what it caches under it:
+                                          # holders of a held mode are let in (below)
 
     def notify(self) -> None:
         self.changed.set()
@@ -142,8 +146,8 @@ class GlockTable:
         if holds.covers(name, mode):
             return True
         g = self.glocks.get(name)
-        if g is None or g.busy or g.mode is None or not covers(g.mode, mode) or \
-                self._demote_due(g):
+        if g is None or g.mode is None or not covers(g.mode, mode) or \
+                (not g.passing and (g.busy or self._demote_due(g))):
             return False
         if name not in holds.modes:
             g.holders += 1
@@ -178,7 +182,12 @@ class GlockTable:
             return
         g = self.get(name)
         while True:
-            if g.busy or self._demote_due(g):
+            covered = g.mode is not None and covers(g.mode, mode)
+            if (g.busy or self._demote_due(g) or g.passing) and \
+                    not (g.passing and covered):
+                # (while the kernel drops its pages a held mode is let in: the
+                # request may hold page locks the kernel waits for; a stronger
+                # mode waits until the demote is over)
                 await g.changed.wait()
                 continue
             if g.mode is not None and covers(g.mode, mode):
@@ -225,6 +234,10 @@ class GlockTable:
         # conversion deadlock.  Holding NL, it is in nobody's way.
         while g.holders > mine:
             await g.changed.wait()
+        if g.ops.kernel_caches(g, NL):
+            await self._drop_kernel(g)
+            while g.holders > mine:
+                await g.changed.wait()
         try:
             lvb = g.ops.before_demote(g, NL)
         except Exception as e:
@@ -285,6 +298,13 @@ class GlockTable:
                 wait = min(wait, idle_left)
             with trio.move_on_after(wait):
                 await g.changed.wait()
+        # What the kernel caches under the lock goes first, while local requests
+        # are still let in under it (``_drop_kernel``); then new ones wait.
+        while g.demote is not None and g.mode is not None and \
+                g.ops.kernel_caches(g, self._target(g)):
+            await self._drop_kernel(g)
+            while g.busy:
+                await g.changed.wait()
         g.draining = True
         try:
             g.notify()     # local waiters re-check: the demote is now due
@@ -292,7 +312,7 @@ class GlockTable:
                 await g.changed.wait()
             if g.demote is None or g.mode is None:
                 return
-            target = downgrade_for(g.mode, g.demote)
+            target = self._target(g)
             if target == g.mode:
                 g.demote = None
                 return
@@ -318,6 +338,24 @@ class GlockTable:
             g.draining = False
             g.notify()
 
+    def _target(self, g: Glock) -> Mode:
+        """The mode a demote of ``g`` goes down to (its type may ask for less)."""
+        return g.ops.demote_target(g, downgrade_for(g.mode, g.demote))
+
+    async def _drop_kernel(self, g: Glock) -> None:
+        """Have the kernel drop what it caches under ``g`` (its type's
+        ``drop_kernel``).  Meanwhile local operations that want a mode ``g`` holds
+        are let in even though a demote is due: the kernel's invalidation waits for
+        the pages of requests in flight, and such a request may be waiting for
+        ``g``.  The type's step repeats until a pass ran with no request served."""
+        g.passing = True
+        g.notify()
+        try:
+            await g.ops.drop_kernel(g)
+        finally:
+            g.passing = False
+            g.notify()
+
     async def unlock(self, name: bytes) -> None:
         """Give a glock up entirely (its cached objects are dropped)."""
         g = self.glocks.get(name)
@@ -325,6 +363,10 @@ class GlockTable:
             return
         while g.holders or g.busy:
             await g.changed.wait()
+        if g.mode is not None and g.ops.kernel_caches(g, NL):
+            await self._drop_kernel(g)
+            while g.holders or g.busy:
+                await g.changed.wait()
         if g.mode is not None:
             g.busy = True
             try:

@@ -11,6 +11,12 @@ never switches on a lock name:
   are dirty), drop what the kernel may no longer cache, and return the value block to
   write (PW/EX only).
 - ``dropped(g)``: the lock is given up entirely: forget what it covered.
+- ``kernel_caches(g, target)`` / ``drop_kernel(g)``: whether the kernel caches
+  something under the lock that must go before it goes down to ``target``, and
+  having it dropped (awaited while the glock still lets local holders in: for an
+  inode, the kernel's pages of the file, ``pages.py``); ``demote_target(g, target)``
+  may ask for a lower mode than the other node needs (a file open for writing here
+  goes to NL).
 
 The freeze lock ``F`` covers the volume as a whole (``FreezeOps``): going below PR
 writes everything home and stops this node's changes; its next grant re-reads the
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import random
 
-from lockmgr import EX, PR, PW, Mode, covers
+from lockmgr import EX, NL, PR, PW, Mode, covers
 
 from ..ondisk.format import Dinode, RgrpHeader
 from ..ondisk.lvb import GROUP_LVB, INODE_LVB, VERSION_MASK, lvb_version
@@ -41,6 +47,19 @@ class LockOps:
 
     def dropped(self, g) -> None:
         """The lock was given up entirely."""
+
+    def demote_target(self, g, target: Mode) -> Mode:
+        """The mode a demote to ``target`` (what the other node can live with)
+        goes to: ``target`` or lower."""
+        return target
+
+    def kernel_caches(self, g, target: Mode) -> bool:
+        """Whether the kernel may cache something under the lock that must go
+        before it goes down to ``target`` (then ``drop_kernel`` is awaited first)."""
+        return False
+
+    async def drop_kernel(self, g) -> None:
+        """Have the kernel drop what it caches under the lock."""
 
 
 class _CachingOps(LockOps):
@@ -97,6 +116,20 @@ class InodeOps(_CachingOps):
 
     def dropped(self, g):
         self.vol.drop_inode(lock_number(g.name))
+
+    def demote_target(self, g, target):
+        # a file open for writing here is held EX or not at all (``Coherence.run``)
+        if target == PR and lock_number(g.name) in self.coh.writable:
+            return NL
+        return target
+
+    def kernel_caches(self, g, target):
+        # the kernel's pages of a file are current while this node can read it
+        return not covers(target, PR) and g.mode not in (None, NL) and \
+            lock_number(g.name) in self.coh.pages.cached
+
+    async def drop_kernel(self, g):
+        await self.coh.pages.drop(lock_number(g.name))
 
 
 class GroupOps(_CachingOps):

@@ -55,6 +55,7 @@ class OpenModes:
         self.nursery = nursery
         self.open_cache = open_cache
         self.write_handles: dict[int, int] = {}     # inode -> handles open for writing
+        coh.writable = self.write_handles          # (their inode locks: EX only)
         self.serial = KeyedLocks()     # one change of an O or W lock at a time
         # inodes not open here whose open lock this node keeps in EX (oldest first)
         self.idle_open: OrderedDict[int, None] = OrderedDict()
@@ -226,6 +227,16 @@ class OpenModes:
                         raise FSError(errno.EBUSY,
                                       "file is open for writing on another node")
                     await trio.sleep(0.05)
+                # from the first handle open for writing on, the inode lock is
+                # taken in EX only (``Coherence._promote``): EX first, while reads
+                # of the file here (PR) are still let in as its pages go
+                # (``pages.py``), then the count (no checkpoint in between)
+                try:
+                    await self.coh.cache_lock(inode_lock(ino), EX)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await self._unlock_if_held(write_lock(ino))
+                    raise
             self.write_handles[ino] = self.write_handles.get(ino, 0) + 1
 
     async def drop_write_mode(self, ino: int) -> None:

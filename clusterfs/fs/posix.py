@@ -558,7 +558,7 @@ class Filesystem:
     def _relatime(self, di: Dinode) -> None:
         now = time.time_ns()
         if (di.atime <= di.mtime or di.atime <= di.ctime or
-                now - di.atime > RELATIME_S * 1_000_000_000) and self.vol.may_write_now():
+                now - di.atime > RELATIME_S * 1_000_000_000) and self.vol.may_write_now(di.bno):
             def change():
                 self.vol.touch(di)
                 di.atime = now

@@ -146,12 +146,13 @@ class Volume:
             self.corrupt_logged.add(bno)
             log.error("corrupt metadata block %d: %s", bno, reason)
 
-    def may_write_now(self) -> bool:
+    def may_write_now(self, ino: int | None = None) -> bool:
         """Whether an operation body may make a change it can also leave out (an
-        access time) now: not while the volume is frozen."""
+        access time, of inode ``ino``) now: not while the volume is frozen, nor in a
+        cluster when it would wait for a lock."""
         if self.cluster is None:
             return not self.frozen
-        return self.cluster.may_write_now()
+        return self.cluster.may_write_now(ino)
 
     def dinode(self, ino: int) -> Dinode:
         """The dinode of inode ``ino``; ESTALE if the block is not an inode now."""

@@ -192,7 +192,8 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
             coh = front.coh
             ops = Operations(member.fs, front, attr_timeout=CLUSTER_ATTR_TIMEOUT,
                              entry_timeout=0, cacheable=coh.kernel_cacheable,
-                             direct_io=True, locks=FileLocks(coh))
+                             locks=FileLocks(coh))
+            ops.after_init.append(lambda: set_readahead(member.mountpoint, READAHEAD_KB))
             try:
                 pyfuse3.init(ops, mountpoint, _fuse_options(volume, opts))
             except RuntimeError as e:
@@ -200,6 +201,7 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
                 raise MountFailed(f"cannot mount on {mountpoint}: {e}") from None
             mounted = True
             coh.forget_kernel_attrs = ops.forget_attrs
+            coh.pages.invalidate = ops.drop_pages
             log.info("%s mounted on %s (slot %d, node %s, cluster)", volume, mountpoint,
                      member.slot, member.node)
             _notify_ready(ready_fd)
@@ -208,6 +210,8 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
                 await serve(member)
             finally:
                 guard.leave()
+                # the kernel let the mount go: nothing of it is cached any more
+                coh.pages.invalidate = None
                 with trio.CancelScope(shield=True):
                     await member.stop()
                 nursery.cancel_scope.cancel()

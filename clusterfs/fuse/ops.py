@@ -115,7 +115,7 @@ class Operations(pyfuse3.Operations):
         cacheable: ``fn(ino) -> bool``: whether the kernel may cache the attributes of
             this inode now (a cluster: while this node holds the inode's lock); a reply
             for which it is false carries an attribute timeout of 0.
-        direct_io: bypass the kernel's page cache (a cluster does).
+        direct_io: bypass the kernel's page cache.
         locks: the cluster's fcntl/OFD/flock locks (``cluster.filelocks.FileLocks``);
             None on a single node: the kernel is not asked to send lock requests
             (``enable_locks``) and keeps the locks itself, which is exact on one
@@ -199,6 +199,14 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
+    def drop_pages(self, ino: int) -> None:
+        """Drop the kernel's cached pages and attributes of ``ino`` (blocking: the
+        kernel waits for the page locks of READs and WRITEs in flight, and writes
+        back pages dirtied through a mapping; so call it on a worker thread while
+        requests are served: ``clusterfs.cluster.pages``).  Raises OSError (ENOENT:
+        the kernel does not know the inode)."""
+        pyfuse3.invalidate_inode(self._out(ino), attr_only=False)
+
     def forget_attrs(self, ino: int) -> None:
         """Drop the kernel's cached attributes of ``ino`` (not its page cache: taking
         page locks here could wait for a request that waits for us).  Only spinlocks
@@ -276,8 +284,8 @@ class Operations(pyfuse3.Operations):
         return await self.front.read(fh, off, size)
 
     async def write(self, fh, off, buf, ctx=None):
-        # the writer: with direct I/O (a cluster) the kernel leaves clearing the
-        # set-user-ID bits of a written file to the file system
+        # the writer: with direct I/O the kernel leaves clearing the set-user-ID
+        # bits of a written file to the file system
         return await self.front.write(fh, off, buf, _ctx(ctx) if ctx is not None else None)
 
     async def flush(self, fh, lock_owner=None):

@@ -1,0 +1,141 @@
+"""The kernel's page cache of a cluster member's files, and dropping it on a demote.
+
+A member lets the kernel cache file data (reads, write-through writes, shared
+mappings) while it holds the file's inode lock in PR or better.  Before the lock
+goes below PR, the kernel drops the file's pages (``drop``): clean pages go, pages
+dirtied through a mapping are written back first (the kernel sends WRITE requests
+for them), and mapped pages are unmapped, so that the next access faults and reads
+again under the lock.
+
+The ordering that keeps this from deadlocking: the kernel holds a page's lock from
+before it sends a READ or WRITE for it until the reply, and its invalidation takes
+every page's lock in turn.  So the invalidation runs on a worker thread while this
+process keeps serving, and while it runs the glock lets in every local operation
+that wants a mode the node holds (``GlockTable._drop_kernel``), even though a demote
+is due; only after a pass during which no READ or WRITE of the file was served are
+new ones kept waiting (the glock drains, converts, and they wait for the next
+grant, holding page locks that no invalidation waits for).  A file open for writing
+here is held EX or not at all (``Coherence.run`` asks EX for it; its demote goes to
+NL), so a WRITE never waits for a conversion up while its pages are locked.
+
+A file read or written without pause by a local program may never give a quiet
+pass: from the second pass on, its new READs and WRITEs are held back at the door
+(``enter``) until the pass ends, at most ``HOLD_S`` (the kernel may be waiting for
+the pages of one of them, which is then served).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+
+import trio
+
+log = logging.getLogger(__name__)
+
+HOLD_S = 0.02          # longest a READ/WRITE is held back while its file's pages go
+MAX_PASSES = 1000      # a drop that never finds a quiet pass gives up (logged)
+
+
+class KernelPages:
+    """Which files the kernel may cache pages of on this node, the READs and WRITEs
+    in flight for each, and dropping their pages.
+
+    ``invalidate(ino)`` (set once mounted; blocking: run on a worker thread) drops
+    the kernel's pages and attributes of ``ino``."""
+
+    def __init__(self):
+        self.invalidate = None
+        self.cached: set[int] = set()          # files the kernel may hold pages of
+        self.active: dict[int, int] = {}       # READs/WRITEs being served, per file
+        self.last: dict[int, int] = {}         # serial of each file's latest one
+        self.serial = 0
+        self.held: dict[int, trio.Event] = {}  # files whose new READs/WRITEs wait
+        self.limiter = trio.CapacityLimiter(8)
+        self.stats = {"reads": 0, "writes": 0, "drops": 0, "passes": 0, "held": 0,
+                      "gave_up": 0}
+
+    async def enter(self, ino: int, write: bool = False) -> None:
+        """A READ (or WRITE) of ``ino`` begins (its pages are locked in the kernel)."""
+        self.stats["writes" if write else "reads"] += 1
+        ev = self.held.get(ino)
+        if ev is not None:
+            self.stats["held"] += 1
+            with trio.move_on_after(HOLD_S):
+                await ev.wait()
+        self.serial += 1
+        self.last[ino] = self.serial
+        self.active[ino] = self.active.get(ino, 0) + 1
+        self.cached.add(ino)
+
+    def leave(self, ino: int) -> None:
+        """The READ or WRITE of ``ino`` is answered (called before the reply is
+        written, with no checkpoint in between: the reply is on its way)."""
+        n = self.active.get(ino, 1) - 1
+        if n:
+            self.active[ino] = n
+        else:
+            self.active.pop(ino, None)
+
+    async def drop(self, ino: int) -> None:
+        """Have the kernel drop the pages of ``ino``: passes on a worker thread until
+        one ran with no READ or WRITE of the file served during it."""
+        if ino not in self.cached:
+            return
+        if self.invalidate is None:         # not mounted (any more): nothing cached
+            self.cached.discard(ino)
+            return
+        self.stats["drops"] += 1
+        passes = 0
+        try:
+            while True:
+                serial = self.serial
+                busy = self.active.get(ino, 0)
+                if passes and ino not in self.held:
+                    self.held[ino] = trio.Event()
+                await trio.to_thread.run_sync(self._pass, ino, limiter=self.limiter)
+                passes += 1
+                self.stats["passes"] += 1
+                if not busy and self.last.get(ino, 0) <= serial:
+                    break
+                if passes >= MAX_PASSES:
+                    self.stats["gave_up"] += 1
+                    log.warning("the kernel's pages of inode %d were dropped %d times "
+                                "with requests in flight each time: given up",
+                                ino, passes)
+                    break
+        finally:
+            ev = self.held.pop(ino, None)
+            if ev is not None:
+                ev.set()
+        self.cached.discard(ino)
+        if not self.active.get(ino):
+            self.last.pop(ino, None)
+
+    def _pass(self, ino: int) -> None:
+        fn = self.invalidate
+        if fn is None:
+            return
+        try:
+            fn(ino)
+        except OSError as e:
+            if e.errno != errno.ENOENT:     # ENOENT: the kernel does not know it
+                log.warning("pages of inode %d not dropped: %s", ino, e)
+
+    def drop_all_soon(self) -> None:
+        """Drop the pages of every file, on a thread of its own, without waiting (the
+        node fenced itself: its reads fail from now on, and nothing it cached may be
+        read from the kernel any more)."""
+        fn, inos = self.invalidate, list(self.cached)
+        self.cached.clear()
+        if fn is None or not inos:
+            return
+
+        def run():
+            for ino in inos:
+                try:
+                    fn(ino)
+                except OSError as e:
+                    log.debug("pages of inode %d not dropped: %s", ino, e)
+        threading.Thread(target=run, name="drop-pages", daemon=True).start()
