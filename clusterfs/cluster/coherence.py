@@ -118,10 +118,10 @@ class Coherence:
                                f"({describe_lock(name)})")
         if mode in WRITE_MODES and not self._may_write(holds):
             raise NeedLock(FREEZE, PR)
-        mode = self._promote(name, mode)
-        if holds.covers(name, mode) or self.glocks.try_hold(holds, name, mode):
+        take = self._promote(name, mode)
+        if holds.covers(name, take) or self.glocks.try_hold(holds, name, take):
             return
-        raise NeedLock(name, mode, hint)
+        raise NeedLock(name, mode, hint)     # (``run`` promotes it again)
 
     def _promote(self, name: bytes, mode: Mode) -> Mode:
         """The mode to take ``name`` in: EX for the inode lock of a file open for
@@ -289,16 +289,18 @@ class Coherence:
             self.check()
             attempts += 1
             self.stats["attempts"] += 1
-            if self.writable:
-                want = {name: self._promote(name, m) for name, m in want.items()}
             if FREEZE not in want and writes(want):
                 want[FREEZE] = PR
             if FREEZE in want and self.gate is not None:
                 await self.until_fenced(self.gate.wait)
                 continue
+            # (after the freeze lock: a read of a file open for writing here takes
+            # its inode lock in EX but changes nothing, and goes on while frozen)
+            take = {name: self._promote(name, m) for name, m in want.items()} \
+                if self.writable else want
             try:
-                holds = self.glocks.take_cached(want) or \
-                    await self.until_fenced(self.glocks.acquire, want)
+                holds = self.glocks.take_cached(take) or \
+                    await self.until_fenced(self.glocks.acquire, take)
             except Deadlock:
                 await trio.sleep(random.uniform(0.002, 0.05))
                 continue

@@ -192,7 +192,7 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
             coh = front.coh
             ops = Operations(member.fs, front, attr_timeout=CLUSTER_ATTR_TIMEOUT,
                              entry_timeout=0, cacheable=coh.kernel_cacheable,
-                             locks=FileLocks(coh))
+                             direct_writeonly=True, locks=FileLocks(coh))
             ops.after_init.append(lambda: set_readahead(member.mountpoint, READAHEAD_KB))
             try:
                 pyfuse3.init(ops, mountpoint, _fuse_options(volume, opts))

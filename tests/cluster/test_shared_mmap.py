@@ -19,12 +19,14 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
 from clusterfs import control
 from tests.cluster.cluster_util import make_topdir, running_cluster, wait_for
 from tests.cluster.test_failure import fails_with_eio
+from tests.cluster.test_freeze import cli
 
 PAGE = mmap.PAGESIZE
 
@@ -134,6 +136,53 @@ def test_page_cache_serves_rereads(on, nodes):
         f.write(b"changed")
     got = read(on("b", "f"))
     assert got[12345:12352] == b"changed" and got[:12345] == data[:12345]
+
+
+def test_write_only_open_reaches_cached_readers_on_the_same_node(on, nodes):
+    """A write-only open is served with direct I/O (one request per write, no
+    page-cache copy); the pages another descriptor on the same node cached of the
+    written range go, so its next read has the new bytes."""
+    data = os.urandom(256 * 1024)
+    with open(on("a", "f"), "wb") as f:
+        f.write(data)
+    fr = os.open(on("a", "f"), os.O_RDONLY)
+    fw = os.open(on("a", "f"), os.O_WRONLY)
+    try:
+        assert os.pread(fr, len(data), 0) == data
+        before = _reads(nodes, "a")
+        assert os.pread(fr, len(data), 0) == data      # cached
+        assert _reads(nodes, "a") == before
+        for off in (0, 5000, 100_000):
+            os.pwrite(fw, b"W-%06d" % off, off)
+            assert os.pread(fr, 8, off) == b"W-%06d" % off
+    finally:
+        os.close(fw)
+        os.close(fr)
+
+
+def test_read_of_a_file_open_for_writing_goes_on_while_frozen(on, nodes):
+    """A file open for writing here has its inode lock taken EX even to read (the
+    page cache's rule), yet a read changes nothing: it goes on while the volume
+    is frozen, as every read does."""
+    path = on("a", "f")
+    with open(path, "wb") as f:
+        f.write(b"x" * 100_000)
+    fw = os.open(path, os.O_RDWR)
+    try:
+        cli("freeze", nodes.nodes["a"].path, "--timeout", "60")
+        try:
+            # (the kernel's clean pages go, so that the read reaches the mount)
+            os.posix_fadvise(fw, 0, 0, os.POSIX_FADV_DONTNEED)
+            got = []
+            t = threading.Thread(target=lambda: got.append(os.pread(fw, 10, 50_000)),
+                                 daemon=True)
+            t.start()
+            t.join(15)
+            assert got == [b"x" * 10], "the read waited for the thaw"
+        finally:
+            cli("thaw", nodes.nodes["a"].path)
+    finally:
+        os.close(fw)
 
 
 def _reads(nodes, name: str) -> int:
