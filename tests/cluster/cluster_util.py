@@ -272,6 +272,22 @@ def running_cluster(top: str, *, size: str = "256M", fast: bool = True,
     c.check(crashed=crashes)
 
 
+@contextlib.contextmanager
+def mounted_cluster(*names: str, **kw):
+    """``running_cluster`` (``kw``) in a new top directory, with the nodes ``names``
+    mounted: a module's shared cluster."""
+    with make_topdir() as top, running_cluster(top, **kw) as c:
+        for name in names:
+            c.mount(name)
+        yield c
+
+
+def dir_for_test(request) -> str:
+    """A file name for the running test (its parameters in it): each test of a
+    module's shared cluster works under its own name."""
+    return request.node.name.replace("[", "_").replace("]", "_")
+
+
 def wait_for(cond, timeout: float = 60.0, what: str = "condition", interval=0.05):
     """Poll ``cond()`` until it is true; AssertionError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -13,24 +13,22 @@ import time
 
 import pytest
 
-from tests.cluster.cluster_util import make_topdir, running_cluster, wait_for
+from tests.cluster.cluster_util import (dir_for_test, mounted_cluster, running_cluster,
+                                        wait_for)
 
 MULTI = "user.clusterfs.multiwriter"
 
 
 @pytest.fixture(scope="module")
 def nodes():
-    with make_topdir() as top, running_cluster(top, fast=False) as c:
-        c.mount("a")
-        c.mount("b")
-        c.mount("c")
+    with mounted_cluster("a", "b", "c", fast=False) as c:
         yield c
 
 
 @pytest.fixture
 def f(nodes, request):
     """A fresh file (made on a); ``f.on(node)`` is its path on that node."""
-    name = request.node.name.replace("[", "_").replace("]", "_")
+    name = dir_for_test(request)
     with open(nodes.nodes["a"].p(name), "wb") as fh:
         fh.write(b"0123456789")
 

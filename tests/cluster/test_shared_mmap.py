@@ -24,7 +24,8 @@ import threading
 import pytest
 
 from clusterfs import control
-from tests.cluster.cluster_util import make_topdir, running_cluster, wait_for
+from tests.cluster.cluster_util import (dir_for_test, mounted_cluster, running_cluster,
+                                        wait_for)
 from tests.cluster.test_failure import fails_with_eio
 from tests.cluster.test_freeze import cli
 
@@ -33,16 +34,14 @@ PAGE = mmap.PAGESIZE
 
 @pytest.fixture(scope="module")
 def nodes():
-    with make_topdir() as top, running_cluster(top, size="256M", fast=False) as c:
-        c.mount("a")
-        c.mount("b")
+    with mounted_cluster("a", "b", fast=False) as c:
         yield c
 
 
 @pytest.fixture
 def on(nodes, request):
     """``on(node, name)``: the path of ``name`` in this test's directory on a node."""
-    d = request.node.name.replace("[", "_").replace("]", "_")
+    d = dir_for_test(request)
     os.mkdir(nodes.nodes["a"].p(d))
 
     def path(node: str, name: str = "") -> str:

@@ -15,22 +15,19 @@ import threading
 
 import pytest
 
-from tests.cluster.cluster_util import make_topdir, running_cluster, wait_for
+from tests.cluster.cluster_util import dir_for_test, mounted_cluster, wait_for
 
 
 @pytest.fixture(scope="module")
 def nodes():
-    with make_topdir() as top, running_cluster(top, size="512M", fast=False) as c:
-        c.mount("a")
-        c.mount("b")
-        c.mount("c")
+    with mounted_cluster("a", "b", "c", size="512M", fast=False) as c:
         yield c
 
 
 @pytest.fixture
 def d(nodes, request):
     """A fresh directory (its name) made on node a; (a, b, c) paths via ``d.on``."""
-    name = request.node.name.replace("[", "_").replace("]", "_")
+    name = dir_for_test(request)
     os.mkdir(nodes.nodes["a"].p(name))
     os.chmod(nodes.nodes["a"].p(name), 0o777)
 
