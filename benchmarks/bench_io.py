@@ -405,66 +405,47 @@ def target_ext4(work: str, args):
 
 
 @contextlib.contextmanager
-def target_clusterfs(work: str, args):
+def target_clusterfs(work: str, args, *, cluster: bool = False):
+    """A single-node mount of a fresh volume, or (``cluster``) a one-node cluster
+    mount with its own lock manager on loopback: the page cache under the inode
+    locks, against the single-node mount's (``--cfs-opts`` and the profile apply to
+    the single-node mount)."""
     vol = os.path.join(work, "vol.img")
     mnt = os.path.join(work, "cfs-mnt")
-    log = os.path.join(work, "clusterfs.log")
+    log = os.path.join(work, "cluster.log" if cluster else "clusterfs.log")
+    what = "clusterfs cluster mount" if cluster else "clusterfs mount"
     os.mkdir(mnt)
     proc = None
+    profile = args.profile and not cluster
     try:
         run([PY, "-m", "clusterfs.cli", "mkfs", vol, "--size", str(args.volume_size), "-q"],
             cwd=REPO)
         cmd = [PY, "-m", "clusterfs.cli", "mount", "--foreground", vol, mnt]
-        if args.cfs_opts:
+        if cluster:
+            key = os.path.join(work, "cluster.key")
+            run([PY, "-m", "clusterfs.cli", "keygen", key], cwd=REPO)
+            cmd += ["--key", key, "--node", "bench", "--listen", "127.0.0.1:0"]
+        elif args.cfs_opts:
             cmd += ["-o", args.cfs_opts]
-        env = dict(os.environ)
-        if args.profile:
+        if profile:
             cmd = ["py-spy", "record", "-r", "250", "-o", args.profile, "-f",
                    "speedscope" if args.profile.endswith(".json") else "flamegraph",
                    "--", *cmd]
         with open(log, "ab") as logf:
-            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
-                                    env=env)
-        wait_mounted(mnt, proc, "clusterfs mount", log)
-        yield mnt, None if args.profile else proc.pid
-    finally:
-        fuse_unmount(mnt, proc)
-        if proc is not None and proc.returncode:
-            note(f"clusterfs mount exited with {proc.returncode}:\n{read(log)}")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(vol)
-
-
-@contextlib.contextmanager
-def target_cluster(work: str, args):
-    """A one-node cluster mount (its own lock manager on loopback): the page cache
-    under the inode locks, against the single-node mount's."""
-    vol = os.path.join(work, "vol.img")
-    key = os.path.join(work, "cluster.key")
-    mnt = os.path.join(work, "cfs-mnt")
-    log = os.path.join(work, "cluster.log")
-    os.mkdir(mnt)
-    proc = None
-    try:
-        run([PY, "-m", "clusterfs.cli", "mkfs", vol, "--size", str(args.volume_size), "-q"],
-            cwd=REPO)
-        run([PY, "-m", "clusterfs.cli", "keygen", key], cwd=REPO)
-        cmd = [PY, "-m", "clusterfs.cli", "mount", "--foreground", vol, mnt, "--key", key,
-               "--node", "bench", "--listen", "127.0.0.1:0"]
-        with open(log, "ab") as logf:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO)
-        wait_mounted(mnt, proc, "clusterfs cluster mount", log)
-        yield mnt, proc.pid
+        wait_mounted(mnt, proc, what, log)
+        yield mnt, None if profile else proc.pid
     finally:
         fuse_unmount(mnt, proc)
         if proc is not None and proc.returncode:
-            note(f"clusterfs cluster mount exited with {proc.returncode}:\n{read(log)}")
+            note(f"{what} exited with {proc.returncode}:\n{read(log)}")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(vol)
 
 
 SETUP = {"raw": target_raw, "passthru": target_passthru, "ext4": target_ext4,
-         "clusterfs": target_clusterfs, "cluster": target_cluster}
+         "clusterfs": target_clusterfs,
+         "cluster": functools.partial(target_clusterfs, cluster=True)}
 
 
 # ---- report -------------------------------------------------------------------------------

@@ -155,25 +155,17 @@ class ClusterFrontend:
             return await self.run(self.fs.read, fh, off, size)
         # (READs and WRITEs are counted: the kernel's pages of the file go only
         # after a pass with none of them in flight, ``pages.py``)
-        pages = self.coh.pages
-        await pages.enter(h.ino)
-        try:
+        async with self.coh.pages.request(h.ino):
             return await self.run(self.fs.read, fh, off, size,
                                   want={inode_lock(h.ino): PR})
-        finally:
-            pages.leave(h.ino)
 
     async def write(self, fh, off, data, ctx=None):
         h = self.fs.handles.get(fh)
         if h is None:
             return await self.run(self.fs.write, fh, off, data, ctx)
-        pages = self.coh.pages
-        await pages.enter(h.ino, write=True)
-        try:
+        async with self.coh.pages.request(h.ino, write=True):
             return await self.run(self.fs.write, fh, off, data, ctx,
                                   want={inode_lock(h.ino): EX, **self._home()})
-        finally:
-            pages.leave(h.ino)
 
     async def fallocate(self, fh, mode, off, length):
         """``Filesystem.fallocate`` step by step, each step an operation under the

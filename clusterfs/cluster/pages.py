@@ -26,6 +26,7 @@ the pages of one of them, which is then served).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import threading
@@ -55,6 +56,17 @@ class KernelPages:
         self.limiter = trio.CapacityLimiter(8)
         self.stats = {"reads": 0, "writes": 0, "drops": 0, "passes": 0, "held": 0,
                       "gave_up": 0}
+
+    @contextlib.asynccontextmanager
+    async def request(self, ino: int, write: bool = False):
+        """Around the serving of a READ (or WRITE) of ``ino``: ``enter`` before,
+        ``leave`` after (no checkpoint between ``leave`` and the reply: the caller
+        returns the answer straight to pyfuse3, which writes it)."""
+        await self.enter(ino, write)
+        try:
+            yield
+        finally:
+            self.leave(ino)
 
     async def enter(self, ino: int, write: bool = False) -> None:
         """A READ (or WRITE) of ``ino`` begins (its pages are locked in the kernel)."""
