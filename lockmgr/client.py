@@ -471,6 +471,11 @@ class LockClient:
     def connected(self) -> bool:
         return self._connected
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called (the node is leaving the cluster)."""
+        return self._closed
+
     def statistics(self) -> dict:
         """Counters for diagnostics: locks held, requests waiting, and the session."""
         return {"connected": self._connected, "session": self.session_id,

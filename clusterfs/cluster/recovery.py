@@ -21,7 +21,7 @@ import logging
 
 import trio
 
-from lockmgr import EX, PR, Deadlock
+from lockmgr import EX, PR, Deadlock, LockError
 
 from ..errors import CorruptBlock
 from ..fs.orphans import unlinked_inodes
@@ -91,8 +91,13 @@ class Recovery:
         self.recovering.add(slot)
         try:
             await self.recover(slot, node)
-        except Exception:
-            log.exception("recovery of slot %d (%s) failed", slot, node)
+        except Exception as e:
+            if isinstance(e, LockError) and m.client.closed:
+                # this node is leaving: another member (or the next mount) recovers it
+                log.info("recovery of slot %d (%s) left to another member: %s",
+                         slot, node, e)
+            else:
+                log.exception("recovery of slot %d (%s) failed", slot, node)
         finally:
             self.recovering.discard(slot)
 

@@ -135,10 +135,17 @@ class _SignalGuard:
             signal.signal(signum, signal.SIG_DFL)       # as before: the signal kills
             os.kill(os.getpid(), signum)
         elif self.phase == "serving":
-            self.token.run_sync_soon(self._unmount, signum)
+            try:
+                self.token.run_sync_soon(self._unmount, signum)
+            except trio.RunFinishedError:   # the serve loop ended: leaving already
+                self._ignored(signum)
         else:
-            log.info("signal %d while leaving the volume: ignored (the journal is "
-                     "being checkpointed and the slot freed)", signum)
+            self._ignored(signum)
+
+    @staticmethod
+    def _ignored(signum: int) -> None:
+        log.info("signal %d while leaving the volume: ignored (the journal is "
+                 "being checkpointed and the slot freed)", signum)
 
     def _unmount(self, signum: int) -> None:
         if self.phase != "serving" or self.node.terminated or not self._mounted():
@@ -224,7 +231,7 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
         if mounted:
             pyfuse3.close(unmount=member.terminated or not clean)
             log.info("%s unmounted", volume)
-        guard.restore()
+        guard.restore()     # last: a signal from here on kills, and nothing is left
     return 0
 
 
@@ -261,15 +268,18 @@ def run_mount(volume: str, mountpoint: str, *, opts: dict, node: str | None,
 
     async def main():
         guard.serving()
-        await serve(single)
+        try:
+            await serve(single)
+        finally:
+            guard.leave()
 
     try:
         trio.run(main)
         clean = True
     finally:
-        guard.leave()
+        guard.leave()       # (again, when trio.run failed before main ran)
         pyfuse3.close(unmount=single.terminated or not clean)
         single.stop()
-        guard.restore()
         log.info("%s unmounted cleanly", volume)
+        guard.restore()     # last: a signal from here on kills, and nothing is left
     return 0
