@@ -44,7 +44,7 @@ import time
 import pytest
 import trio
 
-from clusterfs.cluster.glock import MIN_HOLD, GlockTable
+from clusterfs.cluster.glock import MIN_HOLD, WRITER_HOLD, GlockTable
 from lockmgr import EX, PR, Deadlock
 from tests.cluster.cluster_util import make_topdir, running_cluster
 from tests.lockmgr.lockmgr_testutil import autojump, mem_cluster
@@ -250,16 +250,17 @@ async def test_two_nodes_converting_up_from_pr_make_no_cycle():
 async def test_writer_and_reader_hand_the_lock_over_fairly():
     """Node a writes (EX, operation after operation); node b reads, each read taking
     the lock in PR and then again in EX (its access time is older than the file's
-    change), as the FUSE test's reader does.  No request fails as a deadlock, both
+    change), as the FUSE test's reader did.  No request fails as a deadlock, both
     make progress, and neither waits longer than one batch of the other's: the
-    minimum hold time plus the operation under way."""
+    hold time plus the operation under way, where a read waits one minimum hold and
+    a write ``WRITER_HOLD`` of them."""
     op_a, op_b = 0.0005, 0.0002
     async with mem_cluster("a", "b") as c:
         ta, tb = GlockTable(c.nodes[0], {}), GlockTable(c.nodes[1], {})
         name = inode_name(7)
         ta.release(await ta.acquire({name: EX}))
         end = trio.current_time() + 3.0
-        waits: dict[str, list[float]] = {"a": [], "b": []}
+        waits: dict[str, list[float]] = {"a": [], "b": [], "b-ex": []}
         deadlocks = []
 
         async def op(node, t, mode, hold):
@@ -270,7 +271,8 @@ async def test_writer_and_reader_hand_the_lock_over_fairly():
                 deadlocks.append(node)
                 await trio.sleep(0.01)
                 return
-            waits[node].append(trio.current_time() - t0)
+            waits[node + ("-ex" if node == "b" and mode == EX else "")].append(
+                trio.current_time() - t0)
             await trio.sleep(hold)
             t.release(holds)
 
@@ -287,9 +289,11 @@ async def test_writer_and_reader_hand_the_lock_over_fairly():
             n.start_soon(writer)
             n.start_soon(reader)
     assert deadlocks == []
-    assert len(waits["a"]) > 100 and len(waits["b"]) > 100
+    assert len(waits["a"]) > 100 and len(waits["b"]) > 100 and len(waits["b-ex"]) > 100
     assert max(waits["b"]) <= MIN_HOLD + op_a + 0.001, max(waits["b"])
-    assert max(waits["a"]) <= MIN_HOLD + op_b + 0.001, max(waits["a"])
+    writer = WRITER_HOLD * MIN_HOLD
+    assert max(waits["b-ex"]) <= writer + op_a + 0.001, max(waits["b-ex"])
+    assert max(waits["a"]) <= writer + op_b + 0.001, max(waits["a"])
 
 
 async def first_grant_round(ta: GlockTable, tb: GlockTable, name: bytes) -> float:
@@ -330,3 +334,38 @@ async def test_callback_that_comes_with_the_first_grant_is_kept():
         # a new lock each round: b has never held it
         worst = [await first_grant_round(ta, tb, inode_name(100 + i)) for i in range(40)]
     assert max(worst) < 0.5, [round(w, 3) for w in worst]
+
+
+@pytest.mark.parametrize("mode", ["PR", "EX"])
+@autojump
+async def test_a_node_asking_to_write_waits_a_longer_hold(mode):
+    """Node a writes without pause under a fresh grant; node b asks for the lock
+    just after.  Asking to read, b waits one minimum hold (what a reader of a file
+    another node writes sees); asking to write, ``WRITER_HOLD`` of them (writers'
+    hand-offs are dirty both ways: longer batches pay for them)."""
+    op = 0.0005
+    want = {"PR": PR, "EX": EX}[mode]
+    hold = MIN_HOLD if want == PR else WRITER_HOLD * MIN_HOLD
+    async with mem_cluster("a", "b") as c:
+        ta, tb = GlockTable(c.nodes[0], {}), GlockTable(c.nodes[1], {})
+        name = inode_name(9)
+        stop = trio.Event()
+        granted = trio.Event()
+
+        async def writer():
+            while not stop.is_set():
+                holds = await ta.acquire({name: EX})
+                granted.set()
+                await trio.sleep(op)
+                ta.release(holds)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(writer)
+            await granted.wait()
+            t0 = trio.current_time()
+            tb.release(await tb.acquire({name: want}))
+            waited = trio.current_time() - t0
+            stop.set()
+    assert hold - 0.002 <= waited <= hold + op + 0.002, (mode, waited)
+    if want == EX:
+        assert waited > 1.5 * MIN_HOLD, waited
