@@ -18,7 +18,7 @@ import trio
 from lockmgr import EX, PR
 
 from ..errors import FSError, Fenced
-from ..fs.posix import FALLOC_FL_PUNCH_HOLE
+from ..fs.filedata import FALLOC_FL_PUNCH_HOLE
 from .coherence import Coherence
 from .locks import RENAME_LOCK, group_lock, inode_lock
 from .openmodes import OpenModes

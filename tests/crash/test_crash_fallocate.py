@@ -11,8 +11,8 @@ import random
 import pytest
 
 from clusterfs.fs import inode
-from clusterfs.fs.posix import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
-                                FALLOC_FL_ZERO_RANGE)
+from clusterfs.fs.filedata import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
+                                   FALLOC_FL_ZERO_RANGE)
 from clusterfs.ondisk.blockdev import PowerCut
 from clusterfs.ondisk.format import BLOCK_SIZE
 from tests.crash.crash_workload import CTX

@@ -20,8 +20,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from clusterfs.errors import FSError
 from clusterfs.fs import inode, refcount
-from clusterfs.fs.posix import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
-                                FALLOC_FL_ZERO_RANGE, Ctx)
+from clusterfs.fs.filedata import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
+                                   FALLOC_FL_ZERO_RANGE)
+from clusterfs.fs.posix import Ctx
 from clusterfs.ondisk.format import (BLOCK_SIZE, EXT_SHARED, REFCOUNT, SHARED_SINCE,
                                      Superblock)
 from tests.helpers import DeviceMount, check_consistency, fsck_device, power_loss_volume

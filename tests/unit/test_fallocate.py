@@ -19,8 +19,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from clusterfs.errors import FSError
 from clusterfs.fs import inode
-from clusterfs.fs.posix import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
-                                FALLOC_FL_ZERO_RANGE, Ctx)
+from clusterfs.fs.filedata import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
+                                   FALLOC_FL_ZERO_RANGE)
+from clusterfs.fs.posix import Ctx
 from clusterfs.ondisk.format import BLOCK_SIZE, DF_EXTENTS, DF_INLINE
 from tests.helpers import DeviceMount, fsck_device, power_loss_volume
 
