@@ -28,7 +28,7 @@ import trio
 from lockmgr import CW, EX, PR, Deadlock, LeaseLost, LockError, Mode, NotRecovered, TryAgain
 
 from ..errors import CorruptBlock, FSError
-from ..fs.inode import xattr_get
+from ..fs.xattrs import xattr_get
 from .locks import group_lock, inode_lock, lock_number, open_lock, write_lock
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""File contents and extended attributes of one dinode.
+"""File contents of one dinode (its extended attributes are ``xattrs.py``'s).
 
 A file's bytes are inline in the dinode while they fit (``INLINE_MAX``); beyond that
 the data area holds the root of an extent tree mapping logical blocks to runs of
@@ -24,8 +24,7 @@ import errno
 
 from ..errors import CorruptBlock, FSError
 from ..ondisk.format import (BLOCK_SIZE, DF_EXTENTS, DF_INLINE, EXT_SHARED, EXTENT,
-                             INLINE_MAX, MAX_FILE_BLOCKS, XATTR_BLOCK_SIZE,
-                             XATTR_INLINE_SIZE, Dinode, TreeNode, XattrBlock, xattr_size)
+                             INLINE_MAX, MAX_FILE_BLOCKS, Dinode, TreeNode)
 from . import refcount
 from .btree import BTree
 
@@ -795,89 +794,3 @@ def seek_hole(vol, di: Dinode, off: int) -> int:
             break
         stop += n
     return min(stop * BLOCK_SIZE, di.size)
-
-
-# -- extended attributes ------------------------------------------------------------------
-
-XATTR_NAME_MAX = 255
-XATTR_VALUE_MAX = XATTR_BLOCK_SIZE - 3 - 1
-
-
-def xattr_items(vol, di: Dinode) -> list[tuple[bytes, bytes]]:
-    items = list(di.xattrs)
-    if di.xattr_block:
-        xb = vol.xattr_block(di.xattr_block)
-        if xb.owner != di.bno:
-            raise CorruptBlock(xb.bno, f"xattr block of inode {xb.owner} in inode {di.bno}")
-        items.extend(xb.items)
-    return items
-
-
-def xattr_get(vol, di: Dinode, name: bytes) -> bytes | None:
-    for k, v in di.xattrs:
-        if k == name:
-            return v
-    if di.xattr_block:
-        for k, v in xattr_items(vol, di)[len(di.xattrs):]:
-            if k == name:
-                return v
-    return None
-
-
-def xattr_set(vol, di: Dinode, name: bytes, value: bytes | None) -> bool:
-    """Set (or, with value None, remove) an attribute.  Returns whether it existed."""
-    if not name or len(name) > XATTR_NAME_MAX:
-        raise FSError(errno.ERANGE, "xattr name length")
-    if value is not None and len(value) > XATTR_VALUE_MAX:
-        raise FSError(errno.ENOSPC, "xattr value too large for this file system")
-    items = xattr_items(vol, di)
-    existed = any(k == name for k, _ in items)
-    items = [(k, v) for k, v in items if k != name]
-    if value is not None:
-        items.append((name, value))
-    elif not existed:
-        return False
-    inline, over = [], []
-    used = 0
-    for k, v in items:
-        sz = xattr_size(k, v)
-        if not over and used + sz <= XATTR_INLINE_SIZE:
-            inline.append((k, v))
-            used += sz
-        else:
-            over.append((k, v))
-    if sum(xattr_size(k, v) for k, v in over) > XATTR_BLOCK_SIZE:
-        raise FSError(errno.ENOSPC, "no room for more extended attributes")
-    vol.touch(di)
-    di.xattrs = inline
-    if over:
-        if di.xattr_block:
-            xb = vol.xattr_block(di.xattr_block)
-            vol.touch(xb)
-            xb.items = over
-        else:
-            bno = vol.alloc.alloc_meta(di.bno)
-            xb = XattrBlock(bno, di.bno, over)
-            vol.created(xb)
-            di.xattr_block = bno
-            di.blocks += 1
-    elif di.xattr_block:
-        xb = vol.xattr_block(di.xattr_block)
-        vol.free_meta(xb)
-        di.xattr_block = 0
-        di.blocks -= 1
-    return existed
-
-
-def free_xattr_block(vol, di: Dinode) -> None:
-    if di.xattr_block:
-        try:
-            xb = vol.xattr_block(di.xattr_block)
-        except CorruptBlock:
-            # free the block anyway: the inode is going away
-            vol.alloc.free(di.xattr_block, 1, data=False)
-        else:
-            vol.free_meta(xb)
-        vol.touch(di)
-        di.xattr_block = 0
-        di.blocks -= 1

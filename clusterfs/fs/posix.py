@@ -23,7 +23,7 @@ from ..errors import CorruptBlock, FSError
 from ..ondisk.format import (BLOCK_SIZE, DF_DIRTREE, DF_EXTENTS, DF_INLINE, DINODE, DIRENT,
                              LINK_MAX, NAME_MAX, READDIR_BASE, SYMLINK_MAX, UNLINKED,
                              Dinode, TreeNode, dtype_of)
-from . import acl, directory, inode
+from . import acl, directory, inode, xattrs
 from .alloc import NeedCommit
 from .filedata import FileData
 from .xattrs import Xattrs
@@ -226,9 +226,9 @@ class Filesystem(FileData, Xattrs):
                     btime=now, rdev=rdev, flags=flags, parent=pdi.bno, root=root)
         self.vol.created(di)
         if access is not None:
-            inode.xattr_set(self.vol, di, acl.ACCESS, acl.build(access))
+            xattrs.xattr_set(self.vol, di, acl.ACCESS, acl.build(access))
         if default is not None:
-            inode.xattr_set(self.vol, di, acl.DEFAULT, acl.build(default))
+            xattrs.xattr_set(self.vol, di, acl.DEFAULT, acl.build(default))
         return di
 
     def _link_new(self, parent: int, name: bytes, mode: int, ctx: Ctx, rdev: int = 0,
@@ -382,7 +382,7 @@ class Filesystem(FileData, Xattrs):
                 for node in t.clear():
                     self.vol.free_meta(node)
                     di.blocks -= 1
-            inode.free_xattr_block(self.vol, di)
+            xattrs.free_xattr_block(self.vol, di)
             self.vol.free_meta(di)
         self._change(change)
         # known_gen stays until the kernel's forget: a reused block is then ESTALE

@@ -1,9 +1,11 @@
 """Extended attributes and POSIX ACLs of inodes.
 
-Part of ``posix.Filesystem`` (mixed into it): getxattr, listxattr, setxattr and
-removexattr, with the POSIX ACLs (``system.posix_acl_access`` and ``_default``) checked
-and kept in step with the mode.  The ACL rules are ``acl.py``'s; the attribute blocks
-``inode.py``'s.
+Their storage: inside the dinode while they fit, the rest in one xattr block of the
+inode's (``xattr_items``, ``xattr_get``, ``xattr_set``, ``free_xattr_block``).  And
+the requests, part of ``posix.Filesystem`` (``Xattrs`` is mixed into it): getxattr,
+listxattr, setxattr and removexattr, with the POSIX ACLs (``system.posix_acl_access``
+and ``_default``) checked and kept in step with the mode.  The ACL rules are
+``acl.py``'s.
 """
 
 from __future__ import annotations
@@ -13,11 +15,95 @@ import logging
 import stat as S
 import time
 
-from ..errors import FSError
-from ..ondisk.format import Dinode
-from . import acl, inode
+from ..errors import CorruptBlock, FSError
+from ..ondisk.format import (XATTR_BLOCK_SIZE, XATTR_INLINE_SIZE, Dinode, XattrBlock,
+                             xattr_size)
+from . import acl
 
 log = logging.getLogger(__name__)
+
+XATTR_NAME_MAX = 255
+XATTR_VALUE_MAX = XATTR_BLOCK_SIZE - 3 - 1
+
+
+def xattr_items(vol, di: Dinode) -> list[tuple[bytes, bytes]]:
+    items = list(di.xattrs)
+    if di.xattr_block:
+        xb = vol.xattr_block(di.xattr_block)
+        if xb.owner != di.bno:
+            raise CorruptBlock(xb.bno, f"xattr block of inode {xb.owner} in inode {di.bno}")
+        items.extend(xb.items)
+    return items
+
+
+def xattr_get(vol, di: Dinode, name: bytes) -> bytes | None:
+    for k, v in di.xattrs:
+        if k == name:
+            return v
+    if di.xattr_block:
+        for k, v in xattr_items(vol, di)[len(di.xattrs):]:
+            if k == name:
+                return v
+    return None
+
+
+def xattr_set(vol, di: Dinode, name: bytes, value: bytes | None) -> bool:
+    """Set (or, with value None, remove) an attribute.  Returns whether it existed."""
+    if not name or len(name) > XATTR_NAME_MAX:
+        raise FSError(errno.ERANGE, "xattr name length")
+    if value is not None and len(value) > XATTR_VALUE_MAX:
+        raise FSError(errno.ENOSPC, "xattr value too large for this file system")
+    items = xattr_items(vol, di)
+    existed = any(k == name for k, _ in items)
+    items = [(k, v) for k, v in items if k != name]
+    if value is not None:
+        items.append((name, value))
+    elif not existed:
+        return False
+    inline, over = [], []
+    used = 0
+    for k, v in items:
+        sz = xattr_size(k, v)
+        if not over and used + sz <= XATTR_INLINE_SIZE:
+            inline.append((k, v))
+            used += sz
+        else:
+            over.append((k, v))
+    if sum(xattr_size(k, v) for k, v in over) > XATTR_BLOCK_SIZE:
+        raise FSError(errno.ENOSPC, "no room for more extended attributes")
+    vol.touch(di)
+    di.xattrs = inline
+    if over:
+        if di.xattr_block:
+            xb = vol.xattr_block(di.xattr_block)
+            vol.touch(xb)
+            xb.items = over
+        else:
+            bno = vol.alloc.alloc_meta(di.bno)
+            xb = XattrBlock(bno, di.bno, over)
+            vol.created(xb)
+            di.xattr_block = bno
+            di.blocks += 1
+    elif di.xattr_block:
+        xb = vol.xattr_block(di.xattr_block)
+        vol.free_meta(xb)
+        di.xattr_block = 0
+        di.blocks -= 1
+    return existed
+
+
+def free_xattr_block(vol, di: Dinode) -> None:
+    if di.xattr_block:
+        try:
+            xb = vol.xattr_block(di.xattr_block)
+        except CorruptBlock:
+            # free the block anyway: the inode is going away
+            vol.alloc.free(di.xattr_block, 1, data=False)
+        else:
+            vol.free_meta(xb)
+        vol.touch(di)
+        di.xattr_block = 0
+        di.blocks -= 1
 
 
 class Xattrs:
@@ -27,14 +113,14 @@ class Xattrs:
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         di = self.inode(ino)
-        value = inode.xattr_get(self.vol, di, name)
+        value = xattr_get(self.vol, di, name)
         if value is None:
             raise FSError(errno.ENODATA, "no such attribute")
         return value
 
     def listxattr(self, ino: int) -> list[bytes]:
         di = self.inode(ino)
-        return [k for k, _ in inode.xattr_items(self.vol, di)]
+        return [k for k, _ in xattr_items(self.vol, di)]
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         """Set an attribute; the POSIX ACLs (``acl.NAMES``) are checked first and
@@ -51,7 +137,7 @@ class Xattrs:
             if name in acl.NAMES:
                 self._set_acl(di, name, entries)
             else:
-                inode.xattr_set(self.vol, di, name, value)
+                xattr_set(self.vol, di, name, value)
             self.vol.touch(di)
             di.ctime = time.time_ns()
         self._change(change)
@@ -65,7 +151,7 @@ class Xattrs:
             self._check_acl_target(di, name, removing=True)
 
         def change():
-            if not inode.xattr_set(self.vol, di, name, None):
+            if not xattr_set(self.vol, di, name, None):
                 if name in acl.NAMES:
                     return
                 raise FSError(errno.ENODATA, "no such attribute")
@@ -77,7 +163,7 @@ class Xattrs:
 
     def _acl(self, di: Dinode, name: bytes) -> list[acl.Entry] | None:
         """The stored ACL ``name`` of ``di`` (None: none)."""
-        value = inode.xattr_get(self.vol, di, name)
+        value = xattr_get(self.vol, di, name)
         if value is None:
             return None
         try:
@@ -105,14 +191,14 @@ class Xattrs:
             self.vol.touch(di)
             di.mode = acl.mode_of(entries, di.mode)
             if acl.equivalent(entries):
-                inode.xattr_set(self.vol, di, name, None)
+                xattr_set(self.vol, di, name, None)
                 return
-        inode.xattr_set(self.vol, di, name, acl.build(entries))
+        xattr_set(self.vol, di, name, acl.build(entries))
 
     def _chmod_acl(self, di: Dinode) -> None:
         """After a mode change (inside its operation): the stored access ACL, if
         any, takes the new owner, group-class and other bits."""
         entries = self._acl(di, acl.ACCESS)
         if entries is not None:
-            inode.xattr_set(self.vol, di, acl.ACCESS,
+            xattr_set(self.vol, di, acl.ACCESS,
                             acl.build(acl.chmod(entries, di.mode)))
