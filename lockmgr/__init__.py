@@ -8,7 +8,8 @@ module                    job
 ``lockmgr.modes``         lock modes, the compatibility matrix, mode lattice helpers
 ``lockmgr.table``         ``LockTable``: the pure lock state machine (no I/O)
 ``lockmgr.server``        ``LockServer``: sessions, leases, recovery, grace, listeners
-``lockmgr.client``        ``LockClient``: a node's session, locks, callbacks, lease
+``lockmgr.client``        ``LockClient``: a node's locks, grants, callbacks, plocks
+``lockmgr.link``          its session with the server: connect, resume, lease, reader
 ``lockmgr.handshake``     a new connection's first messages; ``query_status``
 ``lockmgr.messages``      ``Op``: every message's code and fields, encoders, decoders
 ``lockmgr.wire``          framing, HMAC-SHA256 proofs, addresses, the socket channel
