@@ -20,7 +20,7 @@ from .handshake import connection_errors, exchange
 from .messages import Held, Op, Reclaim, Recovering, Resume, handles
 from .plocks import PlockTable
 
-log = logging.getLogger("lockmgr.client")
+log = logging.getLogger("lockmgr.client")     # one client, one logger name for its lines
 
 #: the longest wait between connection attempts when the server could not be reached
 #: (a stale address of a master that died: a new one is elected within seconds)
