@@ -155,18 +155,33 @@ class GlockTable:
         return g.demote is not None and \
             (g.draining or trio.current_time() >= g.granted_at + self.hold_time(g))
 
+    def _blocked(self, g: Glock, covered: bool) -> bool:
+        """Whether a local operation must wait for ``g`` now (``covered``: the mode
+        it wants is one ``g`` holds).  While the kernel drops its pages a held mode
+        is let in (the request may hold page locks the kernel waits for) and a
+        stronger one waits until the demote is over; otherwise everyone waits while
+        a request or conversion is in flight or a demote is due."""
+        if g.passing:
+            return not covered
+        return g.busy or self._demote_due(g)
+
+    @staticmethod
+    def _hold(holds: Holds, name: bytes, g: Glock) -> None:
+        """Count ``holds`` as a holder of ``g`` (in the mode it holds)."""
+        if name not in holds.modes:
+            g.holders += 1
+            g.used = True
+        holds.modes[name] = g.mode
+
     def try_hold(self, holds: Holds, name: bytes, mode: Mode) -> bool:
         """Take ``name`` in ``mode`` for ``holds`` if that needs no waiting."""
         if holds.covers(name, mode):
             return True
         g = self.glocks.get(name)
         if g is None or g.mode is None or not covers(g.mode, mode) or \
-                (not g.passing and (g.busy or self._demote_due(g))):
+                self._blocked(g, True):
             return False
-        if name not in holds.modes:
-            g.holders += 1
-            g.used = True
-        holds.modes[name] = g.mode
+        self._hold(holds, name, g)
         self.stats["cached"] += 1
         return True
 
@@ -197,18 +212,11 @@ class GlockTable:
         g = self.get(name)
         while True:
             covered = g.mode is not None and covers(g.mode, mode)
-            if (g.busy or self._demote_due(g) or g.passing) and \
-                    not (g.passing and covered):
-                # (while the kernel drops its pages a held mode is let in: the
-                # request may hold page locks the kernel waits for; a stronger
-                # mode waits until the demote is over)
+            if self._blocked(g, covered):
                 await g.changed.wait()
                 continue
-            if g.mode is not None and covers(g.mode, mode):
-                if name not in holds.modes:
-                    g.holders += 1
-                    g.used = True
-                holds.modes[name] = g.mode
+            if covered:
+                self._hold(holds, name, g)
                 return
             g.busy = True
             try:
