@@ -298,14 +298,9 @@ class Coherence:
             # its inode lock in EX but changes nothing, and goes on while frozen)
             take = {name: self._promote(name, m) for name, m in want.items()} \
                 if self.writable else want
-            try:
-                holds = self.glocks.take_cached(take) or \
-                    await self.until_fenced(self.glocks.acquire, take)
-            except Deadlock:
-                await trio.sleep(random.uniform(0.002, 0.05))
+            holds = await self._take(take)
+            if holds is None:
                 continue
-            except (LeaseLost, LockError) as e:
-                raise FSError(errno.EIO, f"lock manager: {e}") from None
             if FREEZE in want and self.gate is not None:
                 # this node began to freeze the volume while the locks were awaited
                 self.glocks.release(holds)
@@ -335,20 +330,28 @@ class Coherence:
             if attempts >= MAX_ATTEMPTS:
                 raise FSError(errno.EDEADLK, "could not gather the locks an operation needs")
 
+    async def _take(self, want: dict[bytes, Mode]) -> Holds | None:
+        """Hold the locks ``want`` (at once when all are at hand); None when the
+        wait closed a deadlock cycle (after a short random pause: ask again).  A
+        lock manager out of reach is EIO."""
+        try:
+            return self.glocks.take_cached(want) or \
+                await self.until_fenced(self.glocks.acquire, want)
+        except Deadlock:
+            await trio.sleep(random.uniform(0.002, 0.05))
+            return None
+        except (LeaseLost, LockError) as e:
+            raise FSError(errno.EIO, f"lock manager: {e}") from None
+
     async def cache_lock(self, name: bytes, mode: Mode) -> None:
         """Have this node hold ``name`` in ``mode`` (cached: no operation holds it
         after the call), without the freeze lock: nothing is changed."""
         while True:
             self.check()
-            try:
-                holds = await self.until_fenced(self.glocks.acquire, {name: mode})
-            except Deadlock:
-                await trio.sleep(random.uniform(0.002, 0.05))
-                continue
-            except (LeaseLost, LockError) as e:
-                raise FSError(errno.EIO, f"lock manager: {e}") from None
-            self.glocks.release(holds)
-            return
+            holds = await self._take({name: mode})
+            if holds is not None:
+                self.glocks.release(holds)
+                return
 
     def fence(self, why: str) -> None:
         if not self.fenced:
