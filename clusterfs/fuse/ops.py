@@ -115,13 +115,13 @@ class Operations(pyfuse3.Operations):
         cacheable: ``fn(ino) -> bool``: whether the kernel may cache the attributes of
             this inode now (a cluster: while this node holds the inode's lock); a reply
             for which it is false carries an attribute timeout of 0.
-        direct_io: bypass the kernel's page cache.
-        direct_writeonly: bypass it for files opened write-only (which cannot be
-            mapped): the kernel's write-through page cache asks the file system for
-            ``security.capability`` before every write (to clear file
-            capabilities: FUSE keeps no "no security xattr" mark), one more request
-            per write, which a VM save (``cat > state``) pays 5,000 times.  The
-            kernel drops the written range from the page cache of the other opens.
+        direct_writeonly: bypass the kernel's page cache for files opened write-only
+            (which cannot be mapped): the kernel's write-through page cache asks the
+            file system for ``security.capability`` before every write (to clear
+            file capabilities: FUSE keeps no "no security xattr" mark), one more
+            request per write, which a VM save (``cat > state``) pays 5,000 times.
+            The kernel drops the written range from the page cache of the other
+            opens.  Every other open is cached (``keep_cache``).
         locks: the cluster's fcntl/OFD/flock locks (``cluster.filelocks.FileLocks``);
             None on a single node: the kernel is not asked to send lock requests
             (``enable_locks``) and keeps the locks itself, which is exact on one
@@ -139,7 +139,7 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, fs, front=None, *, attr_timeout: float = 300.0,
                  entry_timeout: float | None = None, cacheable=None,
-                 direct_io: bool = False, direct_writeonly: bool = False, locks=None):
+                 direct_writeonly: bool = False, locks=None):
         super().__init__()
         self.fs = fs
         self.front = front if front is not None else DirectFrontend(fs)
@@ -147,7 +147,6 @@ class Operations(pyfuse3.Operations):
         self.timeout = attr_timeout
         self.entry_timeout = attr_timeout if entry_timeout is None else entry_timeout
         self.cacheable = cacheable
-        self.direct_io = direct_io
         self.direct_writeonly = direct_writeonly
         self.locks = locks
         # the kernel sends lock requests only when this node keeps the locks (binding/)
@@ -202,8 +201,7 @@ class Operations(pyfuse3.Operations):
         return self.attrs(di)
 
     def _info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
-        if self.direct_io or \
-                (self.direct_writeonly and flags & os.O_ACCMODE == os.O_WRONLY):
+        if self.direct_writeonly and flags & os.O_ACCMODE == os.O_WRONLY:
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
