@@ -93,13 +93,13 @@ class ClusterFrontend:
                                 new_name, flags, want=want)
         await self.modes.purge_if_unused(victim)
 
-    async def open(self, ino, flags):
+    async def open(self, ino, flags, ctx=None):
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         mode = EX if flags & os.O_TRUNC and writable else PR
         if writable:
             await self.modes.take_write_mode(ino)
         try:
-            fh = await self.run(self.fs.open, ino, flags, want={inode_lock(ino): mode})
+            fh = await self.run(self.fs.open, ino, flags, ctx, want={inode_lock(ino): mode})
             await self._opened(fh, ino)
         except BaseException:
             if writable:

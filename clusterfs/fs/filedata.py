@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from ..errors import FSError
 from ..ondisk.format import BLOCK_SIZE, DF_INLINE, SHARED_SINCE, Dinode
 from . import inode
+from .xattrs import CAPS_XATTR, has_caps, xattr_set
 
 if TYPE_CHECKING:
     from .posix import Ctx
@@ -83,15 +84,44 @@ class FileData:
             kill |= S.S_ISGID
         return kill
 
+    @staticmethod
+    def chown_privileges(di: Dinode, ctx: Ctx | None) -> int:
+        """The set-ID bits a change of owner or group clears, as the kernel's chown
+        does: set-user-ID always (for root too), set-group-ID when the file is
+        group-executable or the caller is neither root nor in the file's group."""
+        kill = di.mode & S.S_ISUID
+        if di.mode & S.S_ISGID and (di.mode & S.S_IXGRP or (
+                ctx is not None and ctx.uid != 0 and ctx.gid != di.gid)):
+            kill |= S.S_ISGID
+        return kill
+
+    def drop_privileges(self, di: Dinode, kill: int) -> None:
+        """Inside an operation that writes, truncates or gives another owner to
+        ``di``: clear the set-ID bits ``kill`` and remove the file's capabilities
+        (``security.capability``, whoever the caller).  The kernel leaves this to
+        the file system (FUSE_HANDLE_KILLPRIV_V2, ``fuse/ops.py``); when a reply
+        without attributes follows (a write, an open), the kernel's cached mode is
+        dropped after it (``privileges_dropped``)."""
+        caps = has_caps(self.vol, di)
+        kill &= di.mode
+        if kill:
+            self.vol.touch(di)
+            di.mode &= ~kill
+        if caps:
+            xattr_set(self.vol, di, CAPS_XATTR, None)
+        if kill or caps:
+            self.privileges_dropped.add(di.bno)
+
     def write(self, fh: int, off: int, data, ctx: Ctx | None = None) -> int:
         """Write ``data`` at ``off`` (the end of file with O_APPEND).  ``ctx``: the
-        writer, when the kernel left clearing set-user-ID bits to us (direct I/O)."""
+        writer, whose privileges the write drops (``drop_privileges``)."""
         h, di = self.handle(fh)
         if h.flags & os.O_APPEND:
             off = di.size        # the cluster's size, not the kernel's idea of it
         kill = self.privileges_to_drop(di, ctx)
+        caps = has_caps(self.vol, di)
         now = time.time_ns()
-        if not kill and 0 <= now - di.mtime < WRITE_TIME_NS and \
+        if not kill and not caps and 0 <= now - di.mtime < WRITE_TIME_NS and \
                 0 <= now - di.ctime < WRITE_TIME_NS and not self.vol.readonly and \
                 inode.overwrite(self.vol, di, off, data):
             # the times were set less than WRITE_TIME_NS ago: they stand for this
@@ -104,7 +134,8 @@ class FileData:
             now = time.time_ns()
             self.vol.touch(di)
             di.mtime = di.ctime = now
-            di.mode &= ~kill
+            if kill or caps:
+                self.drop_privileges(di, kill)
             return n
         n = self._change(change)
         h.written = True

@@ -26,7 +26,7 @@ from ..ondisk.format import (BLOCK_SIZE, DF_DIRTREE, DF_EXTENTS, DF_INLINE, DINO
 from . import acl, directory, inode, xattrs
 from .alloc import NeedCommit
 from .filedata import FileData
-from .xattrs import Xattrs
+from .xattrs import Xattrs, has_caps
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,10 @@ class Filesystem(FileData, Xattrs):
         self.open_count: dict[int, int] = {}
         self.known_gen: dict[int, int] = {}   # inode -> generation the kernel knows
         self.lookups: dict[int, int] = {}
+        # inodes whose set-ID bits or capabilities the file system dropped (a write,
+        # a truncation, a change of owner): the kernel's cached attributes of them
+        # are out of date (``Operations._forget_dropped``)
+        self.privileges_dropped: set[int] = set()
 
     # -- helpers --------------------------------------------------------------------
 
@@ -151,7 +155,11 @@ class Filesystem(FileData, Xattrs):
         return self.inode(ino)
 
     def setattr(self, ino: int, *, mode=None, uid=None, gid=None, size=None,
-                atime=None, mtime=None, fh: int | None = None) -> Dinode:
+                atime=None, mtime=None, fh: int | None = None,
+                ctx: Ctx | None = None) -> Dinode:
+        """Change attributes.  A truncation by ``ctx`` (the caller) and a change of
+        owner or group also drop privileges as the kernel's would
+        (``drop_privileges``): the kernel leaves that to us (FUSE_HANDLE_KILLPRIV_V2)."""
         di = self.inode(ino)
         if size is not None:
             if S.S_ISDIR(di.mode):
@@ -165,6 +173,12 @@ class Filesystem(FileData, Xattrs):
         def change():
             now = time.time_ns()
             self.vol.touch(di)
+            # privileges go with a truncation and a change of owner (decided on the
+            # mode and group from before the change)
+            chown = (uid is not None or gid is not None) and not S.S_ISDIR(di.mode)
+            kill = self.chown_privileges(di, ctx) if chown else 0
+            if size is not None:
+                kill |= self.privileges_to_drop(di, ctx)
             if mode is not None:
                 di.mode = S.S_IFMT(di.mode) | (mode & 0o7777)
                 self._chmod_acl(di)
@@ -179,6 +193,8 @@ class Filesystem(FileData, Xattrs):
             if size is not None and mtime is None:
                 di.mtime = now
             di.ctime = now
+            if chown or size is not None:
+                self.drop_privileges(di, kill)
         self._change(change)
         return di
 
@@ -512,12 +528,14 @@ class Filesystem(FileData, Xattrs):
             raise FSError(errno.ESTALE, "file was replaced")
         return h, di
 
-    def open(self, ino: int, flags: int) -> int:
+    def open(self, ino: int, flags: int, ctx: Ctx | None = None) -> int:
+        """Open an inode; ``O_TRUNC`` truncates (as ``ctx``: dropping its privileges)."""
         di = self.inode(ino)
         if S.S_ISDIR(di.mode):
             raise FSError(errno.EISDIR, "is a directory")
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY and di.size:
-            self.setattr(ino, size=0)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY and \
+                (di.size or self.privileges_to_drop(di, ctx) or has_caps(self.vol, di)):
+            self.setattr(ino, size=0, ctx=ctx)
         return self._new_handle(di, flags)
 
     def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Ctx):

@@ -23,6 +23,8 @@ from . import acl
 log = logging.getLogger(__name__)
 
 XATTR_NAME_MAX = 255
+# file capabilities: a write, a truncation or a change of owner removes them
+CAPS_XATTR = b"security.capability"
 XATTR_VALUE_MAX = XATTR_BLOCK_SIZE - 3 - 1
 
 
@@ -45,6 +47,11 @@ def xattr_get(vol, di: Dinode, name: bytes) -> bytes | None:
             if k == name:
                 return v
     return None
+
+
+def has_caps(vol, di: Dinode) -> bool:
+    """Whether the inode has file capabilities (``security.capability``)."""
+    return bool(di.xattrs or di.xattr_block) and xattr_get(vol, di, CAPS_XATTR) is not None
 
 
 def xattr_set(vol, di: Dinode, name: bytes, value: bytes | None) -> bool:

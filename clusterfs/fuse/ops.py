@@ -136,6 +136,10 @@ class Operations(pyfuse3.Operations):
     enable_acl = True
     pass_lock_owner = True      # flush(fh, lock_owner), release(fh, flock_owner)
     write_ctx = True            # write(fh, off, buf, ctx)
+    # the file system clears set-ID bits and security.capability on write, truncate
+    # and chown (FileData.write, Filesystem.setattr), so the kernel stops asking for
+    # security.capability before every write through its page cache
+    handle_killpriv_v2 = True
 
     def __init__(self, fs, front=None, *, attr_timeout: float = 300.0,
                  entry_timeout: float | None = None, cacheable=None,
@@ -157,8 +161,16 @@ class Operations(pyfuse3.Operations):
         """FUSE INIT is being answered: run the ``after_init`` callbacks right after
         the reply (the kernel sets the connection's parameters when it reads it)."""
         token = trio.lowlevel.current_trio_token()
-        for fn in self.after_init:
+        for fn in (self._log_killpriv, *self.after_init):
             token.run_sync_soon(fn)
+
+    @staticmethod
+    def _log_killpriv() -> None:
+        if pyfuse3.killpriv_v2_granted():
+            log.debug("the kernel leaves dropping privileges to us (FUSE_HANDLE_KILLPRIV_V2)")
+        else:
+            log.info("the kernel did not take FUSE_HANDLE_KILLPRIV_V2: it asks for "
+                     "security.capability before each write through its page cache")
 
     # -- translation -------------------------------------------------------------------
 
@@ -225,6 +237,15 @@ class Operations(pyfuse3.Operations):
             if e.errno != errno.ENOENT:       # ENOENT: the kernel does not know it
                 log.warning("attributes of inode %d not invalidated: %s", ino, e)
 
+    def _forget_dropped(self) -> None:
+        """The file system cleared set-ID bits or capabilities (a write, a
+        truncation, a change of owner) that the kernel has cached: drop its cached
+        attributes of those inodes, so that its next permission check (an exec)
+        asks again.  A write's and an open's replies carry no attributes."""
+        dropped = self.fs.privileges_dropped
+        while dropped:
+            self.forget_attrs(dropped.pop())
+
     # -- handlers ------------------------------------------------------------------------
 
     async def lookup(self, parent_inode, name, ctx=None):
@@ -246,7 +267,8 @@ class Operations(pyfuse3.Operations):
             size=attr.st_size if fields.update_size else None,
             atime=attr.st_atime_ns if fields.update_atime else None,
             mtime=attr.st_mtime_ns if fields.update_mtime else None,
-            fh=fh)
+            fh=fh, ctx=_ctx(ctx))
+        self._forget_dropped()
         return self.attrs(di)
 
     async def readlink(self, inode, ctx):
@@ -279,7 +301,9 @@ class Operations(pyfuse3.Operations):
                                 self._in(parent_inode_new), name_new, flags)
 
     async def open(self, inode, flags, ctx):
-        return self._info(await self.front.open(self._in(inode), flags), flags)
+        fh = await self.front.open(self._in(inode), flags, _ctx(ctx))
+        self._forget_dropped()
+        return self._info(fh, flags)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         fh, di = await self.front.create(self._in(parent_inode), name, mode, flags,
@@ -290,9 +314,12 @@ class Operations(pyfuse3.Operations):
         return await self.front.read(fh, off, size)
 
     async def write(self, fh, off, buf, ctx=None):
-        # the writer: with direct I/O the kernel leaves clearing the set-user-ID
-        # bits of a written file to the file system
-        return await self.front.write(fh, off, buf, _ctx(ctx) if ctx is not None else None)
+        # the writer: the kernel leaves clearing the set-user-ID bits of a written
+        # file to the file system (handle_killpriv_v2)
+        n = await self.front.write(fh, off, buf, _ctx(ctx) if ctx is not None else None)
+        if self.fs.privileges_dropped:
+            self._forget_dropped()
+        return n
 
     async def flush(self, fh, lock_owner=None):
         if self.locks is None:

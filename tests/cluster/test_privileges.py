@@ -4,6 +4,7 @@ with direct I/O, as a cluster member does)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -13,6 +14,7 @@ import tempfile
 import pytest
 
 from tests.cluster.cluster_util import running_cluster
+from tests.fuse.posix_util import CAPS_VALUE, CAPS_XATTR, as_user, privilege_transcript
 
 NOBODY = 65534
 WRITE_AS = "import os, sys; os.setgid(int(sys.argv[2])); os.setuid(int(sys.argv[1]));" \
@@ -54,3 +56,58 @@ def test_setid_bits_cleared_by_another_users_write(topdir):
         assert modes_after_writes(a.p("d")) == expected
         # and the other node sees the cleared bits
         assert stat.S_IMODE(os.stat(c.nodes["n2"].p("d", "suid")).st_mode) == 0o777
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to write as another user")
+def test_privileges_set_on_another_node_go_with_a_write(topdir):
+    """The kernel leaves removing set-ID bits and file capabilities to the file
+    system (FUSE_HANDLE_KILLPRIV_V2), and once a node's kernel has seen a file
+    without them it stops checking (S_NOSEC).  Bits and capabilities another node
+    sets afterwards must still go with this node's next write."""
+    with running_cluster(topdir) as c:
+        a = c.mount("n1")
+        b = c.mount("n2")
+        os.mkdir(a.p("d"))
+        os.chmod(a.p("d"), 0o777)
+        path_a, path_b = a.p("d", "f"), b.p("d", "f")
+        with open(path_a, "wb") as f:
+            f.write(b"0123456789")
+        os.chmod(path_a, 0o777)
+
+        def rw_write(path):
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.pwrite(fd, b"x", 1)
+            finally:
+                os.close(fd)
+        rw_write(path_a)                # n1's kernel: no privileges on this file
+        os.chmod(path_b, 0o6777)
+        os.setxattr(path_b, CAPS_XATTR, CAPS_VALUE)
+        assert as_user(NOBODY, NOBODY, rw_write, path_a) is None
+        for path in (path_a, path_b):
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o777, path
+            with pytest.raises(OSError) as e:
+                os.getxattr(path, CAPS_XATTR)
+            assert e.value.errno == errno.ENODATA
+        # root's write keeps the set-ID bits (CAP_FSETID) but not the capabilities
+        os.chmod(path_b, 0o6777)
+        os.setxattr(path_b, CAPS_XATTR, CAPS_VALUE)
+        rw_write(path_a)
+        assert stat.S_IMODE(os.stat(path_b).st_mode) == 0o6777
+        assert CAPS_XATTR not in os.listxattr(path_b)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_privileges_go_as_on_ext4(topdir):
+    ref = tempfile.mkdtemp(prefix="cfs-priv-", dir="/var/tmp")
+    try:
+        os.chmod(ref, 0o777)
+        expected = privilege_transcript(ref)
+    finally:
+        subprocess.run(["rm", "-rf", ref])
+    with running_cluster(topdir) as c:
+        a = c.mount("n1")
+        c.mount("n2")
+        os.mkdir(a.p("d"))
+        os.chmod(a.p("d"), 0o777)
+        assert privilege_transcript(a.p("d")) == expected

@@ -1,9 +1,10 @@
-"""A tiny pyfuse3 file system for the binding's tests: two in-memory files, ``a``
-and ``b``, and every call of the handlers clusterfs adds to pyfuse3 (locks,
-fallocate, lseek, copy_file_range, the lock owners of flush and release) written as
-one JSON line to a log.
+"""A tiny pyfuse3 file system for the binding's tests: three in-memory files, ``a``
+and ``b`` (direct I/O) and ``c`` (through the page cache), and every call of the
+handlers clusterfs adds to pyfuse3 (locks, fallocate, lseek, copy_file_range, the
+lock owners of flush and release) and of getxattr written as one JSON line to a log.
+It takes FUSE_HANDLE_KILLPRIV_V2 unless told ``--no-killpriv``.
 
-    python -m tests.fuse.binding_fs MOUNTPOINT LOG
+    python -m tests.fuse.binding_fs MOUNTPOINT LOG [--no-killpriv]
 
 Scripted answers the test relies on: F_GETLK of a range starting at 10 names a write
 lock of the file system's own pid on [10, 15); F_SETLK of a range starting at 200 is refused with
@@ -24,12 +25,13 @@ import sys
 import pyfuse3
 import trio
 
-FILES = {b"a": 2, b"b": 3}
+FILES = {b"a": 2, b"b": 3, b"c": 4}      # c: opened through the page cache
 
 
 class RecordingFS(pyfuse3.Operations):
     pass_lock_owner = True
     enable_locks = True
+    handle_killpriv_v2 = "--no-killpriv" not in sys.argv
 
     def __init__(self, log):
         super().__init__()
@@ -75,7 +77,11 @@ class RecordingFS(pyfuse3.Operations):
         fh = self.next_fh
         self.next_fh += 1
         self.fh_ino[fh] = inode
-        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        return pyfuse3.FileInfo(fh=fh, direct_io=inode != FILES[b"c"])
+
+    async def getxattr(self, inode, name, ctx):
+        self.note(op="getxattr", ino=inode, name=name.decode())
+        raise pyfuse3.FUSEError(errno.ENODATA)
 
     async def read(self, fh, off, size):
         return bytes(self.data[self.fh_ino[fh]][off:off + size])
@@ -146,7 +152,7 @@ class RecordingFS(pyfuse3.Operations):
 
 
 def main() -> None:
-    mountpoint, logpath = sys.argv[1:3]
+    mountpoint, logpath = sys.argv[1:3]      # [--no-killpriv]
     with open(logpath, "w") as log:
         fs = RecordingFS(log)
         pyfuse3.init(fs, mountpoint, {"fsname=bindingtest", "default_permissions"})

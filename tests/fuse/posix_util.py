@@ -136,3 +136,67 @@ def snapshot(top: str, with_xattrs: bool = True) -> dict:
                                     if k.startswith("user.")))
             out[os.path.normpath(os.path.join(rel, name))] = entry
     return out
+
+
+# file capabilities (struct vfs_cap_data, revision 2): CAP_NET_BIND_SERVICE permitted
+# and effective; a write, a truncation and a change of owner remove them
+CAPS_XATTR = "security.capability"
+CAPS_VALUE = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)
+
+
+def privilege_transcript(directory: str) -> list[str]:
+    """What writes, truncations and changes of owner leave of set-ID bits and file
+    capabilities, in DIRECTORY (world-writable), one line per case: run it on a
+    local file system and on a mount and compare.  Needs root."""
+    out = []
+
+    def prepare(name: str, mode: int, caps: bool = False) -> str:
+        path = os.path.join(directory, name)
+        with open(path, "wb") as f:
+            f.write(b"0123456789")
+        os.chmod(path, mode)
+        if caps:
+            os.setxattr(path, CAPS_XATTR, CAPS_VALUE)
+        return path
+
+    def state(name: str, path: str) -> None:
+        try:
+            caps = os.getxattr(path, CAPS_XATTR) == CAPS_VALUE
+        except OSError:
+            caps = False
+        st = os.stat(path)
+        out.append(f"{name} {stat.S_IMODE(st.st_mode):o} size={st.st_size} caps={caps}")
+
+    def rw_write(path):                  # through the page cache (read-write open)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"x", 3)
+            os.pwrite(fd, b"y", 5)
+        finally:
+            os.close(fd)
+
+    def open_trunc(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_TRUNC))
+
+    for who, uid in (("user", 1000), ("root", 0)):
+        for what, fn in (("write", rw_write), ("truncate", lambda p: os.truncate(p, 4)),
+                         ("otrunc", open_trunc)):
+            name = f"{what}-{who}"
+            path = prepare(name, 0o6777, caps=True)
+            if uid:
+                res = as_user(uid, uid, fn, path)
+                assert res is None, (name, res)
+            else:
+                fn(path)
+            state(name, path)
+    # a change of owner (by root): set-user-ID goes, set-group-ID too when the file
+    # is group-executable, and the capabilities
+    for name, mode in (("chown-gx", 0o6755), ("chown-nogx", 0o6745)):
+        path = prepare(name, mode, caps=True)
+        os.chown(path, 1000, 1000)
+        state(name, path)
+    # a chmod keeps the capabilities
+    path = prepare("chmod", 0o755, caps=True)
+    os.chmod(path, 0o750)
+    state("chmod", path)
+    return out

@@ -5,6 +5,7 @@ request ends when its caller is interrupted or killed."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -40,14 +41,19 @@ def lock_arg(ltype, start, length, pid=0) -> bytes:
 @pytest.fixture(scope="module")
 def fs(tmp_path_factory):
     """The recording file system mounted; yields (mount point, read_log())."""
+    with _mounted(tmp_path_factory.mktemp("binding")) as got:
+        yield got
+
+
+@contextlib.contextmanager
+def _mounted(d, *args):
     import pyfuse3
     if not hasattr(pyfuse3.Operations, "setlk"):
         pytest.fail("pyfuse3 lacks clusterfs's handlers: run `make deps` (binding/)")
-    d = tmp_path_factory.mktemp("binding")
     mnt, logpath = str(d / "mnt"), str(d / "calls.jsonl")
     os.mkdir(mnt)
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fuse.binding_fs", mnt, logpath],
-                            stderr=open(str(d / "stderr"), "wb"))
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fuse.binding_fs", mnt, logpath,
+                             *args], stderr=open(str(d / "stderr"), "wb"))
     try:
         deadline = time.monotonic() + 30
         while not os.path.ismount(mnt):
@@ -238,3 +244,20 @@ def test_fallocate_lseek_copy_file_range(fs):
     copy = [c for c in log if c["op"] == "copy"][0]
     assert (copy["off_in"], copy["off_out"], copy["len"], copy["flags"]) == (100, 50, 10, 0)
     assert copy["ino_in"] != copy["ino_out"]
+
+
+@pytest.mark.parametrize("killpriv", [True, False])
+def test_killpriv_v2_spares_a_request_per_write(tmp_path, killpriv):
+    """With handle_killpriv_v2 the INIT reply grants FUSE_HANDLE_KILLPRIV_V2 (which
+    libfuse 3.14 does not know): the kernel asks for security.capability before the
+    first write through the page cache only, not before each one."""
+    with _mounted(tmp_path, *([] if killpriv else ["--no-killpriv"])) as (mnt, calls):
+        fd = os.open(os.path.join(mnt, "c"), os.O_RDWR)
+        try:
+            for i in range(5):
+                os.pwrite(fd, b"x" * 4096, i * 4096)
+        finally:
+            os.close(fd)
+        asked = [c for c in calls() if c["op"] == "getxattr"]
+    assert all(c["name"] == "security.capability" for c in asked), asked
+    assert len(asked) == (1 if killpriv else 5), asked

@@ -7,14 +7,17 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import socket
 import stat
+import tempfile
 import time
 
 import pytest
 
 from tests.fuse.posix_util import (RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT,
-                                   as_user, getdents, renameat2, utimensat)
+                                   as_user, getdents, privilege_transcript, renameat2,
+                                   utimensat)
 
 INLINE_MAX = 3456
 BS = 4096
@@ -798,3 +801,22 @@ def test_setuid_bit_cleared_by_other_writer_and_chown(wd):
     os.chmod(p, 0o4755)
     os.chown(p, 1000, 1000)
     assert not os.stat(p).st_mode & stat.S_ISUID
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_privileges_go_as_on_ext4(wd):
+    """Set-ID bits and file capabilities after writes (through the page cache),
+    truncations, O_TRUNC opens and changes of owner are what ext4 leaves: the kernel
+    leaves removing them to the file system (FUSE_HANDLE_KILLPRIV_V2)."""
+    ref = tempfile.mkdtemp(prefix="cfs-priv-", dir="/var/tmp")
+    try:
+        os.chmod(ref, 0o777)
+        expected = privilege_transcript(ref)
+    finally:
+        shutil.rmtree(ref, ignore_errors=True)
+    # the reference is what the kernel does on a local file system
+    assert "write-user 777 size=10 caps=False" in expected, expected
+    assert "write-root 6777 size=10 caps=False" in expected, expected
+    assert "chmod 750 size=10 caps=True" in expected, expected
+    os.chmod(wd, 0o777)
+    assert privilege_transcript(wd) == expected
