@@ -73,6 +73,7 @@ class Coherence:
         self.slot = slot
         self.glocks = GlockTable(client, lock_types(self), min_hold=min_hold)
         self.holds: Holds | None = None
+        self._usable: tuple[Holds, list[int]] | None = None   # (holds, alloc_groups())
         self.fenced = False
         self.waits: set[trio.CancelScope] = set()   # lock manager waits of operations
         self.prefer_groups(vol.sb)
@@ -234,13 +235,21 @@ class Coherence:
         return g is not None and g.mode is not None and covers(g.mode, PR)
 
     def alloc_groups(self) -> list[int]:
-        """Groups usable for allocation now: held EX by this node, best first."""
+        """Groups usable for allocation now: held EX by this node, best first.  No
+        lock changes state while an operation's body runs (it does not yield), so
+        the answer is worked out once per body (per ``holds``); an allocation asks
+        several times."""
         holds = self.holds
+        usable = self._usable
+        if usable is not None and usable[0] is holds:
+            return usable[1]
         out = []
         for rg in sorted(self.ex_groups, key=self.rank.__getitem__):
             name = group_lock(rg)
             if holds.covers(name, EX) or self.glocks.try_hold(holds, name, EX):
                 out.append(rg)
+        if holds is not None:
+            self._usable = (holds, out)
         return out
 
     def out_of_space(self, want: int) -> None:
@@ -326,6 +335,7 @@ class Coherence:
             finally:
                 self.vol.inode_hint = None
                 self.holds = None
+                self._usable = None
                 self.glocks.release(holds)
             if attempts >= MAX_ATTEMPTS:
                 raise FSError(errno.EDEADLK, "could not gather the locks an operation needs")

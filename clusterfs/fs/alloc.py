@@ -200,7 +200,8 @@ class Allocator:
                    file_blocks: int = 0) -> list[tuple[int, int]]:
         """Up to ``want`` data blocks as (first block, count) runs, contiguous when
         possible.  Raises ENOSPC (allocating nothing) when fewer than ``want`` are free."""
-        if self.free_blocks() - self.pending_blocks() < want:
+        if not self._room_in_goal_group(goal, want) and \
+                self.free_blocks() - self.pending_blocks() < want:
             if self.pending_blocks() and self.free_blocks() >= want:
                 # blocks freed by the running transaction become usable once it
                 # commits: the operation is rolled back, the journal commits, and
@@ -258,6 +259,16 @@ class Allocator:
             goal = start + entry + take
             self._set_reservation(ino, rg, entry + take, n - take)
         return _merge_runs(runs)
+
+    def _room_in_goal_group(self, goal: int | None, want: int) -> bool:
+        """The cheap case of ``alloc_data``'s check for room: the goal's group alone
+        has ``want`` free blocks besides every block still pending (adding up all
+        the groups at hand costs a cluster member more)."""
+        if goal is None:
+            return False
+        rg = self.sb.rgrp_of(goal)
+        return rg >= 0 and rg in self.vol.alloc_groups() and \
+            self.vol.rgrp(rg).free - self.pending_blocks() >= want
 
     def _take_at(self, ino: int, bno: int, want: int) -> int:
         """Claim up to ``want`` free blocks starting exactly at ``bno``; return count."""
