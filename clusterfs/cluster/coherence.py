@@ -252,6 +252,18 @@ class Coherence:
             self._usable = (holds, out)
         return out
 
+    def may_alloc_in(self, rg: int) -> bool:
+        """Whether group ``rg`` is among ``alloc_groups()`` (taking its hold as that
+        does), without sorting and holding every group this node has in EX."""
+        usable = self._usable
+        if usable is not None and usable[0] is self.holds:
+            return rg in usable[1]
+        if rg not in self.ex_groups:
+            return False
+        holds = self.holds
+        name = group_lock(rg)
+        return holds.covers(name, EX) or self.glocks.try_hold(holds, name, EX)
+
     def out_of_space(self, want: int) -> None:
         """Ask for the next group that may have room (raises NeedLock) or return."""
         usable = set(self.alloc_groups())

@@ -223,7 +223,7 @@ class Allocator:
             if res is not None:
                 rg, entry, n = res
                 start, _ = self.sb.rgrp_range(rg)
-                if rg in self.vol.alloc_groups():
+                if self.vol.may_alloc_in(rg):
                     got = self._take_at(ino, start + entry, min(remaining, n))
                     if got:
                         runs.append((start + entry, got))
@@ -267,13 +267,13 @@ class Allocator:
         if goal is None:
             return False
         rg = self.sb.rgrp_of(goal)
-        return rg >= 0 and rg in self.vol.alloc_groups() and \
+        return rg >= 0 and self.vol.may_alloc_in(rg) and \
             self.vol.rgrp(rg).free - self.pending_blocks() >= want
 
     def _take_at(self, ino: int, bno: int, want: int) -> int:
         """Claim up to ``want`` free blocks starting exactly at ``bno``; return count."""
         rg = self.sb.rgrp_of(bno)
-        if rg < 0 or rg not in self.vol.alloc_groups():
+        if rg < 0 or not self.vol.may_alloc_in(rg):
             return 0
         start, length = self.sb.rgrp_range(rg)
         entry = bno - start

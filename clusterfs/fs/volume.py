@@ -340,6 +340,12 @@ class Volume:
             return self.cluster.alloc_groups()
         return self._groups
 
+    def may_alloc_in(self, rg: int) -> bool:
+        """``rg in alloc_groups()``, without working the whole list out."""
+        if self.cluster is not None:
+            return self.cluster.may_alloc_in(rg)
+        return 0 <= rg < len(self._groups)
+
     def out_of_space(self, want: int) -> None:
         """The groups at hand lack ``want`` blocks: a cluster asks for another group
         (raising NeedLock); a single node has no other, and the caller says ENOSPC."""
