@@ -1,6 +1,6 @@
-"""A write by another user clears the set-user-ID and set-group-ID bits of the file on a
-cluster mount as on ext4 (the kernel leaves that to the file system when it writes
-with direct I/O, as a cluster member does)."""
+"""Writes, truncations and changes of owner drop set-user-ID and set-group-ID bits and
+file capabilities on a cluster mount as on ext4: the kernel leaves that to the file
+system (FUSE_HANDLE_KILLPRIV_V2, and with direct I/O in any case)."""
 
 from __future__ import annotations
 
@@ -61,9 +61,10 @@ def test_setid_bits_cleared_by_another_users_write(topdir):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to write as another user")
 def test_privileges_set_on_another_node_go_with_a_write(topdir):
     """The kernel leaves removing set-ID bits and file capabilities to the file
-    system (FUSE_HANDLE_KILLPRIV_V2), and once a node's kernel has seen a file
-    without them it stops checking (S_NOSEC).  Bits and capabilities another node
-    sets afterwards must still go with this node's next write."""
+    system (FUSE_HANDLE_KILLPRIV_V2), and a node's kernel that has seen a file
+    without them stops checking until it refreshes the file's attributes (S_NOSEC).
+    Bits and capabilities another node sets afterwards go with this node's next
+    write."""
     with running_cluster(topdir) as c:
         a = c.mount("n1")
         b = c.mount("n2")
