@@ -243,11 +243,8 @@ class Coherence:
         usable = self._usable
         if usable is not None and usable[0] is holds:
             return usable[1]
-        out = []
-        for rg in sorted(self.ex_groups, key=self.rank.__getitem__):
-            name = group_lock(rg)
-            if holds.covers(name, EX) or self.glocks.try_hold(holds, name, EX):
-                out.append(rg)
+        out = [rg for rg in sorted(self.ex_groups, key=self.rank.__getitem__)
+               if self._hold_group(holds, rg)]
         if holds is not None:
             self._usable = (holds, out)
         return out
@@ -258,9 +255,10 @@ class Coherence:
         usable = self._usable
         if usable is not None and usable[0] is self.holds:
             return rg in usable[1]
-        if rg not in self.ex_groups:
-            return False
-        holds = self.holds
+        return rg in self.ex_groups and self._hold_group(self.holds, rg)
+
+    def _hold_group(self, holds: Holds, rg: int) -> bool:
+        """Hold group ``rg``'s lock in EX for ``holds`` if that needs no waiting."""
         name = group_lock(rg)
         return holds.covers(name, EX) or self.glocks.try_hold(holds, name, EX)
 
