@@ -9,12 +9,12 @@ import os
 import stat
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
 from tests.cluster.cluster_util import running_cluster
-from tests.fuse.posix_util import CAPS_VALUE, CAPS_XATTR, as_user, privilege_transcript
+from tests.fuse.posix_util import (CAPS_VALUE, CAPS_XATTR, as_user, on_local_fs,
+                                   privilege_transcript)
 
 NOBODY = 65534
 WRITE_AS = "import os, sys; os.setgid(int(sys.argv[2])); os.setuid(int(sys.argv[1]));" \
@@ -39,20 +39,22 @@ def modes_after_writes(directory: str) -> list[str]:
     return out
 
 
+def _shared_dir(c):
+    """Mount nodes n1 and n2; a world-writable directory ``d`` made through n1,
+    whose mount is returned."""
+    a = c.mount("n1")
+    c.mount("n2")
+    os.mkdir(a.p("d"))
+    os.chmod(a.p("d"), 0o777)
+    return a
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to write as another user")
 def test_setid_bits_cleared_by_another_users_write(topdir):
-    ref = tempfile.mkdtemp(prefix="cfs-priv-")
-    os.chmod(ref, 0o777)
-    try:
-        expected = modes_after_writes(ref)
-    finally:
-        subprocess.run(["rm", "-rf", ref])
+    expected = on_local_fs(modes_after_writes)
     assert expected == ["suid 777", "sgid-noexec 666", "root 6777"]
     with running_cluster(topdir) as c:
-        a = c.mount("n1")
-        c.mount("n2")
-        os.mkdir(a.p("d"))
-        os.chmod(a.p("d"), 0o777)
+        a = _shared_dir(c)
         assert modes_after_writes(a.p("d")) == expected
         # and the other node sees the cleared bits
         assert stat.S_IMODE(os.stat(c.nodes["n2"].p("d", "suid")).st_mode) == 0o777
@@ -66,10 +68,8 @@ def test_privileges_set_on_another_node_go_with_a_write(topdir):
     Bits and capabilities another node sets afterwards go with this node's next
     write."""
     with running_cluster(topdir) as c:
-        a = c.mount("n1")
-        b = c.mount("n2")
-        os.mkdir(a.p("d"))
-        os.chmod(a.p("d"), 0o777)
+        a = _shared_dir(c)
+        b = c.nodes["n2"]
         path_a, path_b = a.p("d", "f"), b.p("d", "f")
         with open(path_a, "wb") as f:
             f.write(b"0123456789")
@@ -100,15 +100,6 @@ def test_privileges_set_on_another_node_go_with_a_write(topdir):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
 def test_privileges_go_as_on_ext4(topdir):
-    ref = tempfile.mkdtemp(prefix="cfs-priv-", dir="/var/tmp")
-    try:
-        os.chmod(ref, 0o777)
-        expected = privilege_transcript(ref)
-    finally:
-        subprocess.run(["rm", "-rf", ref])
+    expected = on_local_fs(privilege_transcript)
     with running_cluster(topdir) as c:
-        a = c.mount("n1")
-        c.mount("n2")
-        os.mkdir(a.p("d"))
-        os.chmod(a.p("d"), 0o777)
-        assert privilege_transcript(a.p("d")) == expected
+        assert privilege_transcript(_shared_dir(c).p("d")) == expected

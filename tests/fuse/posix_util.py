@@ -8,8 +8,10 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import shutil
 import stat
 import struct
+import tempfile
 import traceback
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -142,6 +144,17 @@ def snapshot(top: str, with_xattrs: bool = True) -> dict:
 # and effective; a write, a truncation and a change of owner remove them
 CAPS_XATTR = "security.capability"
 CAPS_VALUE = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)
+
+
+def on_local_fs(fn) -> object:
+    """``fn(directory)`` in a fresh world-writable directory of the local file system
+    (ext4, under /var/tmp), removed after: the reference a mount is compared with."""
+    ref = tempfile.mkdtemp(prefix="cfs-ref-", dir="/var/tmp")
+    try:
+        os.chmod(ref, 0o777)
+        return fn(ref)
+    finally:
+        shutil.rmtree(ref, ignore_errors=True)
 
 
 def privilege_transcript(directory: str) -> list[str]:

@@ -7,17 +7,15 @@ from __future__ import annotations
 import errno
 import os
 import random
-import shutil
 import socket
 import stat
-import tempfile
 import time
 
 import pytest
 
 from tests.fuse.posix_util import (RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT,
-                                   as_user, getdents, privilege_transcript, renameat2,
-                                   utimensat)
+                                   as_user, getdents, on_local_fs, privilege_transcript,
+                                   renameat2, utimensat)
 
 INLINE_MAX = 3456
 BS = 4096
@@ -808,12 +806,7 @@ def test_privileges_go_as_on_ext4(wd):
     """Set-ID bits and file capabilities after writes (through the page cache),
     truncations, O_TRUNC opens and changes of owner are what ext4 leaves: the kernel
     leaves removing them to the file system (FUSE_HANDLE_KILLPRIV_V2)."""
-    ref = tempfile.mkdtemp(prefix="cfs-priv-", dir="/var/tmp")
-    try:
-        os.chmod(ref, 0o777)
-        expected = privilege_transcript(ref)
-    finally:
-        shutil.rmtree(ref, ignore_errors=True)
+    expected = on_local_fs(privilege_transcript)
     # the reference is what the kernel does on a local file system
     assert "write-user 777 size=10 caps=False" in expected, expected
     assert "write-root 6777 size=10 caps=False" in expected, expected
