@@ -184,18 +184,34 @@ def test_online_fsck_refusals_are_one_line(topdir):
         # a check interrupted (SIGTERM) once its snapshot is taken: it leaves no
         # snapshot behind and the volume thawed.  Its output goes to a pipe nobody
         # reads yet, nearly full, so that it waits in its first line (said once the
-        # snapshot is taken, before the check) until the signal.
+        # snapshot is taken, before the check).  A signal that wakes that write
+        # before the pipe has room loses the line (a short write is atomic), so the
+        # line is let through with fsck stopped, and the signal comes while fsck is
+        # held again, stopped in its check in front of a full pipe.
         r_end, w_end = os.pipe()
         fcntl.fcntl(w_end, F_SETPIPE_SZ, 4096)
         os.write(w_end, b"." * 4000)
         p = subprocess.Popen([PY, "-m", "clusterfs.cli", "fsck", "-n", c.volume],
                              stdout=w_end, stderr=subprocess.PIPE)
-        os.close(w_end)
         try:
             wait_for(lambda: "pipe_write" in _wchan(p.pid), 30, "fsck's first line")
             assert len(_snapshots(topdir)) == 1
+            _stop(p.pid)
+            out = os.read(r_end, 4000)            # the dots: room for the line
+            os.kill(p.pid, signal.SIGCONT)
+            while b"\n" not in out.lstrip(b"."):
+                out += os.read(r_end, 65536)
+            _stop(p.pid)
+            os.set_blocking(w_end, False)
+            try:
+                while True:
+                    os.write(w_end, b"." * 4096)
+            except BlockingIOError:
+                pass
+            os.close(w_end)
+            w_end = None
             p.send_signal(signal.SIGTERM)
-            out = b""
+            os.kill(p.pid, signal.SIGCONT)
             while chunk := os.read(r_end, 65536):
                 out += chunk
             err = p.stderr.read().decode()
@@ -203,6 +219,8 @@ def test_online_fsck_refusals_are_one_line(topdir):
             assert b"checking a snapshot" in out and "interrupted" in err, err
         finally:
             os.close(r_end)
+            if w_end is not None:
+                os.close(w_end)
             if p.poll() is None:
                 p.kill()
                 p.wait()
@@ -210,6 +228,17 @@ def test_online_fsck_refusals_are_one_line(topdir):
         assert not control.call(control.find(a.path), {"op": "status"})["frozen_here"]
         with open(a.p("after"), "w") as f:
             f.write("x")
+
+
+def _stop(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until it is stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: _state(pid) == "T", 30, f"process {pid} stopped")
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def _wchan(pid: int) -> str:
