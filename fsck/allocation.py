@@ -170,7 +170,7 @@ def scan_metadata(s) -> None:
                 lblk = keys[0]
                 pblk, n, eflags = vals[0]
                 if n and not eflags & ~EXT_FLAGS and \
-                        lblk + n <= -(-di.size // BLOCK_SIZE) and \
+                        lblk + n <= di.map_end() and \
                         in_data(pblk, n) and claims.count(0, pblk, pblk + n) == n:
                     claims[pblk:pblk + n] = b"\x01" * n
                     rec.ext = [[lblk, pblk, n, eflags]]

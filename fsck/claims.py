@@ -15,7 +15,6 @@ belong to an intact one.
 
 from __future__ import annotations
 
-from clusterfs.ondisk.blockhdr import BLOCK_SIZE
 from clusterfs.ondisk.format import (DINODE, EXT_FLAGS, FREE, MAX_FILE_BLOCKS, UNLINKED,
                                      USED)
 
@@ -84,7 +83,7 @@ def plan_extents(s, rec: Rec, suspicious: list) -> None:
     items = rec.items
     if len(items) == 1:
         lblk, (pblk, n, flags) = items[0]
-        if n and not flags & ~EXT_FLAGS and lblk + n <= -(-di.size // BLOCK_SIZE) and \
+        if n and not flags & ~EXT_FLAGS and lblk + n <= di.map_end() and \
                 s.in_data(pblk, n):
             claims = s.claims
             if claims.count(0, pblk, pblk + n) == n:
@@ -108,7 +107,7 @@ def plan_extents(s, rec: Rec, suspicious: list) -> None:
             continue
         ext.append([lblk, pblk, n, flags & EXT_FLAGS, True])
     rec.ext = ext
-    eof = -(-di.size // BLOCK_SIZE)
+    eof = di.map_end()
     deferred = False
     for i, e in enumerate(ext):
         lblk, pblk, n, _f, _ = e
@@ -157,7 +156,7 @@ def resolve_extents(s, rec: Rec) -> None:
     """
     ext = rec.ext
     issues = rec.own_lists().ext_issues
-    eof = -(-rec.di.size // BLOCK_SIZE)
+    eof = rec.di.map_end()
     prev_end = 0
     out = []
     for i, e in enumerate(ext):

@@ -15,8 +15,9 @@ from operator import attrgetter, lt
 
 from clusterfs.errors import CorruptBlock
 from clusterfs.ondisk.blockhdr import BLOCK_SIZE, BlockType
-from clusterfs.ondisk.format import (DF_DIRTREE, DF_EXTENTS, DF_INLINE, EXTENT,
-                                     MAX_FILE_BLOCKS, SYMLINK_MAX, USED, XattrBlock)
+from clusterfs.ondisk.format import (DF_DIRTREE, DF_EXTENTS, DF_INLINE, DF_PREALLOC, EXTENT,
+                                     MAX_FILE_BLOCKS, PREALLOC_SINCE, SYMLINK_MAX, USED,
+                                     XattrBlock)
 
 from . import allocator, salvage
 from .claims import C_DATA, C_DEFER
@@ -276,14 +277,17 @@ def check_sizes(s) -> None:
     rep = s.report
     fixing = s.fixing
     look = []
+    prealloc = False        # a file has DF_PREALLOC
     for rec in s.inodes.values():           # in memory order (about inode order)
         di = rec.di
         ext = rec.ext
+        if di.flags & DF_PREALLOC:
+            prealloc = True
         if len(ext or ()) == 1 and di.flags & DF_EXTENTS and not rec.nodes and \
                 not di.xattr_block and not (rec.dirty and fixing):
             # the common case, one extent: the checks below in short
             lblk, _pblk, n, _f = ext[0]
-            if di.blocks == n and lblk + n <= -(-di.size // BLOCK_SIZE) and \
+            if di.blocks == n and lblk + n <= di.map_end() and \
                     di.size <= MAX_FILE_BLOCKS * BLOCK_SIZE:
                 continue
         look.append(rec)
@@ -298,7 +302,7 @@ def check_sizes(s) -> None:
                                f"set it to {end * BLOCK_SIZE}", ino=ino):
                     di.size = end * BLOCK_SIZE
                     changed = True
-            elif end * BLOCK_SIZE > di.size and -(-di.size // BLOCK_SIZE) < end:
+            elif di.map_end() < end:
                 if rep.problem("bad-size", f"inode {ino}: size {di.size} ends before "
                                f"its last mapped block ({end - 1})",
                                f"set it to {end * BLOCK_SIZE}", ino=ino):
@@ -316,6 +320,13 @@ def check_sizes(s) -> None:
                                                        di.flags & DF_DIRTREE):
             s.write_obj(di)
             rec.dirty = False
+    # (the revision is raised before the first block is mapped past EOF)
+    if prealloc and s.sb.format_rev < PREALLOC_SINCE and \
+            rep.problem("revision", f"files have blocks mapped past EOF (DF_PREALLOC) "
+                        f"but the volume has format revision {s.sb.format_rev}",
+                        f"raise it to {PREALLOC_SINCE}", safe=True, block=0):
+        s.sb.format_rev = PREALLOC_SINCE
+        s.write_primary = s.write_backup = True
 
 
 def check_generations(s) -> None:

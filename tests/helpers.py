@@ -226,9 +226,10 @@ def check_consistency(dev, *, allow_unlinked: bool = False,
     of ``SHARED`` extents, whose references must equal their count in the refcount
     trees (no record: 1); bitmaps and resource-group counters agree with the walk; tree shape (levels, key order, separators, owners);
     directory entries (hash keys, types, entry counts, '..' pointers); link counts;
-    ``blocks`` counts; no extent past EOF; with ``tail_zero`` (for volumes written
-    without a crash) zero bytes past EOF in the last block on disk: a power cut may
-    leave bytes there, which a later extension zeroes, so it is off by default.
+    ``blocks`` counts; no extent past EOF (but with DF_PREALLOC); with ``tail_zero``
+    (for volumes written without a crash) zero bytes past EOF in the last block on
+    disk: a power cut may leave bytes there, which a later extension zeroes, so it
+    is off by default.
     """
     import stat as S
     from collections import Counter
@@ -349,7 +350,7 @@ def check_consistency(dev, *, allow_unlinked: bool = False,
         elif kind == DF_EXTENTS:
             nodes, recs = walk_tree(di, EXTENT)
             blocks += nodes
-            end_blk = -(-di.size // BLOCK_SIZE)
+            end_blk = di.map_end()      # (past EOF too with DF_PREALLOC)
             prev_end = 0
             for lb, (pb, n, _f) in recs:
                 if n <= 0 or lb < prev_end:

@@ -253,6 +253,16 @@ class ClusterFrontend:
         h = self.fs.close_handle(fh)
         if h is None or self.coh.fenced:
             return
+        if h.ino in self.fs.mapped_ahead and not self.fs.open_count.get(h.ino):
+            # the blocks this node's writes mapped ahead of EOF go, under the
+            # inode's lock (another node may be writing the file meanwhile)
+            try:
+                await self.run(self.fs.trim_ahead, h.ino, h.generation,
+                               want={inode_lock(h.ino): EX})
+            except FSError as e:
+                # they stay mapped, flagged: whoever grows or truncates the file
+                # next frees them first
+                log.warning("inode %d: blocks mapped past EOF not freed: %s", h.ino, e)
         if writable is None:
             writable = h.flags & os.O_ACCMODE != os.O_RDONLY and not h.is_dir
         await self.modes.close_mode(h.ino, h.generation, writable)

@@ -31,6 +31,7 @@ _ANY_FREE_RE = re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in range(2
                                           if _ANY_FREE[b]) + b"]")
 RESERVE_MIN = 64          # blocks (256 KiB)
 RESERVE_MAX = 32768       # blocks (128 MiB)
+AHEAD_SPARE = 8           # alloc_ahead: free blocks a group keeps per block mapped ahead
 
 
 class NeedCommit(Exception):
@@ -259,6 +260,18 @@ class Allocator:
             goal = start + entry + take
             self._set_reservation(ino, rg, entry + take, n - take)
         return _merge_runs(runs)
+
+    def alloc_ahead(self, ino: int, bno: int, want: int) -> int:
+        """Claim up to ``want`` free blocks starting exactly at ``bno`` for a growing
+        file to write into next (``inode._map_ahead``); returns the count.  At most
+        1/AHEAD_SPARE of what ``bno``'s group has free besides the blocks still
+        pending: blocks mapped ahead stay a small part of the space others could
+        use, and none are taken once space runs low."""
+        rg = self.sb.rgrp_of(bno)
+        if rg < 0 or not self.vol.may_alloc_in(rg):
+            return 0
+        want = min(want, (self.vol.rgrp(rg).free - self.pending_blocks()) // AHEAD_SPARE)
+        return self._take_at(ino, bno, want) if want > 0 else 0
 
     def _room_in_goal_group(self, goal: int | None, want: int) -> bool:
         """The cheap case of ``alloc_data``'s check for room: the goal's group alone

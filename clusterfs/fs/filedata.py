@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import FSError
-from ..ondisk.format import BLOCK_SIZE, DF_INLINE, SHARED_SINCE, Dinode
+from ..ondisk.format import (BLOCK_SIZE, DF_INLINE, DF_PREALLOC, PREALLOC_SINCE,
+                             SHARED_SINCE, Dinode)
 from . import inode
 from .xattrs import CAPS_XATTR, has_caps, xattr_set
 
@@ -114,7 +115,13 @@ class FileData:
 
     def write(self, fh: int, off: int, data, ctx: Ctx | None = None) -> int:
         """Write ``data`` at ``off`` (the end of file with O_APPEND).  ``ctx``: the
-        writer, whose privileges the write drops (``drop_privileges``)."""
+        writer, whose privileges the write drops (``drop_privileges``).
+
+        A write that carries on where the handle's last one ended, at EOF, streams
+        onto the end of the file: blocks it allocates there come with more mapped
+        ahead (``inode.write``'s ``ahead``: as many as the file has, up to
+        ``inode.PREALLOC_MAX``), so that the next writes do not allocate.  They go
+        when the file's last handle on this node closes (``trim_ahead``)."""
         h, di = self.handle(fh)
         if h.flags & os.O_APPEND:
             off = di.size        # the cluster's size, not the kernel's idea of it
@@ -127,10 +134,16 @@ class FileData:
             # the times were set less than WRITE_TIME_NS ago: they stand for this
             # write too, and an overwrite in place changes nothing else
             h.written = True
+            h.stream_end = off + len(data) if off + len(data) == di.size else -1
             return len(data)
+        ahead = 0
+        if off == h.stream_end == di.size and not di.flags & DF_INLINE and \
+                not self.vol.readonly:
+            ahead = min(inode.PREALLOC_MAX, max(-(-len(data) // BLOCK_SIZE), di.blocks))
+            self.vol.raise_revision(PREALLOC_SINCE)     # (once, before the first)
 
         def change():
-            n = inode.write(self.vol, di, off, data)
+            n = inode.write(self.vol, di, off, data, ahead)
             now = time.time_ns()
             self.vol.touch(di)
             di.mtime = di.ctime = now
@@ -139,7 +152,25 @@ class FileData:
             return n
         n = self._change(change)
         h.written = True
+        h.stream_end = off + n if off + n >= di.size else -1
+        if ahead and di.flags & DF_PREALLOC:
+            self.mapped_ahead.add(di.bno)
         return n
+
+    def trim_ahead(self, ino: int, generation: int) -> None:
+        """After the last close on this node of a file whose writes here mapped
+        blocks ahead of EOF: free those blocks (one operation; the caller holds the
+        inode's lock in a cluster)."""
+        if ino not in self.mapped_ahead or self.open_count.get(ino, 0):
+            return
+        self.mapped_ahead.discard(ino)
+        try:
+            di = self.vol.dinode(ino)
+        except FSError:
+            return
+        if di.generation == generation and di.flags & DF_PREALLOC and \
+                not self.vol.readonly:
+            self._change(inode.trim_prealloc, self.vol, di)
 
     def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
         """fallocate(2) on an open file, ``mode`` 0 (preallocate, growing the size),

@@ -9,6 +9,15 @@ extension never exposes old bytes.  The format has no unwritten extents: a block
 that fallocate preallocates is an ordinary mapped block, zeroed on the device before
 the operation that maps it commits, and so is data to SEEK_DATA.
 
+Blocks past EOF: a write that streams onto the end of a file may map more blocks than
+it needs, ahead of EOF (``write``'s ``ahead``; XFS's speculative preallocation), so
+that the next appends only write data and move the size instead of allocating.  The
+dinode then has ``DF_PREALLOC``: its blocks wholly past EOF hold whatever the device
+held, are no bytes of the file, and go (``trim_prealloc``) before anything else could
+make them part of it: a truncation, a preallocation, a clone onto the file or a write
+that skips over them; and when the writer closes the file.  A node that crashes keeps
+them mapped, flagged, until one of those.
+
 Shared blocks (reflink clones, ``clone_step``): an extent with ``EXT_SHARED`` may map
 blocks that other extents map too; their counts are in the groups' refcount trees
 (``refcount``).  Nothing writes into a block whose count is 2 or more: every writer
@@ -23,12 +32,13 @@ import bisect
 import errno
 
 from ..errors import CorruptBlock, FSError
-from ..ondisk.format import (BLOCK_SIZE, DF_EXTENTS, DF_INLINE, EXT_SHARED, EXTENT,
-                             INLINE_MAX, MAX_FILE_BLOCKS, Dinode, TreeNode)
+from ..ondisk.format import (BLOCK_SIZE, DF_EXTENTS, DF_INLINE, DF_PREALLOC, EXT_SHARED,
+                             EXTENT, INLINE_MAX, MAX_FILE_BLOCKS, Dinode, TreeNode)
 from . import refcount
 from .btree import BTree
 
 MAX_EXTENT = 1 << 31           # blocks in one extent record
+PREALLOC_MAX = 2048            # blocks (8 MiB) a streaming write maps past EOF at most
 TRUNCATE_STEP = 64             # extent records freed per operation
 FALLOC_STEP = 1024             # blocks preallocated or zeroed per operation (4 MiB)
 CLONE_STEP = 16                # extent records shared (or unmapped) per operation: the
@@ -330,8 +340,13 @@ def _allocate(vol, di: Dinode, t: BTree, lblk: int,
     return out
 
 
-def write(vol, di: Dinode, off: int, data) -> int:
-    """Write ``data`` at ``off`` (allocating as needed); returns the byte count."""
+def write(vol, di: Dinode, off: int, data, ahead: int = 0) -> int:
+    """Write ``data`` at ``off`` (allocating as needed); returns the byte count.
+
+    ``ahead``: when the write allocates its last block past EOF, map up to that
+    many more free blocks after it (physically contiguous, from a group with room
+    to spare, ``Allocator.alloc_ahead``), flagging the file ``DF_PREALLOC``; the
+    caller asks for this when the writes stream onto the end of the file."""
     n = len(data)
     if n == 0:
         return 0
@@ -355,6 +370,10 @@ def write(vol, di: Dinode, off: int, data) -> int:
     last = (end - 1) // BLOCK_SIZE
     if overwrite(vol, di, off, data):
         return n
+    if di.flags & DF_PREALLOC and first > -(-di.size // BLOCK_SIZE):
+        # the blocks mapped ahead of EOF that this write skips would become
+        # readable with what they hold
+        trim_prealloc(vol, di)
     if off > di.size and di.size // BLOCK_SIZE < first:
         # a write that never committed (power cut) may have left bytes past EOF
         _zero_tail(vol, di, t, di.size)
@@ -371,6 +390,10 @@ def write(vol, di: Dinode, off: int, data) -> int:
         for rlb, rpb, rn in _allocate(vol, di, t, lb, cnt):
             mapped.append((rlb, rpb, rn))
             fresh.append((rlb, rn))
+    if ahead and fresh and mapped[-1][0] + mapped[-1][2] == last + 1 and \
+            fresh[-1][0] + fresh[-1][1] == last + 1 and last >= di.size // BLOCK_SIZE:
+        # the write ends in blocks it allocated at the end of the file: map more
+        _map_ahead(vol, di, t, last + 1, mapped[-1][1] + mapped[-1][2], ahead)
     old = [(lb, pb, cnt) for lb, pb, cnt, _f in segs if pb]    # the bytes there now
     if shared:
         # copy-on-write: blocks others share get new ones (the partial ones' old
@@ -407,6 +430,32 @@ def write(vol, di: Dinode, off: int, data) -> int:
         vol.touch(di)
         di.size = end
     return n
+
+
+def _map_ahead(vol, di: Dinode, t: BTree, lblk: int, pblk: int, want: int) -> None:
+    """Map up to ``want`` free blocks from ``pblk`` at logical block ``lblk`` (past
+    EOF, a hole), flagging the file ``DF_PREALLOC``; nothing if none is free."""
+    if next(t.items_from(lblk), None) is not None:
+        return      # something is mapped there already
+    got = vol.alloc.alloc_ahead(di.bno, pblk, want)
+    if got:
+        _map_new(t, lblk, pblk, got)
+        vol.touch(di)
+        di.blocks += got
+        di.flags |= DF_PREALLOC
+
+
+def trim_prealloc(vol, di: Dinode) -> bool:
+    """Free the blocks mapped wholly past EOF of a ``DF_PREALLOC`` file and clear the
+    flag (in the caller's operation); returns whether there was anything to do.
+    Bounded: a file has only the runs its last streaming writes mapped ahead."""
+    if not di.flags & DF_PREALLOC:
+        return False
+    vol.touch(di)
+    di.flags &= ~DF_PREALLOC
+    pieces, _ = _unmap(tree(vol, di), -(-di.size // BLOCK_SIZE), MAX_FILE_BLOCKS)
+    _release(vol, di, pieces)
+    return True
 
 
 def overwrite(vol, di: Dinode, off: int, data) -> bool:
@@ -446,6 +495,7 @@ def truncate_step(vol, di: Dinode, new_size: int) -> bool:
     transactions and survive a crash between them.
     """
     vol.touch(di)
+    trim_prealloc(vol, di)
     if di.flags & DF_INLINE:
         if new_size <= INLINE_MAX:
             # inline bytes past len(root) up to size are zeros
@@ -576,6 +626,7 @@ def fill_step(vol, di: Dinode, off: int, end: int, pos: int, *, zero: bool,
                 di.root = bytes(buf)
             return None
         convert_inline(vol, di)
+    trim_prealloc(vol, di)      # (a growing size would take them in as they are)
     first, stop = fill_range(di, off, end, keep_size)
     pos = max(pos, first)
     if pos >= stop:
@@ -712,6 +763,7 @@ def clone_step(vol, src: Dinode, dst: Dinode, s_first: int, d_first: int, count:
     """
     if dst.flags & DF_INLINE:
         convert_inline(vol, dst)
+    trim_prealloc(vol, dst)     # (the growing size would take them in as they are)
     s_lo, s_end = s_first + pos, s_first + count
     delta = d_first - s_first
     ts, td = tree(vol, src), tree(vol, dst)

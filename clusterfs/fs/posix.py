@@ -44,6 +44,9 @@ class Handle:
     flags: int
     is_dir: bool = False
     written: bool = False
+    # where this handle's last write ended when it ended at EOF (-1 otherwise): a
+    # write from there streams onto the end of the file (``FileData.write``)
+    stream_end: int = -1
 
 
 @dataclass
@@ -85,6 +88,9 @@ class Filesystem(FileData, Xattrs):
         # a truncation, a change of owner): the kernel's cached attributes of them
         # are out of date (``Operations._forget_dropped``)
         self.privileges_dropped: set[int] = set()
+        # files whose writes on this node mapped blocks ahead of EOF: they go after
+        # the last close here (``FileData.trim_ahead``)
+        self.mapped_ahead: set[int] = set()
 
     # -- helpers --------------------------------------------------------------------
 
@@ -559,6 +565,8 @@ class Filesystem(FileData, Xattrs):
                 return
             if di.generation == h.generation and di.nlink == 0:
                 self.purge(h.ino)
+            else:
+                self.trim_ahead(h.ino, h.generation)
 
     def close_handle(self, fh: int) -> Handle | None:
         """Forget a handle (no metadata change); returns it, or None if unknown."""

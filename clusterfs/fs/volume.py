@@ -561,18 +561,19 @@ class Volume:
 
     # -- format revision ----------------------------------------------------------------
 
-    def raise_revision(self) -> None:
-        """Before the first block is shared: a volume of an older revision (2, which
-        has no shared blocks) becomes revision ``SHARED_SINCE`` (3), both copies
-        of the superblock durable (backup first), so that older software refuses
-        it from then on.  Idempotent (several nodes may do it at once: they write
-        the same bytes)."""
-        if self.sb.format_rev >= SHARED_SINCE:
+    def raise_revision(self, rev: int = SHARED_SINCE) -> None:
+        """Before a feature of revision ``rev`` first reaches the disk (the first
+        shared block: ``SHARED_SINCE``; the first block mapped past EOF:
+        ``PREALLOC_SINCE``): a volume of an older revision becomes ``rev``, both
+        copies of the superblock durable (backup first), so that older software
+        refuses it from then on.  Never lowers the revision.  Idempotent (several
+        nodes may do it at once: they write the same bytes)."""
+        if self.sb.format_rev >= rev:
             return
         if self.op is not None:
             raise RuntimeError("raise_revision inside an operation")
         old = self.sb.format_rev
-        self.sb.format_rev = SHARED_SINCE
+        self.sb.format_rev = rev
         try:
             self.dev.write(self.sb.backup_bno, self.sb.image(self.sb.backup_bno))
             self.dev.flush()
@@ -581,7 +582,7 @@ class Volume:
         except BaseException:
             self.sb.format_rev = old
             raise
-        log.info("volume raised to format revision %d (shared blocks)", SHARED_SINCE)
+        log.info("volume raised to format revision %d", rev)
 
     # -- data ---------------------------------------------------------------------------
 

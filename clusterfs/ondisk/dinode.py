@@ -13,8 +13,9 @@ import struct
 from ..errors import CorruptBlock
 from . import blockhdr
 from .blockhdr import BLOCK_SIZE, HEADER_SIZE, BlockType
-from .layout import (DATA_OFF, DATA_SIZE, DF_DIRTREE, DF_EXTENTS, DF_INLINE, DINODE_LAYOUT,
-                     DIRENT, EXTENT, INLINE_MAX, XATTR_INLINE_OFF, XATTR_INLINE_SIZE)
+from .layout import (DATA_OFF, DATA_SIZE, DF_DIRTREE, DF_EXTENTS, DF_INLINE, DF_PREALLOC,
+                     DINODE_LAYOUT, DIRENT, EXTENT, INLINE_MAX, MAX_FILE_BLOCKS,
+                     XATTR_INLINE_OFF, XATTR_INLINE_SIZE)
 from .meta import MetaObject, _blank, _copier
 from .tree import TreeNode
 from .xattr import decode_xattrs, encode_xattrs
@@ -66,6 +67,13 @@ class Dinode(MetaObject):
     @property
     def ino(self) -> int:
         return self.bno
+
+    def map_end(self) -> int:
+        """The logical block no extent of the file reaches past: ⌈size / 4096⌉, or
+        MAX_FILE_BLOCKS for a file with blocks mapped ahead of EOF (DF_PREALLOC)."""
+        if self.flags & DF_PREALLOC:
+            return MAX_FILE_BLOCKS
+        return -(-self.size // BLOCK_SIZE)
 
     def clone(self):
         c = Dinode.__new__(Dinode)

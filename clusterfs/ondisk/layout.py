@@ -15,15 +15,20 @@ import struct
 
 from .blockhdr import BLOCK_SIZE, HEADER_SIZE
 
-FORMAT_REVISION = 4        # what mkfs writes, and the newest revision read
+FORMAT_REVISION = 5        # what mkfs writes, and the newest revision read
 OLDEST_REVISION = 2        # the oldest revision read: a revision-2 volume is a
 #                            revision-3 one without shared blocks (raised to 3 by
 #                            the first clone), a revision-3 one a revision-4 one
-#                            without a slot table (raised to 4 by add-slots);
+#                            without a slot table (raised to 4 by add-slots), a
+#                            revision-4 one a revision-5 one without blocks mapped
+#                            past EOF (raised to 5 by the first such preallocation);
 #                            docs/FORMAT.md, "Format revision rule"
 SHARED_SINCE = 3           # the revision that added shared blocks: the first clone
 #                            raises an older volume to it
 SLOT_TABLE_SINCE = 4       # the revision that added the slot table: add-slots
+#                            raises an older volume to it
+PREALLOC_SINCE = 5         # the revision that added DF_PREALLOC (blocks mapped past
+#                            EOF ahead of a growing file): the first such write
 #                            raises an older volume to it
 
 
@@ -179,6 +184,8 @@ assert DINODE_LAYOUT.end <= XATTR_INLINE_OFF
 DF_INLINE = 1      # the data area holds the file's bytes (size <= INLINE_MAX)
 DF_EXTENTS = 2     # the data area holds the root node of the extent tree
 DF_DIRTREE = 4     # the data area holds the root node of the directory tree
+DF_PREALLOC = 8    # with DF_EXTENTS: blocks may be mapped past EOF, preallocated ahead of
+#                    a growing file; they are not the file's bytes (docs/FORMAT.md)
 
 MAX_FILE_BLOCKS = 1 << 40   # logical blocks of a file: 4 PiB, far past the 16 TiB promised
 LINK_MAX = 65000            # links to one non-directory

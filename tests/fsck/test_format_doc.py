@@ -136,10 +136,13 @@ def test_layout_constants():
     assert fmt.ROOT_CAPACITY == 3440 and fmt.NODE_CAPACITY == 4048
     assert fmt.XATTR_BLOCK_OFF == 48 and fmt.BLOCKS_PER_BITMAP == 16256
     assert (fmt.FREE, fmt.USED, fmt.UNLINKED, fmt.DINODE) == (0, 1, 2, 3)
-    assert (fmt.DF_INLINE, fmt.DF_EXTENTS, fmt.DF_DIRTREE) == (1, 2, 4)
+    assert (fmt.DF_INLINE, fmt.DF_EXTENTS, fmt.DF_DIRTREE, fmt.DF_PREALLOC) == (1, 2, 4, 8)
+    assert "8 `DF_PREALLOC`" in "\n".join(s["DINODE (type 5)"])
     assert fmt.HASH_SHIFT == 16 and fmt.READDIR_BASE == 3
-    assert fmt.FORMAT_REVISION == 4 and fmt.OLDEST_REVISION == 2
+    assert fmt.FORMAT_REVISION == 5 and fmt.OLDEST_REVISION == 2
     assert fmt.SLOT_TABLE_SINCE == 4 and fmt.MAX_SLOTS == 256
+    assert fmt.PREALLOC_SINCE == 5
+    assert "format revision 5." in DOC.read_text().splitlines()[2]
     slot_table, entry = tables(s["SLOT_TABLE (type 11)"])
     assert slot_table[-1] == (str(fmt.SLOT_ENTRIES_OFF), f"{SLOT_ENTRY.size} × count",
                               "entries")

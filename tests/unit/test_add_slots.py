@@ -14,8 +14,8 @@ from clusterfs.fs.addslots import add_slots_on_disk
 from clusterfs.fs.volume import Volume, read_superblock
 from clusterfs.ondisk import slots as slotmod
 from clusterfs.ondisk.blockdev import BLOCK_SIZE, BlockDevice, PowerLossDevice
-from clusterfs.ondisk.format import (HB_CLUSTER, HB_FREE, USED, SlotTable, Superblock,
-                                     bitmap_blocks_for)
+from clusterfs.ondisk.format import (FORMAT_REVISION, HB_CLUSTER, HB_FREE, USED, SlotTable,
+                                     Superblock, bitmap_blocks_for)
 from tests.crash.crash_workload import CTX
 from tests.helpers import (DeviceMount, check_consistency, fsck_device, power_loss_volume,
                            run_cli)
@@ -44,7 +44,7 @@ def test_added_slots_have_a_heartbeat_and_a_clean_journal_in_used_blocks():
     new = add_slots_on_disk(dev, sb, 2)
     back = read_superblock(dev)
     assert back == new and (back.nslots, back.fixed_slots) == (4, 2)
-    assert back.format_rev == 4 and back.slot_table
+    assert back.format_rev == FORMAT_REVISION and back.slot_table   # (never lowered)
     assert Superblock.decode(dev.read(back.backup_bno), back.backup_bno).slot_table == \
         back.slot_table
     for slot in (2, 3):
