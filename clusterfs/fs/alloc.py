@@ -264,13 +264,14 @@ class Allocator:
     def alloc_ahead(self, ino: int, bno: int, want: int) -> int:
         """Claim up to ``want`` free blocks starting exactly at ``bno`` for a growing
         file to write into next (``inode._map_ahead``); returns the count.  At most
-        1/AHEAD_SPARE of what ``bno``'s group has free besides the blocks still
+        1/AHEAD_SPARE of what ``bno``'s group has free besides its blocks still
         pending: blocks mapped ahead stay a small part of the space others could
         use, and none are taken once space runs low."""
         rg = self.sb.rgrp_of(bno)
         if rg < 0 or not self.vol.may_alloc_in(rg):
             return 0
-        want = min(want, (self.vol.rgrp(rg).free - self.pending_blocks()) // AHEAD_SPARE)
+        pending = sum(n for _e, n in self.pending_free.get(rg, ()))
+        want = min(want, (self.vol.rgrp(rg).free - pending) // AHEAD_SPARE)
         return self._take_at(ino, bno, want) if want > 0 else 0
 
     def _room_in_goal_group(self, goal: int | None, want: int) -> bool:

@@ -263,3 +263,25 @@ def test_the_first_blocks_ahead_raise_an_older_volume_to_revision_5():
     finally:
         m.stop()
     _fsck_clean(dev)
+
+
+def test_blocks_freed_in_other_groups_do_not_stop_blocks_ahead():
+    """Only the group's own blocks still pending count against its room: a big
+    file just truncated elsewhere leaves the stream its blocks ahead."""
+    dev = power_loss_volume(64 << 20)
+    m = DeviceMount(dev)
+    fs = m.start()
+    try:
+        fhx, x = fs.create(fs.root_ino, b"x", 0o100644, os.O_WRONLY, ROOT)
+        fs.write(fhx, 0, b"\x02" * (12 << 20), ROOT)
+        fs.vol.commit()
+        fs.setattr(x.bno, size=0, ctx=ROOT)        # 3,072 blocks pending a commit
+        assert fs.vol.alloc.pending_blocks() > fs.vol.sb.rgrp_blocks
+        fh, y = fs.create(fs.root_ino, b"y", 0o100644, os.O_WRONLY, ROOT)
+        _stream(fs, fh, 4)
+        assert _ahead(fs, y.bno) > 0
+        fs.release(fh)
+        fs.release(fhx)
+    finally:
+        m.stop()
+    _fsck_clean(dev)
