@@ -322,6 +322,31 @@ class Runner:
         self.model.data[iid] = data + old[len(data):]
         self._mark(inplace={iid}, versions={iid: self.model.data[iid]})
 
+    def op_stream(self):
+        """Appends through one handle, each where the last ended: a file written as a
+        stream, which maps blocks ahead of EOF (``DF_PREALLOC``) until the release."""
+        files = self.model.files()
+        if not files:
+            return self.op_create()
+        path = self.rng.choice(files)
+        iid = self.model.paths[path][1]
+        fh = self.fs.open(resolve(self.fs, path), os.O_RDWR)
+        count = self.rng.choice([2, 4, 8])
+        self.log.append(f"stream {path} x{count}")
+        try:
+            for _ in range(count):
+                old = self.model.data[iid]
+                n = self.rng.choice([4096, 5000, 16384, 30000])
+                if len(old) + n > self.max_file * 2:
+                    break
+                data = self.rng.randbytes(n)
+                self.fs.write(fh, len(old), data)
+                self.model.data[iid] = old + data
+                self._mark()
+        finally:
+            self.fs.release(fh)
+            self._mark()
+
     def op_scatter(self):
         """One-block writes at every other block: a file of many extents (an extent
         tree with index nodes), which truncate and unlink free over several steps."""
@@ -390,6 +415,11 @@ class Runner:
     # files of hundreds of extents, truncated and unlinked
     FRAGMENTED = [("create", 3), ("scatter", 2), ("truncate", 3), ("unlink", 2),
                   ("fsync", 3), ("write", 2), ("hold", 1), ("rename", 1)]
+
+    # files written as streams (blocks mapped ahead of EOF), truncated, extended,
+    # written past their end and fsynced in between
+    STREAMED = [("create", 3), ("stream", 5), ("truncate", 2), ("write", 2),
+                ("fallocate", 1), ("unlink", 1), ("fsync", 3), ("hold", 1)]
 
     def _mark(self, inplace: set[int] = frozenset(), versions=None) -> None:
         self.history.append(self.model.snapshot())
