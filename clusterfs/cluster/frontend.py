@@ -253,9 +253,12 @@ class ClusterFrontend:
         h = self.fs.close_handle(fh)
         if h is None or self.coh.fenced:
             return
-        if h.ino in self.fs.mapped_ahead and not self.fs.open_count.get(h.ino):
+        if h.ino in self.fs.mapped_ahead and not self.fs.open_count.get(h.ino) and \
+                self.coh.gate is None:
             # the blocks this node's writes mapped ahead of EOF go, under the
-            # inode's lock (another node may be writing the file meanwhile)
+            # inode's lock (another node may be writing the file meanwhile).  Not
+            # while the volume is frozen: a close must not wait for the thaw; they
+            # stay mapped, flagged, as a crashed writer's do
             try:
                 await self.run(self.fs.trim_ahead, h.ino, h.generation,
                                want={inode_lock(h.ino): EX})

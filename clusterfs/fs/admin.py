@@ -18,6 +18,7 @@ import trio
 
 from ..control import FREEZE_TIMEOUT, FREEZE_WAIT
 from ..errors import FSError
+from .volume import read_superblock
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,12 @@ class MountAdmin(ABC):
             # (no time-out here: a thaw in the middle of a grow would let the
             # others use a group being rewritten; the work ends, or fails and thaws)
             took = await self._freeze_timed(wait)
-            old = self.node.vol.sb
+            vol = self.node.vol
+            # another node may have raised the format revision since this one read
+            # the superblock (``Volume.raise_revision``): what ``work`` writes keeps it
+            vol.sb.format_rev = max(vol.sb.format_rev,
+                                    read_superblock(vol.dev).format_rev)
+            old = vol.sb
             before = (old.total_blocks, old.rgrp_count, old.nslots)
             try:
                 self._adopt(await trio.to_thread.run_sync(work))

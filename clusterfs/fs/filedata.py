@@ -141,6 +141,11 @@ class FileData:
                 not self.vol.readonly:
             ahead = min(inode.PREALLOC_MAX, max(-(-len(data) // BLOCK_SIZE), di.blocks))
             self.vol.raise_revision(PREALLOC_SINCE)     # (once, before the first)
+        elif di.flags & DF_PREALLOC and off // BLOCK_SIZE > -(-di.size // BLOCK_SIZE):
+            # the write skips the blocks mapped ahead: they go first, in an
+            # operation of their own, so that the write may reuse them once the
+            # journal commits (``_change``: freed blocks wait for the commit)
+            self._change(inode.trim_prealloc, self.vol, di)
 
         def change():
             n = inode.write(self.vol, di, off, data, ahead)
@@ -150,12 +155,37 @@ class FileData:
             if kill or caps:
                 self.drop_privileges(di, kill)
             return n
-        n = self._change(change)
+        try:
+            n = self._change(change)
+        except FSError as e:
+            if e.errno != errno.ENOSPC or not self.reclaim_ahead():
+                raise
+            n = self._change(change)
         h.written = True
         h.stream_end = off + n if off + n >= di.size else -1
         if ahead and di.flags & DF_PREALLOC:
             self.mapped_ahead.add(di.bno)
         return n
+
+    def reclaim_ahead(self) -> bool:
+        """Out of space: free the blocks mapped ahead of EOF of every file this node
+        streamed into (their writers map more when space allows), as XFS frees its
+        speculative preallocations before it answers ENOSPC, and commit so that the
+        space can be taken again.  Returns whether any block was freed.  (In a
+        cluster each file's trim may first need its inode's lock: ``NeedLock``
+        makes the operation run again holding it.)"""
+        freed = False
+        for ino in sorted(self.mapped_ahead):
+            try:
+                di = self.vol.dinode(ino)
+            except FSError:
+                self.mapped_ahead.discard(ino)
+                continue
+            if di.flags & DF_PREALLOC and not self.vol.readonly:
+                freed |= bool(self._change(inode.trim_prealloc, self.vol, di))
+        if freed:
+            self.vol.commit()
+        return freed
 
     def trim_ahead(self, ino: int, generation: int) -> None:
         """After the last close on this node of a file whose writes here mapped
@@ -228,6 +258,10 @@ class FileData:
             raise FSError(errno.EFBIG, "file too large")
         if mode & FALLOC_FL_PUNCH_HOLE:
             return di.size, 0
+        if di.flags & DF_PREALLOC and not self.vol.readonly:
+            # blocks mapped ahead of EOF go first, in an operation of their own:
+            # the steps may need them (``write``)
+            self._change(inode.trim_prealloc, self.vol, di)
         return di.size, inode.fill_need(self.vol, di, off, end,
                                         bool(mode & FALLOC_FL_KEEP_SIZE))
 

@@ -32,8 +32,8 @@ import bisect
 import errno
 
 from ..errors import CorruptBlock, FSError
-from ..ondisk.format import (BLOCK_SIZE, DF_EXTENTS, DF_INLINE, DF_PREALLOC, EXT_SHARED,
-                             EXTENT, INLINE_MAX, MAX_FILE_BLOCKS, Dinode, TreeNode)
+from ..ondisk.format import (BLOCK_SIZE, DF_EXTENTS, DF_INLINE, DF_PREALLOC, EXTENT,
+                             EXT_SHARED, INLINE_MAX, MAX_FILE_BLOCKS, Dinode, TreeNode)
 from . import refcount
 from .btree import BTree
 
@@ -799,8 +799,12 @@ def clone_step(vol, src: Dinode, dst: Dinode, s_first: int, d_first: int, count:
         dst.size = d_stop * BLOCK_SIZE
     pieces, _ = _unmap(td, d_lo, d_stop)
     _release(vol, dst, pieces)
+    s_eof = -(-src.size // BLOCK_SIZE)
     for lb, pb, ln, f in segments(vol, src, s_lo, stop - s_lo):
-        if not pb:
+        # (the source may have shrunk since the copy was planned, and grown blocks
+        # mapped ahead of its EOF: those are no bytes of it, they stay holes here)
+        ln = min(ln, s_eof - lb)
+        if not pb or ln <= 0:
             continue
         if not f & EXT_SHARED:
             rlb, (rpb, rn, rf) = ts.floor(lb)

@@ -564,6 +564,7 @@ class Filesystem(FileData, Xattrs):
             except FSError:
                 return
             if di.generation == h.generation and di.nlink == 0:
+                self.mapped_ahead.discard(h.ino)
                 self.purge(h.ino)
             else:
                 self.trim_ahead(h.ino, h.generation)

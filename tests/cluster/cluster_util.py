@@ -221,6 +221,17 @@ class Cluster:
             f"slot {slot} of the recovered node {name}: its journal was not replayed"
 
 
+def volume_superblock(path: str):
+    """The superblock of the volume image at ``path`` (read-only, as on disk)."""
+    from clusterfs.fs.volume import read_superblock
+    from clusterfs.ondisk.blockdev import BlockDevice
+    dev = BlockDevice(path, readonly=True)
+    try:
+        return read_superblock(dev)
+    finally:
+        dev.close()
+
+
 def check_volume(path: str, *, crashed: bool = False) -> None:
     """The walk of ``tests.helpers.check_consistency``, then fsck.  ``crashed``: a
     node died, so a file's last block may hold bytes past EOF (written before its

@@ -5,9 +5,12 @@ open, nor after A was killed with the blocks mapped.  A's close frees them."""
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 
-from tests.cluster.cluster_util import make_topdir, running_cluster
+from tests.cluster.cluster_util import make_topdir, running_cluster, volume_superblock
+from tests.cluster.test_freeze import cli, control_ready
 
 MiB = 1 << 20
 CHUNK = 64 << 10
@@ -88,3 +91,82 @@ def test_a_killed_writers_blocks_ahead_stay_out_of_the_file():
         os.truncate(fb, len(data) + MiB)
         assert _read(fb) == data + bytes(MiB)
         assert os.stat(fb).st_blocks * 512 == len(data)     # freed by the truncation
+
+
+def _revision(volume: str) -> int:
+    return volume_superblock(volume).format_rev
+
+
+def _set_revision(volume: str, rev: int) -> None:
+    """Make a fresh volume look like one of an older revision (both superblocks)."""
+    from clusterfs.fs.volume import read_superblock
+    from clusterfs.ondisk.blockdev import BlockDevice
+    dev = BlockDevice(volume)
+    try:
+        sb = read_superblock(dev)
+        sb.format_rev = rev
+        dev.write(sb.backup_bno, sb.image(sb.backup_bno))
+        dev.write(0, sb.image(0))
+        dev.flush()
+    finally:
+        dev.close()
+
+
+def test_a_grow_on_a_node_that_read_the_older_revision_keeps_the_new_one():
+    with make_topdir() as top, running_cluster(top, size="128M") as c:
+        _set_revision(c.volume, 4)
+        a, b = c.mount("a"), c.mount("b")
+        control_ready(b.path)
+        fd = os.open(os.path.join(a.path, "state"), os.O_WRONLY | os.O_CREAT, 0o644)
+        _stream(fd, 8)
+        os.close(fd)
+        assert _revision(c.volume) == 5          # raised by A's stream
+        c.unmount("a")                           # B, which read 4, grows the volume
+        os.truncate(c.volume, 192 * MiB)
+        r = cli("grow", c.volume)
+        assert "grown from" in r.stdout, r.stdout
+        assert _revision(c.volume) == 5
+
+
+def test_out_of_space_on_a_cluster_mount_takes_back_the_blocks_ahead():
+    with make_topdir() as top, running_cluster(top, size="128M") as c:
+        a, b = c.mount("a"), c.mount("b")
+        fa = os.path.join(a.path, "state")
+        fd = os.open(fa, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            data = _stream(fd, 48)
+            assert os.stat(os.path.join(b.path, "state")).st_blocks * 512 > len(data)
+            filled = 0
+            with open(os.path.join(a.path, "fill"), "wb", buffering=0) as f:
+                try:
+                    while True:
+                        filled += f.write(b"\x06" * MiB)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC, e
+            st = os.stat(os.path.join(b.path, "state"))
+            assert (st.st_size, st.st_blocks * 512) == (len(data), len(data))
+            assert _read(os.path.join(b.path, "state")) == data
+        finally:
+            os.close(fd)
+
+
+def test_a_close_while_frozen_leaves_the_blocks_ahead_for_later():
+    """The close does not wait for the thaw: the blocks ahead stay mapped, flagged,
+    and the next truncation frees them."""
+    with make_topdir() as top, running_cluster(top) as c:
+        a, b = c.mount("a"), c.mount("b")
+        control_ready(a.path)
+        fa, fb = os.path.join(a.path, "state"), os.path.join(b.path, "state")
+        fd = os.open(fa, os.O_WRONLY | os.O_CREAT, 0o644)
+        data = _stream(fd, 48)
+        cli("freeze", a.path, "--timeout", "60")
+        try:
+            os.close(fd)
+            time.sleep(0.5)         # (the kernel's release reaches the mount)
+        finally:
+            cli("thaw", a.path)
+        st = os.stat(fb)
+        assert st.st_size == len(data) and st.st_blocks * 512 > len(data)
+        os.truncate(fb, len(data))
+        assert os.stat(fb).st_blocks * 512 == len(data)
+        assert _read(fa) == data

@@ -8,9 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from clusterfs.fs.volume import read_superblock
-from clusterfs.ondisk.blockdev import BlockDevice
-from tests.cluster.cluster_util import running_cluster, wait_for
+from tests.cluster.cluster_util import running_cluster, volume_superblock, wait_for
 from tests.cluster.test_freeze import cli, control_ready, writers_on_two_nodes
 from tests.helpers import Mount, mkfs
 
@@ -18,11 +16,7 @@ CONTENT = lambda i: (f"{i} " * 300).encode()      # noqa: E731  (as Writer write
 
 
 def volume_uuid(path: str) -> bytes:
-    dev = BlockDevice(path, readonly=True)
-    try:
-        return read_superblock(dev).uuid
-    finally:
-        dev.close()
+    return volume_superblock(path).uuid
 
 
 def fsck_clean(path: str) -> None:
