@@ -254,11 +254,12 @@ class ClusterFrontend:
         if h is None or self.coh.fenced:
             return
         if h.ino in self.fs.mapped_ahead and not self.fs.open_count.get(h.ino) and \
-                self.coh.gate is None:
+                self.coh.gate is None and not self.coh.frozen_here:
             # the blocks this node's writes mapped ahead of EOF go, under the
             # inode's lock (another node may be writing the file meanwhile).  Not
-            # while the volume is frozen: a close must not wait for the thaw; they
-            # stay mapped, flagged, as a crashed writer's do
+            # while the volume is frozen (by this node or another): a close must
+            # not wait for the thaw; they stay mapped, flagged, as a crashed
+            # writer's do
             try:
                 await self.run(self.fs.trim_ahead, h.ino, h.generation,
                                want={inode_lock(h.ino): EX})

@@ -18,7 +18,7 @@ import trio
 
 from ..control import FREEZE_TIMEOUT, FREEZE_WAIT
 from ..errors import FSError
-from .volume import read_superblock
+from ..ondisk.format import Superblock
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +175,14 @@ class MountAdmin(ABC):
             # others use a group being rewritten; the work ends, or fails and thaws)
             took = await self._freeze_timed(wait)
             vol = self.node.vol
-            # another node may have raised the format revision since this one read
-            # the superblock (``Volume.raise_revision``): what ``work`` writes keeps it
-            vol.sb.format_rev = max(vol.sb.format_rev,
-                                    read_superblock(vol.dev).format_rev)
             old = vol.sb
             before = (old.total_blocks, old.rgrp_count, old.nslots)
             try:
+                # another node may have raised the format revision since this one
+                # read the superblock (``Volume.raise_revision``): what ``work``
+                # writes keeps it
+                vol.sb.format_rev = max(vol.sb.format_rev,
+                                        Superblock.decode(vol.dev.read(0), 0).format_rev)
                 self._adopt(await trio.to_thread.run_sync(work))
             finally:
                 frozen = trio.current_time() - self.frozen_at

@@ -181,7 +181,10 @@ class FileData:
             except FSError:
                 self.mapped_ahead.discard(ino)
                 continue
-            if di.flags & DF_PREALLOC and not self.vol.readonly:
+            # (only a file whose lock is at hand: a write must not wait for another
+            # file's lock, it may hold the kernel's pages of its own, ``pages.py``)
+            if di.flags & DF_PREALLOC and not self.vol.readonly and \
+                    self.vol.may_write_now(ino):
                 freed |= bool(self._change(inode.trim_prealloc, self.vol, di))
         if freed:
             self.vol.commit()
@@ -193,14 +196,17 @@ class FileData:
         inode's lock in a cluster)."""
         if ino not in self.mapped_ahead or self.open_count.get(ino, 0):
             return
-        self.mapped_ahead.discard(ino)
         try:
             di = self.vol.dinode(ino)
         except FSError:
+            self.mapped_ahead.discard(ino)
             return
         if di.generation == generation and di.flags & DF_PREALLOC and \
                 not self.vol.readonly:
+            # (a cluster member may have to gather a group's lock first: the
+            # operation runs again, the file still listed)
             self._change(inode.trim_prealloc, self.vol, di)
+        self.mapped_ahead.discard(ino)
 
     def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
         """fallocate(2) on an open file, ``mode`` 0 (preallocate, growing the size),

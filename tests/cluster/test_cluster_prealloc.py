@@ -9,6 +9,8 @@ import errno
 import os
 import time
 
+import pytest
+
 from tests.cluster.cluster_util import make_topdir, running_cluster, volume_superblock
 from tests.cluster.test_freeze import cli, control_ready
 
@@ -150,23 +152,27 @@ def test_out_of_space_on_a_cluster_mount_takes_back_the_blocks_ahead():
             os.close(fd)
 
 
-def test_a_close_while_frozen_leaves_the_blocks_ahead_for_later():
-    """The close does not wait for the thaw: the blocks ahead stay mapped, flagged,
-    and the next truncation frees them."""
+@pytest.mark.parametrize("freezer", ["writer", "other"])
+def test_a_close_while_frozen_leaves_the_blocks_ahead_for_later(freezer):
+    """The close does not wait for the thaw, whichever node froze the volume: the
+    blocks ahead stay mapped, flagged, and the next truncation frees them."""
     with make_topdir() as top, running_cluster(top) as c:
         a, b = c.mount("a"), c.mount("b")
         control_ready(a.path)
+        control_ready(b.path)
         fa, fb = os.path.join(a.path, "state"), os.path.join(b.path, "state")
         fd = os.open(fa, os.O_WRONLY | os.O_CREAT, 0o644)
         data = _stream(fd, 48)
-        cli("freeze", a.path, "--timeout", "60")
+        via = a.path if freezer == "writer" else b.path
+        cli("freeze", via, "--timeout", "60")
         try:
             os.close(fd)
             time.sleep(0.5)         # (the kernel's release reaches the mount)
         finally:
-            cli("thaw", a.path)
+            cli("thaw", via)
         st = os.stat(fb)
         assert st.st_size == len(data) and st.st_blocks * 512 > len(data)
         os.truncate(fb, len(data))
         assert os.stat(fb).st_blocks * 512 == len(data)
         assert _read(fa) == data
+

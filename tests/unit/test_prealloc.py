@@ -375,3 +375,35 @@ def test_a_full_volume_gives_a_files_own_blocks_ahead_to_its_next_extension(how)
     assert check_consistency(dev) == []
     _fsck_clean(dev)
 
+
+
+def test_a_grow_that_cannot_read_the_revision_thaws_the_volume(monkeypatch):
+    """A grow reads the format revision from the disk while frozen (another node
+    may have raised it); when that read fails, the volume is thawed all the same."""
+    import trio
+
+    from clusterfs.errors import CorruptBlock
+    from clusterfs.fs import admin
+    from clusterfs.fuse.ops import DirectFrontend
+
+    dev = power_loss_volume(16 << 20)
+    m = DeviceMount(dev)
+    fs = m.start()
+    try:
+        class Node:
+            vol = fs.vol
+            slot = 0
+            node = "n1"
+
+        def unreadable(buf, bno):
+            raise CorruptBlock(bno, "unreadable superblock (test)")
+
+        adm = admin.SingleNodeAdmin(Node, DirectFrontend(fs))
+        monkeypatch.setattr(admin.Superblock, "decode", unreadable)
+        with pytest.raises(CorruptBlock):
+            trio.run(adm.grow, fs.vol.sb.total_blocks + 4096)
+        assert not adm.frozen and not fs.vol.frozen
+    finally:
+        monkeypatch.undo()
+        m.stop()
+    _fsck_clean(dev)
