@@ -171,20 +171,21 @@ class FileData:
         """Out of space: free the blocks mapped ahead of EOF of every file this node
         streamed into (their writers map more when space allows), as XFS frees its
         speculative preallocations before it answers ENOSPC, and commit so that the
-        space can be taken again.  Returns whether any block was freed.  (In a
-        cluster each file's trim may first need its inode's lock: ``NeedLock``
-        makes the operation run again holding it.)"""
+        space can be taken again.  Returns whether any block was freed.  Only the
+        files whose inode lock is at hand without waiting: a write must not wait
+        for another file's lock, it may hold the kernel's pages of its own
+        (``pages.py``).  (A cluster member may have to gather the lock of a group
+        the blocks are in: ``NeedLock`` makes the operation run again.)"""
         freed = False
         for ino in sorted(self.mapped_ahead):
+            if self.vol.readonly or not self.vol.may_write_now(ino):
+                continue
             try:
                 di = self.vol.dinode(ino)
             except FSError:
                 self.mapped_ahead.discard(ino)
                 continue
-            # (only a file whose lock is at hand: a write must not wait for another
-            # file's lock, it may hold the kernel's pages of its own, ``pages.py``)
-            if di.flags & DF_PREALLOC and not self.vol.readonly and \
-                    self.vol.may_write_now(ino):
+            if di.flags & DF_PREALLOC:
                 freed |= bool(self._change(inode.trim_prealloc, self.vol, di))
         if freed:
             self.vol.commit()
