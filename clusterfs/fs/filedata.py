@@ -180,16 +180,21 @@ class FileData:
         for ino in sorted(self.mapped_ahead):
             if self.vol.readonly or not self.vol.may_write_now(ino):
                 continue
-            try:
-                di = self.vol.dinode(ino)
-            except FSError:
-                self.mapped_ahead.discard(ino)
-                continue
-            if di.flags & DF_PREALLOC:
+            di = self._ahead_dinode(ino)
+            if di is not None and di.flags & DF_PREALLOC:
                 freed |= bool(self._change(inode.trim_prealloc, self.vol, di))
         if freed:
             self.vol.commit()
         return freed
+
+    def _ahead_dinode(self, ino: int) -> Dinode | None:
+        """The dinode of ``ino`` in ``mapped_ahead``; None (and forgotten there)
+        once it is gone."""
+        try:
+            return self.vol.dinode(ino)
+        except FSError:
+            self.mapped_ahead.discard(ino)
+            return None
 
     def trim_ahead(self, ino: int, generation: int) -> None:
         """After the last close on this node of a file whose writes here mapped
@@ -197,10 +202,8 @@ class FileData:
         inode's lock in a cluster)."""
         if ino not in self.mapped_ahead or self.open_count.get(ino, 0):
             return
-        try:
-            di = self.vol.dinode(ino)
-        except FSError:
-            self.mapped_ahead.discard(ino)
+        di = self._ahead_dinode(ino)
+        if di is None:
             return
         if di.generation == generation and di.flags & DF_PREALLOC and \
                 not self.vol.readonly:

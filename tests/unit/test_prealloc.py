@@ -6,6 +6,7 @@ after a crash.  Older volumes are raised to revision 5 first."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
@@ -69,6 +70,23 @@ def _fsck_clean(dev) -> None:
     assert code == 0, text
 
 
+@contextlib.contextmanager
+def _mounted(size: int, *, walk: bool = True):
+    """A fresh volume of ``size`` bytes mounted without FUSE: yields (dev, fs).
+    Unmounted after the body; when the body passed, fsck (and with ``walk`` the
+    test walk too) must find the volume clean."""
+    dev = power_loss_volume(size)
+    m = DeviceMount(dev)
+    fs = m.start()
+    try:
+        yield dev, fs
+    finally:
+        m.stop()
+    if walk:
+        assert check_consistency(dev) == []
+    _fsck_clean(dev)
+
+
 def _replayed(dev):
     """What a crash would leave of ``dev`` now, its journal replayed."""
     snap = dev.snapshot()
@@ -77,10 +95,7 @@ def _replayed(dev):
 
 
 def test_streaming_writes_map_blocks_ahead_and_the_close_frees_them():
-    dev = power_loss_volume(64 << 20)
-    m = DeviceMount(dev)
-    fs = m.start()
-    try:
+    with _mounted(64 << 20) as (dev, fs):
         fh, di = fs.create(fs.root_ino, b"state", 0o100644, os.O_WRONLY, ROOT)
         assert fs.write(fh, 0, b"\x01" * CHUNK, ROOT) == CHUNK
         assert _ahead(fs, di.bno) == 0           # one write is no stream yet
@@ -109,10 +124,6 @@ def test_streaming_writes_map_blocks_ahead_and_the_close_frees_them():
         di = fs.vol.dinode(di.bno)
         assert _ahead(fs, di.bno) == 0 and not di.flags & DF_PREALLOC
         assert di.blocks == len(data) // BLOCK_SIZE
-    finally:
-        m.stop()
-    assert check_consistency(dev) == []
-    _fsck_clean(dev)
 
 
 def _streamed(fs, name: bytes, chunks: int = 6):
@@ -127,10 +138,7 @@ def _streamed(fs, name: bytes, chunks: int = 6):
 @pytest.mark.parametrize("how", ["truncate", "write-past", "fallocate", "clone",
                                  "unaligned-append"])
 def test_blocks_ahead_never_become_the_files_bytes(how):
-    dev = power_loss_volume(64 << 20)
-    m = DeviceMount(dev)
-    fs = m.start()
-    try:
+    with _mounted(64 << 20) as (_dev, fs):
         fh, ino, data = _streamed(fs, b"f")
         size = len(data)
         grow = 5 * BLOCK_SIZE + 100
@@ -145,7 +153,7 @@ def test_blocks_ahead_never_become_the_files_bytes(how):
             fs.fallocate(fh, 0, size, grow)
             want = data + bytes(grow)
         elif how == "clone":
-            src, sdi = fs.create(fs.root_ino, b"src", 0o100644, os.O_RDWR, ROOT)
+            src, _sdi = fs.create(fs.root_ino, b"src", 0o100644, os.O_RDWR, ROOT)
             fs.write(src, 0, b"\x09" * (4 * BLOCK_SIZE), ROOT)
             # whole blocks, landing two blocks past EOF: shared, not copied
             assert fs.copy_file_range(src, 0, fh, size + 2 * BLOCK_SIZE,
@@ -161,10 +169,6 @@ def test_blocks_ahead_never_become_the_files_bytes(how):
         assert fs.getattr(ino).size == len(want)
         assert fs.read(fh, 0, len(want) + BLOCK_SIZE) == want
         fs.release(fh)
-    finally:
-        m.stop()
-    assert check_consistency(dev) == []
-    _fsck_clean(dev)
 
 
 def test_a_crash_leaves_the_blocks_ahead_flagged_and_harmless():
@@ -218,10 +222,7 @@ def test_a_handle_that_writes_once_or_far_from_eof_maps_nothing_ahead():
 
 
 def test_blocks_ahead_take_a_small_part_of_the_free_space():
-    dev = power_loss_volume(16 << 20)
-    m = DeviceMount(dev)
-    fs = m.start()
-    try:
+    with _mounted(16 << 20) as (_dev, fs):
         free = fs.vol.alloc.free_blocks()
         fha, a = fs.create(fs.root_ino, b"a", 0o100644, os.O_WRONLY, ROOT)
         _stream(fs, fha, 8)
@@ -236,10 +237,6 @@ def test_blocks_ahead_take_a_small_part_of_the_free_space():
         fs.vol.commit()
         assert fs.vol.alloc.free_blocks() < 4
         fs.release(fha)
-    finally:
-        m.stop()
-    assert check_consistency(dev) == []
-    _fsck_clean(dev)
 
 
 def test_the_first_blocks_ahead_raise_an_older_volume_to_revision_5():
@@ -276,10 +273,7 @@ def test_the_first_blocks_ahead_raise_an_older_volume_to_revision_5():
 def test_blocks_freed_in_other_groups_do_not_stop_blocks_ahead():
     """Only the group's own blocks still pending count against its room: a big
     file just truncated elsewhere leaves the stream its blocks ahead."""
-    dev = power_loss_volume(64 << 20)
-    m = DeviceMount(dev)
-    fs = m.start()
-    try:
+    with _mounted(64 << 20, walk=False) as (_dev, fs):
         fhx, x = fs.create(fs.root_ino, b"x", 0o100644, os.O_WRONLY, ROOT)
         fs.write(fhx, 0, b"\x02" * (12 << 20), ROOT)
         fs.vol.commit()
@@ -290,9 +284,6 @@ def test_blocks_freed_in_other_groups_do_not_stop_blocks_ahead():
         assert _ahead(fs, y.bno) > 0
         fs.release(fh)
         fs.release(fhx)
-    finally:
-        m.stop()
-    _fsck_clean(dev)
 
 
 def test_a_clone_planned_before_the_source_shrank_shares_none_of_its_blocks_ahead(
@@ -301,11 +292,8 @@ def test_a_clone_planned_before_the_source_shrank_shares_none_of_its_blocks_ahea
     between: the source truncated and streamed again meanwhile has blocks mapped
     ahead inside the planned range, which stay holes in the copy."""
     monkeypatch.setattr(inode, "CLONE_STEP", 1)
-    dev = power_loss_volume(64 << 20)
-    m = DeviceMount(dev)
-    fs = m.start()
-    try:
-        fv, v = fs.create(fs.root_ino, b"victim", 0o100644, os.O_RDWR, ROOT)
+    with _mounted(64 << 20) as (_dev, fs):
+        fv, _v = fs.create(fs.root_ino, b"victim", 0o100644, os.O_RDWR, ROOT)
         fs.write(fv, 0, STALE * 64, ROOT)
         fs.release(fv)
         fs.unlink(fs.root_ino, b"victim")
@@ -333,10 +321,6 @@ def test_a_clone_planned_before_the_source_shrank_shares_none_of_its_blocks_ahea
                 blk == new[b:b + BLOCK_SIZE], f"block {b // BLOCK_SIZE}: {blk[:8]!r}"
         for fh in (fsrc, fdst, h2):
             fs.release(fh)
-    finally:
-        m.stop()
-    assert check_consistency(dev) == []
-    _fsck_clean(dev)
 
 
 def _full_but_ahead(fs):
@@ -355,10 +339,7 @@ def _full_but_ahead(fs):
 
 @pytest.mark.parametrize("how", ["write-past", "fallocate"])
 def test_a_full_volume_gives_a_files_own_blocks_ahead_to_its_next_extension(how):
-    dev = power_loss_volume(16 << 20)
-    m = DeviceMount(dev)
-    fs = m.start()
-    try:
+    with _mounted(16 << 20) as (_dev, fs):
         fh, f, ahead = _full_but_ahead(fs)
         size = fs.getattr(f.bno).size
         if how == "write-past":
@@ -370,10 +351,6 @@ def test_a_full_volume_gives_a_files_own_blocks_ahead_to_its_next_extension(how)
             fs.fallocate(fh, 0, size, 4 * BLOCK_SIZE)
             assert fs.read(fh, size, 4 * BLOCK_SIZE) == bytes(4 * BLOCK_SIZE)
         fs.release(fh)
-    finally:
-        m.stop()
-    assert check_consistency(dev) == []
-    _fsck_clean(dev)
 
 
 
