@@ -62,7 +62,11 @@ class VolumeAdmin(MountAdmin):
     def status(self) -> dict:
         # with the counts of the kernel's page cache (READs and WRITEs that reached
         # this mount, drops of a file's pages and their passes: ``pages.py``)
-        return {**super().status(), "pages": dict(self.coh.pages.stats)}
+        # and of the kernel's directory entries (lookups that reached this mount,
+        # epochs raised: ``coherence.py``)
+        coh = self.coh
+        return {**super().status(), "pages": dict(coh.pages.stats),
+                "entries": {"cached": coh.entry_epochs, **coh.entry_stats}}
 
     async def _freeze(self, wait: float) -> None:
         """The freeze lock in EX (module doc); EBUSY when another node froze the

@@ -17,9 +17,14 @@ them when the version it finds on the next grant is unchanged.
 The kernel caches an inode's attributes only while this node holds the inode's lock
 in PR or better (``kernel_cacheable``); before the lock goes below PR they are dropped
 (``forget_kernel_attrs``: attributes only, which takes no lock in the kernel that a
-FUSE request could hold).  Directory entries are not cached (entry timeout 0):
-dropping an entry from a lock callback can deadlock against a FUSE request that
-waits for the same lock.  File data is cached by the kernel under the inode lock
+FUSE request could hold).  The kernel caches the directory entries that a lookup or a
+create hands it only while this node holds the directory's lock in PR or better
+(``entries_cacheable``); before any directory's lock goes below PR the kernel's
+entry epoch is raised (``forget_entries``), after which it looks every cached entry
+up again, also those that requests in flight bring.  Dropping one entry
+(FUSE_NOTIFY_INVAL_ENTRY) would lock the parent directory in the kernel, where a
+create or unlink may wait for the very lock being given up; the epoch takes no lock.
+A kernel without epochs (before Linux 6.16) caches no entries.  File data is cached by the kernel under the inode lock
 and dropped before it goes below PR, in an order that avoids that deadlock
 (``pages.py``).
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 import errno
 import logging
 import random
+import stat
 
 import trio
 
@@ -81,6 +87,12 @@ class Coherence:
         self.ex_groups: set[int] = set()
         # fn(ino): drop the kernel's cached attributes of an inode (set once mounted)
         self.forget_kernel_attrs = None
+        # directory entries in the kernel (module doc): entry_epochs once the kernel
+        # took an epoch raise (set once mounted), forget_kernel_entries() raises it;
+        # lookups that reached this node and epochs raised, for ``status``
+        self.entry_epochs = False
+        self.forget_kernel_entries = None
+        self.entry_stats = {"lookups": 0, "epochs": 0}
         self.stats = {"attempts": 0, "retries": 0}
         # freezing: set while this node freezes the volume (``admin.VolumeAdmin``):
         # its own operations that write wait for it; frozen_here: this node gave the
@@ -221,6 +233,28 @@ class Coherence:
         g = self.glocks.glocks.get(inode_lock(ino))
         return g is not None and g.mode is not None and covers(g.mode, PR) and \
             g.demote is None and not g.busy
+
+    def entries_cacheable(self, parent: int) -> bool:
+        """Whether the kernel may cache an entry of directory ``parent`` that a lookup
+        or a create answers now: the kernel raises epochs, and it may cache the
+        directory's attributes (its lock held in PR or better, not going away).  An
+        answer worked out under an earlier grant of the lock is safe too: the lock
+        went below PR in between, which raised the epoch after the kernel read it
+        for the request."""
+        return self.entry_epochs and self.kernel_cacheable(parent)
+
+    def forget_entries(self, ino: int | None = None) -> None:
+        """The lock of inode ``ino`` goes below PR (None: every lock goes): if it is
+        a directory, or not known to be none, have the kernel look up again every
+        entry it caches.  Another node may change the directory from now on."""
+        if not self.entry_epochs or self.forget_kernel_entries is None:
+            return
+        if ino is not None:
+            di = self.vol.cached(ino)
+            if isinstance(di, Dinode) and not stat.S_ISDIR(di.mode):
+                return
+        self.entry_stats["epochs"] += 1
+        self.forget_kernel_entries()
 
     def cache_valid(self, obj) -> bool:
         """Whether this node holds the lock covering a cached object (PR or better).
@@ -378,6 +412,7 @@ class Coherence:
             log.error("self-fencing (%s): all volume I/O stops; remount to rejoin", why)
         self.fenced = True
         self.pages.drop_all_soon()
+        self.forget_entries()       # path walks reach the file system (and its EIO)
         for scope in list(self.waits):
             scope.cancel()
 

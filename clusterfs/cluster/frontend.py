@@ -43,6 +43,7 @@ class ClusterFrontend:
         return {group_lock(self.coh.home_group()): EX}
 
     async def lookup(self, parent, name):
+        self.coh.entry_stats["lookups"] += 1
         return await self.run(self.fs.lookup, parent, name, want={inode_lock(parent): PR})
 
     async def getattr(self, ino):

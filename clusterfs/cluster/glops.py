@@ -102,10 +102,13 @@ class InodeOps(_CachingOps):
     def before_demote(self, g, target):
         ino = lock_number(g.name)
         forget = self.coh.forget_kernel_attrs
-        if not covers(target, PR) and forget:
-            # the kernel may cache an inode's attributes only while this node can
-            # read it: once another node may change the inode, they are stale
-            forget(ino)
+        if not covers(target, PR):
+            # the kernel may cache an inode's attributes, and a directory's entries,
+            # only while this node can read it: once another node may change the
+            # inode, they are stale
+            if forget:
+                forget(ino)
+            self.coh.forget_entries(ino)
         if g.mode not in (PW, EX):
             return None
         version = self._write_back(g, self.vol.inode_blocks(ino))

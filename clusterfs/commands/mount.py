@@ -30,7 +30,8 @@ DEFAULT_KEY_DIR = "/etc/clusterfs"
 log = logging.getLogger(__name__)
 
 KNOWN_OPTIONS = {"ro", "rw", "noatime", "atime", "direct", "nodirect", "allow_other",
-                 "debug", "nolock", "open_cache", "min_hold", *VFS_FLAGS}
+                 "debug", "nolock", "open_cache", "min_hold", "noentrycache",
+                 *VFS_FLAGS}
 
 
 def parse_options(items: list[str]) -> dict[str, str | bool]:
@@ -187,7 +188,9 @@ def register(sub) -> None:
                         "nodirect, allow_other, debug, nolock, open_cache=N (open "
                         "locks a cluster member keeps cached, default 4096), "
                         "min_hold=MS (ms a cluster member keeps a lock once granted "
-                        "before another node's request is honoured, default 10), and the "
+                        "before another node's request is honoured, default 10), "
+                        "noentrycache (a cluster member lets the kernel cache no "
+                        "directory entries), and the "
                         "kernel's nosuid, nodev, noexec (the default for FUSE is "
                         "nosuid,nodev), suid, dev, exec")
     p.add_argument("--key", metavar="KEYFILE",

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 # inode's lock (invalidated when the lock goes, see clusterfs/cluster/glops.py); the
 # timeout only bounds how long a reply stays cached without a new one
 CLUSTER_ATTR_TIMEOUT = 1.0
+# ... and a directory's entries while it holds the directory's lock, where the kernel
+# keeps entry epochs (dropped when the lock goes: clusterfs/cluster/coherence.py)
+CLUSTER_ENTRY_TIMEOUT = 30.0
 READAHEAD_KB = 1024      # kernel readahead of a single-node mount: one 1 MiB FUSE read
 
 # the kernel's mount flags that a mount passes on to FUSE as they are (FUSE's own
@@ -198,9 +201,17 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
             front = await member.start(nursery)
             coh = front.coh
             ops = Operations(member.fs, front, attr_timeout=CLUSTER_ATTR_TIMEOUT,
-                             entry_timeout=0, cacheable=coh.kernel_cacheable,
+                             entry_timeout=CLUSTER_ENTRY_TIMEOUT,
+                             cacheable=coh.kernel_cacheable,
+                             entries_cacheable=coh.entries_cacheable,
                              direct_writeonly=True, locks=FileLocks(coh))
             ops.after_init.append(lambda: set_readahead(member.mountpoint, READAHEAD_KB))
+            coh.forget_kernel_entries = ops.forget_entries
+
+            def epochs():
+                coh.entry_epochs = not opts.get("noentrycache") and \
+                    ops.probe_entry_epochs()
+            ops.after_init.append(epochs)
             try:
                 pyfuse3.init(ops, mountpoint, _fuse_options(volume, opts))
             except RuntimeError as e:

@@ -111,10 +111,18 @@ class Operations(pyfuse3.Operations):
         front: the frontend to call (default: ``DirectFrontend(fs)``).
         attr_timeout: seconds the kernel may cache attributes.
         entry_timeout: seconds the kernel may cache directory entries (default:
-            ``attr_timeout``; 0 in a cluster, see ``clusterfs.cluster.coherence``).
+            ``attr_timeout``).
         cacheable: ``fn(ino) -> bool``: whether the kernel may cache the attributes of
             this inode now (a cluster: while this node holds the inode's lock); a reply
             for which it is false carries an attribute timeout of 0.
+        entries_cacheable: ``fn(parent) -> bool``: whether the kernel may cache an
+            entry of this directory that a lookup or create answers now, and a
+            negative lookup (a cluster: ``Coherence.entries_cacheable``).  With it,
+            every other reply carries an entry timeout of 0: the kernel stamps the
+            entries of a READDIRPLUS reply with its epoch when the reply arrives,
+            which may be after the directory's lock went away.  None (a single
+            node): every entry is cached for ``entry_timeout``, names not found are
+            not.
         direct_writeonly: bypass the kernel's page cache for files opened write-only
             (which cannot be mapped): the kernel's write-through page cache asks the
             file system for ``security.capability`` before every write (to clear
@@ -143,7 +151,7 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, fs, front=None, *, attr_timeout: float = 300.0,
                  entry_timeout: float | None = None, cacheable=None,
-                 direct_writeonly: bool = False, locks=None):
+                 entries_cacheable=None, direct_writeonly: bool = False, locks=None):
         super().__init__()
         self.fs = fs
         self.front = front if front is not None else DirectFrontend(fs)
@@ -151,6 +159,9 @@ class Operations(pyfuse3.Operations):
         self.timeout = attr_timeout
         self.entry_timeout = attr_timeout if entry_timeout is None else entry_timeout
         self.cacheable = cacheable
+        self.entries_cacheable = entries_cacheable
+        # the entry timeout of replies that no directory's lock covers
+        self.plain_entry_timeout = self.entry_timeout if entries_cacheable is None else 0
         self.direct_writeonly = direct_writeonly
         self.locks = locks
         # the kernel sends lock requests only when this node keeps the locks (binding/)
@@ -204,13 +215,35 @@ class Operations(pyfuse3.Operations):
         e.st_birthtime_ns = di.btime
         cacheable = self.cacheable
         e.attr_timeout = self.timeout if cacheable is None or cacheable(di.bno) else 0
-        e.entry_timeout = self.entry_timeout
+        e.entry_timeout = self.plain_entry_timeout
         return e
 
-    def entry(self, di) -> pyfuse3.EntryAttributes:
-        """Attributes for a reply that gives the kernel a reference (lookup count)."""
+    def entry(self, di, parent: int) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that gives the kernel a reference (lookup count) and
+        a directory entry in ``parent`` (our inode number)."""
         self.fs.remember(di)
-        return self.attrs(di)
+        e = self.attrs(di)
+        if self.entries_cacheable is not None and self.entries_cacheable(parent):
+            e.entry_timeout = self.entry_timeout
+        return e
+
+    def forget_entries(self) -> None:
+        """Have the kernel look up again every directory entry it caches, and those
+        that requests in flight bring (its epoch; no lock is taken in the kernel)."""
+        try:
+            pyfuse3.notify_inc_epoch()
+        except OSError as e:
+            log.error("the kernel's directory entries could not be dropped: %s", e)
+
+    def probe_entry_epochs(self) -> bool:
+        """Whether the kernel takes epoch raises (Linux 6.16 and later)."""
+        try:
+            pyfuse3.notify_inc_epoch()
+        except OSError as e:
+            log.info("the kernel keeps no entry epochs (%s): directory entries are "
+                     "not cached", e)
+            return False
+        return True
 
     def _info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
         if self.direct_writeonly and flags & os.O_ACCMODE == os.O_WRONLY:
@@ -249,7 +282,19 @@ class Operations(pyfuse3.Operations):
     # -- handlers ------------------------------------------------------------------------
 
     async def lookup(self, parent_inode, name, ctx=None):
-        return self.entry(await self.front.lookup(self._in(parent_inode), name))
+        parent = self._in(parent_inode)
+        try:
+            di = await self.front.lookup(parent, name)
+        except OSError as e:
+            if e.errno == errno.ENOENT and self.entries_cacheable is not None and \
+                    self.entries_cacheable(parent):
+                # a negative entry, cached as long as a positive one would be
+                neg = pyfuse3.EntryAttributes()
+                neg.st_ino = 0
+                neg.entry_timeout = self.entry_timeout
+                return neg
+            raise
+        return self.entry(di, parent)
 
     async def forget(self, inode_list):
         for ino, n in inode_list:
@@ -275,20 +320,22 @@ class Operations(pyfuse3.Operations):
         return await self.front.readlink(self._in(inode))
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self.entry(await self.front.mknod(self._in(parent_inode), name, mode,
-                                                 rdev, _ctx(ctx)))
+        parent = self._in(parent_inode)
+        return self.entry(await self.front.mknod(parent, name, mode, rdev, _ctx(ctx)),
+                          parent)
 
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self.entry(await self.front.mkdir(self._in(parent_inode), name, mode,
-                                                 _ctx(ctx)))
+        parent = self._in(parent_inode)
+        return self.entry(await self.front.mkdir(parent, name, mode, _ctx(ctx)), parent)
 
     async def symlink(self, parent_inode, name, target, ctx):
-        return self.entry(await self.front.symlink(self._in(parent_inode), name,
-                                                   target, _ctx(ctx)))
+        parent = self._in(parent_inode)
+        return self.entry(await self.front.symlink(parent, name, target, _ctx(ctx)),
+                          parent)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self.entry(await self.front.link(self._in(inode),
-                                                self._in(new_parent_inode), new_name))
+        parent = self._in(new_parent_inode)
+        return self.entry(await self.front.link(self._in(inode), parent, new_name), parent)
 
     async def unlink(self, parent_inode, name, ctx):
         await self.front.unlink(self._in(parent_inode), name)
@@ -306,9 +353,9 @@ class Operations(pyfuse3.Operations):
         return self._info(fh, flags)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
-        fh, di = await self.front.create(self._in(parent_inode), name, mode, flags,
-                                         _ctx(ctx))
-        return self._info(fh, flags), self.entry(di)
+        parent = self._in(parent_inode)
+        fh, di = await self.front.create(parent, name, mode, flags, _ctx(ctx))
+        return self._info(fh, flags), self.entry(di, parent)
 
     async def read(self, fh, off, size):
         return await self.front.read(fh, off, size)
