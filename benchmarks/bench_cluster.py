@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Cluster benchmark (issues 4 and 13): scaling over two nodes, lock ping-pong, failovers.
 
-One run makes a volume and mounts it as two nodes (default mount options: each node
-runs a lock manager candidate, the volume elects the master), then measures:
+One run makes a volume and mounts it as two nodes (default mount options, or
+``--options OPTS`` for every mount, e.g. ``entrycache``: each node runs a lock manager
+candidate, the volume elects the master), then measures:
 
 * ``create``: files created, stat'ed and unlinked per second (N empty files in a
   directory: create all, stat all, unlink all) by one node alone in its directory,
@@ -165,6 +166,7 @@ class Bench:
         self.workdir = workdir
         self.quick = quick
         self.nnodes = nodes
+        self.options: tuple = ()      # ("-o", OPTS) for every mount (--options)
         self.cluster: Cluster | None = None
 
     # -- set up ---------------------------------------------------------------------
@@ -176,7 +178,7 @@ class Bench:
         mkfs(vol, "2G" if self.quick else "8G", *extra)
         self.cluster = Cluster(self.workdir, vol, key, fast=False)
         for i in range(1, self.nnodes + 1):
-            self.cluster.mount(f"n{i}")
+            self.cluster.mount(f"n{i}", *self.options)
         self.wait_serving()
 
     def wait_serving(self) -> None:
@@ -412,7 +414,7 @@ class Bench:
             os.close(fd)
         except OSError:
             pass
-        self.cluster.mount(victim)      # back for the next round
+        self.cluster.mount(victim, *self.options)      # back for the next round
         self.wait_serving()
         return took
 
@@ -451,7 +453,7 @@ class Bench:
                        capture_output=True)
         shutil.rmtree(self.node(survivor).p("master-failover"))
         shutil.rmtree(d)
-        self.cluster.mount(victim)
+        self.cluster.mount(victim, *self.options)
         self.wait_serving()
         return took, float(out.strip())
 
@@ -462,7 +464,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=None,
                    help="rounds per workload, best kept (default 1 quick, 2 full)")
     p.add_argument("--workdir", default=None, help="where the volume goes (default /var/tmp)")
+    p.add_argument("--options", default=None, metavar="OPTS",
+                   help="mount options for every node (clusterfs mount -o OPTS), e.g. "
+                        "entrycache")
     args = p.parse_args(argv)
+    options = ("-o", args.options) if args.options else ()
     repeat = args.repeat or (1 if args.quick else 2)
     files = 800 if args.quick else 4000
     mib = 64 if args.quick else 512
@@ -474,7 +480,8 @@ def main(argv=None) -> int:
     workdir = tempfile.mkdtemp(prefix="cfs-bench-cluster-", dir=args.workdir or "/var/tmp")
     os.chmod(workdir, 0o755)
     bench = Bench(workdir, args.quick)
-    results: dict = {}
+    bench.options = options
+    results: dict = {"mount_options": args.options or ""}
     t_start = time.perf_counter()
     try:
         bench.start()
@@ -510,6 +517,7 @@ def main(argv=None) -> int:
     workdir8 = os.path.join(workdir, "eight")
     os.mkdir(workdir8)
     bench8 = Bench(workdir8, args.quick, nodes=EIGHT)
+    bench8.options = options
     t8 = time.perf_counter()
     results["load_avg_1m_before_8n"] = os.getloadavg()[0]
     try:

@@ -17,14 +17,16 @@ them when the version it finds on the next grant is unchanged.
 The kernel caches an inode's attributes only while this node holds the inode's lock
 in PR or better (``kernel_cacheable``); before the lock goes below PR they are dropped
 (``forget_kernel_attrs``: attributes only, which takes no lock in the kernel that a
-FUSE request could hold).  The kernel caches the directory entries that a lookup or a
-create hands it only while this node holds the directory's lock in PR or better
-(``entries_cacheable``); before any directory's lock goes below PR the kernel's
+FUSE request could hold).  With ``-o entrycache`` the kernel caches the directory
+entries that a lookup or a create hands it, only while this node holds the
+directory's lock in PR or better (``entries_cacheable``); before any directory's lock goes below PR the kernel's
 entry epoch is raised (``forget_entries``), after which it looks every cached entry
 up again, also those that requests in flight bring.  Dropping one entry
 (FUSE_NOTIFY_INVAL_ENTRY) would lock the parent directory in the kernel, where a
 create or unlink may wait for the very lock being given up; the epoch takes no lock.
-A kernel without epochs (before Linux 6.16) caches no entries.  File data is cached by the kernel under the inode lock
+A kernel without epochs (before Linux 6.16) caches no entries.  An epoch raise
+detaches any mount made on an entry below the mount point (the kernel invalidates
+the entry without asking), hence an option.  File data is cached by the kernel under the inode lock
 and dropped before it goes below PR, in an order that avoids that deadlock
 (``pages.py``).
 """
@@ -53,6 +55,7 @@ from .pages import KernelPages
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2000
+EPOCH_LIMIT = (1 << 31) - (1 << 24)     # epoch raises after which entries go uncached
 WRITE_MODES = (CW, PW, EX)
 
 
@@ -255,6 +258,12 @@ class Coherence:
                 return
         self.entry_stats["epochs"] += 1
         self.forget_kernel_entries()
+        if self.entry_stats["epochs"] >= EPOCH_LIMIT:
+            # the kernel's epoch is an int: before it wraps (and old stamps would
+            # look current again), stop handing out cacheable entries for good
+            log.warning("%d entry epochs raised: the kernel caches no more directory "
+                        "entries on this mount", self.entry_stats["epochs"])
+            self.entry_epochs = False
 
     def cache_valid(self, obj) -> bool:
         """Whether this node holds the lock covering a cached object (PR or better).

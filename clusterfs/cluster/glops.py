@@ -108,7 +108,9 @@ class InodeOps(_CachingOps):
             # inode, they are stale
             if forget:
                 forget(ino)
-            self.coh.forget_entries(ino)
+            if g.mode is not None and covers(g.mode, PR):
+                # (from NL, as when an idle lock is given up, there is nothing)
+                self.coh.forget_entries(ino)
         if g.mode not in (PW, EX):
             return None
         version = self._write_back(g, self.vol.inode_blocks(ino))

@@ -30,7 +30,7 @@ DEFAULT_KEY_DIR = "/etc/clusterfs"
 log = logging.getLogger(__name__)
 
 KNOWN_OPTIONS = {"ro", "rw", "noatime", "atime", "direct", "nodirect", "allow_other",
-                 "debug", "nolock", "open_cache", "min_hold", "noentrycache",
+                 "debug", "nolock", "open_cache", "min_hold", "entrycache",
                  *VFS_FLAGS}
 
 
@@ -189,8 +189,9 @@ def register(sub) -> None:
                         "locks a cluster member keeps cached, default 4096), "
                         "min_hold=MS (ms a cluster member keeps a lock once granted "
                         "before another node's request is honoured, default 10), "
-                        "noentrycache (a cluster member lets the kernel cache no "
-                        "directory entries), and the "
+                        "entrycache (a cluster member lets the kernel cache "
+                        "directory entries; detaches mounts made on directories "
+                        "inside this one: see docs/CLUSTER.md), and the "
                         "kernel's nosuid, nodev, noexec (the default for FUSE is "
                         "nosuid,nodev), suid, dev, exec")
     p.add_argument("--key", metavar="KEYFILE",

@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 # inode's lock (invalidated when the lock goes, see clusterfs/cluster/glops.py); the
 # timeout only bounds how long a reply stays cached without a new one
 CLUSTER_ATTR_TIMEOUT = 1.0
-# ... and a directory's entries while it holds the directory's lock, where the kernel
-# keeps entry epochs (dropped when the lock goes: clusterfs/cluster/coherence.py)
-CLUSTER_ENTRY_TIMEOUT = 30.0
+# ... and, with -o entrycache, a directory's entries while it holds the directory's
+# lock, where the kernel keeps entry epochs (dropped when the lock goes:
+# clusterfs/cluster/coherence.py); bounded as the attributes are, well inside the
+# lease, for a node paused with entries cached
+CLUSTER_ENTRY_TIMEOUT = CLUSTER_ATTR_TIMEOUT
 READAHEAD_KB = 1024      # kernel readahead of a single-node mount: one 1 MiB FUSE read
 
 # the kernel's mount flags that a mount passes on to FUSE as they are (FUSE's own
@@ -209,7 +211,7 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
             coh.forget_kernel_entries = ops.forget_entries
 
             def epochs():
-                coh.entry_epochs = not opts.get("noentrycache") and \
+                coh.entry_epochs = bool(opts.get("entrycache")) and \
                     ops.probe_entry_epochs()
             ops.after_init.append(epochs)
             try:

@@ -1,16 +1,19 @@
-"""Directory entries cached by the kernel of a cluster member (docs/CLUSTER.md,
-"Coherence"): while a node holds a directory's lock, its kernel answers path walks in
-that directory from its own cache, positive and negative; when the lock goes to
-another node, the kernel's entry epoch is raised and every cached entry is looked up
-again.  Counted through the mount's ``status`` (lookups that reached it).
+"""Directory entries cached by the kernel of a cluster member mounted with
+``-o entrycache`` (docs/CLUSTER.md, "Coherence"): while a node holds a directory's
+lock, its kernel answers path walks in that directory from its own cache, positive
+and negative; when the lock goes to another node, the kernel's entry epoch is raised
+and every cached entry is looked up again.  Counted through the mount's ``status``
+(lookups that reached it).  Without the option (the default) nothing is cached, and
+mounts made inside the cluster mount stay when directory locks move.
 
-Two nodes (a, b) mount one volume for the module, a third (c) mounts with
-``-o noentrycache``; each test works in its own directory.
+Two nodes (a, b) mount one volume for the module with ``-o entrycache``, a third (c)
+without; each test works in its own directory.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -19,8 +22,10 @@ from tests.cluster.cluster_util import dir_for_test, mounted_cluster
 
 @pytest.fixture(scope="module")
 def nodes():
-    with mounted_cluster("a", "b", size="256M", fast=False) as c:
-        c.mount("c", "-o", "noentrycache")
+    with mounted_cluster(size="256M", fast=False) as c:
+        c.mount("a", "-o", "entrycache")
+        c.mount("b", "-o", "entrycache")
+        c.mount("c")
         yield c
 
 
@@ -132,3 +137,22 @@ def test_a_name_replaced_on_another_node_is_the_new_file(nodes, d):
         os.unlink(d.on("a", "f"))
         with pytest.raises(FileNotFoundError):
             os.stat(d.on("b", "f"))
+
+
+def test_a_mount_inside_survives_lock_moves_without_the_option(nodes, d, tmp_path):
+    """A bind mount on a directory inside the cluster mount of node c (default
+    options) stays while directory locks move between the nodes."""
+    (tmp_path / "marker").write_bytes(b"m")
+    os.makedirs(d.on("a", "mnt"))
+    os.makedirs(d.on("a", "e"))
+    target = d.on("c", "mnt")
+    subprocess.run(["mount", "--bind", str(tmp_path), target], check=True)
+    try:
+        for i in range(3):
+            assert sorted(os.listdir(d.on("c", "e"))) == [f"x{j}" for j in range(i)]
+            with open(d.on("b", "e", f"x{i}"), "wb"):     # c's lock on e moves to b
+                pass
+            assert os.listdir(target) == ["marker"]
+            assert os.path.ismount(target)
+    finally:
+        subprocess.run(["umount", target], check=False)
