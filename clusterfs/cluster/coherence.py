@@ -19,16 +19,16 @@ in PR or better (``kernel_cacheable``); before the lock goes below PR they are d
 (``forget_kernel_attrs``: attributes only, which takes no lock in the kernel that a
 FUSE request could hold).  With ``-o entrycache`` the kernel caches the directory
 entries that a lookup or a create hands it, only while this node holds the
-directory's lock in PR or better (``entries_cacheable``); before any directory's lock goes below PR the kernel's
-entry epoch is raised (``forget_entries``), after which it looks every cached entry
-up again, also those that requests in flight bring.  Dropping one entry
-(FUSE_NOTIFY_INVAL_ENTRY) would lock the parent directory in the kernel, where a
-create or unlink may wait for the very lock being given up; the epoch takes no lock.
-A kernel without epochs (before Linux 6.16) caches no entries.  An epoch raise
-detaches any mount made on an entry below the mount point (the kernel invalidates
-the entry without asking), hence an option.  File data is cached by the kernel under the inode lock
-and dropped before it goes below PR, in an order that avoids that deadlock
-(``pages.py``).
+directory's lock in PR or better (``entries_cacheable``); before any directory's
+lock goes below PR the kernel's entry epoch is raised (``forget_entries``), after
+which it looks every cached entry up again, also those that requests in flight
+bring.  Dropping one entry (FUSE_NOTIFY_INVAL_ENTRY) would lock the parent directory
+in the kernel, where a create or unlink may wait for the very lock being given up;
+the epoch takes no lock.  A kernel without epochs (before Linux 6.16) caches no
+entries.  An epoch raise detaches any mount made on an entry below the mount point
+(the kernel drops the entry without asking), hence an option.  File data is cached
+by the kernel under the inode lock and dropped before it goes below PR, in an order
+that avoids that deadlock (``pages.py``).
 """
 
 from __future__ import annotations

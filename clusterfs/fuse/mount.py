@@ -232,6 +232,7 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
                 guard.leave()
                 # the kernel let the mount go: nothing of it is cached any more
                 coh.pages.invalidate = None
+                coh.entry_epochs = False
                 with trio.CancelScope(shield=True):
                     await member.stop()
                 nursery.cancel_scope.cancel()

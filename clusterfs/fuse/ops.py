@@ -335,7 +335,8 @@ class Operations(pyfuse3.Operations):
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         parent = self._in(new_parent_inode)
-        return self.entry(await self.front.link(self._in(inode), parent, new_name), parent)
+        di = await self.front.link(self._in(inode), parent, new_name)
+        return self.entry(di, parent)
 
     async def unlink(self, parent_inode, name, ctx):
         await self.front.unlink(self._in(parent_inode), name)
