@@ -20,6 +20,7 @@ import pytest
 from clusterfs import control
 from tests.cluster.cluster_util import dir_for_test, mounted_cluster
 
+
 @pytest.fixture(scope="module")
 def nodes():
     with mounted_cluster(size="256M", fast=False) as c:
@@ -62,8 +63,9 @@ def test_the_kernel_caches_entries_while_the_lock_is_here(nodes, d):
         assert os.stat(d.on("a", "sub", "f")).st_size == 4
         with pytest.raises(FileNotFoundError):
             os.stat(d.on("a", "sub", "missing"))
-    # the 100 path walks of three names each were answered by the kernel
-    assert lookups(nodes, "a") - before <= 2
+    # the 100 path walks of three names each were answered by the kernel (200
+    # lookups without the cache; an entry lives 1 s, which a slow moment may pass)
+    assert lookups(nodes, "a") - before < 20
 
 
 def test_a_node_without_the_entry_cache_asks_every_time(nodes, d):
