@@ -7,6 +7,10 @@ the model's.  The model knows one thing a local directory does not: cluster open
 modes.  An open for writing of a file that another node has open for writing fails
 with EBUSY on the cluster.
 
+It runs twice: with default mount options, and with ``-o entrycache`` on every node
+(the kernels keep directory entries, positive and negative, while their node holds
+the directory's lock: docs/CLUSTER.md, "Coherence").
+
 CFS_STATEFUL_EXAMPLES sets the number of examples (default 50).
 """
 
@@ -259,7 +263,9 @@ class ClusterMachine(RuleBasedStateMachine):
             assert got[k] == want[k], f"{k} on {node}: {got[k]!r:.300} != {want[k]!r:.300}"
 
 
-def test_cluster_is_one_posix_file_system(topdir):
+@pytest.mark.parametrize("options", [(), ("-o", "entrycache")],
+                         ids=["default", "entrycache"])
+def test_cluster_is_one_posix_file_system(topdir, options):
     # the model sits one level down in a directory of its own, as the cluster's
     # test directory does on the mount: a symlink to "../b" then stays inside both
     sandbox = tempfile.mkdtemp(prefix="cfs-model-", dir="/var/tmp")
@@ -275,7 +281,7 @@ def test_cluster_is_one_posix_file_system(topdir):
         os.unlink(probe)
         with running_cluster(topdir, fast=False) as c:
             for n in NODES:
-                c.mount(n)
+                c.mount(n, *options)
             os.mkdir(c.nodes["a"].p("t"))
             ClusterMachine.tops = {n: c.nodes[n].p("t") for n in NODES}
             ClusterMachine.ref = ref
