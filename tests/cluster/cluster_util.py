@@ -14,6 +14,9 @@ blocks), and ``Cluster.wait_recovered`` checks both once a dead node is recovere
 Short leases keep the failure tests fast: mounts ``--lease 7 --heartbeat 0.3``
 (``fast=False`` uses the defaults).  Not shorter: a member's lease must outlast a
 lock manager failover (``clusterfs.cluster.lockd.check_member_lease``).
+
+``CFS_CLUSTER_OPTIONS=OPTS`` in the environment adds ``-o OPTS`` to every node's
+mount: the whole cluster suite can run with, say, ``entrycache``.
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ class Cluster:
         args = ["--key", self.keyfile, "--node", name, "--listen", listen]
         if self.fast:
             args += ["--lease", FAST_LEASE, "--heartbeat", FAST_HEARTBEAT]
+        if os.environ.get("CFS_CLUSTER_OPTIONS"):
+            args += ["-o", os.environ["CFS_CLUSTER_OPTIONS"]]
         return args + list(extra)
 
     def mount(self, name: str, *extra: str, wrap: tuple = (),
