@@ -213,6 +213,10 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
             def epochs():
                 coh.entry_epochs = bool(opts.get("entrycache")) and \
                     ops.probe_entry_epochs()
+                if coh.entry_epochs:
+                    log.info("the kernel caches directory entries (-o entrycache): a "
+                             "mount made inside %s is detached when a directory's lock "
+                             "leaves this node", member.mountpoint)
             ops.after_init.append(epochs)
             try:
                 pyfuse3.init(ops, mountpoint, _fuse_options(volume, opts))
