@@ -15,8 +15,7 @@ belong to an intact one.
 
 from __future__ import annotations
 
-from clusterfs.ondisk.format import (DINODE, EXT_FLAGS, FREE, MAX_FILE_BLOCKS, UNLINKED,
-                                     USED)
+from clusterfs.ondisk.format import DINODE, EXT_FLAGS, FREE, MAX_FILE_BLOCKS, UNLINKED, USED
 
 from .records import Rec
 

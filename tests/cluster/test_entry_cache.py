@@ -20,7 +20,6 @@ import pytest
 from clusterfs import control
 from tests.cluster.cluster_util import dir_for_test, mounted_cluster
 
-
 # node c must mount without the option (CFS_CLUSTER_OPTIONS adds it to every mount)
 without = pytest.mark.skipif("entrycache" in os.environ.get("CFS_CLUSTER_OPTIONS", ""),
                              reason="CFS_CLUSTER_OPTIONS gives every node the option")
