@@ -63,10 +63,12 @@ class VolumeAdmin(MountAdmin):
         # with the counts of the kernel's page cache (READs and WRITEs that reached
         # this mount, drops of a file's pages and their passes: ``pages.py``)
         # and of the kernel's directory entries (lookups that reached this mount,
-        # epochs raised: ``coherence.py``)
+        # epochs raised: ``coherence.py``), and of the operation bodies run, their
+        # retries for a lock and the writes served at hand (``frontend.py``)
         coh = self.coh
         return {**super().status(), "pages": dict(coh.pages.stats),
-                "entries": {"cached": coh.entry_epochs, **coh.entry_stats}}
+                "entries": {"cached": coh.entry_epochs, **coh.entry_stats},
+                "operations": dict(coh.stats)}
 
     async def _freeze(self, wait: float) -> None:
         """The freeze lock in EX (module doc); EBUSY when another node froze the

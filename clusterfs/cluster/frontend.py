@@ -19,8 +19,8 @@ from lockmgr import EX, PR
 
 from ..errors import FSError, Fenced
 from ..fs.filedata import FALLOC_FL_PUNCH_HOLE
-from .coherence import Coherence
-from .locks import RENAME_LOCK, group_lock, inode_lock
+from .coherence import NOT_AT_HAND, Coherence
+from .locks import FREEZE, RENAME_LOCK, group_lock, inode_lock
 from .openmodes import OpenModes
 
 log = logging.getLogger(__name__)
@@ -161,12 +161,31 @@ class ClusterFrontend:
                                   want={inode_lock(h.ino): PR})
 
     async def write(self, fh, off, data, ctx=None):
+        """A write under the inode's lock (EX) and the home group's.  One that
+        carries on a stream into blocks already mapped ahead of EOF needs no
+        group: when the inode's lock and the freeze lock are at hand it is served
+        without ``run``'s rounds (``FileData.append``), as most of a stream's
+        writes are; the others, and any the short way cannot serve, go the long
+        way."""
         h = self.fs.handles.get(fh)
         if h is None:
             return await self.run(self.fs.write, fh, off, data, ctx)
-        async with self.coh.pages.request(h.ino, write=True):
+        ino = h.ino
+        pages = self.coh.pages
+        if not pages.enter_now(ino, write=True):
+            await pages.enter(ino, write=True)
+        try:
+            name = inode_lock(ino)
+            if off == h.stream_end or h.flags & os.O_APPEND:
+                n = self.coh.run_at_hand(self.fs.append, fh, off, data, ctx,
+                                         want={name: EX, FREEZE: PR})
+                if n is not None and n is not NOT_AT_HAND:
+                    self.coh.stats["writes_at_hand"] += 1
+                    return n
             return await self.run(self.fs.write, fh, off, data, ctx,
-                                  want={inode_lock(h.ino): EX, **self._home()})
+                                  want={name: EX, **self._home()})
+        finally:
+            pages.leave(ino)
 
     async def fallocate(self, fh, mode, off, length):
         """``Filesystem.fallocate`` step by step, each step an operation under the

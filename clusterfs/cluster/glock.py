@@ -66,7 +66,7 @@ class Glock:
     """One lock as this node holds it; ``ops``: its type's operations (``glops``)."""
 
     __slots__ = ("name", "ops", "mode", "holders", "busy", "demote", "demote_since",
-                 "granted_at", "changed", "version", "dirty", "used", "idle_since",
+                 "granted_at", "_changed", "version", "dirty", "used", "idle_since",
                  "draining", "passing")
 
     def __init__(self, name: bytes, ops: LockOps):
@@ -78,7 +78,7 @@ class Glock:
         self.demote: Mode | None = None   # mode another node asked for
         self.demote_since = 0.0
         self.granted_at = 0.0
-        self.changed = trio.Event()
+        self._changed: trio.Event | None = None   # made when someone waits (``changed``)
         self.version: int | None = None   # version of the cached objects it covers
         self.dirty = False                # covered objects changed under EX since grant
         self.used = False                 # an operation held it since the grant
@@ -87,9 +87,21 @@ class Glock:
         self.passing = False              # the kernel drops what it caches under it:
                                           # holders of a held mode are let in (below)
 
+    @property
+    def changed(self) -> trio.Event:
+        """The event set at the next change of the glock's state (``notify``)."""
+        ev = self._changed
+        if ev is None:
+            ev = self._changed = trio.Event()
+        return ev
+
     def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+        # (every release of an operation's locks notifies: an event only when a
+        # task waits, as most releases have nobody to wake)
+        ev = self._changed
+        if ev is not None:
+            self._changed = None
+            ev.set()
 
     def __repr__(self):
         m = self.mode.name if self.mode is not None else "-"

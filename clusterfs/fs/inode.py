@@ -475,6 +475,40 @@ def overwrite(vol, di: Dinode, off: int, data) -> bool:
     return True
 
 
+def mapped_at_eof(vol, di: Dinode, off: int, n: int) -> int | None:
+    """Where ``n`` bytes written at EOF (``off`` is the size) go when the blocks
+    there are mapped already (ahead of EOF: ``_map_ahead``), all in one extent that
+    nobody shares: the physical block of the first; None otherwise."""
+    end = off + n
+    if not n or off != di.size or not di.flags & DF_EXTENTS or \
+            end > MAX_FILE_BLOCKS * BLOCK_SIZE:
+        return None
+    first = off // BLOCK_SIZE
+    rec = _extent_at(vol, di, first)
+    if rec is None or rec[0] + rec[1][1] <= (end - 1) // BLOCK_SIZE or \
+            rec[1][2] & EXT_SHARED:
+        return None
+    return rec[1][0] + first - rec[0]
+
+
+def append_at(vol, di: Dinode, off: int, data, pblk: int) -> None:
+    """Write ``data`` at EOF into the blocks ``mapped_at_eof`` found from ``pblk``
+    and move the size (in the caller's operation): what ``write`` does there, minus
+    its look-ups.  The bytes of the last block past the new EOF are zeros."""
+    n = len(data)
+    head = off % BLOCK_SIZE
+    if head == 0 and n % BLOCK_SIZE == 0:
+        buf = data
+    else:
+        buf = bytearray(-(-(head + n) // BLOCK_SIZE) * BLOCK_SIZE)
+        if head:
+            buf[:head] = vol.read_data(pblk, 1)[:head]
+        buf[head:head + n] = data
+    vol.write_data(pblk, buf)
+    vol.touch(di)
+    di.size = off + n
+
+
 def _coalesce(mapped):
     out = []
     for lb, pb, cnt in mapped:
