@@ -37,6 +37,7 @@ import errno
 import logging
 import random
 import stat
+from typing import NoReturn
 
 import trio
 
@@ -416,7 +417,7 @@ class Coherence:
             self._usable = None
             self.glocks.release(holds)
 
-    def _failed(self, e: Exception) -> None:
+    def _failed(self, e: Exception) -> NoReturn:
         """A body stopped on a refused device write or a stopped journal: fence
         (a survivor recovers the journal) and raise EIO."""
         if isinstance(e, Fenced):

@@ -64,28 +64,27 @@ class KernelPages:
 
     async def enter(self, ino: int, write: bool = False) -> None:
         """A READ (or WRITE) of ``ino`` begins (its pages are locked in the kernel)."""
-        self.stats["writes" if write else "reads"] += 1
         ev = self.held.get(ino)
         if ev is not None:
             self.stats["held"] += 1
             with trio.move_on_after(HOLD_S):
                 await ev.wait()
-        self.serial += 1
-        self.last[ino] = self.serial
-        self.active[ino] = self.active.get(ino, 0) + 1
-        self.cached.add(ino)
+        self._entered(ino, write)
 
     def enter_now(self, ino: int, write: bool = False) -> bool:
         """``enter`` when the file's new requests are not being held back (False,
         nothing recorded, when they are: then ``enter`` waits)."""
         if ino in self.held:
             return False
+        self._entered(ino, write)
+        return True
+
+    def _entered(self, ino: int, write: bool) -> None:
         self.stats["writes" if write else "reads"] += 1
         self.serial += 1
         self.last[ino] = self.serial
         self.active[ino] = self.active.get(ino, 0) + 1
         self.cached.add(ino)
-        return True
 
     def leave(self, ino: int) -> None:
         """The READ or WRITE of ``ino`` is answered (called before the reply is
