@@ -9,6 +9,7 @@ the same run, and prints save / restore seconds and the state file size of each.
     --quick  512 MiB guest, 256 MiB filled
     --writer cat (default, as issue 6 says: ``exec:cat > FILE``) or dd (1 MiB blocks,
              as libvirt's iohelper writes them): how the state file is written and read
+    --options OPTS  mount options of both clusterfs nodes (``-o OPTS``; default none)
 
 The LAST line printed is one JSON object:
     save_s, restore_s          clusterfs (null while clusterfs is not available)
@@ -70,12 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-scale", type=float, default=1.0)
     ap.add_argument("--writer", choices=sorted(WRITERS), default="cat",
                     help="command that writes/reads the state file (default: cat)")
+    ap.add_argument("--options", default="",
+                    help="mount options of the clusterfs nodes (-o OPTS), e.g. dropbehind")
     args = ap.parse_args(argv)
     mem_mib, fill_mib = QUICK if args.quick else FULL
 
     summary: dict = {"save_s": None, "restore_s": None, "local_save_s": None, "local_restore_s": None,
                      "ratio": None, "pass": False, "mem_mib": mem_mib, "fill_mib": fill_mib,
-                     "writer": args.writer}
+                     "writer": args.writer, "mount_options": args.options}
     try:
         ensure_host_tools()
         guest = build_guest(log=lambda m: print(f"[guest] {m}", flush=True))
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                  args.writer)
     cluster = None
     if not args.local_only:
-        cluster = _run(ClusterfsStorage(), guest, mem_mib, fill_mib, args.timeout_scale,
+        cluster = _run(ClusterfsStorage(options=args.options), guest, mem_mib, fill_mib, args.timeout_scale,
                        args.writer)
 
     print()

@@ -157,8 +157,10 @@ class ClusterFrontend:
         # (READs and WRITEs are counted: the kernel's pages of the file go only
         # after a pass with none of them in flight, ``pages.py``)
         async with self.coh.pages.request(h.ino):
-            return await self.run(self.fs.read, fh, off, size,
+            data = await self.run(self.fs.read, fh, off, size,
                                   want={inode_lock(h.ino): PR})
+        self.coh.pages.read_done(fh, h.ino, off, len(data))
+        return data
 
     async def write(self, fh, off, data, ctx=None):
         """A write under the inode's lock (EX) and the home group's.  One that
@@ -270,6 +272,7 @@ class ClusterFrontend:
             raise FSError(errno.EIO, "node is fenced") from None
 
     async def release(self, fh, writable: bool | None = None):
+        self.coh.pages.closed(fh)
         h = self.fs.close_handle(fh)
         if h is None or self.coh.fenced:
             return

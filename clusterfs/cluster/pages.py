@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 HOLD_S = 0.02          # longest a READ/WRITE is held back while its file's pages go
 MAX_PASSES = 1000      # a drop that never finds a quiet pass gives up (logged)
+BEHIND_KEEP = 32 << 20  # bytes of a sequential reader's pages kept behind it ...
+BEHIND_STEP = 32 << 20  # ... and dropped this many at a time (``read_done``)
 
 
 class KernelPages:
@@ -53,8 +55,16 @@ class KernelPages:
         self.serial = 0
         self.held: dict[int, trio.Event] = {}  # files whose new READs/WRITEs wait
         self.limiter = trio.CapacityLimiter(8)
+        # drop-behind (``read_done``, mount option ``dropbehind``): set once
+        # mounted, ``drop_range(ino, offset, length)``, blocking like ``invalidate``;
+        # the drops run in the serving nursery (``fuse.serve``), which waits for
+        # them before the session closes
+        self.drop_range = None
+        self.nursery: trio.Nursery | None = None
+        self.streams: dict[int, list[int]] = {}   # handle -> [next offset, kept from]
+        self.dropping: set[int] = set()           # files with a drop-behind running
         self.stats = {"reads": 0, "writes": 0, "drops": 0, "passes": 0, "held": 0,
-                      "gave_up": 0}
+                      "gave_up": 0, "dropped_behind": 0}
 
     def request(self, ino: int, write: bool = False) -> "_Request":
         """Around the serving of a READ (or WRITE) of ``ino`` (``async with``):
@@ -139,6 +149,49 @@ class KernelPages:
         except OSError as e:
             if e.errno != errno.ENOENT:     # ENOENT: the kernel does not know it
                 log.warning("pages of inode %d not dropped: %s", ino, e)
+
+    def read_done(self, fh: int, ino: int, off: int, n: int) -> None:
+        """A READ of ``n`` bytes at ``off`` through handle ``fh`` was served.
+
+        With ``-o dropbehind``, the kernel's pages of a file are dropped behind a
+        reader that goes through it in order (a VM's restore, a copy), keeping the
+        last ``BEHIND_KEEP`` bytes, so that a file read once does not fill the
+        node's memory (what libvirt's bypass-cache does for a VM's saved state).
+        On an image file the data stays in the image's pages, which the mount
+        reads from.  The drop runs on a worker thread (it waits for page locks)
+        while requests are served, one at a time per file."""
+        if self.drop_range is None or self.nursery is None:
+            return
+        s = self.streams.get(fh)
+        if s is None or s[0] != off:
+            self.streams[fh] = [off + n, off]       # (another stream, or a seek)
+            return
+        s[0] = off + n
+        if s[0] - s[1] < BEHIND_KEEP + BEHIND_STEP or ino in self.dropping:
+            return
+        upto = s[0] - BEHIND_KEEP
+        self.dropping.add(ino)
+        self.nursery.start_soon(self._drop_behind, ino, s[1], upto - s[1])
+        s[1] = upto
+
+    def closed(self, fh: int) -> None:
+        """Handle ``fh`` was released: forget its stream."""
+        self.streams.pop(fh, None)
+
+    async def _drop_behind(self, ino: int, off: int, length: int) -> None:
+        try:
+            fn = self.drop_range
+            if fn is not None:
+                await trio.to_thread.run_sync(fn, ino, off, length, limiter=self.limiter)
+                self.stats["dropped_behind"] += length
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.warning("pages of inode %d behind its reader not dropped: %s", ino, e)
+        except Exception:
+            # (it runs in the serving nursery: a failure here must not end the mount)
+            log.exception("pages of inode %d behind its reader not dropped", ino)
+        finally:
+            self.dropping.discard(ino)
 
     def drop_all_soon(self) -> None:
         """Drop the pages of every file, on a thread of its own, without waiting (the

@@ -30,7 +30,7 @@ DEFAULT_KEY_DIR = "/etc/clusterfs"
 log = logging.getLogger(__name__)
 
 KNOWN_OPTIONS = {"ro", "rw", "noatime", "atime", "direct", "nodirect", "allow_other",
-                 "debug", "nolock", "open_cache", "min_hold", "entrycache",
+                 "debug", "nolock", "open_cache", "min_hold", "entrycache", "dropbehind",
                  *VFS_FLAGS}
 
 
@@ -191,7 +191,9 @@ def register(sub) -> None:
                         "before another node's request is honoured, default 10), "
                         "entrycache (a cluster member lets the kernel cache "
                         "directory entries; detaches mounts made on directories "
-                        "inside this one: see docs/CLUSTER.md), and the "
+                        "inside this one: see docs/CLUSTER.md), dropbehind (a "
+                        "cluster member drops the kernel's pages of a file behind "
+                        "a reader that goes through it in order), and the "
                         "kernel's nosuid, nodev, noexec (the default for FUSE is "
                         "nosuid,nodev), suid, dev, exec")
     p.add_argument("--key", metavar="KEYFILE",

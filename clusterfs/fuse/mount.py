@@ -226,6 +226,8 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
             mounted = True
             coh.forget_kernel_attrs = ops.forget_attrs
             coh.pages.invalidate = ops.drop_pages
+            if opts.get("dropbehind"):
+                coh.pages.drop_range = ops.drop_page_range
             log.info("%s mounted on %s (slot %d, node %s, cluster)", volume, mountpoint,
                      member.slot, member.node)
             _notify_ready(ready_fd)
@@ -235,7 +237,7 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
             finally:
                 guard.leave()
                 # the kernel let the mount go: nothing of it is cached any more
-                coh.pages.invalidate = None
+                coh.pages.invalidate = coh.pages.drop_range = None
                 coh.entry_epochs = False
                 with trio.CancelScope(shield=True):
                     await member.stop()

@@ -258,6 +258,11 @@ class Operations(pyfuse3.Operations):
         the kernel does not know the inode)."""
         pyfuse3.invalidate_inode(self._out(ino), attr_only=False)
 
+    def drop_page_range(self, ino: int, off: int, length: int) -> None:
+        """Drop the kernel's cached pages of ``ino`` in [off, off + length) (and its
+        attributes); blocking as ``drop_pages``."""
+        pyfuse3.invalidate_range(self._out(ino), off, length)
+
     def forget_attrs(self, ino: int) -> None:
         """Drop the kernel's cached attributes of ``ino`` (not its page cache: taking
         page locks here could wait for a request that waits for us).  Only spinlocks

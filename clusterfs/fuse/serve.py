@@ -31,6 +31,10 @@ async def serve(node) -> None:
         if not node.readonly:
             nursery.start_soon(_duties, node)
             nursery.start_soon(_committer, node)
+        pages = getattr(getattr(node, "coh", None), "pages", None)
+        if pages is not None:
+            # (drops of pages behind a reader: waited for before the session closes)
+            pages.nursery = nursery
         if getattr(node, "admin", None) is not None:
             # freeze, thaw and the other volume-wide commands reach the node here
             if getattr(node.admin, "nursery", False) is None:

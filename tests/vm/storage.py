@@ -57,16 +57,19 @@ class ClusterfsStorage(Storage):
     Inside ``views()``: a sparse volume image of SIZE_MIB (under WORKDIR, default a
     temporary directory in /var/tmp) made with ``clusterfs mkfs``, and two
     ``clusterfs mount VOLUME MOUNTPOINT --key KEYFILE --listen 127.0.0.1:0``
-    processes (node A, node B; they elect the lock manager's master among them).  A directory created through A is
+    processes (node A, node B; they elect the lock manager's master among them), with
+    ``-o OPTIONS`` when given.  A directory created through A is
     yielded as (path through A, same path through B).  On exit both mounts are
     unmounted, the processes ended by PID, and fsck of the volume must be clean.
     """
 
     name = "clusterfs"
 
-    def __init__(self, size_mib: int = 8192, workdir: Path | str | None = None):
+    def __init__(self, size_mib: int = 8192, workdir: Path | str | None = None,
+                 options: str = ""):
         self.size_mib = size_mib
         self.workdir = Path(workdir) if workdir else None
+        self.options = options      # mount options of both nodes (-o), if any
 
     @contextlib.contextmanager
     def views(self) -> Iterator[tuple[Path, Path]]:
@@ -75,7 +78,8 @@ class ClusterfsStorage(Storage):
         base.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="cfsvm-cluster-", dir=base))
         try:
-            with local_cluster(str(work), nodes=2, size=f"{self.size_mib}M") as (
+            with local_cluster(str(work), nodes=2, size=f"{self.size_mib}M",
+                               mount_args=("-o", self.options) if self.options else ()) as (
                     _volume, _key, (node_a, node_b)):
                 d = Path(node_a.path) / "vms"
                 d.mkdir()
