@@ -13,6 +13,7 @@ import mmap
 import os
 import random
 import subprocess
+import threading
 import time
 
 import pytest
@@ -121,3 +122,50 @@ def test_a_page_dirtied_through_a_mapping_is_written_back_before_it_goes(nodes):
         f.seek(5 * MiB)
         assert f.read(len(mark)) == mark
     os.unlink(os.path.join(a, "mapped"))
+
+
+def test_drops_behind_a_reader_while_another_node_takes_the_file_away(nodes):
+    """Node a appends to the file while b reads it in order: each append takes the
+    file's lock from b, which drops all of b's pages of it (``KernelPages.drop``)
+    while drops behind the reader may be under way.  Neither waits for the other
+    for good: the read ends with the bytes it was given, and the appends land."""
+    a, b = nodes.nodes["a"].path, nodes.nodes["b"].path
+    _write(os.path.join(a, "busy"), 5)
+    before = _dropped(nodes, "b")
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def append():
+        try:
+            with open(os.path.join(a, "busy"), "ab", buffering=0) as f:
+                while not done.is_set():
+                    f.write(b"x" * 4096)
+                    time.sleep(0.05)
+        except BaseException as e:      # (reported by the test's thread)
+            errors.append(e)
+
+    t = threading.Thread(target=append)
+    try:
+        got = 0
+        with open(os.path.join(b, "busy"), "rb", buffering=0) as f:
+            while chunk := f.read(MiB):
+                got += len(chunk)
+                if got == 80 * MiB:
+                    # (drops behind the reader have begun: from here on the lock
+                    # goes back and forth while they run)
+                    wait_for(lambda: _dropped(nodes, "b") > before, 15,
+                             "a drop behind the reader")
+                    t.start()
+                if got >= SIZE:
+                    break
+    finally:
+        done.set()
+        if t.is_alive():
+            t.join(60)
+    assert not t.is_alive() and not errors, errors
+    assert got >= SIZE
+    with open(os.path.join(b, "busy"), "rb") as f:
+        f.seek(SIZE)
+        tail = f.read()
+    assert tail and tail == b"x" * len(tail)
+    os.unlink(os.path.join(a, "busy"))
