@@ -133,13 +133,14 @@ def test_drops_behind_a_reader_while_another_node_takes_the_file_away(nodes):
     _write(os.path.join(a, "busy"), 5)
     before = _dropped(nodes, "b")
     errors: list[BaseException] = []
-    done = threading.Event()
+    done, first = threading.Event(), threading.Event()
 
     def append():
         try:
             with open(os.path.join(a, "busy"), "ab", buffering=0) as f:
                 while not done.is_set():
                     f.write(b"x" * 4096)
+                    first.set()
                     time.sleep(0.05)
         except BaseException as e:      # (reported by the test's thread)
             errors.append(e)
@@ -156,6 +157,7 @@ def test_drops_behind_a_reader_while_another_node_takes_the_file_away(nodes):
                     wait_for(lambda: _dropped(nodes, "b") > before, 15,
                              "a drop behind the reader")
                     t.start()
+                    assert first.wait(30), errors      # (a's open and first append)
                 if got >= SIZE:
                     break
     finally:
