@@ -125,11 +125,12 @@ class FileData:
         h, di = self.handle(fh)
         if h.flags & os.O_APPEND:
             off = di.size        # the cluster's size, not the kernel's idea of it
-        n = self._append(h, di, off, data, ctx)
-        if n is not None:
-            return n
         kill = self.privileges_to_drop(di, ctx)
         caps = has_caps(self.vol, di)
+        if not kill and not caps:
+            n = self._append(h, di, off, data)
+            if n is not None:
+                return n
         now = time.time_ns()
         if not kill and not caps and 0 <= now - di.mtime < WRITE_TIME_NS and \
                 0 <= now - di.ctime < WRITE_TIME_NS and not self.vol.readonly and \
@@ -181,11 +182,13 @@ class FileData:
         h, di = self.handle(fh)
         if h.flags & os.O_APPEND:
             off = di.size
-        return self._append(h, di, off, data, ctx)
+        if self.privileges_to_drop(di, ctx) or has_caps(self.vol, di):
+            return None
+        return self._append(h, di, off, data)
 
-    def _append(self, h: Handle, di: Dinode, off: int, data, ctx: Ctx | None) -> int | None:
-        if off != h.stream_end or self.vol.readonly or \
-                self.privileges_to_drop(di, ctx) or has_caps(self.vol, di):
+    def _append(self, h: Handle, di: Dinode, off: int, data) -> int | None:
+        """``append`` once the writer is known to drop no privileges."""
+        if off != h.stream_end or self.vol.readonly:
             return None
         pblk = inode.mapped_at_eof(self.vol, di, off, len(data))
         if pblk is None:

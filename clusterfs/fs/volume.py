@@ -42,6 +42,8 @@ class _Operation:
         vol = self.vol
         if vol.op is not None:
             raise RuntimeError("nested metadata operation")
+        if vol.readonly:
+            raise FSError(errno.EROFS, "volume is read-only")
         vol.op = self.op
         return self.op
 
@@ -270,10 +272,6 @@ class Volume:
     def operation(self) -> _Operation:
         """Run a metadata change atomically (``with``, giving the ``Op``): all of it
         joins the journal or, when the body raises, none (rolled back)."""
-        if self.op is not None:
-            raise RuntimeError("nested metadata operation")
-        if self.readonly:
-            raise FSError(errno.EROFS, "volume is read-only")
         return _Operation(self)
 
     def touch(self, obj: MetaObject) -> None:
