@@ -701,12 +701,13 @@ class LockServer:
         A try-lock cannot be answered while its name is frozen (a conflicting lock
         may not be known yet): it is held back and decided once the name is served.
         """
+        now = trio.current_time()
         if self._in_grace:
-            self.table.set_frozen(True)
+            self.table.set_frozen(True, now=now)
         elif any(d.placeholder for d in self.sessions.values()):
-            self.table.set_frozen(True, self.thaw_prefix)
+            self.table.set_frozen(True, self.thaw_prefix, now=now)
         else:
-            self.table.set_frozen(False)
+            self.table.set_frozen(False, now=now)
         # plocks: held back while anything is frozen (reclaims may be missing, a dead
         # node's plocks are unknown until it is recovered)
         self.plocks.set_frozen(bool(self.table.frozen))

@@ -335,25 +335,30 @@ class LockTable:
         locks[name] = lk
         return True
 
-    def set_frozen(self, frozen: bool, thaw_prefix: bytes | None = None) -> None:
+    def set_frozen(self, frozen: bool, thaw_prefix: bytes | None = None,
+                   now: float = 0.0) -> None:
         """Enter or leave the state where nothing new is granted.
 
         Args:
             frozen: grant nothing new (only down-conversions and ``reclaim``).
             thaw_prefix: while frozen, serve the requests and conversions of the names
                 that start with it as usual (ignored when not frozen).
+            now: the time; a request still queued on a name served again from now
+                counts its wait for deadlock detection from now.
         """
+        held_back = [name for name in self._contended if not self._thawed(name)]
         self.frozen = frozen
         self.thaw_prefix = thaw_prefix if frozen else None
-        if frozen and thaw_prefix is None:
-            return
-        for name in list(self._contended):
+        for name in held_back:
             if not self._thawed(name):
                 continue
             res = self._res.get(name)
-            if res is not None:
-                self._grant_pending(res)
-                self._maybe_forget(res)
+            if res is None:
+                continue
+            self._grant_pending(res)
+            for lk in res.converting + res.waiting:
+                lk.since = max(lk.since, now)
+            self._maybe_forget(res)
 
     def mark_dead(self, owner) -> None:
         """The owner's node is dead: its pending requests go, its locks stay held."""
@@ -387,10 +392,15 @@ class LockTable:
         A queued request waits for the owners of incompatible granted locks and of the
         requests queued ahead of it.  Only requests queued at least ``min_wait`` before
         ``now`` give edges (a cached lock's owner usually gives it up on the blocking
-        callback within that time; a cycle that lasts longer is a deadlock).
+        callback within that time; a cycle that lasts longer is a deadlock).  A name
+        held back by the freeze gives none: its queue does not move, whoever holds
+        what, until it is served again, and its requests' wait counts from then
+        (``set_frozen``).
         """
         edges: dict = {}
         for name in self._contended:
+            if not self._thawed(name):
+                continue
             res = self._res[name]
             order = res.converting + res.waiting
             for i, lk in enumerate(order):

@@ -146,7 +146,8 @@ def test_server_restart_mid_workload(keyfile, tmp_path):
             n["locks"] + n["waiting"] for n in v["nodes"]) > 1)
         lockd.restart()                  # the server dies mid-workload
         for w, cid in ids:
-            assert w.result(cid, timeout=90)["ok"] == 60
+            r = w.result(cid, timeout=90)
+            assert r.get("ok") == 60, (w.node, r, w.stderr()[-3000:])
         # nothing was granted twice: no update lost
         assert [int(c.read_text()) for c in counters] == [180, 180]
         # the reclaimed PR lock is still held: an EX must wait for it

@@ -224,6 +224,40 @@ def test_three_way_deadlock():
     assert t.break_deadlocks() == []
 
 
+def test_frozen_queues_are_no_deadlock():
+    """Queues that cross between owners while the table is frozen (each node first in
+    line for one counter, second for the other) are paused, not stuck; once served
+    again, the requests left queued count their wait from the thaw."""
+    t = LockTable()
+    t.set_frozen(True, now=0)                      # a restarted server's grace
+    t.request("a", b"c0", EX, 1, now=0.1)
+    t.request("b", b"c1", EX, 2, now=0.1)
+    t.request("b", b"c0", EX, 3, now=0.2)
+    t.request("a", b"c1", EX, 4, now=0.2)
+    assert t.break_deadlocks(now=3.0, min_wait=1.0) == []      # nothing moves yet
+    t.set_frozen(False, now=3.0)
+    assert grants(t.drain()) == [("a", b"c0", EX), ("b", b"c1", EX)]
+    # b waits for a's c0 and a for b's c1: a cycle, but not yet an old one
+    assert t.break_deadlocks(now=3.5, min_wait=1.0) == []
+    victims = t.break_deadlocks(now=4.5, min_wait=1.0)        # it lasted: a deadlock
+    assert [(v.owner, v.name) for v in victims] == [("a", b"c1")]
+    t.check()
+    # a frozen name's queue gives no edges even among names that are served
+    t2 = LockTable()
+    t2.request("x", b"J1", EX, 1, now=0)
+    t2.request("y", b"R1", EX, 2, now=0)
+    t2.set_frozen(True, thaw_prefix=b"J", now=0)
+    t2.request("x", b"R1", EX, 3, now=0)           # held back: R is frozen
+    t2.request("y", b"J1", EX, 4, now=0)           # served: waits for x's J1
+    t2.drain()
+    assert t2.break_deadlocks(now=5.0, min_wait=1.0) == []
+    t2.set_frozen(True, thaw_prefix=b"J", now=5.0)  # the prefix again: no new thaw
+    t2.set_frozen(False, now=6.0)
+    assert t2.break_deadlocks(now=6.5, min_wait=1.0) == []
+    assert [(v.owner, v.name) for v in t2.break_deadlocks(now=7.0, min_wait=1.0)] \
+        == [("y", b"J1")]
+
+
 def test_frozen_and_reclaim():
     t = LockTable()
     t.set_frozen(True)
