@@ -71,5 +71,6 @@ def test_nodes_join_added_slots_and_one_is_recovered(topdir):
             if n != victim:
                 c.unmount(n)
         st = _status(c.volume)
-        assert all(s["journal"] == "clean" and s["state"] == "free" for s in st["slots"])
+        assert all(s["journal"] == "clean" and s["state"] == "free"
+                   for s in st["slots"]), st["slots"]
     # running_cluster checked the volume (walk and fsck -fn) on the way out
