@@ -60,6 +60,7 @@ class KernelPages:
         # the drops run in the serving nursery (``fuse.serve``), which waits for
         # them before the session closes
         self.drop_range = None
+        self.behind_keep = BEHIND_KEEP            # (``-o dropbehind=SIZE``)
         self.nursery: trio.Nursery | None = None
         self.streams: dict[int, list[int]] = {}   # handle -> [next offset, kept from]
         self.dropping: set[int] = set()           # files with a drop-behind running
@@ -155,7 +156,8 @@ class KernelPages:
 
         With ``-o dropbehind``, the kernel's pages of a file are dropped behind a
         reader that goes through it in order (a VM's restore, a copy), keeping the
-        last ``BEHIND_KEEP`` bytes, so that a file read once does not fill the
+        last ``behind_keep`` bytes (``BEHIND_KEEP`` unless the option gives a size),
+        so that a file read once does not fill the
         node's memory (what libvirt's bypass-cache does for a VM's saved state).
         On an image file the data stays in the image's pages, which the mount
         reads from.  The drop runs on a worker thread (it waits for page locks)
@@ -167,9 +169,9 @@ class KernelPages:
             self.streams[fh] = [off + n, off]       # (another stream, or a seek)
             return
         s[0] = off + n
-        if s[0] - s[1] < BEHIND_KEEP + BEHIND_STEP or ino in self.dropping:
+        if s[0] - s[1] < self.behind_keep + BEHIND_STEP or ino in self.dropping:
             return
-        upto = s[0] - BEHIND_KEEP
+        upto = s[0] - self.behind_keep
         self.dropping.add(ino)
         self.nursery.start_soon(self._drop_behind, ino, s[1], upto - s[1])
         s[1] = upto

@@ -24,6 +24,7 @@ from ..cluster.lockd import DEFAULT_LEASE
 from ..errors import ClusterfsError, UsageError
 from ..fs.volume import Volume
 from ..fuse.mount import VFS_FLAGS, run_cluster_mount, run_mount
+from .mkfs import parse_size
 
 DEFAULT_KEY_DIR = "/etc/clusterfs"
 
@@ -63,6 +64,16 @@ def parse_options(items: list[str]) -> dict[str, str | bool]:
             raise UsageError(f"mount option min_hold wants milliseconds (0 to 1000), not "
                              f"'{'' if value is True else value}'")
         opts["min_hold"] = ms
+    if opts.get("dropbehind", True) is not True:
+        value = opts["dropbehind"]
+        try:
+            keep = parse_size(value)
+        except ValueError:
+            keep = -1
+        if keep < 0:
+            raise UsageError(f"mount option dropbehind wants the size kept behind a "
+                             f"reader (e.g. 256M), not '{value}'")
+        opts["dropbehind"] = keep
     return opts
 
 
@@ -191,9 +202,10 @@ def register(sub) -> None:
                         "before another node's request is honoured, default 10), "
                         "entrycache (a cluster member lets the kernel cache "
                         "directory entries; detaches mounts made on directories "
-                        "inside this one: see docs/CLUSTER.md), dropbehind (a "
-                        "cluster member drops the kernel's pages of a file behind "
-                        "a reader that goes through it in order), and the "
+                        "inside this one: see docs/CLUSTER.md), dropbehind or "
+                        "dropbehind=SIZE (a cluster member drops the kernel's pages "
+                        "of a file behind a reader that goes through it in order, "
+                        "keeping the last 32 MiB or SIZE), and the "
                         "kernel's nosuid, nodev, noexec (the default for FUSE is "
                         "nosuid,nodev), suid, dev, exec")
     p.add_argument("--key", metavar="KEYFILE",

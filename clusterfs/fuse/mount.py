@@ -226,8 +226,11 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
             mounted = True
             coh.forget_kernel_attrs = ops.forget_attrs
             coh.pages.invalidate = ops.drop_pages
-            if opts.get("dropbehind"):
+            keep = opts.get("dropbehind")
+            if keep is not None and keep is not False:     # (0: keep nothing behind)
                 coh.pages.drop_range = ops.drop_page_range
+                if keep is not True:
+                    coh.pages.behind_keep = keep
             log.info("%s mounted on %s (slot %d, node %s, cluster)", volume, mountpoint,
                      member.slot, member.node)
             _notify_ready(ready_fd)

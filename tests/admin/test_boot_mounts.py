@@ -269,6 +269,8 @@ def test_install_units_refuses(tmp_path, argv, says):
     ("min_hold=soon", "min_hold wants milliseconds"),
     ("min_hold=5000", "min_hold wants milliseconds"),
     ("min_hold", "min_hold wants milliseconds"),
+    ("dropbehind=lots", "dropbehind wants the size kept behind a reader"),
+    ("dropbehind=-1M", "dropbehind wants the size kept behind a reader"),
 ])
 def test_helper_bad_option(opts, says):
     r = subprocess.run([PY, "-m", "clusterfs.commands.mounthelper", "/vol.img", "/mnt",
@@ -282,7 +284,7 @@ def test_helper_accepts_what_mount_passes():
     opts = ("defaults,rw,ro,dev,nodev,suid,nosuid,exec,noexec,auto,noauto,nofail,_netdev,"
             "user,users,x-systemd.automount,x-systemd.requires=a.service,comment=x,"
             "key=/k,node=n,listen=1.2.3.4:5,slot=1,lease=9,noatime,open_cache=8,log=/l,"
-            "min_hold=2.5")
+            "min_hold=2.5,dropbehind=256M")
     base = [PY, "-m", "clusterfs.commands.mounthelper"]
     r = subprocess.run(base + ["/vol.img", "/nowhere", "-f", "-n", "-v", "-o", opts,
                                "-t", "fuse.clusterfs"], capture_output=True, text=True)

@@ -1,7 +1,8 @@
 """Drop-behind (``-o dropbehind``): a cluster member drops the kernel's pages of a
 file behind a reader that goes through it in order, keeping the last 32 to 64 MiB
-(``pages.KernelPages.read_done``).  Node b mounts with the option, node c without;
-node a writes the files.  What a reader gets never changes: the same bytes on the
+(``pages.KernelPages.read_done``), or the size the option gives.  Node b mounts
+with the option, node c without, node d (in one test) with a size; node a writes
+the files.  What a reader gets never changes: the same bytes on the
 first read and the next, and a page dirtied through a shared mapping is written
 back before it goes, not lost.  Residency is what ``fincore`` reports of the file
 on the reading node's mount."""
@@ -83,6 +84,25 @@ def test_a_reader_in_order_keeps_only_the_last_pages_with_the_option(nodes):
     assert _resident(os.path.join(c, "state")) >= SIZE - 8 * MiB
     assert _dropped(nodes, "c") == 0
     os.unlink(os.path.join(a, "state"))
+
+
+def test_the_size_kept_behind_is_a_mount_option(nodes):
+    """``-o dropbehind=96M`` keeps the last 96 to 128 MiB behind the reader: more
+    than the default's 32 to 64, less than the whole file."""
+    a = nodes.nodes["a"].path
+    digest = _write(os.path.join(a, "kept"), 5)
+    nodes.mount("d", "-o", "dropbehind=96M")
+    try:
+        d = os.path.join(nodes.nodes["d"].path, "kept")
+        assert _read_in_order(d) == digest
+        wait_for(lambda: _dropped(nodes, "d") >= 32 * MiB, 15,
+                 "a drop behind the reader")
+        time.sleep(0.5)             # (a second drop may still be under way)
+        assert 88 * MiB <= _resident(d) <= 128 * MiB
+        assert _read_in_order(d) == digest
+    finally:
+        nodes.unmount("d")
+    os.unlink(os.path.join(a, "kept"))
 
 
 def test_reads_out_of_order_drop_nothing(nodes):
