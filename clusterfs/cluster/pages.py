@@ -38,6 +38,7 @@ HOLD_S = 0.02          # longest a READ/WRITE is held back while its file's page
 MAX_PASSES = 1000      # a drop that never finds a quiet pass gives up (logged)
 BEHIND_KEEP = 32 << 20  # bytes of a sequential reader's pages kept behind it ...
 BEHIND_STEP = 32 << 20  # ... and dropped this many at a time (``read_done``)
+BEHIND_THREADS = 2     # worker threads drops behind readers may take at once
 
 
 class KernelPages:
@@ -61,6 +62,9 @@ class KernelPages:
         # them before the session closes
         self.drop_range = None
         self.behind_keep = BEHIND_KEEP            # (``-o dropbehind=SIZE``)
+        # threads of their own: a drop behind a reader that waits for a page lock
+        # must not hold up the drops a lock's demote needs (``limiter``)
+        self.behind_limiter = trio.CapacityLimiter(BEHIND_THREADS)
         self.nursery: trio.Nursery | None = None
         self.streams: dict[int, list[int]] = {}   # handle -> [next offset, kept from]
         self.dropping: set[int] = set()           # files with a drop-behind running
@@ -184,7 +188,8 @@ class KernelPages:
         try:
             fn = self.drop_range
             if fn is not None:
-                await trio.to_thread.run_sync(fn, ino, off, length, limiter=self.limiter)
+                await trio.to_thread.run_sync(fn, ino, off, length,
+                                              limiter=self.behind_limiter)
                 self.stats["dropped_behind"] += length
         except OSError as e:
             if e.errno != errno.ENOENT:
@@ -194,6 +199,17 @@ class KernelPages:
             log.exception("pages of inode %d behind its reader not dropped", ino)
         finally:
             self.dropping.discard(ino)
+
+    async def stop_dropping_behind(self, timeout: float) -> bool:
+        """Start no more drops behind readers and wait (at most ``timeout`` seconds)
+        for those under way; True when none is left.  Called before the serving
+        stops: a drop waits in the kernel for the page locks of READs in flight,
+        which only the serving answers."""
+        self.drop_range = None
+        with trio.move_on_after(timeout):
+            while self.dropping:
+                await trio.sleep(0.01)
+        return not self.dropping
 
     def drop_all_soon(self) -> None:
         """Drop the pages of every file, on a thread of its own, without waiting (the

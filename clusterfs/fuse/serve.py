@@ -22,6 +22,7 @@ from ..errors import Fenced
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL = 5.0      # seconds between commits of a journal that has changes
+DROP_WAIT = 10.0           # longest a signal's unmount waits for drops behind readers
 
 
 async def serve(node) -> None:
@@ -55,6 +56,10 @@ async def _signals(node) -> None:
                 continue
             log.info("signal %d: unmounting", sig)
             node.terminated = True
+            pages = getattr(getattr(node, "coh", None), "pages", None)
+            if pages is not None and not await pages.stop_dropping_behind(DROP_WAIT):
+                log.warning("drops of pages behind readers still under way after "
+                            "%.0fs: unmounting anyway", DROP_WAIT)
             pyfuse3.terminate()
             return
 
