@@ -226,8 +226,8 @@ def run_cluster_mount(volume: str, mountpoint: str, *, opts: dict, node: str | N
             mounted = True
             coh.forget_kernel_attrs = ops.forget_attrs
             coh.pages.invalidate = ops.drop_pages
-            keep = opts.get("dropbehind")
-            if keep is not None and keep is not False:     # (0: keep nothing behind)
+            keep = opts.get("dropbehind")        # True, or the bytes to keep (0 too)
+            if keep is not None:
                 coh.pages.drop_range = ops.drop_page_range
                 if keep is not True:
                     coh.pages.behind_keep = keep

@@ -43,6 +43,12 @@ class Kernel:
     def invalidate(self, ino):
         self.whole.append(ino)
 
+    def pages(self) -> KernelPages:
+        """A ``KernelPages`` whose drops go to this stand-in (as a mount sets it)."""
+        pages = KernelPages()
+        pages.invalidate, pages.drop_range = self.invalidate, self.drop_range
+        return pages
+
 
 def _read_in_order(pages: KernelPages, fh: int, ino: int, upto: int) -> None:
     """READs of 1 MiB from the start of ``ino`` through ``fh`` to ``upto``."""
@@ -67,8 +73,7 @@ def test_drops_behind_readers_leave_the_demotes_threads_free():
     kernel = Kernel()
 
     async def main():
-        pages = KernelPages()
-        pages.invalidate, pages.drop_range = kernel.invalidate, kernel.drop_range
+        pages = kernel.pages()
         async with trio.open_nursery() as nursery:
             pages.nursery = nursery
             files = pages.limiter.total_tokens + 2
@@ -98,8 +103,7 @@ def test_an_unmount_waits_for_the_drops_behind_readers():
     kernel = Kernel()
 
     async def main():
-        pages = KernelPages()
-        pages.invalidate, pages.drop_range = kernel.invalidate, kernel.drop_range
+        pages = kernel.pages()
         async with trio.open_nursery() as nursery:
             pages.nursery = nursery
             _read_in_order(pages, 1, 10, BEHIND_KEEP + BEHIND_STEP)
@@ -129,8 +133,7 @@ def test_a_signal_unmounts_only_after_the_drops_behind_readers(monkeypatch):
     monkeypatch.setattr(serve.pyfuse3, "terminate", lambda: terminated.append(True))
 
     async def main():
-        pages = KernelPages()
-        pages.invalidate, pages.drop_range = kernel.invalidate, kernel.drop_range
+        pages = kernel.pages()
         node = SimpleNamespace(coh=SimpleNamespace(pages=pages), terminated=False)
         async with trio.open_nursery() as nursery:
             pages.nursery = nursery
