@@ -149,6 +149,11 @@ class Machine:
         return self
 
     def __exit__(self, *exc) -> None:
+        if exc[0] is not None and self.proc is not None and not self.alive():
+            # (pytest shows it with the failure: why QEMU ended, before the run
+            # directory goes)
+            print(f"{self}: QEMU exited with {self.proc.returncode}; it said: "
+                  f"{self.stderr_tail() or '(nothing)'}")
         self.close()
 
     def __repr__(self) -> str:
