@@ -381,7 +381,7 @@ class Coherence:
                 if e.inode_hint is not None:
                     hint = fresh = e.inode_hint
             except (Fenced, JournalAborted) as e:
-                self._failed(e)
+                self.failed(e)
             finally:
                 self.vol.inode_hint = None
                 self.holds = None
@@ -411,15 +411,15 @@ class Coherence:
             self.stats["retries"] += 1
             return NOT_AT_HAND
         except (Fenced, JournalAborted) as e:
-            self._failed(e)
+            self.failed(e)
         finally:
             self.holds = None
             self._usable = None
             self.glocks.release(holds)
 
-    def _failed(self, e: Exception) -> NoReturn:
-        """A body stopped on a refused device write or a stopped journal: fence
-        (a survivor recovers the journal) and raise EIO."""
+    def failed(self, e: Exception) -> NoReturn:
+        """A body (or a commit) stopped on a refused device write or a stopped
+        journal: fence (a survivor recovers the journal) and raise EIO."""
         if isinstance(e, Fenced):
             self.fence("a volume write was refused")
             raise FSError(errno.EIO, "node is fenced") from None

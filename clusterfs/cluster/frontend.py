@@ -15,6 +15,7 @@ import os
 
 import trio
 
+from journal.errors import JournalAborted
 from lockmgr import EX, PR
 
 from ..errors import FSError, Fenced
@@ -267,9 +268,10 @@ class ClusterFrontend:
         try:
             # the flushes on a worker thread: lease renewals and other requests go on
             await self.vol.commit_in_thread(trio.to_thread.run_sync)
-        except Fenced:
-            self.coh.fence("fsync refused")
-            raise FSError(errno.EIO, "node is fenced") from None
+        except (Fenced, JournalAborted) as e:
+            # a refused flush, or a journal an earlier failure stopped (the node
+            # fenced itself meanwhile): EIO, as for any other request
+            self.coh.failed(e)
 
     async def release(self, fh, writable: bool | None = None):
         self.coh.pages.closed(fh)

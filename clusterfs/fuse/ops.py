@@ -19,6 +19,7 @@ import stat as S
 import pyfuse3
 import trio
 
+from journal.errors import JournalAborted
 from lockmgr.plocks import OFFSET_MAX
 
 from ..fs.posix import Ctx
@@ -38,9 +39,10 @@ def _fuse_error(e: OSError) -> pyfuse3.FUSEError:
 
 def _guard(fn):
     """Turn what a handler raises into the reply for that one request: FSError (and
-    OSError) into its errno; anything unexpected is logged with its traceback and
-    answered with EIO.  Only FUSEError may leave a handler: anything else would end
-    pyfuse3's main loop and take the whole mount down."""
+    OSError) into its errno; a stopped journal into EIO, logged in one line;
+    anything unexpected is logged with its traceback and answered with EIO.  Only
+    FUSEError may leave a handler: anything else would end pyfuse3's main loop and
+    take the whole mount down."""
 
     @functools.wraps(fn)
     async def handler(self, *args):
@@ -50,6 +52,11 @@ def _guard(fn):
             raise
         except OSError as e:
             raise _fuse_error(e) from None
+        except JournalAborted as e:
+            # an earlier device error (or the node's fence) stopped the journal: every
+            # request that writes fails so until the remount, which is no bug to trace
+            log.error("%s%r: %s; answering EIO", fn.__name__, args[:2], e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
             log.exception("%s%r failed; answering EIO", fn.__name__, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -139,6 +139,16 @@ def _qemu(path: str) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _ofd_probe(m) -> object:
+    """What F_OFD_GETLK for a write lock on the whole image answers on mount ``m``."""
+    probe = Actor("p", m.path)
+    try:
+        probe.call("open", fd="f", file="disk.img")
+        return probe.call("ofd_getlk", fd="f", type="w", start=0, len=0)
+    finally:
+        probe.stop()
+
+
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                     reason="QEMU is not installed")
 def test_qemu_image_lock_holds_across_nodes(topdir):
@@ -159,7 +169,16 @@ def test_qemu_image_lock_holds_across_nodes(topdir):
             finally:
                 probe.stop()
             second = _qemu(b.p("disk.img"))
-            out, _ = second.communicate(timeout=60)
+            try:
+                out, _ = second.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                # it should have failed at once: say whether it runs the guest (the
+                # lock not seen) or hangs in a lock request, and what node b sees
+                seen = _ofd_probe(b)
+                second.kill()
+                out, _ = second.communicate()
+                pytest.fail(f"the second QEMU ran 60 s; node b sees {seen!r} on the "
+                            f"image; its output: {out!r}")
             assert second.returncode != 0
             assert 'Failed to get "write" lock' in out, out
             # the first QEMU gone, its locks are gone: the other node can start it

@@ -7,8 +7,9 @@ import pyfuse3
 import pytest
 import trio
 
-from clusterfs.errors import CorruptBlock, FSError
+from clusterfs.errors import CorruptBlock, FSError, Fenced
 from clusterfs.fuse.ops import Operations
+from journal.errors import JournalAborted
 
 
 class _FS:
@@ -32,6 +33,7 @@ class _Front:
     (OSError(errno.ENOSPC, "full"), errno.ENOSPC),
     (RuntimeError("a bug"), errno.EIO),
     (KeyError(5), errno.EIO),
+    (JournalAborted(Fenced()), errno.EIO),
 ])
 def test_handler_turns_any_error_into_its_errno(exc, want, caplog):
     ops = Operations(_FS(), _Front(exc))
@@ -44,6 +46,12 @@ def test_handler_turns_any_error_into_its_errno(exc, want, caplog):
     trio.run(go)
     if isinstance(exc, (RuntimeError, KeyError)):
         assert "answering EIO" in caplog.text and "Traceback" in caplog.text
+    if isinstance(exc, JournalAborted):
+        # the state of a node whose journal stopped, not a bug: one line a request
+        assert "Traceback" not in caplog.text
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{name}(5, {arg!r}): {exc}; answering EIO" for name, arg in
+            (("getattr", None), ("unlink", b"x"))]
 
 
 def test_cancellation_is_not_swallowed():
