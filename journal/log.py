@@ -706,6 +706,11 @@ class Journal:
         """True between ``open`` and ``close``."""
         return self._open
 
+    @property
+    def aborted(self) -> BaseException | None:
+        """The device error that stopped the journal (None while it works)."""
+        return self._aborted
+
     # -- internals --------------------------------------------------------------------
 
     def _abs(self, pos: int) -> int:

@@ -86,6 +86,7 @@ class Coherence:
         self.holds: Holds | None = None
         self._usable: tuple[Holds, list[int]] | None = None   # (holds, alloc_groups())
         self.fenced = False
+        self._fenced_event = trio.Event()
         self.waits: set[trio.CancelScope] = set()   # lock manager waits of operations
         self.prefer_groups(vol.sb)
         self.known_free: dict[int, int] = {}
@@ -334,8 +335,14 @@ class Coherence:
     # -- running operation bodies -----------------------------------------------------
 
     def check(self) -> None:
+        """EIO once the node is fenced; a journal that a device error stopped
+        fences it (the journal's next commit cannot be written, and the other
+        members must recover what it holds)."""
         if self.fenced:
-            raise FSError(errno.EIO, "node is fenced (lease lost); remount to rejoin")
+            raise FSError(errno.EIO, "node is fenced; remount to rejoin")
+        journal = self.vol.journal
+        if journal is not None and journal.aborted is not None:
+            self.failed(JournalAborted(journal.aborted))
 
     async def run(self, fn, *args, want: dict | None = None, new_inode=None, **kw):
         """Run ``fn(*args, **kw)`` (a synchronous body) holding the locks it needs.
@@ -455,10 +462,15 @@ class Coherence:
         if not self.fenced:
             log.error("self-fencing (%s): all volume I/O stops; remount to rejoin", why)
         self.fenced = True
+        self._fenced_event.set()
         self.pages.drop_all_soon()
         self.forget_entries()       # path walks reach the file system (and its EIO)
         for scope in list(self.waits):
             scope.cancel()
+
+    async def wait_fenced(self) -> None:
+        """Return once the node has fenced itself (``fence``)."""
+        await self._fenced_event.wait()
 
     async def until_fenced(self, fn, *args, **kw):
         """``await fn(*args, **kw)`` (a wait for the lock manager), given up with EIO

@@ -272,6 +272,9 @@ class ClusterFrontend:
             # a refused flush, or a journal an earlier failure stopped (the node
             # fenced itself meanwhile): EIO, as for any other request
             self.coh.failed(e)
+        except OSError:
+            self.coh.check()        # the device failed: the journal stopped, fence
+            raise
 
     async def release(self, fh, writable: bool | None = None):
         self.coh.pages.closed(fh)

@@ -221,9 +221,17 @@ class LockManagerService:
         kind = parse_addr(self.listen)
         if kind[0] != "tcp":
             raise UsageError(f"--listen wants HOST:PORT, not {self.listen}")
-        dev = BlockDevice(self.volume, direct=self.direct)
         try:
-            sb = read_superblock(dev)
+            dev = BlockDevice(self.volume, direct=self.direct)
+        except OSError as e:
+            raise ClusterfsError(f"cannot open the volume {self.volume}: "
+                                 f"{e.strerror or e}") from None
+        try:
+            try:
+                sb = read_superblock(dev)
+            except OSError as e:
+                raise ClusterfsError(f"cannot read the volume {self.volume}: "
+                                     f"{e.strerror or e}") from None
             listeners = await trio.open_tcp_listeners(kind[2], host=kind[1])
             host, port = listeners[0].socket.getsockname()[:2]
             self.addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -26,7 +26,8 @@ from ..ondisk.lease import read_lease
 
 log = logging.getLogger(__name__)
 
-RESTART_DELAY = 1.0       # seconds between restarts of a candidate that died
+RESTART_DELAY = 1.0       # seconds before a candidate that died is started again,
+RESTART_MAX = 30.0        # doubled while it keeps dying within RESTART_MAX of its start
 
 
 class MasterLocator:
@@ -92,15 +93,23 @@ class Candidate:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start the candidate and keep it running until ``stop``."""
         self._spawn()
+        started = trio.current_time()
         task_status.started()
+        delay = RESTART_DELAY
         while not self.stopping:
             await trio.sleep(0.2)
             if self.proc.poll() is not None and not self.stopping:
-                log.error("lock manager candidate exited with %s; restarting it",
-                          self.proc.returncode)
-                await trio.sleep(RESTART_DELAY)
+                # one that cannot start (its node lost the volume) is tried less
+                # and less often, not every second for as long as the mount lasts
+                if trio.current_time() - started >= RESTART_MAX:
+                    delay = RESTART_DELAY
+                log.error("lock manager candidate exited with %s; restarting it in "
+                          "%.0f s", self.proc.returncode, delay)
+                await trio.sleep(delay)
+                delay = min(2 * delay, RESTART_MAX)
                 if not self.stopping:
                     self._spawn()
+                    started = trio.current_time()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop the candidate (SIGTERM, then SIGKILL after ``timeout``)."""

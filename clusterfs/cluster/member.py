@@ -199,6 +199,7 @@ class ClusterMount:
         for slot, node in self.client.dead_nodes().items():
             nursery.start_soon(self.recovery.node_down, node, slot)
         nursery.start_soon(self._fence_watch)
+        nursery.start_soon(self._leave_when_fenced)
 
     async def _finish_grow(self, vol: Volume) -> None:
         """The superblock records a grow that a crash interrupted (the whole cluster
@@ -325,6 +326,29 @@ class ClusterMount:
         self.coh.fence("lease lost")
         if self.heart is not None:
             self.heart.stopped = True
+
+    async def _leave_when_fenced(self) -> None:
+        """A node that fenced itself while its lease is still good (it lost the
+        disk: its heartbeat or journal cannot be written) leaves the lock manager
+        at once, as a crashed node does: its session lapses, a survivor recovers
+        its journal from the disk and its locks go.  Staying connected would
+        keep every lock it holds, and the other members waiting for them, until
+        the node is unmounted.  A node that holds no lock leaves cleanly."""
+        await self.coh.wait_fenced()
+        if self.leaving or self.client is None:
+            return
+        if self.heart is not None:
+            self.heart.stopped = True
+        held = len(self.client.held_locks())
+        with trio.CancelScope(shield=True):
+            try:
+                await self.client.close(release=not held)
+            except LockError:
+                pass
+        if held:
+            log.error("fenced: left the lock manager as a crashed node does; the "
+                      "other members recover this node's journal and its %d locks "
+                      "go then", held)
 
     # the node's side of the serve loop (``fuse/serve.py``)
 

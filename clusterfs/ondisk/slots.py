@@ -216,8 +216,10 @@ class HeartbeatWriter:
         while not self._halt.wait(self.interval) and not self.stopped:
             try:
                 self.beat()
-            except OSError:
-                log.exception("heartbeat write failed")
+            except OSError as e:
+                # tried again at the next beat, until the lease lapses (the disk
+                # is gone: the node fences itself)
+                log.error("slot %d: heartbeat write failed: %s", self.hb.slot, e)
 
     def stop(self) -> None:
         """Stop the thread (the block is left as it is)."""

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -100,12 +102,14 @@ class Cluster:
         return args + list(extra)
 
     def mount(self, name: str, *extra: str, wrap: tuple = (),
-              listen: str = "127.0.0.1:0", env: dict | None = None) -> Mount:
+              listen: str = "127.0.0.1:0", env: dict | None = None,
+              volume: str | None = None) -> Mount:
         """Mount the volume as node ``name`` (at TOP/NAME) and wait for it (``env``:
-        the mount's environment, which its lock manager candidate inherits)."""
+        the mount's environment, which its lock manager candidate inherits;
+        ``volume``: the node's own path to the volume, ``FaultyPath.image``)."""
         path = os.path.join(self.top, name)
-        m = Mount(self.volume, path, *self.node_args(name, *extra, listen=listen),
-                  wrap=wrap, env=env)
+        m = Mount(volume or self.volume, path,
+                  *self.node_args(name, *extra, listen=listen), wrap=wrap, env=env)
         self.nodes[name] = m
         return m.start()
 
@@ -224,6 +228,68 @@ class Cluster:
             f"slot {slot} of the recovered node {name}: heartbeat {after.heartbeat}"
         assert after.journal_clean, \
             f"slot {slot} of the recovered node {name}: its journal was not replayed"
+
+
+def fails_with_eio(path: str) -> bool:
+    """Whether a lookup of ``path`` (a name that does not exist) fails with EIO, as
+    every request to a fenced node does; False when it answers ENOENT."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.EIO:
+            return True
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    raise AssertionError(f"{path} exists")
+
+
+class FaultyPath:
+    """One node's path to the volume, which breaks on demand: ``faultydisk.py``
+    mounted at TOP/NAME-disk, the volume seen there as ``image``.  ``lose()``: from
+    then on every read, write and flush through it fails with EIO; ``restore()``
+    mends it.  A context manager; unmounts on the way out."""
+
+    def __init__(self, top: str, volume: str, name: str):
+        self.mountpoint = os.path.join(top, f"{name}-disk")
+        self.image = os.path.join(self.mountpoint, "vol.img")
+        os.mkdir(self.mountpoint)
+        self.log = open(os.path.join(top, f"{name}-disk.log"), "w+")
+        self.proc = subprocess.Popen(
+            [PY, os.path.join(REPO, "tests", "cluster", "faultydisk.py"), volume,
+             self.mountpoint], stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: os.path.exists(self.image) or self.proc.poll() is not None,
+                     30, "the faulty path to the volume")
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"faultydisk.py failed: {self.log.read()}")
+        except BaseException:
+            self.close()
+            raise
+
+    def lose(self) -> None:
+        self.proc.send_signal(signal.SIGUSR1)
+
+    def restore(self) -> None:
+        self.proc.send_signal(signal.SIGUSR2)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            subprocess.run(["fusermount3", "-u", "-z", self.mountpoint],
+                           capture_output=True)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def __enter__(self) -> "FaultyPath":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def volume_superblock(path: str):

@@ -36,9 +36,9 @@ import time
 import pytest
 
 from clusterfs.ondisk.format import HB_FREE
-from tests.cluster.cluster_util import (Netns, Workload, heartbeat_blocks, image_digest,
-                                        make_key, running_cluster, sha256_of, slot_state,
-                                        wait_for)
+from tests.cluster.cluster_util import (Netns, Workload, fails_with_eio, heartbeat_blocks,
+                                        image_digest, make_key, running_cluster, sha256_of,
+                                        slot_state, wait_for)
 
 
 def check_fsynced(wl: Workload, mount, top: str = "w") -> int:
@@ -71,20 +71,6 @@ def wait_still(vol: str, skip: set, timeout: float = 30.0) -> str:
             return cur
         assert time.monotonic() < deadline, "the volume does not hold still"
         prev = cur
-
-
-def fails_with_eio(path: str) -> bool:
-    """Whether a lookup of ``path`` (a name that does not exist) fails with EIO, as
-    every request to a fenced node does; False when it answers ENOENT."""
-    try:
-        os.stat(path)
-    except OSError as e:
-        if e.errno == errno.EIO:
-            return True
-        if e.errno == errno.ENOENT:
-            return False
-        raise
-    raise AssertionError(f"{path} exists")
 
 
 def locks_reclaimed(c, generation: int) -> dict[str, set]:

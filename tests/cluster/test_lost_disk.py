@@ -1,0 +1,104 @@
+"""One host loses its path to the shared volume (a SAN path failure) while the others
+keep theirs: that node fences itself and leaves the lock manager as a crashed node
+does, a survivor recovers its journal from the volume, and the other nodes carry on
+with the locks it held, whether it was a plain member or the lock manager's master.
+Once its path is mended, the node rejoins with a remount.
+
+Node a reaches the volume through ``faultydisk.py`` (``cluster_util.FaultyPath``),
+which answers every read, write and flush with EIO once the test breaks it.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.cluster.cluster_util import (FaultyPath, fails_with_eio, running_cluster,
+                                        slot_state, wait_for)
+
+WRITER = """import os, sys
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o644)
+os.write(fd, b"written by b")
+os.fsync(fd)
+"""
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["member", "master"])
+def test_a_node_that_loses_the_disk_leaves_and_the_others_carry_on(topdir, master):
+    with running_cluster(topdir, crashes=True) as c, \
+            FaultyPath(topdir, c.volume, "a") as path:
+        writer = None
+        try:
+            if master:
+                a = c.mount("a", volume=path.image)
+                b = c.mount("b")
+            else:
+                b = c.mount("b")
+                a = c.mount("a", volume=path.image)
+            assert c.master_node() == ("a" if master else "b")
+            # a holds the directory's lock (EX) and its files' when the disk goes
+            os.mkdir(a.p("d"))
+            kept = os.urandom(1 << 20)
+            with open(a.p("d/kept"), "wb") as f:
+                f.write(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            fd = os.open(a.p("d/open"), os.O_CREAT | os.O_WRONLY, 0o644)
+            slot = c.slot_of("a")
+            generation = c.master().generation
+
+            path.lose()
+            # a's applications get EIO (within the heartbeat's validity), no hang
+            try:
+                with pytest.raises(OSError) as e:
+                    os.write(fd, b"x" * 4096)
+                    os.fsync(fd)
+                assert e.value.errno == errno.EIO
+            finally:
+                os.close(fd)
+            probes = itertools.count()
+            wait_for(lambda: fails_with_eio(a.p("d", f"probe-{next(probes)}")), 30,
+                     "a to fence itself")
+
+            # b creates in the directory a held and reads what a had made durable.
+            # In a child: a request waiting on a's locks cannot be killed (the
+            # kernel waits for the answer), so the test gives up on it, not kills it
+            t0 = time.monotonic()
+            writer = subprocess.Popen(["python3", "-c", WRITER, b.p("d/from-b")])
+            wait_for(lambda: writer.poll() is not None, 90, "b's create in a's directory")
+            assert writer.returncode == 0
+            with open(b.p("d/kept"), "rb") as f:
+                assert f.read() == kept
+            print(f"b carried on {time.monotonic() - t0:.1f} s after a fenced itself")
+            c.wait_recovered("a", slot)
+            if master:
+                new = c.master()
+                assert new.generation > generation and c.master_node() == "b", new
+            # a stays fenced, and wrote nothing since its recovery
+            recovered = slot_state(c.volume, slot)
+            assert fails_with_eio(a.p("d", "probe-last"))
+            time.sleep(1.0)
+            assert slot_state(c.volume, slot) == recovered
+            with open(b.p("d/from-b"), "rb") as f:
+                assert f.read() == b"written by b"
+            # the path mended, a rejoins with a remount and sees it all
+            path.restore()
+            c.unmount("a", check_log=False)
+            a = c.mount("a", volume=path.image)
+            with open(a.p("d/kept"), "rb") as f:
+                assert f.read() == kept
+            with open(a.p("d/from-b"), "rb") as f:
+                assert f.read() == b"written by b"
+            os.mkdir(a.p("d/again"))
+            assert os.path.isdir(b.p("d/again"))
+        finally:
+            # before its path to the volume goes; its log has the errors of the
+            # failed disk.  (A writer still waiting is answered once a has left.)
+            c.unmount("a", check_log=False)
+            if writer is not None:
+                writer.wait(timeout=120)
