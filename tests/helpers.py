@@ -127,6 +127,7 @@ class Mount:
                 self.proc.kill()
                 self.proc.wait()
         proc, self.proc = self.proc, None
+        self.returncode = proc.returncode
         log = self.read_log()
         if check_log:
             assert "Traceback" not in log, f"mount process logged a traceback:\n{log}"

@@ -126,15 +126,21 @@ class SingleNodeMount:
         """The periodic duty: the disk heartbeat."""
         try:
             self.heart.beat()
-        except OSError:
-            log.exception("heartbeat write failed")
+        except OSError as e:
+            log.error("heartbeat write failed: %s", e)
 
-    def stop(self) -> None:
-        """Unmount: checkpoint, clean flag, heartbeat FREE, close."""
+    def stop(self) -> bool:
+        """Unmount: checkpoint, clean flag, heartbeat FREE, close.  False when a
+        device error had stopped the journal: it is left as it is on the volume,
+        for replay at the next mount (the slot too, as after a crash)."""
         vol = self.vol
         if vol is None:
-            return
+            return True
         try:
+            if self.journal is not None and self.journal.aborted is not None:
+                log.error("the journal stopped after a device error (%s): left on the "
+                          "volume for replay at the next mount", self.journal.aborted)
+                return False
             if self.journal is not None and self.journal.is_open:
                 # open files of a lazily unmounted fs: free what is unlinked
                 if self.fs is not None:
@@ -143,6 +149,7 @@ class SingleNodeMount:
                 self.journal.close()
             if self.heart is not None:
                 self.heart.set_state(HB_FREE)
+            return True
         finally:
             self._release_lock()
             vol.close()

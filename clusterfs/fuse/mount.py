@@ -302,7 +302,12 @@ def run_mount(volume: str, mountpoint: str, *, opts: dict, node: str | None,
     finally:
         guard.leave()       # (again, when trio.run failed before main ran)
         pyfuse3.close(unmount=single.terminated or not clean)
-        single.stop()
-        log.info("%s unmounted cleanly", volume)
+        if single.stop():
+            log.info("%s unmounted cleanly", volume)
+            stopped = 0
+        else:
+            log.error("%s unmounted; the volume needs its journal replayed (the next "
+                      "mount or fsck -y does it)", volume)
+            stopped = 1
         guard.restore()     # last: a signal from here on kills, and nothing is left
-    return 0
+    return stopped

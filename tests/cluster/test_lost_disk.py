@@ -20,6 +20,7 @@ import pytest
 
 from tests.cluster.cluster_util import (FaultyPath, fails_with_eio, running_cluster,
                                         slot_state, wait_for)
+from tests.helpers import Mount, fsck_clean, mkfs
 
 WRITER = """import os, sys
 fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o644)
@@ -102,3 +103,50 @@ def test_a_node_that_loses_the_disk_leaves_and_the_others_carry_on(topdir, maste
             c.unmount("a", check_log=False)
             if writer is not None:
                 writer.wait(timeout=120)
+
+
+def test_a_single_node_mount_that_loses_the_disk(topdir):
+    """A single-node mount whose disk fails answers EIO and exits with status 1,
+    its journal left for replay (no traceback); the next mount replays it, and
+    what was fsynced before the failure is intact."""
+    vol = os.path.join(topdir, "vol.img")
+    mkfs(vol, "128M")
+    with FaultyPath(topdir, vol, "s") as path:
+        m = Mount(path.image, os.path.join(topdir, "m"))
+        try:
+            m.start()
+            os.mkdir(m.p("d"))
+            kept = os.urandom(300_000)
+            with open(m.p("d/kept"), "wb") as f:
+                f.write(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            path.lose()
+            # the data's write fails; the create's commit fails at the fsync and
+            # stops the journal; from then on every change is EIO at once
+            fd = os.open(m.p("d/new"), os.O_CREAT | os.O_WRONLY, 0o644)
+            try:
+                for step in (lambda: os.write(fd, b"x" * 4096), lambda: os.fsync(fd)):
+                    with pytest.raises(OSError) as e:
+                        step()
+                    assert e.value.errno == errno.EIO
+            finally:
+                os.close(fd)
+            with pytest.raises(OSError) as e:
+                os.mkdir(m.p("d/e"))
+            assert e.value.errno == errno.EIO
+        finally:
+            m.stop(check_log=False)
+        log = m.read_log()
+        assert "Traceback" not in log, log
+        assert "left on the volume for replay at the next mount" in log, log
+        assert m.returncode == 1, log
+        path.restore()
+        m = Mount(path.image, os.path.join(topdir, "m"))
+        try:
+            m.start()
+            with open(m.p("d/kept"), "rb") as f:
+                assert f.read() == kept
+        finally:
+            m.stop()
+    fsck_clean(vol)
