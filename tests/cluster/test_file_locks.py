@@ -128,7 +128,7 @@ def test_locks_survive_a_master_failover(topdir):
             other.stop()
 
 
-def _qemu(path: str) -> subprocess.Popen:
+def qemu(path: str) -> subprocess.Popen:
     """A paused QEMU with ``path`` as its virtio disk (it takes QEMU's image locks, OFD
     locks on bytes of the image, as a running VM does)."""
     return subprocess.Popen(
@@ -139,7 +139,7 @@ def _qemu(path: str) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _ofd_probe(m) -> object:
+def ofd_probe(m) -> object:
     """What F_OFD_GETLK for a write lock on the whole image answers on mount ``m``."""
     probe = Actor("p", m.path)
     try:
@@ -157,7 +157,7 @@ def test_qemu_image_lock_holds_across_nodes(topdir):
         b = c.mount("n2")
         shared_file(a.p("disk.img"))        # a shared disk: opens for writing everywhere
         os.truncate(a.p("disk.img"), 64 << 20)
-        first = _qemu(a.p("disk.img"))
+        first = qemu(a.p("disk.img"))
         second = None
         try:
             # the first QEMU holds its write lock once its device is realized
@@ -168,13 +168,13 @@ def test_qemu_image_lock_holds_across_nodes(topdir):
                                             len=0) != "unlocked", 60, "QEMU's locks")
             finally:
                 probe.stop()
-            second = _qemu(b.p("disk.img"))
+            second = qemu(b.p("disk.img"))
             try:
                 out, _ = second.communicate(timeout=60)
             except subprocess.TimeoutExpired:
                 # it should have failed at once: say whether it runs the guest (the
                 # lock not seen) or hangs in a lock request, and what node b sees
-                seen = _ofd_probe(b)
+                seen = ofd_probe(b)
                 second.kill()
                 out, _ = second.communicate()
                 pytest.fail(f"the second QEMU ran 60 s; node b sees {seen!r} on the "
@@ -184,7 +184,7 @@ def test_qemu_image_lock_holds_across_nodes(topdir):
             # the first QEMU gone, its locks are gone: the other node can start it
             first.kill()
             first.wait()
-            second = _qemu(b.p("disk.img"))
+            second = qemu(b.p("disk.img"))
             time.sleep(3)
             assert second.poll() is None, second.communicate()[0]
         finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import shutil
 import subprocess
 import time
 
@@ -20,6 +21,7 @@ import pytest
 
 from tests.cluster.cluster_util import (FaultyPath, fails_with_eio, running_cluster,
                                         slot_state, wait_for)
+from tests.cluster.test_file_locks import ofd_probe, qemu, shared_file
 from tests.helpers import Mount, fsck_clean, mkfs
 
 WRITER = """import os, sys
@@ -150,3 +152,37 @@ def test_a_single_node_mount_that_loses_the_disk(topdir):
         finally:
             m.stop()
     fsck_clean(vol)
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                    reason="QEMU is not installed")
+def test_a_vm_whose_host_lost_the_disk_starts_on_another_node(topdir):
+    """QEMU's image locks (OFD locks) of a VM on a host that lost the volume go with
+    that host's recovery: the VM's disk can then be opened for writing on another
+    node, as an HA restart does, and not before."""
+    with running_cluster(topdir, crashes=True) as c, \
+            FaultyPath(topdir, c.volume, "a") as path:
+        first = second = None
+        try:
+            b = c.mount("b")
+            a = c.mount("a", volume=path.image)
+            shared_file(a.p("disk.img"))
+            os.truncate(a.p("disk.img"), 64 << 20)
+            first = qemu(a.p("disk.img"))
+            wait_for(lambda: ofd_probe(b) != "unlocked", 60, "QEMU's locks")
+            slot = c.slot_of("a")
+            path.lose()
+            probes = itertools.count()
+            wait_for(lambda: fails_with_eio(a.p(f"probe-{next(probes)}")), 30,
+                     "a to fence itself")
+            c.wait_recovered("a", slot)
+            assert ofd_probe(b) == "unlocked"
+            second = qemu(b.p("disk.img"))
+            time.sleep(3)
+            assert second.poll() is None, second.communicate()[0]
+        finally:
+            for q in (first, second):
+                if q is not None and q.poll() is None:
+                    q.kill()
+                    q.wait()
+            c.unmount("a", check_log=False)

@@ -24,9 +24,8 @@ import threading
 import pytest
 
 from clusterfs import control
-from tests.cluster.cluster_util import (dir_for_test, mounted_cluster, running_cluster,
-                                        wait_for)
-from tests.cluster.test_failure import fails_with_eio
+from tests.cluster.cluster_util import (dir_for_test, fails_with_eio, mounted_cluster,
+                                        running_cluster, wait_for)
 from tests.cluster.test_freeze import cli
 
 PAGE = mmap.PAGESIZE
