@@ -328,12 +328,13 @@ class ClusterMount:
             self.heart.stopped = True
 
     async def _leave_when_fenced(self) -> None:
-        """A node that fenced itself while its lease is still good (it lost the
-        disk: its heartbeat or journal cannot be written) leaves the lock manager
-        at once, as a crashed node does: its session lapses, a survivor recovers
-        its journal from the disk and its locks go.  Staying connected would
-        keep every lock it holds, and the other members waiting for them, until
-        the node is unmounted.  A node that holds no lock leaves cleanly."""
+        """A node that fenced itself leaves the lock manager at once, as a crashed
+        node does: its session lapses, a survivor recovers its journal from the
+        disk and its locks go.  This matters when the lease is still good (the
+        node lost the disk: its heartbeat or journal cannot be written): staying
+        connected would keep every lock it holds, and the other members waiting
+        for them, until the node is unmounted.  A node that holds no lock leaves
+        cleanly."""
         await self.coh.wait_fenced()
         if self.leaving or self.client is None:
             return
