@@ -41,7 +41,9 @@ sequential pass runs twice (in rotating order, the better counts), and
 
 It prints a table, then as the LAST line one JSON object with ``seq_write_ratio``,
 ``seq_read_ratio``, ``rand_write_ratio``, ``rand_read_ratio`` and ``meta_ratio``
-(each clusterfs / passthrough; targets: data ratios >= 0.8, meta_ratio >= 0.5),
+(each clusterfs / passthrough; targets: data ratios >= 0.8, meta_ratio >= 1.5 since
+issue 17), ``meta_ratio_ext4`` (clusterfs / ext4 on a loop device; the table has a
+column of such ratios beside the passthrough's),
 ``cluster_seq_write_vs_single``, ``cluster_seq_read_vs_single`` and
 ``cluster_seq_reread_vs_single`` (cluster mount / single-node mount; target for the
 re-read >= 0.8) plus every target's figures.  Needs root (drop_caches, losetup, mount).  Everything
@@ -463,6 +465,9 @@ def table(results: dict, args) -> str:
     both = "clusterfs" in results and "passthru" in results
     if both:
         head += f"{'cfs/pt':>9}"
+    ext4 = "clusterfs" in results and "ext4" in results
+    if ext4:
+        head += f"{'cfs/ext4':>9}"
     lines = [f"bench_io: file {args.size // MiB} MiB, random I/O {args.seconds:g} s each, "
              f"{args.files} files; best of {SEQ_PASSES * args.repeat} sequential passes "
              f"and {args.repeat} random/metadata run(s)", head, "-" * len(head)]
@@ -473,6 +478,8 @@ def table(results: dict, args) -> str:
             line += f"{v:>12,.0f}" if v is not None else f"{'-':>12}"
         if both:
             line += f"{results['clusterfs'][key] / results['passthru'][key]:>9.2f}"
+        if ext4:
+            line += f"{results['clusterfs'][key] / results['ext4'][key]:>9.2f}"
         lines.append(line)
     if "cluster" in results and "clusterfs" in results:
         c, s = results["cluster"], results["clusterfs"]
@@ -498,6 +505,9 @@ def summary(results: dict) -> dict:
         c, p = results["clusterfs"], results["passthru"]
         for key in ("seq_write", "seq_read", "rand_write", "rand_read", "meta"):
             out[f"{key}_ratio"] = round(c[key] / p[key], 3)
+    if "clusterfs" in results and "ext4" in results:
+        out["meta_ratio_ext4"] = round(results["clusterfs"]["meta"] /
+                                       results["ext4"]["meta"], 3)
     if "cluster" in results and "clusterfs" in results:
         c, s = results["cluster"], results["clusterfs"]
         for key in SEQUENTIAL:
