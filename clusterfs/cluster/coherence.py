@@ -458,6 +458,19 @@ class Coherence:
                 self.glocks.release(holds)
                 return
 
+    def write_back(self, *, flush: bool = False) -> None:
+        """Checkpoint the journal before a lock goes to another node (and flush
+        the device).  A node that cannot (a device error, a stopped journal)
+        fences itself: it leaves the lock manager, and a survivor recovers its
+        journal and its locks, instead of the lock staying here for good."""
+        try:
+            self.vol.checkpoint()
+            if flush:
+                self.vol.dev.flush()
+        except Exception as e:
+            self.fence(f"the write-back for another node failed: {e}")
+            raise
+
     def fence(self, why: str) -> None:
         if not self.fenced:
             log.error("self-fencing (%s): all volume I/O stops; remount to rejoin", why)

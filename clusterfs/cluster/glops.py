@@ -85,7 +85,7 @@ class _CachingOps(LockOps):
         vol = self.vol
         if g.dirty or any(b in vol.unclean for b in blocks):
             if vol.unclean or vol.journal.running_blocks():
-                vol.checkpoint()
+                self.coh.write_back()
         if g.dirty:
             g.version = ((g.version or 0) + 1) & VERSION_MASK
         return g.version or 0
@@ -197,8 +197,7 @@ class FreezeOps(LockOps):
         if covers(target, PR):
             return None
         coh = self.coh
-        coh.vol.checkpoint()
-        coh.vol.dev.flush()
+        coh.write_back(flush=True)
         coh.frozen_here = True
         coh.stats["frozen"] = coh.stats.get("frozen", 0) + 1
         if coh.after_freeze is not None:

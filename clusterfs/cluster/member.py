@@ -357,6 +357,8 @@ class ClusterMount:
     def fenced(self) -> bool:
         return self.coh.fenced
 
+    can_fence = True
+
     def fence(self, why: str) -> None:
         self.coh.fence(why)
 

@@ -118,6 +118,7 @@ class SingleNodeMount:
     # fenced (it has no lease) and its only periodic duty is its disk heartbeat
 
     fenced = False
+    can_fence = False
 
     def fence(self, why: str) -> None:
         raise AssertionError(f"a single-node mount cannot be fenced ({why})")

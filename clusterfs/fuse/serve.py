@@ -3,9 +3,9 @@ commits and the signals that unmount it.
 
 One loop for both kinds of mount.  A node (``fs.single_node.SingleNodeMount`` or
 ``cluster.member.ClusterMount``) offers: ``vol``, ``interval`` (seconds between its
-duties), ``readonly``, ``fenced`` and ``fence(why)``, and ``async tick()`` (its
-periodic duties: the disk heartbeat, and for a cluster member the watch of the other
-slots and its caches).  ``terminated`` is set when a signal asked for the unmount.
+duties), ``readonly``, ``fenced``, ``can_fence`` and ``fence(why)`` (a single node
+cannot be fenced), and ``async tick()`` (its periodic duties: the disk heartbeat,
+and for a cluster member the watch of the other slots and its caches).  ``terminated`` is set when a signal asked for the unmount.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import signal
 
 import pyfuse3
 import trio
+
+from journal.errors import JournalAborted
 
 from .. import control
 from ..errors import Fenced
@@ -91,7 +93,12 @@ async def _committer(node) -> None:
                 await vol.commit_in_thread(trio.to_thread.run_sync)
         except Fenced:
             node.fence("a volume write was refused")
-        except Exception:
+        except (OSError, JournalAborted) as e:
             # the journal aborts itself on a device error (later writes fail with
-            # EIO); the mount stays up so it can be unmounted
+            # EIO); the mount stays up so it can be unmounted.  A cluster member
+            # fences itself: it leaves, and a survivor recovers its journal
+            log.error("periodic journal commit failed: %s", e)
+            if node.can_fence:
+                node.fence(f"the journal stopped: {e}")
+        except Exception:
             log.exception("periodic journal commit failed")

@@ -247,8 +247,8 @@ def fails_with_eio(path: str) -> bool:
 class FaultyPath:
     """One node's path to the volume, which breaks on demand: ``faultydisk.py``
     mounted at TOP/NAME-disk, the volume seen there as ``image``.  ``lose()``: from
-    then on every read, write and flush through it fails with EIO; ``restore()``
-    mends it.  A context manager; unmounts on the way out."""
+    then on every read, write and flush through it fails with EIO (or only the
+    writes to some byte ranges); ``restore()`` mends it.  A context manager; unmounts on the way out."""
 
     def __init__(self, top: str, volume: str, name: str):
         self.mountpoint = os.path.join(top, f"{name}-disk")
@@ -268,7 +268,16 @@ class FaultyPath:
             self.close()
             raise
 
-    def lose(self) -> None:
+    def lose(self, bad: list[tuple[int, int]] | None = None) -> None:
+        """Every I/O fails from now on; with ``bad`` (byte ranges: start, length)
+        only the writes that touch those ranges."""
+        control = self.mountpoint + ".bad"
+        if bad is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(control)
+        else:
+            with open(control, "w") as f:
+                f.writelines(f"{start} {length}\n" for start, length in bad)
         self.proc.send_signal(signal.SIGUSR1)
 
     def restore(self) -> None:

@@ -4,7 +4,9 @@ system with a single file, ``vol.img``, whose every read, write and flush goes t
 real volume image, until SIGUSR1; from then on each of them fails with EIO (the
 host lost its path to the SAN) until SIGUSR2 mends it.  A node mounted on
 ``MOUNTPOINT/vol.img`` loses the disk alone, as the kernel would show it to it,
-while the other nodes keep theirs.
+while the other nodes keep theirs.  When the file ``MOUNTPOINT.bad`` exists at the
+SIGUSR1, it lists byte ranges (``START LENGTH`` a line): then only the writes that
+touch them fail (bad sectors), and the rest of the disk works.
 
 Opens are direct I/O (no page cache in between: the other nodes write the image
 behind this one's back).
@@ -33,10 +35,14 @@ class FaultyDisk(pyfuse3.Operations):
         super().__init__()
         self.image = os.path.abspath(image)
         self.broken = False
+        self.bad: list[tuple[int, int]] | None = None     # only these byte ranges
         self.fds: dict[int, int] = {}
 
-    def _check(self) -> None:
-        if self.broken:
+    def _check(self, off: int = 0, size: int = 0, write: bool = False) -> None:
+        if not self.broken:
+            return
+        if self.bad is None or (write and any(off < s + n and s < off + size
+                                              for s, n in self.bad)):
             raise pyfuse3.FUSEError(errno.EIO)
 
     async def getattr(self, inode, ctx=None):
@@ -82,11 +88,11 @@ class FaultyDisk(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fd, direct_io=True)
 
     async def read(self, fh, off, size):
-        self._check()
+        self._check(off, size)
         return os.pread(fh, size, off)
 
     async def write(self, fh, off, buf):
-        self._check()
+        self._check(off, len(buf), write=True)
         return os.pwrite(fh, buf, off)
 
     async def fsync(self, fh, datasync):
@@ -109,6 +115,11 @@ def main() -> None:
     pyfuse3.init(fs, mountpoint, opts)
 
     def broken(*_):
+        try:
+            with open(mountpoint.rstrip("/") + ".bad") as f:
+                fs.bad = [tuple(int(x) for x in line.split()) for line in f if line.strip()]
+        except FileNotFoundError:
+            fs.bad = None
         fs.broken = True
 
     def mended(*_):

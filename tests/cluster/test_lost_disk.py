@@ -20,9 +20,11 @@ import time
 import pytest
 
 from tests.cluster.cluster_util import (FaultyPath, fails_with_eio, running_cluster,
-                                        slot_state, wait_for)
+                                        slot_state, volume_superblock, wait_for)
 from tests.cluster.test_file_locks import ofd_probe, qemu, shared_file
 from tests.helpers import Mount, fsck_clean, mkfs
+
+BLOCK = 4096
 
 WRITER = """import os, sys
 fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o644)
@@ -186,3 +188,48 @@ def test_a_vm_whose_host_lost_the_disk_starts_on_another_node(topdir):
                     q.kill()
                     q.wait()
             c.unmount("a", check_log=False)
+
+
+@pytest.mark.parametrize("pending", [False, True], ids=["lock-wanted", "commit-due"])
+def test_a_node_whose_journal_cannot_be_written_leaves(topdir, pending):
+    """Bad sectors in node a's journal, the rest of its disk (its heartbeat) fine.
+    Either the write-back that another node's lock request needs fails
+    (``lock-wanted``: nothing left to commit), or a's periodic commit of the changes
+    it holds fails (``commit-due``: untouched, a leaves by itself).  Either way a
+    fences itself and leaves instead of keeping its locks for good; a survivor
+    recovers its journal (the reads work) and the other node carries on."""
+    with running_cluster(topdir, crashes=True) as c, \
+            FaultyPath(topdir, c.volume, "a") as path:
+        writer = None
+        try:
+            b = c.mount("b")
+            a = c.mount("a", volume=path.image)
+            os.mkdir(a.p("d"))
+            kept = os.urandom(200_000)
+            with open(a.p("d/kept"), "wb") as f:
+                f.write(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            if pending:
+                with open(a.p("d/pending"), "wb") as f:   # a's running transaction
+                    f.write(b"p")
+            slot = c.slot_of("a")
+            start, length = volume_superblock(c.volume).journal_range(slot)
+            path.lose(bad=[(start * BLOCK, length * BLOCK)])
+            if pending:
+                # no request reaches a: its commit (every 5 s) fails, and it leaves
+                c.wait_recovered("a", slot, timeout=40)
+            else:
+                time.sleep(2.0)
+                assert not fails_with_eio(a.p("d", "probe")), "a fenced unasked"
+            writer = subprocess.Popen(["python3", "-c", WRITER, b.p("d/from-b")])
+            wait_for(lambda: writer.poll() is not None, 90, "b's create in a's directory")
+            assert writer.returncode == 0
+            with open(b.p("d/kept"), "rb") as f:
+                assert f.read() == kept
+            c.wait_recovered("a", slot)
+            assert fails_with_eio(a.p("d", "probe-last"))
+        finally:
+            c.unmount("a", check_log=False)
+            if writer is not None:
+                writer.wait(timeout=120)
