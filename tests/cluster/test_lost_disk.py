@@ -33,7 +33,9 @@ os.fsync(fd)
 """
 
 
-@pytest.mark.parametrize("master", [False, True], ids=["member", "master"])
+# (make test runs one case of each fix; the others run with the slow campaigns)
+@pytest.mark.parametrize("master", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["member", "master"])
 def test_a_node_that_loses_the_disk_leaves_and_the_others_carry_on(topdir, master):
     with running_cluster(topdir, crashes=True) as c, \
             FaultyPath(topdir, c.volume, "a") as path:
@@ -156,6 +158,7 @@ def test_a_single_node_mount_that_loses_the_disk(topdir):
     fsck_clean(vol)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                     reason="QEMU is not installed")
 def test_a_vm_whose_host_lost_the_disk_starts_on_another_node(topdir):
@@ -190,7 +193,8 @@ def test_a_vm_whose_host_lost_the_disk_starts_on_another_node(topdir):
             c.unmount("a", check_log=False)
 
 
-@pytest.mark.parametrize("pending", [False, True], ids=["lock-wanted", "commit-due"])
+@pytest.mark.parametrize("pending", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["lock-wanted", "commit-due"])
 def test_a_node_whose_journal_cannot_be_written_leaves(topdir, pending):
     """Bad sectors in node a's journal, the rest of its disk (its heartbeat) fine.
     Either the write-back that another node's lock request needs fails
