@@ -248,7 +248,8 @@ class FaultyPath:
     """One node's path to the volume, which breaks on demand: ``faultydisk.py``
     mounted at TOP/NAME-disk, the volume seen there as ``image``.  ``lose()``: from
     then on every read, write and flush through it fails with EIO (or only the
-    writes to some byte ranges); ``restore()`` mends it.  A context manager; unmounts on the way out."""
+    writes to some byte ranges); ``restore()`` mends it.  Each returns once the path
+    is so.  A context manager; unmounts on the way out."""
 
     def __init__(self, top: str, volume: str, name: str):
         self.mountpoint = os.path.join(top, f"{name}-disk")
@@ -278,10 +279,24 @@ class FaultyPath:
         else:
             with open(control, "w") as f:
                 f.writelines(f"{start} {length}\n" for start, length in bad)
-        self.proc.send_signal(signal.SIGUSR1)
+        self._signal(signal.SIGUSR1, "broken")
 
     def restore(self) -> None:
-        self.proc.send_signal(signal.SIGUSR2)
+        self._signal(signal.SIGUSR2, "mended")
+
+    def _signal(self, sig: int, state: str) -> None:
+        path = self.mountpoint + ".state"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.proc.send_signal(sig)
+
+        def acknowledged():
+            try:
+                with open(path) as f:
+                    return f.read() == state
+            except FileNotFoundError:
+                return False
+        wait_for(acknowledged, 10, f"the faulty path {state}")
 
     def close(self) -> None:
         if self.proc.poll() is None:

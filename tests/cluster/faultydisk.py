@@ -6,7 +6,8 @@ host lost its path to the SAN) until SIGUSR2 mends it.  A node mounted on
 ``MOUNTPOINT/vol.img`` loses the disk alone, as the kernel would show it to it,
 while the other nodes keep theirs.  When the file ``MOUNTPOINT.bad`` exists at the
 SIGUSR1, it lists byte ranges (``START LENGTH`` a line): then only the writes that
-touch them fail (bad sectors), and the rest of the disk works.
+touch them fail (bad sectors), and the rest of the disk works.  Each signal, once
+handled, is acknowledged in ``MOUNTPOINT.state`` ("broken" or "mended").
 
 Opens are direct I/O (no page cache in between: the other nodes write the image
 behind this one's back).
@@ -114,16 +115,25 @@ def main() -> None:
     opts |= {"fsname=faultydisk", "allow_other"}
     pyfuse3.init(fs, mountpoint, opts)
 
+    base = mountpoint.rstrip("/")
+
+    def state(what: str) -> None:
+        # the test waits for this before it goes on (signals arrive asynchronously)
+        with open(base + ".state", "w") as f:
+            f.write(what)
+
     def broken(*_):
         try:
-            with open(mountpoint.rstrip("/") + ".bad") as f:
+            with open(base + ".bad") as f:
                 fs.bad = [tuple(int(x) for x in line.split()) for line in f if line.strip()]
         except FileNotFoundError:
             fs.bad = None
         fs.broken = True
+        state("broken")
 
     def mended(*_):
         fs.broken = False
+        state("mended")
 
     signal.signal(signal.SIGUSR1, broken)
     signal.signal(signal.SIGUSR2, mended)
