@@ -340,16 +340,27 @@ class ClusterMount:
             return
         if self.heart is not None:
             self.heart.stopped = True
-        held = len(self.client.held_locks())
-        with trio.CancelScope(shield=True):
-            try:
-                await self.client.close(release=not held)
-            except LockError:
-                pass
+        held = await self._close_session()
         if held:
             log.error("fenced: left the lock manager as a crashed node does; the "
                       "other members recover this node's journal and its %d locks "
                       "go then", held)
+
+    async def _close_session(self) -> int:
+        """Leave the lock manager.  A fenced node must not leave cleanly while it
+        holds locks: that would release them with its journal unrecovered.  It
+        leaves as if it had crashed (close(release=False)): its locks wait until a
+        survivor has recovered its journal.  A session that holds nothing (say the
+        lock manager expired the old one and the client reconnected) is closed
+        normally, so that the node can rejoin at once.  Returns how many locks
+        were left for the recovery."""
+        kept = len(self.client.held_locks()) if self.coh.fenced else 0
+        with trio.CancelScope(shield=True):
+            try:
+                await self.client.close(release=not kept)
+            except LockError:
+                pass
+        return kept
 
     # the node's side of the serve loop (``fuse/serve.py``)
 
@@ -430,19 +441,8 @@ class ClusterMount:
         except Fenced:
             log.error("fenced while unmounting: the journal is left for recovery")
         finally:
-            # A fenced node must not leave cleanly while it holds locks: that would
-            # release them with its journal unrecovered.  It leaves as if it had
-            # crashed (close(release=False)): its locks wait until a survivor has
-            # recovered its journal.  A session that holds nothing (the lock manager
-            # expired the old one and the client reconnected) is closed normally, so
-            # that the node can rejoin at once.
             if self.client is not None and self.coh is not None:
-                release = not self.coh.fenced or not self.client.held_locks()
-                with trio.CancelScope(shield=True):
-                    try:
-                        await self.client.close(release=release)
-                    except LockError:
-                        pass
+                await self._close_session()
             if self.candidate is not None:
                 with trio.CancelScope(shield=True):
                     await self.candidate.stop()

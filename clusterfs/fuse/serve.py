@@ -5,7 +5,8 @@ One loop for both kinds of mount.  A node (``fs.single_node.SingleNodeMount`` or
 ``cluster.member.ClusterMount``) offers: ``vol``, ``interval`` (seconds between its
 duties), ``readonly``, ``fenced``, ``can_fence`` and ``fence(why)`` (a single node
 cannot be fenced), and ``async tick()`` (its periodic duties: the disk heartbeat,
-and for a cluster member the watch of the other slots and its caches).  ``terminated`` is set when a signal asked for the unmount.
+and for a cluster member the watch of the other slots and its caches).
+``terminated`` is set when a signal asked for the unmount.
 """
 
 from __future__ import annotations

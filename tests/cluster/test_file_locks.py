@@ -139,6 +139,14 @@ def qemu(path: str) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def kill_all(*procs) -> None:
+    """Kill and reap each process still running (None: not started)."""
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def ofd_probe(m) -> object:
     """What F_OFD_GETLK for a write lock on the whole image answers on mount ``m``."""
     probe = Actor("p", m.path)
@@ -188,10 +196,7 @@ def test_qemu_image_lock_holds_across_nodes(topdir):
             time.sleep(3)
             assert second.poll() is None, second.communicate()[0]
         finally:
-            for q in (first, second):
-                if q is not None and q.poll() is None:
-                    q.kill()
-                    q.wait()
+            kill_all(first, second)
 
 
 SQLITE_WRITER = r"""

@@ -21,10 +21,21 @@ import pytest
 
 from tests.cluster.cluster_util import (FaultyPath, fails_with_eio, running_cluster,
                                         slot_state, volume_superblock, wait_for)
-from tests.cluster.test_file_locks import ofd_probe, qemu, shared_file
+from tests.cluster.test_file_locks import kill_all, ofd_probe, qemu, shared_file
 from tests.helpers import Mount, fsck_clean, mkfs
 
 BLOCK = 4096
+
+
+def fsynced_file(path: str, size: int) -> bytes:
+    """Write ``size`` random bytes to a new file and fsync it; returns them."""
+    data = os.urandom(size)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return data
+
 
 WRITER = """import os, sys
 fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o644)
@@ -50,11 +61,7 @@ def test_a_node_that_loses_the_disk_leaves_and_the_others_carry_on(topdir, maste
             assert c.master_node() == ("a" if master else "b")
             # a holds the directory's lock (EX) and its files' when the disk goes
             os.mkdir(a.p("d"))
-            kept = os.urandom(1 << 20)
-            with open(a.p("d/kept"), "wb") as f:
-                f.write(kept)
-                f.flush()
-                os.fsync(f.fileno())
+            kept = fsynced_file(a.p("d/kept"), 1 << 20)
             fd = os.open(a.p("d/open"), os.O_CREAT | os.O_WRONLY, 0o644)
             slot = c.slot_of("a")
             generation = c.master().generation
@@ -122,11 +129,7 @@ def test_a_single_node_mount_that_loses_the_disk(topdir):
         try:
             m.start()
             os.mkdir(m.p("d"))
-            kept = os.urandom(300_000)
-            with open(m.p("d/kept"), "wb") as f:
-                f.write(kept)
-                f.flush()
-                os.fsync(f.fileno())
+            kept = fsynced_file(m.p("d/kept"), 300_000)
             path.lose()
             # the data's write fails; the create's commit fails at the fsync and
             # stops the journal; from then on every change is EIO at once
@@ -186,10 +189,7 @@ def test_a_vm_whose_host_lost_the_disk_starts_on_another_node(topdir):
             time.sleep(3)
             assert second.poll() is None, second.communicate()[0]
         finally:
-            for q in (first, second):
-                if q is not None and q.poll() is None:
-                    q.kill()
-                    q.wait()
+            kill_all(first, second)
             c.unmount("a", check_log=False)
 
 
@@ -209,11 +209,7 @@ def test_a_node_whose_journal_cannot_be_written_leaves(topdir, pending):
             b = c.mount("b")
             a = c.mount("a", volume=path.image)
             os.mkdir(a.p("d"))
-            kept = os.urandom(200_000)
-            with open(a.p("d/kept"), "wb") as f:
-                f.write(kept)
-                f.flush()
-                os.fsync(f.fileno())
+            kept = fsynced_file(a.p("d/kept"), 200_000)
             if pending:
                 with open(a.p("d/pending"), "wb") as f:   # a's running transaction
                     f.write(b"p")
